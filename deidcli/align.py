@@ -1,0 +1,134 @@
+"""Alignment: 5-point similarity transforms, aligned crops, and pasting results back.
+
+Conventions used everywhere in deid:
+- frame images are (H, W, 3) uint8 RGB;
+- landmarks are (5, 2) float32 pixel coordinates in the order left eye, right eye,
+  nose, left mouth corner, right mouth corner (SCRFD / ArcFace order);
+- an affine `M` is a (2, 3) float32/64 matrix mapping frame pixels -> crop pixels.
+
+The generator crop is the ArcFace 112x112 template scaled around the crop centre by
+``1 / (1 + 2 * margin)``: the face occupies the same place as in an ArcFace crop, with
+``margin`` (fraction of the ArcFace crop) of context on every side, so the blend edge
+falls outside eyes, nose and mouth. Because both crops share one centre, the ArcFace
+crop of the identity network is the central square of the generator crop
+(see :func:`arcface_box`); training uses that to feed generator outputs to the
+identity network without another warp.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+from insightface.utils import face_align
+
+#: ArcFace 5-point template for a 112x112 crop (from InsightFace's face_align).
+ARCFACE_112 = np.asarray(face_align.arcface_dst, dtype=np.float32)
+
+#: Default generator crop geometry (see module docstring).
+CROP_SIZE = 128
+CROP_MARGIN = 0.2
+
+
+def crop_template(size: int = CROP_SIZE, margin: float = CROP_MARGIN) -> np.ndarray:
+    """Landmark template (5, 2) float32 for a ``size`` x ``size`` crop with ``margin``."""
+    unit = ARCFACE_112 / 112.0  # in [0, 1]
+    scale = 1.0 / (1.0 + 2.0 * margin)
+    return (((unit - 0.5) * scale + 0.5) * size).astype(np.float32)
+
+
+def arcface_box(size: int = CROP_SIZE, margin: float = CROP_MARGIN) -> tuple[float, float]:
+    """(offset, side) in crop pixels of the square that is the ArcFace 112 crop inside a
+    generator crop: ``crop[off:off+side, off:off+side]`` resized to 112 is the ArcFace crop."""
+    side = size / (1.0 + 2.0 * margin)
+    return (size - side) / 2.0, side
+
+
+def estimate_transform(kps: np.ndarray, size: int = CROP_SIZE, margin: float = CROP_MARGIN) -> np.ndarray:
+    """Similarity transform (2, 3) float32 from frame pixels to the aligned crop.
+
+    kps: (5, 2) landmarks in frame pixels. Least-squares similarity (Umeyama), the same
+    estimator InsightFace's ``face_align.estimate_norm`` uses.
+    """
+    kps = np.asarray(kps, dtype=np.float32)
+    assert kps.shape == (5, 2), kps.shape
+    from skimage.transform import SimilarityTransform
+
+    tform = SimilarityTransform.from_estimate(kps, crop_template(size, margin)) if hasattr(
+        SimilarityTransform, "from_estimate") else None
+    if tform is None:
+        tform = SimilarityTransform()
+        tform.estimate(kps, crop_template(size, margin))
+    return tform.params[0:2, :].astype(np.float32)
+
+
+def warp_crop(image: np.ndarray, M: np.ndarray, size: int = CROP_SIZE) -> np.ndarray:
+    """Aligned crop (size, size, 3) uint8 of ``image`` (H, W, 3) uint8 under ``M`` (frame -> crop)."""
+    assert image.ndim == 3 and image.dtype == np.uint8, (image.shape, image.dtype)
+    return cv2.warpAffine(image, M, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def arcface_crop(image: np.ndarray, kps: np.ndarray) -> np.ndarray:
+    """ArcFace-aligned 112x112 RGB uint8 crop (the identity network's input) via InsightFace."""
+    return face_align.norm_crop(image, np.asarray(kps, dtype=np.float32), image_size=112)
+
+
+def crop_box(M: np.ndarray, size: int, shape: tuple[int, ...]) -> tuple[int, int, int, int] | None:
+    """Bounding box (x0, y0, x1, y1), clipped to the frame ``shape``, of the crop square mapped
+    back into the frame; None if it lies outside the frame."""
+    Minv = cv2.invertAffineTransform(M)
+    corners = np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], dtype=np.float32)
+    pts = corners @ Minv.T
+    h, w = shape[:2]
+    x0 = max(int(np.floor(pts[:, 0].min())) - 1, 0)
+    y0 = max(int(np.floor(pts[:, 1].min())) - 1, 0)
+    x1 = min(int(np.ceil(pts[:, 0].max())) + 2, w)
+    y1 = min(int(np.ceil(pts[:, 1].max())) + 2, h)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return x0, y0, x1, y1
+
+
+def feather(mask: np.ndarray, size: int) -> np.ndarray:
+    """Soften a crop mask (S, S) float32 in [0, 1] and force it to 0 at the crop border, so the
+    pasted result has no seam and nothing outside the crop changes."""
+    assert mask.ndim == 2, mask.shape
+    border = max(2, size // 32)
+    m = mask.copy()
+    m[:border, :] = 0
+    m[-border:, :] = 0
+    m[:, :border] = 0
+    m[:, -border:] = 0
+    k = 2 * max(1, size // 40) + 1
+    return cv2.GaussianBlur(m, (k, k), 0)
+
+
+def paste(image: np.ndarray, crop: np.ndarray, mask: np.ndarray, M: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Blend ``crop`` (S, S, 3) uint8 into ``image`` (H, W, 3) uint8 in place, weighted by ``mask``
+    (S, S) float32 in [0, 1] (already feathered), through the inverse of ``M``.
+
+    Only pixels where the warped mask is > 0 change. Returns the touched rectangle
+    (x0, y0, x1, y1) in frame pixels, or None if the crop falls outside the frame.
+    """
+    size = crop.shape[0]
+    assert crop.shape == (size, size, 3) and crop.dtype == np.uint8, (crop.shape, crop.dtype)
+    assert mask.shape == (size, size), mask.shape
+    box = crop_box(M, size, image.shape)
+    if box is None:
+        return None
+    x0, y0, x1, y1 = box
+    # Warp into the ROI only: shift the transform by the ROI origin.
+    Mroi = M.astype(np.float64).copy()
+    Mroi[:, 2] += Mroi[:, 0] * x0 + Mroi[:, 1] * y0
+    roi_size = (x1 - x0, y1 - y0)
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    w_crop = cv2.warpAffine(crop, Mroi, roi_size, flags=flags, borderMode=cv2.BORDER_REPLICATE)
+    w_mask = cv2.warpAffine(mask.astype(np.float32), Mroi, roi_size, flags=flags,
+                            borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    roi = image[y0:y1, x0:x1]
+    a = w_mask[..., None]
+    blended = roi.astype(np.float32) * (1.0 - a) + w_crop.astype(np.float32) * a
+    out = np.clip(blended + 0.5, 0, 255).astype(np.uint8)
+    keep = w_mask <= 0
+    out[keep] = roi[keep]
+    roi[...] = out
+    return box

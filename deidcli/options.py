@@ -1,0 +1,64 @@
+"""Option sets, as frozen dataclasses. The CLI maps its flags one-to-one onto these fields."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+METHODS = ("generate", "blur", "pixelate", "solid")
+AUDIO_MODES = ("copy", "aac", "none")
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    codec: str = "libx264"  # video encoder (any PyAV/FFmpeg encoder: libx265, h264_nvenc, ...)
+    crf: int = 18  # constant rate factor for x264/x265 (lower = better quality)
+    preset: str = "medium"  # encoder speed preset (x264/x265/nvenc)
+    audio: str = "copy"  # copy: packets unchanged; aac: re-encode; none: drop audio
+    keep_metadata: bool = False  # copy container/stream tags (GPS, creation time, ...)
+
+
+@dataclass(frozen=True)
+class DetectOptions:
+    det_thresh: float = 0.5  # SCRFD score threshold
+    det_size: int = 640  # detector input size (square, multiple of 32)
+    min_face: int = 0  # ignore faces whose box is smaller than this many pixels (shorter side)
+    detector: str = "det_scrfd_2.5g_kps.onnx"  # registry name of the detector model
+
+
+@dataclass(frozen=True)
+class TrackOptions:
+    iou_thresh: float = 0.2  # minimum IoU to continue a track
+    max_gap: int = 8  # frames a track may miss and still be filled by interpolation
+    smooth: float = 1.0  # landmark smoothing strength (0 = off); One-Euro filter min cutoff scale
+
+
+@dataclass(frozen=True)
+class AnonymizeOptions:
+    method: str = "generate"  # generate | blur | pixelate | solid
+    weights: Optional[Path] = None  # generator checkpoint (default: the one shipped in weights/)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    fp16: bool = False  # half precision for the generator (CUDA only; ignored with a warning on CPU)
+    batch_size: int = 32  # faces per generator batch (batched across frames)
+    margin: float = 0.25  # extra margin around the face box for blur/pixelate/solid, fraction of size
+    models_dir: Optional[Path] = None  # first place to look for model files
+    overwrite: bool = False  # replace existing outputs (folder runs skip them otherwise)
+    detect: DetectOptions = field(default_factory=DetectOptions)
+    track: TrackOptions = field(default_factory=TrackOptions)
+    encode: EncodeOptions = field(default_factory=EncodeOptions)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, not {self.method!r}")
+        if self.encode.audio not in AUDIO_MODES:
+            raise ValueError(f"audio must be one of {AUDIO_MODES}, not {self.encode.audio!r}")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k, v in list(d.items()):
+            if isinstance(v, Path):
+                d[k] = str(v)
+        return d
