@@ -1,0 +1,233 @@
+"""The `deid` command line: a thin Click layer over the library. No pipeline logic lives here.
+
+Heavy modules (torch, av, insightface, onnxruntime) are imported inside the commands, so
+`deid --help` and `deid --version` answer instantly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_MODELS, EXIT_OK, DeidError, ModelError
+from .options import AUDIO_MODES, METHODS
+
+log = logging.getLogger("deidcli")
+
+
+def _setup_logging(quiet: bool, verbose: int) -> None:
+    """Log records go to stderr; stdout is kept for the --json report."""
+    level = logging.ERROR if quiet else {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("deid: %(levelname)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level if verbose >= 2 else logging.WARNING)
+    logging.getLogger("deidcli").setLevel(level)
+
+
+def _sigterm_to_interrupt() -> None:
+    """SIGTERM is handled like Ctrl-C: partial outputs are removed on the way out."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+class _RichProgress:
+    """Progress bar on stderr (only used when stderr is a terminal)."""
+
+    def __init__(self):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                          console=Console(stderr=True), transient=False)
+        self.task = None
+
+    def start_file(self, path, total):
+        if self.task is None:
+            self.p.start()
+        self.task = self.p.add_task(str(path.name), total=total)
+
+    def advance(self, n=1):
+        self.p.advance(self.task, n)
+
+    def end_file(self):
+        pass
+
+    def stop(self):
+        if self.task is not None:
+            self.p.stop()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, "-V", "--version", prog_name="deid")
+def cli():
+    """deid: replace the identity of every face in videos and images, keep what the face does."""
+
+
+@cli.command()
+@click.argument("src", type=click.Path(exists=True, path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--method", type=click.Choice(METHODS), default="generate",
+              help="generate: learned face replacement; blur/pixelate/solid: classic obscuring of the face ellipse.")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Generator checkpoint (default: the one shipped in weights/).")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+@click.option("--fp16", is_flag=True, help="Half precision generator on CUDA (ignored with a warning on CPU).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Faces per generator batch.")
+@click.option("--margin", type=click.FloatRange(min=0), default=0.25,
+              help="blur/pixelate/solid: ellipse margin around the face box (fraction).")
+@click.option("--det-thresh", type=click.FloatRange(0, 1), default=0.5, help="Face detector score threshold.")
+@click.option("--det-size", type=click.IntRange(min=32), default=640, help="Detector input size (multiple of 32).")
+@click.option("--min-face", type=click.IntRange(min=0), default=0,
+              help="Ignore faces smaller than this many pixels (counted in the report).")
+@click.option("--detector", default="det_scrfd_2.5g_kps.onnx", help="Detector model file (see `deid models`).")
+@click.option("--max-gap", type=click.IntRange(min=0), default=8,
+              help="Frames a tracked face may be missed by the detector and still be anonymized (interpolated).")
+@click.option("--smooth", type=click.FloatRange(min=0), default=1.0, help="Landmark smoothing strength (0: off).")
+@click.option("--codec", default="libx264", help="Video encoder (libx264, libx265, h264_nvenc, ...).")
+@click.option("--crf", type=click.IntRange(0, 63), default=18, help="Encoder quality (lower is better).")
+@click.option("--preset", default="medium", help="Encoder speed preset.")
+@click.option("--audio", type=click.Choice(AUDIO_MODES), default="copy",
+              help="copy: audio packets unchanged; aac: re-encode; none: drop.")
+@click.option("--keep-metadata", is_flag=True, help="Copy container tags (GPS, dates, ...); off by default.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs (otherwise they are skipped).")
+@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder searched first for model files.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON report on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
+@click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv for debug).")
+def anonymize(src, dst, method, weights, device, fp16, batch_size, margin, det_thresh, det_size, min_face, detector,
+              max_gap, smooth, codec, crf, preset, audio, keep_metadata, overwrite, models_dir, as_json, quiet,
+              verbose):
+    """Anonymize SRC (video, image, or folder) into DST.
+
+    A folder is processed recursively and mirrored into DST; existing outputs are skipped
+    unless --overwrite. Exit codes: 0 ok, 1 some input failed, 2 usage, 3 models, 130 interrupted.
+    """
+    _setup_logging(quiet, verbose)
+    _sigterm_to_interrupt()
+    from .options import AnonymizeOptions, DetectOptions, EncodeOptions, TrackOptions
+
+    options = AnonymizeOptions(
+        method=method, weights=weights, device=device, fp16=fp16, batch_size=batch_size, margin=margin,
+        models_dir=models_dir, overwrite=overwrite,
+        detect=DetectOptions(det_thresh=det_thresh, det_size=det_size, min_face=min_face, detector=detector),
+        track=TrackOptions(max_gap=max_gap, smooth=smooth),
+        encode=EncodeOptions(codec=codec, crf=crf, preset=preset, audio=audio, keep_metadata=keep_metadata),
+    )
+    progress = _RichProgress() if (sys.stderr.isatty() and not quiet and not as_json) else None
+    from .anonymize import anonymize as run
+
+    try:
+        report = run(src, dst, options, progress=progress)
+    except KeyboardInterrupt:
+        log.error("interrupted; partial output removed")
+        _emit(as_json, {"error": "interrupted", "options": options.to_dict()})
+        sys.exit(EXIT_INTERRUPTED)
+    except ValueError as e:  # unusable --device and similar
+        raise click.UsageError(str(e))
+    except DeidError as e:
+        log.error("%s", e)
+        _emit(as_json, {"error": str(e), "options": options.to_dict()})
+        sys.exit(e.exit_code)
+    finally:
+        if progress is not None:
+            progress.stop()
+    _emit(as_json, report)
+    if not as_json and not quiet:
+        for f in report["files"]:
+            if f["status"] == "ok":
+                click.echo(f"{f['input']} -> {f['output']}: {f['frames']} frame(s), {f['faces_anonymized']} face(s), "
+                           f"{f['tracks']} track(s), {f['seconds']:.1f} s", err=True)
+        click.echo(f"deid: {report['ok']} ok, {report['skipped']} skipped, {report['failed']} failed "
+                   f"(device {report['device']}, {report['dtype']})", err=True)
+    sys.exit(EXIT_FAILED if report["failed"] else EXIT_OK)
+
+
+def _emit(as_json: bool, obj: dict) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+        sys.stdout.flush()
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder searched first for model files.")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON on stdout.")
+@click.pass_context
+def models(ctx, models_dir, as_json):
+    """List every model file deid uses, where it was looked for and found, and whether it verifies.
+
+    Exit code 3 if any file is missing or does not verify.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["models_dir"] = models_dir
+    if ctx.invoked_subcommand is not None:
+        return
+    from . import weights
+
+    rows = []
+    for name in weights.REGISTRY:
+        st = weights.status(name, models_dir)
+        rows.append({"name": name, "found": str(st.path) if st.path else None, "verified": st.verified,
+                     "searched": [str(d) for d in st.searched], "source": st.model.url,
+                     "licence": st.model.licence, "purpose": st.model.purpose})
+    gen = weights.DEFAULT_GENERATOR
+    if as_json:
+        click.echo(json.dumps({"models": rows, "generator": str(gen) if gen.is_file() else None}, indent=2))
+    else:
+        click.echo("searched, in order: " + ", ".join(rows[0]["searched"]))
+        for r in rows:
+            state = "OK" if r["verified"] else ("CORRUPT (SHA-256 mismatch)" if r["found"] else "MISSING")
+            click.echo(f"{r['name']:30s} {state:28s} {r['found'] or '-'}")
+            click.echo(f"{'':30s} {r['purpose']}; {r['licence']}")
+        click.echo(f"{'generator':30s} {'OK' if gen.is_file() else 'MISSING':28s} {gen if gen.is_file() else '-'}")
+    ctx.exit(EXIT_OK if all(r["verified"] for r in rows) else EXIT_MODELS)
+
+
+@models.command("download")
+@click.argument("names", nargs=-1)
+@click.option("--dest", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to save (default: the cache, $XDG_CACHE_HOME/deid).")
+@click.pass_context
+def models_download(ctx, names, dest):
+    """Fetch missing or corrupt model files from their public sources (verified before use)."""
+    from . import weights
+
+    try:
+        weights.download(names or None, dest=dest, models_dir=ctx.obj.get("models_dir"),
+                         log=lambda s: click.echo(s, err=True))
+    except ModelError as e:
+        click.echo(f"deid: error: {e}", err=True)
+        ctx.exit(EXIT_MODELS)
+
+
+def _register_optional() -> None:
+    """Training/evaluation commands live with their code (they import torch only when run)."""
+    try:
+        from .train.commands import evaluate, prepare, train
+    except ImportError:
+        return
+    for cmd in (prepare, train, evaluate):
+        cli.add_command(cmd)
+
+
+_register_optional()
+
+
+def main() -> None:
+    cli(prog_name="deid")
+
+
+if __name__ == "__main__":
+    main()

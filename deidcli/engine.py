@@ -1,0 +1,121 @@
+"""Batched inference: device and dtype resolution, the generator runner, the identity embedder.
+
+Imports torch lazily; nothing here touches files except through weights.py / model.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str  # resolved torch device string, e.g. "cpu" or "cuda:0"
+    dtype: str  # "float32" or "float16"
+    warnings: tuple[str, ...] = ()  # what was degraded while resolving (said to the user)
+
+
+def resolve_runtime(device: str = "auto", fp16: bool = False) -> Runtime:
+    """Map --device/--fp16 to what will actually run. Raises ValueError for an unusable device."""
+    import torch
+
+    warnings = []
+    dev = device.strip().lower()
+    if dev == "auto":
+        dev = "cuda:0" if torch.cuda.is_available() else "cpu"
+    elif dev.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})")
+        idx = int(dev.split(":", 1)[1]) if ":" in dev else 0
+        if idx >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) present")
+        dev = f"cuda:{idx}"
+    elif dev != "cpu":
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
+    dtype = "float32"
+    if fp16:
+        if dev.startswith("cuda"):
+            dtype = "float16"
+        else:
+            warnings.append("--fp16 needs CUDA; running float32 on the CPU")
+    elif dev == "cpu" and torch.cuda.is_available():
+        warnings.append("CUDA is present but --device cpu was asked for")
+    return Runtime(dev, dtype, tuple(warnings))
+
+
+class GeneratorRunner:
+    """Runs the generator on aligned crops in batches.
+
+    run(crops (N, S, S, 3) uint8 RGB, desc (N, D) float32 L2-normalised)
+      -> raw (N, S, S, 3) uint8 RGB, mask (N, S, S) float32 in [0, 1]
+    """
+
+    def __init__(self, generator, runtime: Runtime, batch_size: int = 32):
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(runtime.device)
+        self.dtype = torch.float16 if runtime.dtype == "float16" else torch.float32
+        self.generator = generator.to(self.device, self.dtype).eval()
+        self.batch_size = batch_size
+        self.size = int(generator.config["size"])
+        self.margin = float(generator.config["margin"])
+
+    def run(self, crops: np.ndarray, desc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        torch = self.torch
+        n = len(crops)
+        S = self.size
+        assert crops.shape == (n, S, S, 3) and crops.dtype == np.uint8, (crops.shape, crops.dtype)
+        assert desc.ndim == 2 and len(desc) == n, desc.shape
+        raws, masks = [], []
+        with torch.inference_mode():
+            for i in range(0, n, self.batch_size):
+                x = torch.from_numpy(crops[i:i + self.batch_size]).to(self.device)
+                x = x.permute(0, 3, 1, 2).to(self.dtype).div_(127.5).sub_(1.0)
+                d = torch.from_numpy(np.ascontiguousarray(desc[i:i + self.batch_size])).to(self.device, self.dtype)
+                raw, mask = self.generator(x, d)
+                raw = raw.float().add_(1.0).mul_(127.5).clamp_(0, 255).round_().to(torch.uint8)
+                raws.append(raw.permute(0, 2, 3, 1).cpu().numpy())
+                masks.append(mask.float()[:, 0].clamp_(0, 1).cpu().numpy())
+        if not raws:
+            return np.zeros((0, S, S, 3), np.uint8), np.zeros((0, S, S), np.float32)
+        return np.concatenate(raws), np.concatenate(masks)
+
+
+class IdentityEmbedder:
+    """MobileFaceNet identity descriptors through InsightFace's ONNX recognizer.
+
+    embed(crops112: list of (112, 112, 3) uint8 RGB ArcFace-aligned crops) -> (N, 128) float32, L2-normalised
+    """
+
+    def __init__(self, model_path: os.PathLike, providers: Optional[list[str]] = None):
+        from insightface.model_zoo import model_zoo
+
+        with contextlib.redirect_stdout(io.StringIO()):  # InsightFace may print while loading
+            self.model = model_zoo.get_model(str(model_path), providers=providers or ["CPUExecutionProvider"])
+
+    def embed(self, crops112: list[np.ndarray]) -> np.ndarray:
+        if not crops112:
+            return np.zeros((0, 128), np.float32)
+        bgr = [np.ascontiguousarray(c[:, :, ::-1]) for c in crops112]
+        feat = np.asarray(self.model.get_feat(bgr), dtype=np.float32).reshape(len(bgr), -1)
+        return feat / np.maximum(np.linalg.norm(feat, axis=1, keepdims=True), 1e-12)
+
+
+def onnx_providers(runtime: Runtime) -> list[str]:
+    """ONNX Runtime providers for the detector and embedder: CUDA first when it is used and present."""
+    import onnxruntime
+
+    avail = onnxruntime.get_available_providers()
+    if runtime.device.startswith("cuda") and "CUDAExecutionProvider" in avail:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
