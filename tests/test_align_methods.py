@@ -1,0 +1,84 @@
+"""Alignment geometry and the classic methods (pure functions on synthetic arrays)."""
+
+import numpy as np
+import pytest
+
+from deidcli import align
+from deidcli.methods import apply_classic, ellipse_mask
+
+
+class F:
+    def __init__(self, box, kps=None):
+        self.box = np.asarray(box, np.float32)
+        self.kps = kps
+
+
+def test_template_keeps_arcface_inside_central_square():
+    t = align.crop_template(128, 0.2)
+    off, side = align.arcface_box(128, 0.2)
+    # mapping the central square back to 112 gives the ArcFace template exactly
+    np.testing.assert_allclose((t - off) / side * 112, align.ARCFACE_112, atol=1e-3)
+
+
+def test_transform_maps_landmarks_to_template():
+    rng = np.random.default_rng(0)
+    t = align.crop_template(128, 0.2)
+    # a rotated, scaled, shifted copy of the template in a frame
+    a, s = np.deg2rad(20), 2.5
+    R = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) * s
+    kps = (t @ R.T + [300, 200]).astype(np.float32) + rng.normal(0, 0.01, (5, 2)).astype(np.float32)
+    M = align.estimate_transform(kps, 128, 0.2)
+    back = kps @ M[:, :2].T + M[:, 2]
+    np.testing.assert_allclose(back, t, atol=0.1)
+
+
+def test_paste_changes_only_masked_pixels():
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    orig = img.copy()
+    kps = align.crop_template(128, 0.2) * 0.8 + [100, 60]
+    M = align.estimate_transform(kps, 128, 0.2)
+    crop = np.full((128, 128, 3), 7, np.uint8)
+    mask = np.zeros((128, 128), np.float32)
+    mask[40:90, 40:90] = 1
+    box = align.paste(img, crop, align.feather(mask, 128), M)
+    changed = np.any(img != orig, axis=2)
+    ys, xs = np.nonzero(changed)
+    x0, y0, x1, y1 = box
+    assert changed.sum() > 1000
+    assert xs.min() >= x0 and xs.max() < x1 and ys.min() >= y0 and ys.max() < y1
+    # where the mask is fully on, the pixel is the crop's
+    inv = np.linalg.inv(np.vstack([M, [0, 0, 1]]))
+    px, py, _ = inv @ [65, 65, 1]
+    assert np.all(img[int(round(py)), int(round(px))] == 7)
+    # nothing outside the returned rectangle changed, and pixels far from the mask are untouched
+    assert not changed[:y0].any() and not changed[y1:].any()
+
+
+@pytest.mark.parametrize("method", ["blur", "pixelate", "solid"])
+def test_classic_methods_change_only_the_ellipse(method):
+    rng = np.random.default_rng(2)
+    img = rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    orig = img.copy()
+    face = F([100, 50, 160, 130])
+    rects = apply_classic(img, [face], method, 0.25)
+    assert len(rects) == 1
+    (x0, y0, x1, y1), mask = ellipse_mask(img.shape, face.box, None, 0.25)
+    changed = np.any(img != orig, axis=2)
+    assert not changed[:y0].any() and not changed[y1:].any()
+    assert not changed[:, :x0].any() and not changed[:, x1:].any()
+    inside = changed[y0:y1, x0:x1][mask > 0]
+    assert inside.mean() > 0.9  # the face area is really obscured
+    assert not changed[y0:y1, x0:x1][mask == 0].any()  # corners of the box outside the ellipse untouched
+    # obscured: high-frequency content gone (except solid which is constant)
+    cx, cy = 130, 90
+    patch = img[cy - 15:cy + 15, cx - 15:cx + 15].astype(float)
+    assert np.abs(np.diff(patch, axis=1)).mean() < np.abs(np.diff(orig[cy - 15:cy + 15, cx - 15:cx + 15].astype(float), axis=1)).mean() / 3
+
+
+def test_face_at_frame_edge_is_clipped():
+    img = np.zeros((100, 100, 3), np.uint8) + 128
+    rects = apply_classic(img, [F([-30, -30, 40, 40])], "solid", 0.25)
+    x0, y0, x1, y1 = rects[0]
+    assert x0 == 0 and y0 == 0 and x1 <= 100 and y1 <= 100
+    assert (img[0, 0] == 0).all()
