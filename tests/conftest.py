@@ -1,0 +1,106 @@
+"""Shared fixtures: where ../shared is, and short real clips cut from it (stream copy, no re-encode)."""
+
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+VIDEOS = SHARED / "videos"
+MODELS = SHARED / "models"
+
+
+def pytest_configure(config):
+    if MODELS.is_dir():
+        os.environ.setdefault("DEID_MODELS_DIR", str(MODELS))
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shared():
+    if not VIDEOS.is_dir():
+        pytest.skip("../shared/videos not present")
+    return SHARED
+
+
+def cut_clip(src: Path, dst: Path, seconds: float, audio: bool = True) -> Path:
+    """Copy the first ``seconds`` of ``src`` (video from its first keyframe, audio packets as they are)."""
+    import av
+
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        vin = inp.streams.video[0]
+        streams = [vin] + (list(inp.streams.audio) if audio else [])
+        omap = {s.index: out.add_stream_from_template(s) for s in streams}
+        for s in streams:
+            omap[s.index].time_base = s.time_base
+        for pkt in inp.demux(*streams):
+            if pkt.dts is None or pkt.pts is None:
+                continue
+            t = float(pkt.pts * pkt.time_base)
+            if t >= seconds:
+                if pkt.stream.type == "video":
+                    break
+                continue
+            pkt.stream = omap[pkt.stream.index]
+            out.mux(pkt)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def clips(shared, tmp_path_factory):
+    """Short real clips: two_person (720p, aac), talking (512x512, aac), portrait_noaudio (720x1280, none)."""
+    d = tmp_path_factory.mktemp("clips")
+    return {
+        "two_person": cut_clip(VIDEOS / "ghost_2person.mp4", d / "two_person.mp4", 1.0),
+        "talking": cut_clip(VIDEOS / "lp_d12.mp4", d / "talking.mp4", 1.5),
+        "portrait_noaudio": cut_clip(VIDEOS / "lp_d13.mp4", d / "portrait_noaudio.mp4", 0.7, audio=False),
+    }
+
+
+def frame_pts(path: Path) -> list:
+    import av
+
+    with av.open(str(path)) as c:
+        return [f.pts for f in c.decode(c.streams.video[0])]
+
+
+def audio_packets(path: Path) -> list:
+    """(pts, dts, duration, sha1 of payload) of every audio packet of every audio stream."""
+    import hashlib
+
+    import av
+
+    with av.open(str(path)) as c:
+        out = []
+        for pkt in c.demux(*c.streams.audio):
+            if pkt.size == 0:
+                continue
+            out.append((pkt.stream.index, pkt.pts, pkt.dts, pkt.duration,
+                        hashlib.sha1(bytes(pkt)).hexdigest()))
+        return out
+
+
+def decode_rgb(path: Path, n: int | None = None) -> list:
+    import av
+
+    with av.open(str(path)) as c:
+        out = []
+        for f in c.decode(c.streams.video[0]):
+            out.append(f.to_ndarray(format="rgb24"))
+            if n and len(out) >= n:
+                break
+        return out
+
+
+__all__ = ["SHARED", "VIDEOS", "MODELS", "cut_clip", "frame_pts", "audio_packets", "decode_rgb", "Fraction"]
