@@ -1,0 +1,426 @@
+"""Tests of deidcli.faces: the tracker on synthetic detections, the detector and the
+tracker on real footage from ../shared (skipped when it is missing)."""
+
+from __future__ import annotations
+
+import io
+import logging
+from contextlib import redirect_stdout
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deidcli.errors import ModelError
+from deidcli.faces import Detections, Detector, Face, Tracker, box_iou
+from deidcli.options import TrackOptions
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+MODEL = SHARED / "models" / "det_scrfd_2.5g_kps.onnx"
+MODEL_500M = SHARED / "models" / "det_scrfd_500m_kps_640.onnx"
+VIDEO = SHARED / "videos" / "ghost_2person.mp4"
+N_VIDEO_FRAMES = 60
+
+# --------------------------------------------------------------------------------------
+# Synthetic detections
+
+
+def face_at(cx: float, cy: float, size: float = 100.0):
+    """Box (4,) and plausible landmarks (5, 2) of a frontal face centred at (cx, cy)."""
+    box = np.array([cx - size / 2, cy - size / 2, cx + size / 2, cy + size / 2])
+    offsets = np.array([[-0.2, -0.12], [0.2, -0.12], [0.0, 0.05], [-0.16, 0.22], [0.16, 0.22]])
+    return box, np.array([cx, cy]) + offsets * size
+
+
+def dets_of(faces: list, scores=None) -> Detections:
+    """Detections from a list of (box, kps)."""
+    if not faces:
+        return Detections.empty()
+    scores = np.full(len(faces), 0.9) if scores is None else scores
+    return Detections(
+        np.stack([b for b, _ in faces]), np.asarray(scores), np.stack([k for _, k in faces])
+    )
+
+
+def run(tracker: Tracker, frames: list[Detections]) -> list[tuple[int, list[Face]]]:
+    """Push every frame, flush, and check each frame comes back exactly once, in order."""
+    out = []
+    for i, d in enumerate(frames):
+        got = tracker.push(i, d)
+        # The tracker lags by at most max_gap frames.
+        assert out + got == [] or (out + got)[-1][0] >= i - tracker.options.max_gap
+        out += got
+    out += tracker.flush()
+    assert [i for i, _ in out] == list(range(len(frames)))
+    assert tracker.max_buffered <= tracker.options.max_gap + 1
+    return out
+
+
+def by_track(out) -> dict[int, list[tuple[int, Face]]]:
+    tracks: dict[int, list[tuple[int, Face]]] = {}
+    for i, faces in out:
+        ids = [f.track_id for f in faces]
+        assert ids == sorted(set(ids)), "one face per track per frame, sorted by id"
+        for f in faces:
+            assert f.box.shape == (4,) and f.box.dtype == np.float32
+            assert f.kps.shape == (5, 2) and f.kps.dtype == np.float32
+            tracks.setdefault(f.track_id, []).append((i, f))
+    return tracks
+
+
+def two_faces(n=20, miss_a=(), speed=4.0):
+    """A moves right along y=100, B moves left along y=300; A missed on `miss_a`."""
+    frames, truth_a = [], []
+    for i in range(n):
+        a = face_at(100 + speed * i, 100)
+        b = face_at(600 - speed * i, 300)
+        truth_a.append(a)
+        frames.append(dets_of([b] if i in miss_a else [a, b]))  # B first: order is no hint
+    return frames, truth_a
+
+
+NO_SMOOTH = TrackOptions(smooth=0.0)
+
+
+def test_gap_inside_track_is_interpolated():
+    frames, truth_a = two_faces(miss_a={5, 6, 7})
+    tracker = Tracker(NO_SMOOTH)
+    tracks = by_track(run(tracker, frames))
+    assert sorted(tracks) == [0, 1] and tracker.n_tracks == 2
+    a_id = tracks[0][0][1].track_id if tracks[0][0][1].box[1] < 200 else 1
+    a = tracks[a_id]
+    assert [i for i, _ in a] == list(range(20)), "A is output in every frame, one track"
+    for i, f in a:
+        assert f.interpolated == (i in {5, 6, 7})
+        if f.interpolated:
+            assert f.score == 0.0
+            lo, hi = a[4][1].box, a[8][1].box
+            assert np.all(f.box > np.minimum(lo, hi) - 1e-3)
+            assert np.all(f.box < np.maximum(lo, hi) + 1e-3)
+        # Linear motion: interpolation is exact (smoothing is off).
+        np.testing.assert_allclose(f.box, truth_a[i][0], atol=1e-3)
+        np.testing.assert_allclose(f.kps, truth_a[i][1], atol=1e-3)
+    assert tracker.n_interpolated == 3
+    assert not any(f.interpolated for _, f in tracks[1 - a_id])
+
+
+def test_gap_filled_with_smoothing_on_too():
+    frames, truth_a = two_faces(miss_a={5, 6, 7})
+    tracker = Tracker(TrackOptions(), fps=30)
+    tracks = by_track(run(tracker, frames))
+    assert len(tracks) == 2
+    a = next(t for t in tracks.values() if t[0][1].box[1] < 200)
+    assert [i for i, f in a if f.interpolated] == [5, 6, 7]
+    for i, f in a:  # smoothed, so not exact, but close to the truth
+        assert box_iou(f.box, truth_a[i][0])[0, 0] > 0.8
+
+
+def test_ids_do_not_swap_when_faces_cross():
+    # A goes right, B goes left, 0.3 face sizes apart vertically: the boxes overlap
+    # heavily while they pass, and A is missed right at the crossing.
+    n, size, speed = 40, 100.0, 20.0
+    frames, truth = [], {}
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        a = face_at(100 + speed * i, 200, size)
+        b = face_at(100 + speed * (n - 1 - i), 230, size)
+        truth[i] = (a, b)
+        faces = [b] if 18 <= i <= 20 else [a, b]
+        rng.shuffle(faces)
+        frames.append(dets_of(faces))
+    assert box_iou(truth[19][0][0], truth[19][1][0])[0, 0] > 0.35
+    tracker = Tracker(TrackOptions(smooth=0.0))
+    tracks = by_track(run(tracker, frames))
+    assert sorted(tracks) == [0, 1], f"{tracker.n_tracks} tracks for 2 faces"
+    for tid, track in tracks.items():
+        which = 0 if np.allclose(track[0][1].box, truth[0][0][0]) else 1
+        assert [i for i, _ in track] == list(range(n))
+        for i, f in track:
+            np.testing.assert_allclose(f.box, truth[i][which][0], atol=1e-3)
+    assert tracker.n_interpolated == 3
+
+
+def test_assignment_is_global_not_greedy():
+    # A row of touching faces; the camera jerks 0.6 face sizes to the right in one frame.
+    # Each new box overlaps its right-hand neighbour's track more (IoU 0.43) than its own
+    # (0.25): greedy matching shifts every identity by one, the optimal one does not.
+    frames = []
+    for i in range(10):
+        shift = 60.0 if i >= 5 else 0.0
+        frames.append(dets_of([face_at(100 * k + shift, 300) for k in range(3)]))
+    assert box_iou(frames[4].boxes[1], frames[5].boxes[0])[0, 0] > 0.4
+    tracker = Tracker(NO_SMOOTH)
+    tracks = by_track(run(tracker, frames))
+    assert sorted(tracks) == [0, 1, 2]
+    for tid, track in tracks.items():
+        assert len(track) == 10
+        assert track[-1][1].box[0] - track[0][1].box[0] == pytest.approx(60.0)
+
+
+@pytest.mark.parametrize("jump, n_tracks", [(70.0, 1), (110.0, 2)])
+def test_fast_motion_centre_gate(jump, n_tracks):
+    # A jump of 0.7 face sizes leaves IoU 0.18 < iou_thresh: the centre-distance gate
+    # still continues the track. Past the gate (1.1 sizes, no overlap) a new track starts.
+    frames = [dets_of([face_at(300 + (jump if i >= 5 else 0.0), 300)]) for i in range(10)]
+    assert box_iou(frames[4].boxes, frames[5].boxes)[0, 0] < TrackOptions().iou_thresh
+    tracker = Tracker(TrackOptions())
+    run(tracker, frames)
+    assert tracker.n_tracks == n_tracks
+
+
+def test_gap_longer_than_max_gap_splits_and_is_not_filled():
+    max_gap = 4
+    opts = TrackOptions(max_gap=max_gap, smooth=0.0)
+    face = face_at(300, 300)
+    for gap, n_tracks in [(max_gap, 1), (max_gap + 1, 2)]:
+        frames = [dets_of([face])] * 10 + [Detections.empty()] * gap + [dets_of([face])] * 5
+        tracker = Tracker(opts)
+        out = run(tracker, frames)
+        assert tracker.n_tracks == n_tracks
+        gap_faces = [f for i, faces in out for f in faces if 10 <= i < 10 + gap]
+        if n_tracks == 1:
+            assert len(gap_faces) == gap and all(f.interpolated for f in gap_faces)
+        else:
+            assert gap_faces == [] and tracker.n_interpolated == 0
+            assert {f.track_id for i, faces in out for f in faces if i >= 10 + gap} == {1}
+
+
+def test_track_end_and_one_frame_detections():
+    face, spurious = face_at(300, 300), face_at(800, 300, 40)
+    frames = [dets_of([face])] * 10 + [Detections.empty()] * 12
+    frames[15] = dets_of([spurious])  # a lone detection far from the ended track
+    tracker = Tracker(TrackOptions(max_gap=8))
+    out = run(tracker, frames)
+    counts = [len(faces) for _, faces in out]
+    # Nothing invented after the track's last detection; the one-frame face is output.
+    assert counts == [1] * 10 + [0] * 5 + [1] + [0] * 6
+    assert [f.track_id for f in out[15][1]] == [1]
+    assert not out[15][1][0].interpolated and out[15][1][0].score == pytest.approx(0.9)
+    assert tracker.n_interpolated == 0
+
+
+def test_random_stream_invariants():
+    # Faces come and go, with misses; every frame comes back once, in order, with the
+    # lag bound; tracks start and end on detected frames; ids are 0..n_tracks-1.
+    rng = np.random.default_rng(0)
+    max_gap = 5
+    frames = []
+    for i in range(200):
+        faces = []
+        for k in range(4):  # four lanes, each face present in some periods
+            if (i // (30 + 7 * k) + k) % 2 == 0 and rng.random() > 0.25:
+                faces.append(face_at(150 + 250 * k + 2 * np.sin(i / 5), 300 + i, 80))
+        if rng.random() < 0.05:
+            faces.append(face_at(rng.uniform(0, 1000), 50, 30))  # one-frame false positive
+        frames.append(dets_of(faces, rng.uniform(0.5, 1.0, len(faces))))
+    tracker = Tracker(TrackOptions(max_gap=max_gap), fps=25)
+    out = run(tracker, frames)
+    tracks = by_track(out)
+    assert sorted(tracks) == list(range(tracker.n_tracks))
+    for track in tracks.values():
+        assert not track[0][1].interpolated and not track[-1][1].interpolated
+        assert [i for i, _ in track] == list(range(track[0][0], track[-1][0] + 1))
+    n_det = sum(len(d) for d in frames)
+    n_out = sum(len(faces) for _, faces in out)
+    assert n_out == n_det + tracker.n_interpolated and tracker.n_interpolated > 0
+
+
+def test_smoothing_cuts_jitter_of_a_still_face():
+    # Landmark noise of 1 % of the face size (SCRFD's on the shared clips: 0.3-0.5 %).
+    rng = np.random.default_rng(0)
+    box, kps = face_at(400, 300, 100)
+    frames = [
+        dets_of([(box + rng.normal(0, 1.0, 4), kps + rng.normal(0, 1.0, (5, 2)))])
+        for _ in range(150)
+    ]
+
+    def jitter(opts):
+        track = by_track(run(Tracker(opts, fps=30), frames))[0]
+        k = np.stack([f.kps for _, f in track])[30:]  # past the filter's start-up
+        return np.std(np.diff(k, axis=0))
+
+    raw, smooth = jitter(NO_SMOOTH), jitter(TrackOptions(smooth=1.0))
+    stronger = jitter(TrackOptions(smooth=3.0))
+    assert raw == pytest.approx(np.sqrt(2), rel=0.1)  # smooth=0 is the raw signal
+    assert smooth < 0.3 * raw  # measured 0.18
+    assert stronger < 0.8 * smooth  # measured 0.12 of raw
+
+
+@pytest.mark.parametrize("speed", [0.5, 2.0, 5.0])  # face sizes per second
+def test_smoothing_follows_fast_motion(speed):
+    rng = np.random.default_rng(0)
+    size, fps = 100.0, 30.0
+    xs = 200 + speed * size * np.arange(90) / fps
+    frames = [
+        dets_of([(b, k + rng.normal(0, 1.0, (5, 2)))])
+        for b, k in (face_at(x, 300, size) for x in xs)
+    ]
+    track = by_track(run(Tracker(TrackOptions(smooth=1.0), fps=fps), frames))[0]
+    nose_x = np.array([f.kps[2, 0] for _, f in track])
+    lag = xs[20:] - nose_x[20:]  # after 2/3 s of motion
+    # Measured max 3-5 % of the face size; a plain low-pass at the still-face cutoff
+    # (beta = 0) lags 8-80 % here.
+    assert np.abs(lag).max() < 0.06 * size
+
+
+def test_push_checks_its_input():
+    tracker = Tracker(TrackOptions())
+    tracker.push(0, Detections.empty())
+    with pytest.raises(AssertionError):
+        tracker.push(2, Detections.empty())
+    with pytest.raises(AssertionError):
+        Detections(np.zeros((2, 4)), np.zeros(3), np.zeros((2, 5, 2)))
+    with pytest.raises(ValueError):
+        Tracker(TrackOptions(max_gap=-1))
+
+
+def test_box_iou():
+    a = np.array([[0, 0, 10, 10]])
+    b = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30]])
+    np.testing.assert_allclose(box_iou(a, b), [[1.0, 1 / 3, 0.0]])
+
+
+# --------------------------------------------------------------------------------------
+# Real footage
+
+needs_shared = pytest.mark.skipif(
+    not (MODEL.is_file() and VIDEO.is_file()),
+    reason=f"shared data not found at {SHARED} (models/det_scrfd_2.5g_kps.onnx, "
+    "videos/ghost_2person.mp4)",
+)
+
+
+@pytest.fixture(scope="module")
+def video_frames() -> list[np.ndarray]:
+    import av
+
+    frames = []
+    with av.open(str(VIDEO)) as container:
+        for frame in container.decode(video=0):
+            frames.append(frame.to_ndarray(format="rgb24"))
+            if len(frames) == N_VIDEO_FRAMES:
+                break
+    return frames
+
+
+@pytest.fixture(scope="module")
+def detector() -> Detector:
+    return Detector(MODEL, det_thresh=0.5, det_size=640)
+
+
+@pytest.fixture(scope="module")
+def video_dets(detector, video_frames) -> list[Detections]:
+    return [detector.detect(f) for f in video_frames]
+
+
+def check_plausible(dets: Detections):
+    for box, kps in zip(dets.boxes, dets.kps):
+        x0, y0, x1, y1 = box
+        assert x1 - x0 > 50 and y1 - y0 > 50
+        assert np.all((kps[:, 0] > x0) & (kps[:, 0] < x1) & (kps[:, 1] > y0) & (kps[:, 1] < y1))
+        eyes_y, nose_y, mouth_y = kps[:2, 1].mean(), kps[2, 1], kps[3:, 1].mean()
+        assert eyes_y < nose_y < mouth_y
+        assert kps[0, 0] < kps[1, 0] and kps[3, 0] < kps[4, 0]  # left, right in the image
+
+
+@needs_shared
+def test_detector_finds_the_two_faces(detector, video_frames, video_dets):
+    assert video_frames[0].shape == (720, 1280, 3)
+    for dets in video_dets[::10]:
+        assert len(dets) == 2
+        assert np.all(dets.scores > 0.7)
+        check_plausible(dets)
+        centres = (dets.boxes[:, 0] + dets.boxes[:, 2]) / 2
+        assert centres.min() < 640 < centres.max()  # one person on each side
+
+
+@needs_shared
+def test_detector_gives_insightface_bgr(detector, video_frames, monkeypatch):
+    seen = []
+    real = detector.model.detect
+
+    def spy(img, **kwargs):
+        seen.append(img.copy())
+        return real(img, **kwargs)
+
+    monkeypatch.setattr(detector.model, "detect", spy)
+    rgb = video_frames[0]
+    detector.detect(rgb)
+    np.testing.assert_array_equal(seen[0], rgb[:, :, ::-1])
+    assert not np.array_equal(seen[0], rgb)
+
+
+@needs_shared
+def test_detector_input_checks_and_min_face(video_frames):
+    image = video_frames[0]
+    small = Detector(MODEL, min_face=150)
+    dets = small.detect(image)
+    # The faces' shorter sides are about 106 and 183 px.
+    assert len(dets) == 1 and small.n_small == 1
+    assert np.min(dets.boxes[0, 2:] - dets.boxes[0, :2]) >= 150
+    with pytest.raises(AssertionError):
+        small.detect(image.astype(np.float32))
+    with pytest.raises(AssertionError):
+        small.detect(image[:, :, 0])
+
+
+@needs_shared
+def test_detector_loading_prints_nothing(capsys):
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        Detector(MODEL).detect(np.zeros((64, 96, 3), np.uint8))
+    assert buf.getvalue() == "" and capsys.readouterr().out == ""
+
+
+@needs_shared
+@pytest.mark.skipif(not MODEL_500M.is_file(), reason=f"{MODEL_500M} not found")
+def test_fixed_size_model_uses_its_own_size(video_frames, caplog):
+    with caplog.at_level(logging.WARNING, logger="deidcli.faces"):
+        det = Detector(MODEL_500M, det_size=320)
+    assert det.input_size == (640, 640)
+    assert "fixed 640x640" in caplog.text
+    dets = det.detect(video_frames[0])
+    assert len(dets) == 2
+    check_plausible(dets)
+
+
+def test_detector_missing_model(tmp_path):
+    with pytest.raises(ModelError, match="not found"):
+        Detector(tmp_path / "nope.onnx")
+    with pytest.raises(ValueError):
+        Detector(MODEL if MODEL.is_file() else tmp_path, det_size=100)
+
+
+@needs_shared
+def test_tracker_on_video_gives_two_long_tracks(video_dets):
+    tracker = Tracker(TrackOptions(), fps=30000 / 1001)
+    tracks = by_track(run(tracker, video_dets))
+    assert sorted(tracks) == [0, 1]
+    for track in tracks.values():
+        assert len(track) == N_VIDEO_FRAMES
+        xs = [(f.box[0] + f.box[2]) / 2 for _, f in track]
+        assert max(xs) < 640 or min(xs) > 640, "a track jumped between the two people"
+
+
+@needs_shared
+def test_tracker_fills_real_misses_close_to_the_detector(video_dets):
+    # Drop the right-hand face on frames 20-24 (as if missed): it is filled in, and the
+    # filled boxes land on the faces the detector had actually found.
+    dropped = list(video_dets)
+    for i in range(20, 25):
+        d = video_dets[i]
+        dropped[i] = d.select((d.boxes[:, 0] + d.boxes[:, 2]) / 2 < 640)
+    tracker = Tracker(TrackOptions(max_gap=8), fps=30000 / 1001)
+    tracks = by_track(run(tracker, dropped))
+    assert sorted(tracks) == [0, 1] and tracker.n_interpolated == 5
+    right = next(t for t in tracks.values() if t[0][1].box[0] > 640)
+    for i, f in right:
+        assert f.interpolated == (20 <= i < 25)
+        if f.interpolated:
+            truth = video_dets[i].boxes[video_dets[i].boxes[:, 0] > 640]
+            assert box_iou(f.box, truth)[0, 0] > 0.8
+    # With a max_gap shorter than the miss, the face is not filled and the track splits.
+    tracker = Tracker(replace(TrackOptions(), max_gap=4), fps=30000 / 1001)
+    tracks = by_track(run(tracker, dropped))
+    assert tracker.n_tracks == 3 and tracker.n_interpolated == 0
