@@ -75,6 +75,15 @@ def frame_pts(path: Path) -> list:
         return [f.pts for f in c.decode(c.streams.video[0])]
 
 
+def frame_times(path: Path) -> list:
+    """Presentation time of every frame in seconds (Fraction), for comparing across containers."""
+    import av
+
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        return [Fraction(f.pts) * s.time_base for f in c.decode(s)]
+
+
 def audio_packets(path: Path) -> list:
     """(pts, dts, duration, sha1 of payload) of every audio packet of every audio stream."""
     import hashlib
@@ -103,4 +112,4 @@ def decode_rgb(path: Path, n: int | None = None) -> list:
         return out
 
 
-__all__ = ["SHARED", "VIDEOS", "MODELS", "cut_clip", "frame_pts", "audio_packets", "decode_rgb", "Fraction"]
+__all__ = ["SHARED", "VIDEOS", "MODELS", "cut_clip", "frame_pts", "frame_times", "audio_packets", "decode_rgb", "Fraction"]
