@@ -1,0 +1,1057 @@
+"""Media I/O with PyAV: probe, decode, encode, mux, images and atomic output.
+
+Everything that touches a media file lives here; the rest of the pipeline only sees
+``VideoFrame.image`` arrays and hands back processed arrays plus dirty rectangles.
+
+Array contract at this boundary: images are ``(H, W, 3)`` ``uint8`` RGB, C-contiguous,
+*upright* (the container's display rotation / EXIF orientation already applied).
+Rectangles are ``(x0, y0, x1, y1)`` in upright pixel coordinates, ``x1``/``y1`` exclusive.
+
+Policies (see the README for the user-facing wording):
+
+* Timing: every output frame keeps its input frame's pts in the input's time base
+  (variable frame rate is preserved, nothing is resampled to a fixed rate).
+* Pixels: outside the dirty rectangles the decoded planes go to the encoder untouched;
+  only the rectangles are converted RGB->YUV, with the frame's own matrix and range.
+  The output keeps the input's pixel format (10-bit stays 10-bit when the encoder can
+  do it, otherwise an :class:`InputError`) and its colour tags.
+* Rotation: frames are rotated upright for processing, rotated back to the stored
+  orientation before encoding, and the input's display matrix is written unchanged.
+* Audio: ``copy`` (packets byte for byte), ``aac`` (re-encode), ``none`` (drop).
+  A container that cannot hold the copied audio raises :class:`OutputError` before any
+  frame is written.
+* Metadata: container and stream tags (GPS location, creation time, title, device ...)
+  are dropped unless ``keep_metadata``; only the streams' ``language`` tag is kept.
+  Data, subtitle and attachment streams (telemetry, GPS tracks) are never copied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import os
+import secrets
+import struct
+from dataclasses import dataclass, field
+from fractions import Fraction
+from itertools import chain
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import av
+import numpy as np
+
+from .errors import InputError, OutputError
+from .options import AUDIO_MODES, EncodeOptions
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+Rect = tuple[int, int, int, int]
+
+IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
+VIDEO_EXTS = frozenset({".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"})
+
+# Video encoders we suggest when the requested one does not exist (only those present are named).
+_KNOWN_VIDEO_ENCODERS = (
+    "libx264",
+    "libx265",
+    "h264_nvenc",
+    "hevc_nvenc",
+    "libvpx-vp9",
+    "libsvtav1",
+    "libaom-av1",
+    "mpeg4",
+    "ffv1",
+)
+# x264-style preset names -> NVENC p1..p7.
+_NVENC_PRESETS = {
+    "ultrafast": "p1",
+    "superfast": "p1",
+    "veryfast": "p2",
+    "faster": "p3",
+    "fast": "p3",
+    "medium": "p4",
+    "slow": "p5",
+    "slower": "p6",
+    "veryslow": "p7",
+    "placebo": "p7",
+}
+# AVColorSpace -> swscale SWS_CS_* (what VideoFrame.reformat expects for *_colorspace).
+_AVCOL_SPC_TO_SWS = {1: 1, 4: 4, 5: 5, 6: 5, 7: 7, 9: 9, 10: 9}
+# FFmpeg's default channel layout per channel count (for sources with an unknown order).
+_DEFAULT_LAYOUTS = {
+    1: "mono", 2: "stereo", 3: "3.0", 4: "4.0", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"
+}
+# Stream tags that are kept even without keep_metadata (not identifying).
+_SAFE_STREAM_TAGS = ("language",)
+
+
+def media_kind(path: PathLike) -> Optional[str]:
+    """``"image"``, ``"video"`` or ``None``, from the file extension (case-insensitive)."""
+    ext = Path(path).suffix.lower()
+    if ext in IMAGE_EXTS:
+        return "image"
+    if ext in VIDEO_EXTS:
+        return "video"
+    return None
+
+
+# --------------------------------------------------------------------------------------
+# probing
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What :func:`probe` learns about the main video stream of a file."""
+
+    width: int  # upright (display) width, i.e. after rotation
+    height: int  # upright (display) height
+    rotation: int  # display rotation, counter-clockwise degrees: 0, 90, 180 or 270
+    frames: int  # frame count from the container, 0 if unknown
+    time_base: Fraction
+    average_rate: Optional[Fraction]
+    duration: Optional[float]  # seconds
+    pix_fmt: str  # decoded pixel format, e.g. "yuv420p", "yuv420p10le"
+    bit_depth: int  # bits per sample (8, 10, ...)
+    codec: str  # decoder name, e.g. "h264"
+    audio_streams: int
+    color_range: int  # AVColorRange: 0 unspecified, 1 limited (tv), 2 full (pc)
+    colorspace: int  # AVColorSpace (matrix): 1 bt709, 5 bt470bg, 6 smpte170m, 2 unspecified ...
+    color_primaries: int = 2  # AVColorPrimaries
+    color_trc: int = 2  # AVColorTransferCharacteristic
+    coded_width: int = 0  # stored size (before rotation)
+    coded_height: int = 0
+
+
+def _ff_reason(exc: BaseException) -> str:
+    """One-line reason from an FFmpeg/OS error (no errno, no path)."""
+    reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return " ".join(str(reason).split())
+
+
+def _open_input(path: PathLike) -> "av.container.InputContainer":
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file")
+    if p.is_dir():
+        raise InputError(f"{p}: is a directory, not a video file")
+    try:
+        return av.open(str(p), "r", metadata_errors="replace")
+    except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as e:
+        raise InputError(f"{p.name}: not a readable video file ({_ff_reason(e)})") from e
+
+
+def _video_stream(container, name: str):
+    for s in container.streams.video:
+        if not (s.disposition & av.stream.Disposition.attached_pic):
+            return s
+    raise InputError(f"{name}: no video stream")
+
+
+def _check_truncated(container, path: Path) -> None:
+    """MP4/MOV index every sample; a sample that ends past EOF means the file was cut short."""
+    if "mp4" not in container.format.name and "mov" not in container.format.name:
+        return
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return
+    for s in container.streams:
+        if s.type not in ("video", "audio"):
+            continue
+        entries = s.index_entries
+        n = len(entries)
+        if n == 0:
+            continue
+        # Samples are stored in file order within a track; the last few cover the end.
+        end = max(entries[i].pos + entries[i].size for i in range(max(0, n - 4), n))
+        if end > size:
+            pct = 100.0 * size / end
+            raise InputError(
+                f"{path.name}: file is truncated (only {size} of at least {end} bytes, "
+                f"{pct:.0f}%); it was probably not copied or recorded completely"
+            )
+
+
+def _display_matrix(frame) -> Optional[tuple[int, ...]]:
+    """The frame's DISPLAYMATRIX side data as FFmpeg's 9 int32, or None."""
+    try:
+        for sd in frame.side_data:
+            if str(getattr(sd, "type", "")).endswith("DISPLAYMATRIX"):
+                raw = bytes(sd)
+                if len(raw) >= 36:
+                    return struct.unpack("<9i", raw[:36])
+    except Exception:  # pragma: no cover - side-data API differences across PyAV versions
+        return None
+    return None
+
+
+def _rotation(frame) -> int:
+    """Counter-clockwise display rotation of a decoded frame, normalised to 0/90/180/270."""
+    try:
+        r = float(frame.rotation)
+    except Exception:  # pragma: no cover
+        return 0
+    if math.isnan(r):
+        return 0
+    q = int(round(r / 90.0)) * 90
+    if abs(q - r) > 1:
+        log.warning("display rotation %.1f is not a multiple of 90 degrees; using %d", r, q % 360)
+    return q % 360
+
+
+def _bit_depth(fmt: str) -> int:
+    try:
+        return max(c.bits for c in av.VideoFormat(fmt).components)
+    except Exception:  # pragma: no cover
+        return 8
+
+
+def _stream_duration(vs, container) -> Optional[float]:
+    """Video stream duration in seconds: stream field, Matroska DURATION tag, else container's."""
+    if vs.duration and vs.time_base:
+        return float(vs.duration * vs.time_base)
+    tag = vs.metadata.get("DURATION") or vs.metadata.get("duration")
+    if tag:
+        try:
+            h, m, sec = tag.split(":")
+            return int(h) * 3600 + int(m) * 60 + float(sec)
+        except ValueError:
+            pass
+    if container.duration:
+        return container.duration / 1_000_000
+    return None
+
+
+def probe(path: PathLike) -> VideoInfo:
+    """Read the container and the first video frame of ``path``.
+
+    Raises :class:`InputError` (one-line message) for a missing, garbage, truncated or
+    undecodable file, or one without a video stream.
+    """
+    p = Path(path)
+    container = _open_input(p)
+    try:
+        vs = _video_stream(container, p.name)
+        _check_truncated(container, p)
+        try:
+            first = next(iter(container.decode(vs)), None)
+        except av.FFmpegError as e:
+            raise InputError(f"{p.name}: cannot decode video ({_ff_reason(e)})") from e
+        if first is None:
+            raise InputError(f"{p.name}: the video stream has no decodable frames")
+        rot = _rotation(first)
+        w, h = first.width, first.height
+        uw, uh = (h, w) if rot in (90, 270) else (w, h)
+        tb = vs.time_base or Fraction(1, 90000)
+        duration = _stream_duration(vs, container)
+        fmt = first.format.name
+        return VideoInfo(
+            width=uw,
+            height=uh,
+            rotation=rot,
+            frames=int(vs.frames or 0),
+            time_base=tb,
+            average_rate=vs.average_rate,
+            duration=duration,
+            pix_fmt=fmt,
+            bit_depth=_bit_depth(fmt),
+            codec=vs.codec_context.name,
+            audio_streams=len(container.streams.audio),
+            color_range=int(first.color_range),
+            colorspace=int(first.colorspace),
+            color_primaries=int(first.color_primaries),
+            color_trc=int(first.color_trc),
+            coded_width=w,
+            coded_height=h,
+        )
+    finally:
+        container.close()
+
+
+# --------------------------------------------------------------------------------------
+# frames and pixel plumbing
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class VideoFrame:
+    """One decoded frame as the pipeline sees it.
+
+    ``image`` is ``(H, W, 3)`` uint8 RGB, upright, C-contiguous (H, W = display size).
+    ``pts`` is the original pts in the stream time base (``None`` if the stream had none).
+    """
+
+    index: int  # 0-based, decode (= presentation) order
+    image: np.ndarray
+    pts: Optional[int]
+    time: Optional[float] = None  # seconds, pts * time_base
+    _av: Any = field(default=None, repr=False)  # the decoded av.VideoFrame (stored orientation)
+    _out_pts: int = field(default=0, repr=False)  # strictly increasing pts used for encoding
+    _rotation: int = field(default=0, repr=False)
+
+
+@dataclass(frozen=True)
+class _PlaneLayout:
+    bpp: int  # bytes per pixel in this plane
+    sw: int  # log2 horizontal subsampling
+    sh: int  # log2 vertical subsampling
+
+
+_LAYOUTS: dict[str, tuple[_PlaneLayout, ...]] = {}
+
+
+def _plane_layouts(fmt: str) -> tuple[_PlaneLayout, ...]:
+    """Bytes per pixel and subsampling of every plane of ``fmt`` (measured on a 256x256 frame)."""
+    if fmt not in _LAYOUTS:
+        vf = av.VideoFormat(fmt)
+        if vf.has_palette or vf.is_bayer or vf.is_bit_stream:
+            raise InputError(f"pixel format {fmt} is not supported")
+        probe_frame = av.VideoFrame(256, 256, fmt)
+        layouts = []
+        for pl in probe_frame.planes:
+            bpp = pl.line_size // pl.width
+            layouts.append(
+                _PlaneLayout(
+                    bpp=bpp,
+                    sw=int(round(math.log2(256 / pl.width))),
+                    sh=int(round(math.log2(256 / pl.height))),
+                )
+            )
+        _LAYOUTS[fmt] = tuple(layouts)
+    return _LAYOUTS[fmt]
+
+
+def _plane_bytes(plane, rows: int) -> np.ndarray:
+    """2-D uint8 view (rows, line_size) of a frame plane's buffer."""
+    buf = np.frombuffer(plane, dtype=np.uint8)
+    return buf[: rows * plane.line_size].reshape(rows, plane.line_size)
+
+
+def _rect_to_stored(rect: Rect, rotation: int, stored_w: int, stored_h: int) -> Rect:
+    """Map an upright rectangle to the stored (coded) orientation.
+
+    The upright image is ``np.rot90(stored, rotation // 90)``.
+    """
+    x0, y0, x1, y1 = rect
+    if rotation == 90:
+        return (stored_w - y1, x0, stored_w - y0, x1)
+    if rotation == 180:
+        return (stored_w - x1, stored_h - y1, stored_w - x0, stored_h - y0)
+    if rotation == 270:
+        return (y0, stored_h - x1, y1, stored_h - x0)
+    return rect
+
+
+def _clip_rects(rects: Sequence[Sequence[int]], w: int, h: int) -> list[Rect]:
+    out = []
+    for r in rects:
+        x0, y0 = int(math.floor(r[0])), int(math.floor(r[1]))
+        x1, y1 = int(math.ceil(r[2])), int(math.ceil(r[3]))
+        x0, y0 = max(0, x0), max(0, y0)
+        x1, y1 = min(w, x1), min(h, y1)
+        if x1 > x0 and y1 > y0:
+            out.append((x0, y0, x1, y1))
+    return out
+
+
+# swscale flags. Without ACCURATE_RND (+ full chroma interpolation on the way to RGB) the
+# YUV -> RGB -> YUV round trip darkens luma by ~1 code value: a visible seam around a rect.
+_SWS_TO_RGB = int(
+    av.video.reformatter.Interpolation.BILINEAR
+    | av.video.reformatter.Interpolation.ACCURATE_RND
+    | av.video.reformatter.Interpolation.FULL_CHR_H_INT
+)
+_SWS_FROM_RGB = int(
+    av.video.reformatter.Interpolation.BILINEAR | av.video.reformatter.Interpolation.ACCURATE_RND
+)
+
+
+def _to_rgb(frame) -> np.ndarray:
+    """Decoded frame -> (H, W, 3) uint8 RGB, stored orientation, the frame's own matrix/range."""
+    return frame.to_ndarray(format="rgb24", interpolation=_SWS_TO_RGB)
+
+
+def _paint_rects(frame, stored_rgb: np.ndarray, rects: list[Rect]):
+    """Write ``stored_rgb`` into ``frame`` inside ``rects`` (stored coordinates), in place.
+
+    Only the (chroma-aligned) rectangles are converted RGB->YUV, with the frame's colour
+    matrix and range; every other byte of the planes is left as decoded.
+    """
+    fmt = frame.format.name
+    layouts = _plane_layouts(fmt)
+    ax = 1 << max(lay.sw for lay in layouts)
+    ay = 1 << max(lay.sh for lay in layouts)
+    W, H = frame.width, frame.height
+    cs = _AVCOL_SPC_TO_SWS.get(int(frame.colorspace))
+    rng = int(frame.color_range) or None
+    frame.make_writable()
+    planes = frame.planes
+    dst_views = [
+        _plane_bytes(pl, -(-H // (1 << lay.sh)))
+        for pl, lay in zip(planes, layouts)
+    ]
+    for x0, y0, x1, y1 in rects:
+        x0, y0 = x0 - x0 % ax, y0 - y0 % ay
+        x1 = min(W, -(-x1 // ax) * ax)
+        y1 = min(H, -(-y1 // ay) * ay)
+        crop = np.ascontiguousarray(stored_rgb[y0:y1, x0:x1])
+        patch = av.VideoFrame.from_ndarray(crop, format="rgb24")
+        kw: dict[str, Any] = {"format": fmt, "interpolation": _SWS_FROM_RGB}
+        if cs is not None:
+            kw["dst_colorspace"] = cs
+        if rng is not None:
+            kw["dst_color_range"] = rng
+        yuv = patch.reformat(**kw)
+        for p, lay in enumerate(layouts):
+            py0, py1 = y0 >> lay.sh, -(-y1 // (1 << lay.sh))
+            px0, px1 = x0 >> lay.sw, -(-x1 // (1 << lay.sw))
+            src = _plane_bytes(yuv.planes[p], py1 - py0)
+            nbytes = (px1 - px0) * lay.bpp
+            dst_views[p][py0:py1, px0 * lay.bpp : px0 * lay.bpp + nbytes] = src[:, :nbytes]
+    return frame
+
+
+# --------------------------------------------------------------------------------------
+# encoder / muxer setup
+# --------------------------------------------------------------------------------------
+
+
+def _available_video_encoders() -> list[str]:
+    names = []
+    for n in _KNOWN_VIDEO_ENCODERS:
+        try:
+            if av.Codec(n, "w").type == "video":
+                names.append(n)
+        except Exception:
+            pass
+    return names
+
+
+def _video_encoder(name: str):
+    try:
+        codec = av.Codec(name, "w")
+    except Exception:
+        codec = None
+    if codec is None or codec.type != "video":
+        alts = ", ".join(_available_video_encoders()) or "none found"
+        raise OutputError(f"unknown video encoder {name!r}; available: {alts}")
+    return codec
+
+
+def _encoder_options(codec_name: str, encode: EncodeOptions) -> dict[str, str]:
+    """crf/preset translated to the options this encoder actually has."""
+    try:
+        ctx = av.CodecContext.create(codec_name, "w")
+        private = {o.name for o in ctx.supported_options.private}
+    except Exception:  # pragma: no cover
+        private = set()
+    opts: dict[str, str] = {}
+    is_nvenc = codec_name.endswith("_nvenc")
+    if "crf" in private:
+        opts["crf"] = str(encode.crf)
+    elif "cq" in private:
+        opts["cq"] = str(encode.crf)
+        if is_nvenc:
+            opts["rc"] = "vbr"
+    if "preset" in private and encode.preset:
+        preset = encode.preset
+        if is_nvenc:
+            preset = _NVENC_PRESETS.get(preset, preset)
+        if codec_name == "libsvtav1" and not preset.isdigit():
+            preset = ""  # SVT-AV1 presets are numbers; keep its default
+        if preset:
+            opts["preset"] = preset
+    if "x265-params" in private:
+        opts["x265-params"] = "log-level=error"
+    return opts
+
+
+def _output_pix_fmt(fmt: str, codec, src_name: str) -> str:
+    """The encoder pixel format for decoded format ``fmt``: the same one, or refuse."""
+    supported = {f.name for f in (codec.video_formats or ())}
+    if not supported or fmt in supported:
+        return fmt
+    if fmt.startswith("yuvj") and "yuv" + fmt[4:] in supported:
+        return "yuv" + fmt[4:]  # same samples, full range carried by the colour tag
+    depth = _bit_depth(fmt)
+    able = [
+        n
+        for n in _available_video_encoders()
+        if fmt in {f.name for f in (av.Codec(n, "w").video_formats or ())}
+    ]
+    hint = f"; encoders that can: {', '.join(able)}" if able else ""
+    if depth > 8:
+        raise InputError(
+            f"{src_name}: {depth}-bit video ({fmt}) is not supported by encoder "
+            f"{codec.name}{hint} (deid does not reduce the bit depth silently)"
+        )
+    raise InputError(f"{src_name}: pixel format {fmt} cannot be encoded by {codec.name}{hint}")
+
+
+def _check_audio_copy(fmt_name: str, streams: list, dst: Path) -> None:
+    """Dry-run: can this muxer hold these audio streams as they are? OutputError if not.
+
+    PCM into MP4 is refused too: FFmpeg can write it (ISO 23003-5 ``ipcm``) but most
+    players cannot play it.
+    """
+    for s in streams:
+        codec = s.codec_context.name
+        try:
+            if codec.startswith("pcm_") and fmt_name in ("mp4", "ipod"):
+                raise ValueError("PCM audio in MP4 does not play in most players")
+            with av.open(io.BytesIO(), "w", format=fmt_name) as probe_out:
+                probe_out.add_stream_from_template(s)
+                probe_out.start_encoding()
+        except Exception as e:
+            raise OutputError(
+                f"{dst.suffix or fmt_name} output cannot hold the input's "
+                f"{codec} audio (stream #{s.index}) as it is; "
+                f"use --audio aac, --audio none, or an .mkv output"
+            ) from e
+
+
+def _copy_tags(
+    dst: dict, src: dict, keep_all: bool, keys: Sequence[str] = _SAFE_STREAM_TAGS
+) -> None:
+    for k, v in src.items():
+        if keep_all or k in keys:
+            dst[k] = v
+    if keep_all and "name" in src and "title" not in src:
+        dst["title"] = src["name"]  # the MOV/MP4 demuxer reads a track title back as "name"
+
+
+# --------------------------------------------------------------------------------------
+# transcoding
+# --------------------------------------------------------------------------------------
+
+ProcessFn = Callable[
+    [Iterator[VideoFrame]], Iterator[tuple[VideoFrame, np.ndarray, Sequence[Sequence[int]]]]
+]
+
+
+class _Transcoder:
+    """State of one transcode: input/output containers, stream maps, audio routing."""
+
+    def __init__(self, src: Path, dst: Path, encode: EncodeOptions):
+        self.src, self.dst, self.encode = src, dst, encode
+        self.inp = None
+        self.out = None
+        self.vin = None
+        self.ovs = None
+        self.audio_in: list = []
+        self.audio_out: dict[int, Any] = {}  # input stream index -> output stream
+        self.header_written = False
+        self.pending_audio: list = []
+        self.decoded = 0
+        self.exhausted = False
+        self.rotation = 0
+        self.last_pts: Optional[int] = None
+        self.pts_step = 1
+        self.pts_fixed = 0
+        self.audio_packets = 0
+        self.durations: dict[int, int] = {}  # out pts -> input frame duration (stream time base)
+
+    # ---- input side -------------------------------------------------------------
+    def open_input(self) -> None:
+        self.inp = _open_input(self.src)
+        self.vin = _video_stream(self.inp, self.src.name)
+        _check_truncated(self.inp, self.src)
+        self.vin.thread_type = "AUTO"
+        if self.encode.audio != "none":
+            self.audio_in = list(self.inp.streams.audio)
+        rate = self.vin.average_rate or self.vin.guessed_rate
+        tb = self.vin.time_base
+        if rate and tb:
+            self.pts_step = max(1, int(round(1 / (rate * tb))))
+
+    def _decoded(self) -> Iterator[Any]:
+        """Demux in file order; yield decoded video frames, route audio packets on the fly."""
+        name = self.src.name
+        corrupt = 0
+        try:
+            for packet in self.inp.demux(self.vin, *self.audio_in):
+                if packet.stream.type == "video":
+                    if packet.is_corrupt:
+                        corrupt += 1
+                    for frame in packet.decode():
+                        yield frame
+                else:
+                    self._on_audio(packet)
+        except av.FFmpegError as e:
+            raise InputError(
+                f"{name}: decoding failed after {self.decoded} frames ({_ff_reason(e)})"
+            ) from e
+        expected = int(self.vin.frames or 0)
+        if corrupt:
+            # Threaded decoders conceal errors instead of raising; a corrupt (e.g. cut short)
+            # packet plus missing frames means the input is damaged: do not pass it off as done.
+            if expected and self.decoded < expected:
+                raise InputError(
+                    f"{name}: decoding failed: only {self.decoded} of {expected} frames could "
+                    f"be read (file truncated or corrupt)"
+                )
+            log.warning("%s: %d corrupt video packet(s); the decoder concealed them", name, corrupt)
+        self.exhausted = True
+
+    def _on_audio(self, packet) -> None:
+        if not self.header_written:
+            self.pending_audio.append(packet)
+            return
+        ost = self.audio_out.get(packet.stream.index)
+        if ost is None:
+            return
+        if self.encode.audio == "copy":
+            if packet.size == 0 or packet.dts is None:
+                return  # demuxer flush packet
+            packet.stream = ost
+            self._mux(packet)
+            self.audio_packets += 1
+        else:  # aac
+            for af in packet.decode():
+                self._encode_audio(af, ost)
+
+    def _encode_audio(self, af, ost) -> None:
+        rate = ost.codec_context.sample_rate
+        if af.pts is not None and af.time_base:
+            af.pts = int(round(af.pts * af.time_base * rate))
+        af.time_base = Fraction(1, rate)
+        for pkt in self._encode(ost, af):
+            self._mux(pkt)
+            self.audio_packets += 1
+
+    def _encode(self, stream, frame) -> list:
+        try:
+            return stream.encode(frame)
+        except av.FFmpegError as e:
+            raise OutputError(
+                f"{self.dst.name}: {stream.codec_context.name} encoding failed ({_ff_reason(e)})"
+            ) from e
+
+    def _mux(self, packet) -> None:
+        try:
+            self.out.mux(packet)
+        except av.FFmpegError as e:
+            raise OutputError(f"{self.dst.name}: writing failed ({_ff_reason(e)})") from e
+
+    def frames(self, first, rest) -> Iterator[VideoFrame]:
+        rot = self.rotation
+        k = rot // 90
+        tb = self.vin.time_base
+        for frame in chain([first], rest):
+            rgb = _to_rgb(frame)
+            if k:
+                rgb = np.rot90(rgb, k)
+            rgb = np.ascontiguousarray(rgb)
+            pts = frame.pts
+            out_pts = self._fix_pts(pts)
+            vf = VideoFrame(
+                index=self.decoded,
+                image=rgb,
+                pts=pts,
+                time=float(pts * tb) if pts is not None and tb else None,
+                _av=frame,
+                _out_pts=out_pts,
+                _rotation=rot,
+            )
+            self.decoded += 1
+            yield vf
+
+    def _fix_pts(self, pts: Optional[int]) -> int:
+        last = self.last_pts
+        if pts is None:
+            new = 0 if last is None else last + self.pts_step
+        elif last is not None and pts <= last:
+            new = last + 1
+        else:
+            new = pts
+        if new != pts:
+            if self.pts_fixed == 0:
+                log.warning(
+                    "%s: frame %d has %s pts; using %d (further fixes are counted in the report)",
+                    self.src.name,
+                    self.decoded,
+                    "no" if pts is None else f"non-increasing ({pts})",
+                    new,
+                )
+            self.pts_fixed += 1
+        self.last_pts = new
+        return new
+
+    # ---- output side ------------------------------------------------------------
+    def open_output(self, first) -> None:
+        enc = self.encode
+        codec = _video_encoder(enc.codec)
+        try:
+            self.out = av.open(str(self.dst), "w")
+        except (av.FFmpegError, OSError, ValueError) as e:
+            raise OutputError(f"{self.dst.name}: cannot create output ({_ff_reason(e)})") from e
+        out, vin = self.out, self.vin
+        fmt_name = out.format.name
+
+        if enc.audio == "copy" and self.audio_in:
+            _check_audio_copy(fmt_name, self.audio_in, self.dst)
+
+        in_fmt = first.format.name
+        self.frame_shape = (first.width, first.height, in_fmt)
+        pix_fmt = _output_pix_fmt(in_fmt, codec, self.src.name)
+        _plane_layouts(in_fmt)  # refuse formats the rectangle painter cannot handle, early
+        self.convert_fmt = None if pix_fmt == in_fmt else pix_fmt
+
+        rate = vin.average_rate or vin.guessed_rate or Fraction(25)
+        try:
+            ovs = out.add_stream(codec.name, rate=rate)
+        except ValueError as e:
+            raise OutputError(
+                f"{self.dst.suffix or fmt_name} output cannot hold {codec.name} video; "
+                f"choose another --codec or an .mp4/.mkv output"
+            ) from e
+        self.ovs = ovs
+        cc = ovs.codec_context
+        ovs.width, ovs.height = first.width, first.height
+        ovs.pix_fmt = pix_fmt
+        ovs.time_base = vin.time_base
+        cc.time_base = vin.time_base
+        cc.framerate = rate
+        color_range = int(first.color_range)
+        if in_fmt.startswith("yuvj"):
+            color_range = 2
+        for attr, val in (
+            ("color_range", color_range),
+            ("colorspace", int(first.colorspace)),
+            ("color_primaries", int(first.color_primaries)),
+            ("color_trc", int(first.color_trc)),
+        ):
+            try:
+                setattr(cc, attr, val)
+            except Exception:  # pragma: no cover - attribute missing in this PyAV
+                log.debug("cannot set %s on the encoder", attr)
+        sar = vin.sample_aspect_ratio
+        if sar and sar != 1:
+            cc.sample_aspect_ratio = sar
+        if codec.name.startswith("libvpx"):
+            cc.bit_rate = 0  # constant quality mode
+        cc.options = _encoder_options(codec.name, enc)
+
+        matrix = _display_matrix(first)
+        self.rotation = _rotation(first)
+        if matrix is not None and matrix != (65536, 0, 0, 0, 65536, 0, 0, 0, 1 << 30):
+            ovs.set_display_matrix(matrix)
+            det = matrix[0] * matrix[4] - matrix[1] * matrix[3]
+            if det < 0:
+                log.warning(
+                    "%s: the display matrix mirrors the picture; frames are processed "
+                    "rotated but not mirrored (output displays like the input)",
+                    self.src.name,
+                )
+        _copy_tags(ovs.metadata, vin.metadata, enc.keep_metadata)
+
+        if enc.audio == "copy":
+            for s in self.audio_in:
+                ost = out.add_stream_from_template(s)
+                ost.time_base = s.time_base
+                _copy_tags(ost.metadata, s.metadata, enc.keep_metadata)
+                self.audio_out[s.index] = ost
+        elif enc.audio == "aac":
+            for s in self.audio_in:
+                ctx = s.codec_context
+                layout = ctx.layout.name
+                if layout.endswith("channels"):  # unknown order: use the default for the count
+                    layout = _DEFAULT_LAYOUTS.get(ctx.layout.nb_channels, layout)
+                try:
+                    ost = out.add_stream("aac", rate=ctx.sample_rate, layout=layout)
+                except ValueError as e:
+                    raise OutputError(
+                        f"{self.dst.suffix or fmt_name} output cannot hold AAC audio; "
+                        f"use an .mp4/.mkv output or --audio none"
+                    ) from e
+                ost.time_base = Fraction(1, ctx.sample_rate)
+                _copy_tags(ost.metadata, s.metadata, enc.keep_metadata)
+                self.audio_out[s.index] = ost
+
+        if enc.keep_metadata:
+            out.metadata.update(self.inp.metadata)
+
+        try:
+            out.start_encoding()
+        except (av.FFmpegError, ValueError, OSError) as e:
+            raise OutputError(
+                f"{self.dst.name}: cannot open the encoders ({codec.name} video, audio "
+                f"{enc.audio}): {_ff_reason(e)}"
+            ) from e
+        self.header_written = True
+        pending, self.pending_audio = self.pending_audio, []
+        for packet in pending:
+            self._on_audio(packet)
+
+    def encode_frame(self, vf: VideoFrame, image: np.ndarray, rects) -> bool:
+        frame = vf._av
+        if (frame.width, frame.height, frame.format.name) != self.frame_shape:
+            raise InputError(
+                f"{self.src.name}: the video changes from {self.frame_shape[0]}x"
+                f"{self.frame_shape[1]} {self.frame_shape[2]} to {frame.width}x{frame.height} "
+                f"{frame.format.name} at frame {vf.index}; this is not supported"
+            )
+        dirty = False
+        if rects:
+            uh, uw = vf.image.shape[:2]
+            if not (
+                isinstance(image, np.ndarray)
+                and image.dtype == np.uint8
+                and image.shape == (uh, uw, 3)
+            ):
+                raise ValueError(
+                    f"process must yield ({uh}, {uw}, 3) uint8 images, got "
+                    f"{getattr(image, 'shape', None)} {getattr(image, 'dtype', None)}"
+                )
+            clipped = _clip_rects(rects, uw, uh)
+            if clipped:
+                k = vf._rotation // 90
+                stored = np.rot90(image, -k) if k else image
+                sw, sh = frame.width, frame.height
+                srects = [_rect_to_stored(r, vf._rotation, sw, sh) for r in clipped]
+                frame = _paint_rects(frame, stored, srects)
+                dirty = True
+        if self.convert_fmt is not None:  # yuvjXXXp -> yuvXXXp: same samples, full range kept
+            frame = frame.reformat(format=self.convert_fmt, src_color_range=2, dst_color_range=2)
+        frame.pts = vf._out_pts
+        frame.time_base = self.vin.time_base
+        frame.pict_type = 0  # let the encoder choose frame types
+        if frame.duration:
+            self.durations[vf._out_pts] = frame.duration
+        self._mux_video(self._encode(self.ovs, frame))
+        return dirty
+
+    def _mux_video(self, packets) -> None:
+        # Encoders with delay do not reliably carry frame durations through reordering; the
+        # muxer uses the last packet's duration for the stream length, so restore the input's.
+        for pkt in packets:
+            dur = self.durations.pop(pkt.pts, None)
+            if dur is not None and pkt.time_base == self.vin.time_base:
+                pkt.duration = dur
+            self._mux(pkt)
+
+    def finish(self) -> None:
+        self._mux_video(self._encode(self.ovs, None))
+        if self.encode.audio == "aac":
+            for s in self.audio_in:
+                ost = self.audio_out[s.index]
+                try:
+                    for af in s.codec_context.decode(None):
+                        self._encode_audio(af, ost)
+                except av.FFmpegError:  # pragma: no cover - decoder already flushed
+                    pass
+                for pkt in self._encode(ost, None):
+                    self._mux(pkt)
+                    self.audio_packets += 1
+        try:
+            self.out.close()
+        except av.FFmpegError as e:
+            raise OutputError(
+                f"{self.dst.name}: finishing the file failed ({_ff_reason(e)})"
+            ) from e
+        self.out = None
+
+    def close(self) -> None:
+        for c in (self.out, self.inp):
+            if c is not None:
+                try:
+                    c.close()
+                except Exception:  # closing after an error: nothing more to report
+                    pass
+        self.out = self.inp = None
+
+
+def transcode_video(
+    src: PathLike,
+    dst: PathLike,
+    process: ProcessFn,
+    encode: EncodeOptions,
+    *,
+    on_frame: Optional[Callable[[int], None]] = None,
+) -> dict:
+    """Decode ``src``, run ``process`` over its frames, encode to ``dst`` and handle audio.
+
+    ``dst`` is the exact path to write (typically the temp path of :func:`atomic_output`);
+    the container format is guessed from its extension.
+
+    ``process(frames)`` receives an iterator of :class:`VideoFrame` (lazily decoded) and must
+    yield, in the same order, one ``(frame, image, rects)`` per input frame: ``image`` is the
+    output ``(H, W, 3)`` uint8 RGB upright picture, ``rects`` the dirty rectangles
+    ``(x0, y0, x1, y1)`` (upright pixel coordinates, exclusive ends). Pixels outside the
+    rectangles are taken from the decoded frame, not from ``image``; with no rectangles the
+    decoded frame is encoded as it is. ``process`` may run many frames behind the input.
+
+    Every output frame keeps its input pts (same count, same timestamps, VFR kept). Audio per
+    ``encode.audio``: "copy" (packets unchanged), "aac" (re-encoded), "none" (dropped).
+
+    Returns stats: ``frames``, ``dirty_frames``, ``audio_streams``, ``audio_mode``,
+    ``audio_packets``, ``video_codec``, ``pix_fmt``, ``width``/``height`` (upright),
+    ``rotation``, ``pts_fixed`` (frames whose missing/duplicate pts had to be replaced),
+    ``dropped_streams`` (input streams not written: data, subtitles, extra video ...).
+
+    Raises :class:`InputError` for unreadable/undecodable input (also mid-stream) and
+    :class:`OutputError` when the output cannot be written as asked.
+    """
+    if encode.audio not in AUDIO_MODES:
+        raise ValueError(f"audio must be one of {AUDIO_MODES}, not {encode.audio!r}")
+    src, dst = Path(src), Path(dst)
+    t = _Transcoder(src, dst, encode)
+    try:
+        t.open_input()
+        decoded = t._decoded()
+        try:
+            first = next(decoded)
+        except StopIteration:
+            raise InputError(f"{src.name}: the video stream has no decodable frames") from None
+        t.open_output(first)
+
+        n_out = dirty = 0
+        frames = t.frames(first, decoded)
+        for item in process(frames):
+            vf, image, rects = item
+            if vf.index != n_out:
+                raise RuntimeError(
+                    f"process yielded frame {vf.index} where frame {n_out} was expected"
+                )
+            if t.encode_frame(vf, image, rects):
+                dirty += 1
+            n_out += 1
+            if on_frame is not None:
+                on_frame(n_out)
+        if not t.exhausted and next(frames, None) is None:
+            pass  # process stopped right at the last frame; the demuxer is now drained
+        if not t.exhausted or n_out != t.decoded:
+            raise RuntimeError(
+                f"process yielded {n_out} frames but {t.decoded} were decoded"
+                + ("" if t.exhausted else " and it stopped reading before the end")
+            )
+        t.finish()
+        n_audio = len(t.audio_out)
+        dropped = [
+            f"#{s.index} {s.type}"
+            for s in t.inp.streams
+            if s is not t.vin and s.index not in t.audio_out
+        ]
+        if dropped:
+            log.info("%s: streams not written: %s", src.name, ", ".join(dropped))
+        uw, uh = first.width, first.height
+        if t.rotation in (90, 270):
+            uw, uh = uh, uw
+        return {
+            "frames": n_out,
+            "dirty_frames": dirty,
+            "audio_streams": n_audio,
+            "audio_mode": encode.audio if n_audio else "none",
+            "audio_packets": t.audio_packets,
+            "video_codec": _video_encoder(encode.codec).name,
+            "pix_fmt": t.convert_fmt or first.format.name,
+            "width": uw,
+            "height": uh,
+            "rotation": t.rotation,
+            "pts_fixed": t.pts_fixed,
+            "dropped_streams": dropped,
+        }
+    finally:
+        t.close()
+
+
+# --------------------------------------------------------------------------------------
+# images
+# --------------------------------------------------------------------------------------
+
+
+def read_image(path: PathLike) -> np.ndarray:
+    """Read an image as ``(H, W, 3)`` uint8 RGB, upright (EXIF orientation applied).
+
+    Alpha is dropped; 16-bit images are scaled to 8 bits. :class:`InputError` if unreadable.
+    """
+    import cv2
+
+    p = Path(path)
+    try:
+        data = np.fromfile(str(p), dtype=np.uint8)
+    except FileNotFoundError:
+        raise InputError(f"{p}: no such file") from None
+    except OSError as e:
+        raise InputError(f"{p.name}: cannot read ({_ff_reason(e)})") from e
+    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if bgr is None or bgr.ndim != 3 or bgr.shape[2] != 3:
+        raise InputError(f"{p.name}: not a readable image")
+    return np.ascontiguousarray(bgr[:, :, ::-1])
+
+
+def write_image(path: PathLike, image: np.ndarray) -> None:
+    """Write ``(H, W, 3)`` uint8 RGB ``image``; format from the extension (jpg q95, png, webp q95).
+
+    No metadata (EXIF, GPS, ICC, text chunks) is written. :class:`OutputError` on failure.
+    """
+    import cv2
+
+    p = Path(path)
+    if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3
+            and image.shape[2] == 3):
+        raise ValueError(
+            f"image must be (H, W, 3) uint8 RGB, got {getattr(image, 'shape', None)} "
+            f"{getattr(image, 'dtype', None)}"
+        )
+    ext = p.suffix.lower()
+    params: list[int]
+    if ext in (".jpg", ".jpeg"):
+        params = [cv2.IMWRITE_JPEG_QUALITY, 95]
+    elif ext == ".png":
+        params = [cv2.IMWRITE_PNG_COMPRESSION, 3]
+    elif ext == ".webp":
+        params = [cv2.IMWRITE_WEBP_QUALITY, 95]
+    else:
+        raise OutputError(f"{p.name}: unsupported image format {ext or '(none)'}")
+    ok, buf = cv2.imencode(ext, np.ascontiguousarray(image[:, :, ::-1]), params)
+    if not ok:
+        raise OutputError(f"{p.name}: could not encode the image")
+    try:
+        with open(p, "wb") as f:
+            f.write(buf.tobytes())
+    except OSError as e:
+        raise OutputError(f"{p.name}: cannot write ({_ff_reason(e)})") from e
+
+
+# --------------------------------------------------------------------------------------
+# atomic output
+# --------------------------------------------------------------------------------------
+
+
+def _tmp_path_for(dst: Path) -> Path:
+    """Create (exclusively) and return a hidden temp file next to dst, same extension."""
+    for _ in range(100):
+        tmp = dst.with_name(f".{dst.name}.deid-tmp-{secrets.token_hex(4)}{dst.suffix}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise OutputError(f"{dst}: cannot create output ({_ff_reason(e)})") from e
+        os.close(fd)
+        return tmp
+    raise OutputError(f"{dst}: cannot create a temporary file next to it")  # pragma: no cover
+
+
+@contextlib.contextmanager
+def atomic_output(dst: PathLike) -> Iterator[Path]:
+    """Yield a temp path next to ``dst`` (hidden, same extension); rename it to ``dst`` on success.
+
+    On any exception, KeyboardInterrupt and SystemExit included, the temp file is removed
+    and the exception re-raised: ``dst`` is never partially written.
+    """
+    dst = Path(dst)
+    tmp = _tmp_path_for(dst)
+    try:
+        yield tmp
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
