@@ -692,6 +692,16 @@ class _Transcoder:
             raise OutputError(f"{self.dst.name}: cannot create output ({_ff_reason(e)})") from e
         out, vin = self.out, self.vin
         fmt_name = out.format.name
+        if fmt_name in ("matroska", "webm"):
+            # Matroska would shift *every* stream so that the earliest timestamp is >= 0 (copied
+            # AAC starts at about -48 ms, B-frame dts are negative): that moves all frame times.
+            # It can store negative timestamps, so keep them as they are.
+            out.container_options["avoid_negative_ts"] = "disabled"
+        elif fmt_name == "avi":
+            log.warning(
+                "%s: AVI has no per-frame timestamps; variable frame rate cannot be kept "
+                "(use .mp4 or .mkv)", self.dst.name
+            )
 
         if enc.audio == "copy" and self.audio_in:
             _check_audio_copy(fmt_name, self.audio_in, self.dst)

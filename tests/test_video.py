@@ -286,6 +286,17 @@ def test_identity_keeps_frames_pts_and_audio_bytes(tmp_path, capfd):
     assert probe(dst).duration == pytest.approx(probe(REAL).duration, abs=1e-3)
 
 
+@needs_shared
+def test_mp4_to_mkv_keeps_frame_times(tmp_path):
+    """Matroska must not shift every stream because copied AAC starts at about -48 ms."""
+    dst = tmp_path / "out.mkv"
+    transcode_video(REAL, dst, identity, EncodeOptions(preset="ultrafast"))
+    assert frame_times(dst) == frame_times(REAL)  # 40 ms steps: exact even in milliseconds
+    a_in, a_out = audio_packets(REAL), audio_packets(dst)
+    assert [p[4] for p in a_out] == [p[4] for p in a_in]  # same payloads, same order
+    assert all(abs(x[1] - y[1]) <= Fraction(1, 1000) for x, y in zip(a_in, a_out))
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. dirty rectangles: exact copy outside, correct colour inside
 # ---------------------------------------------------------------------------------------------
