@@ -73,9 +73,10 @@ class Pipeline:
         self.runner = None
         self.embedder = None
         if options.method == "generate":
+            ckpt = weights.generator_path(options.weights)  # clear ModelError before importing torch models
             from .model import load_generator
 
-            gen = load_generator(weights.generator_path(options.weights), device="cpu")
+            gen = load_generator(ckpt, device="cpu")
             self.runner = engine.GeneratorRunner(gen, self.runtime, options.batch_size)
             self.embedder = engine.IdentityEmbedder(weights.model_path("rec_mobilefacenet.onnx", options.models_dir),
                                                     providers)
