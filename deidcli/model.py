@@ -1,0 +1,290 @@
+"""Generator and discriminator nn.Modules, plus self-describing checkpoint helpers.
+
+Generator contract (the video pipeline codes against it)::
+
+    raw, mask = generator(x, desc)
+    # x:    (B, 3, S, S) float RGB in [-1, 1], an aligned crop (deidcli.align geometry,
+    #       S = generator.config["size"], margin = generator.config["margin"])
+    # desc: (B, D) float, L2-normalised identity descriptor (D = config["id_dim"], MobileFaceNet)
+    # raw:  (B, 3, S, S) in [-1, 1] (tanh);  mask: (B, 1, S, S) in [0, 1] (sigmoid)
+    blended = mask * raw + (1 - mask) * x   # done by the caller
+
+Architecture (design choices where the paper is silent):
+- encoder: a 3x3 stem at full resolution, then depthwise-separable stride-2 convolutions
+  with InstanceNorm + LeakyReLU, down to 8x8 (4 downsamplings at 128, 5 at 256: the
+  resolution is a config change only);
+- bottleneck: the descriptor is projected by a linear layer, tiled over the 8x8 grid and
+  concatenated to the bottleneck features, fused by a 1x1 conv, then residual blocks. A fully
+  connected bottleneck (8*8*C -> 8*8*C) would cost ~67 M parameters at C=128, far beyond this
+  compute budget; the 1x1 fusion is the same concatenation applied per position. The descriptor
+  also modulates every decoder level (FiLM scale/shift after InstanceNorm), so the identity
+  code acts on features at every scale rather than only at 8x8;
+- decoder: pixel-shuffle x2 upsampling blocks, each followed by a residual block (full 3x3
+  depthwise-separable by default; "full" 3x3 convs are an option: on CPU they cost about the same time,
+  as these layers are memory-bound; the full-resolution level has none by default, for
+  speed), with additive U-Net skips from the encoder (needed for sharp outputs with a small
+  network and short training; the mask and the repeller decide what changes);
+- head: 3x3 conv to 3 RGB channels (tanh) + 1 mask channel (sigmoid).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .errors import ModelError
+
+CHECKPOINT_FORMAT = "deid-generator"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    size: int = 128  # crop side S (power of two >= 32); 256 is a config change only
+    margin: float = 0.2  # crop margin (deidcli.align geometry) the generator was trained with
+    id_dim: int = 128  # identity descriptor size (MobileFaceNet embedding)
+    base_channels: int = 16  # channels of the full-resolution stem
+    max_channels: int = 128  # channel cap for deep levels
+    bottleneck: int = 8  # side of the bottleneck grid
+    bottleneck_blocks: int = 2  # residual 3x3 blocks at the bottleneck
+    film: bool = True  # descriptor modulates decoder levels (FiLM)
+    skips: bool = True  # additive encoder->decoder skips
+    res_conv: str = "ds"  # decoder residual blocks: "ds" depthwise-separable or "full" 3x3 convs
+    final_res: bool = False  # residual block also at full resolution (costly on CPU)
+    mask_bias: float = 0.0  # initial mask logit (0 -> mask starts around 0.5)
+
+    @classmethod
+    def from_dict(cls, d: Optional[Mapping[str, Any]] = None) -> "GeneratorConfig":
+        d = dict(d or {})
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown generator config keys: {sorted(unknown)}")
+        cfg = cls(**d)
+        n = math.log2(cfg.size / cfg.bottleneck)
+        if cfg.size < 32 or n != int(n) or n < 1:
+            raise ValueError(f"size {cfg.size} must be bottleneck * 2**k (k >= 1)")
+        if cfg.res_conv not in ("full", "ds"):
+            raise ValueError(f"res_conv must be 'full' or 'ds', not {cfg.res_conv!r}")
+        return cfg
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _act():
+    return nn.LeakyReLU(0.2, inplace=True)
+
+
+class DSConv(nn.Module):
+    """Depthwise 3x3 (stride s) + pointwise 1x1 + InstanceNorm (+ activation)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, act: bool = True):
+        super().__init__()
+        self.dw = nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False)
+        self.pw = nn.Conv2d(cin, cout, 1, bias=False)
+        self.norm = nn.InstanceNorm2d(cout, affine=True)
+        self.act = _act() if act else nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.norm(self.pw(self.dw(x))))
+
+
+class DSResBlock(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.a = DSConv(ch, ch)
+        self.b = DSConv(ch, ch, act=False)
+
+    def forward(self, x):
+        return x + self.b(self.a(x))
+
+
+class ResBlock(nn.Module):
+    """Full 3x3 residual block. On CPU a full 3x3 conv at these small channel counts is faster
+    than depthwise + pointwise (memory-bound: one pass over the activations instead of two)."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(ch, ch, 3, 1, 1, bias=False), nn.InstanceNorm2d(ch, affine=True), _act(),
+            nn.Conv2d(ch, ch, 3, 1, 1, bias=False), nn.InstanceNorm2d(ch, affine=True))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class UpBlock(nn.Module):
+    """1x1 conv -> PixelShuffle(2) -> InstanceNorm (FiLM by descriptor) -> LReLU -> (+skip)
+    -> depthwise-separable residual block."""
+
+    def __init__(self, cin: int, cout: int, id_dim: int, film: bool, res: str | None = "full"):
+        super().__init__()
+        self.expand = nn.Conv2d(cin, cout * 4, 1, bias=False)
+        with torch.no_grad():  # ICNR init: all 4 sub-pixels start equal (no checkerboard)
+            w = torch.empty(cout, cin, 1, 1)
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+            self.expand.weight.copy_(w.repeat_interleave(4, dim=0))
+        self.shuffle = nn.PixelShuffle(2)
+        self.norm = nn.InstanceNorm2d(cout, affine=not film)
+        self.film = nn.Linear(id_dim, 2 * cout) if film else None
+        if self.film is not None:
+            nn.init.zeros_(self.film.weight)
+            with torch.no_grad():
+                self.film.bias.zero_()
+                self.film.bias[:cout] = 1.0  # scale 1, shift 0 at init
+        self.act = _act()
+        self.res = {"full": ResBlock, "ds": DSResBlock}[res](cout) if res else nn.Identity()
+
+    def forward(self, x, desc, skip=None):
+        x = self.norm(self.shuffle(self.expand(x)))
+        if self.film is not None:
+            g, b = self.film(desc).chunk(2, dim=1)
+            x = x * g[:, :, None, None] + b[:, :, None, None]
+        x = self.act(x)
+        if skip is not None:
+            x = x + skip
+        return self.res(x)
+
+
+class Generator(nn.Module):
+    """Encoder-decoder de-identification generator (see module docstring)."""
+
+    def __init__(self, config: Union[GeneratorConfig, Mapping[str, Any], None] = None):
+        super().__init__()
+        cfg = config if isinstance(config, GeneratorConfig) else GeneratorConfig.from_dict(config)
+        self.cfg = cfg
+        self.config = cfg.to_dict()  # plain dict: size, margin, id_dim, ... (pipeline reads it)
+        n_down = int(round(math.log2(cfg.size / cfg.bottleneck)))
+        chans = [min(cfg.base_channels * 2 ** i, cfg.max_channels) for i in range(n_down + 1)]
+        self.chans = chans
+        self.stem = nn.Sequential(nn.Conv2d(3, chans[0], 3, 1, 1, bias=False),
+                                  nn.InstanceNorm2d(chans[0], affine=True), _act())
+        self.down = nn.ModuleList(DSConv(chans[i], chans[i + 1], stride=2) for i in range(n_down))
+        cb = chans[-1]
+        self.id_proj = nn.Linear(cfg.id_dim, cb)
+        self.fuse = nn.Sequential(nn.Conv2d(2 * cb, cb, 1, bias=False),
+                                  nn.InstanceNorm2d(cb, affine=True), _act())
+        self.mid = nn.Sequential(*[ResBlock(cb) for _ in range(cfg.bottleneck_blocks)])
+        self.up = nn.ModuleList(
+            UpBlock(chans[i + 1], chans[i], cfg.id_dim, cfg.film,
+                    cfg.res_conv if (i > 0 or cfg.final_res) else None)
+            for i in reversed(range(n_down)))
+        self.head = nn.Conv2d(chans[0], 4, 3, 1, 1)
+        with torch.no_grad():
+            self.head.bias[3] = cfg.mask_bias
+
+    def forward(self, x: torch.Tensor, desc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, d = self.cfg.size, self.cfg.id_dim
+        assert x.ndim == 4 and x.shape[1:] == (3, s, s), (tuple(x.shape), s)
+        assert desc.ndim == 2 and desc.shape == (x.shape[0], d), (tuple(desc.shape), d)
+        desc = desc.to(x.dtype)
+        h = self.stem(x)
+        skips = [h]
+        for blk in self.down:
+            h = blk(h)
+            skips.append(h)
+        skips.pop()  # the bottleneck itself
+        z = self.id_proj(desc)[:, :, None, None].expand(-1, -1, h.shape[2], h.shape[3])
+        h = self.mid(self.fuse(torch.cat([h, z], dim=1)))
+        for blk in self.up:
+            skip = skips.pop()
+            h = blk(h, desc, skip if self.cfg.skips else None)
+        out = self.head(h)
+        raw = torch.tanh(out[:, :3])
+        mask = torch.sigmoid(out[:, 3:4])
+        return raw, mask
+
+
+class Discriminator(nn.Module):
+    """Patch discriminator (LSGAN / hinge): (B, 3, S, S) in [-1, 1] -> (B, 1, S/8, S/8) logits."""
+
+    def __init__(self, channels: int = 32, n_layers: int = 3, spectral: bool = True):
+        super().__init__()
+        sn = nn.utils.spectral_norm if spectral else (lambda m: m)
+        layers, cin = [], 3
+        for i in range(n_layers):
+            cout = channels * 2 ** i
+            layers += [sn(nn.Conv2d(cin, cout, 4, 2, 1)), nn.LeakyReLU(0.2, inplace=True)]
+            cin = cout
+        layers += [sn(nn.Conv2d(cin, cin, 3, 1, 1)), nn.LeakyReLU(0.2, inplace=True),
+                   sn(nn.Conv2d(cin, 1, 3, 1, 1))]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def save_generator(path: Union[str, Path], generator: Generator, meta: Optional[dict] = None,
+                   half: bool = True) -> Path:
+    """Write a self-describing generator checkpoint atomically (tmp file + os.replace).
+
+    Contents: {"format", "version", "config", "state_dict" (fp16 floats when ``half``),
+    "meta"}. ``meta`` holds plain data only (str/int/float/bool/list/dict/None).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for k, v in generator.state_dict().items():
+        v = v.detach().cpu()
+        if half and v.is_floating_point():
+            v = v.half()
+        state[k] = v.contiguous().clone()
+    ckpt = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+            "config": dict(generator.config), "state_dict": state, "meta": dict(meta or {})}
+    tmp = path.with_name(path.name + f".deid-tmp{os.getpid()}")
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_checkpoint(path: Union[str, Path]) -> dict:
+    """Load and validate a generator checkpoint dict (weights_only); ModelError if unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"generator checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"generator checkpoint {path} is corrupt or not a torch file "
+                         f"({type(exc).__name__})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ModelError(f"{path} is not a deid generator checkpoint")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise ModelError(f"{path}: unsupported checkpoint version {ckpt.get('version')!r}")
+    if not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ModelError(f"{path}: checkpoint lacks config or state_dict")
+    return ckpt
+
+
+def load_generator(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
+                   dtype: torch.dtype = torch.float32) -> Generator:
+    """Generator from a checkpoint written by :func:`save_generator`, in eval mode.
+
+    The crop geometry it expects is ``generator.config["size"]`` / ``["margin"]``;
+    training metadata is in ``generator.meta``. Raises ModelError on any problem.
+    """
+    ckpt = read_checkpoint(path)
+    try:
+        gen = Generator(ckpt["config"])
+        state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+        gen.load_state_dict(state, strict=True)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: checkpoint does not fit the generator: {msg}") from exc
+    gen.meta = dict(ckpt.get("meta") or {})
+    return gen.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,104 @@
+"""Click commands ``prepare``, ``train`` and ``evaluate`` (registered on the ``deid`` group in
+cli.py). Module import is light: torch is imported inside the command functions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+
+def _logging(verbose: bool = True):
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+
+
+_path = click.Path(path_type=Path)
+
+
+@click.command("prepare")
+@click.option("--split", type=click.Choice(["train", "test", "both"]), default="both",
+              show_default=True, help="LFW split: peopleDevTrain / peopleDevTest people.")
+@click.option("--lfw-dir", type=_path, default=None, help="LFW root (default ../shared/data/lfw).")
+@click.option("--cache-dir", type=_path, default=None, help="Cache folder (default <repo>/cache).")
+@click.option("--size", type=int, default=128, show_default=True, help="Crop side.")
+@click.option("--margin", type=float, default=0.2, show_default=True, help="Crop margin.")
+@click.option("--det-size", type=int, default=320, show_default=True, help="Detector input size.")
+@click.option("--models-dir", type=_path, default=None, help="Folder holding the model files.")
+@click.option("--force", is_flag=True, help="Rebuild even if the cache file exists.")
+def prepare_command(split, lfw_dir, cache_dir, size, margin, det_size, models_dir, force):
+    """Detect, align and describe LFW faces once; cache one .npz per split."""
+    _logging()
+    from .prepare import prepare_split
+
+    splits = ["train", "test"] if split == "both" else [split]
+    out = {s: str(prepare_split(s, lfw_dir=lfw_dir, cache_dir=cache_dir, size=size, margin=margin,
+                                det_size=det_size, models_dir=models_dir, force=force))
+           for s in splits}
+    click.echo(json.dumps(out))
+
+
+@click.command("train")
+@click.option("--config", "config_path", type=_path, default=None,
+              help="JSON training config (see configs/train_128.json).")
+@click.option("--name", default=None, help="Run name: runs/<name>/ (resumes if it exists).")
+@click.option("--device", default=None, help="cpu | cuda | cuda:N (overrides the config).")
+@click.option("--steps", type=int, default=None, help="Stop at this total step count.")
+@click.option("--max-minutes", type=float, default=None, help="Stop after this wall time.")
+@click.option("--runs-dir", type=_path, default=None, help="Parent of run folders (default <repo>/runs).")
+@click.option("--cache-dir", type=_path, default=None, help="Prepared-data cache folder.")
+@click.option("--models-dir", type=_path, default=None, help="Folder holding the model files.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=JSON",
+              help="Override a config entry, e.g. --set weights.repeller=2.0 (repeatable).")
+def train_command(config_path, name, device, steps, max_minutes, runs_dir, cache_dir, models_dir, sets):
+    """Train the de-identification generator on LFW DevTrain (resumes from runs/<name>/last.pt)."""
+    _logging()
+    from .loop import load_config, train
+
+    over: dict = {}
+    for k, v in (("name", name), ("device", device), ("steps", steps), ("max_minutes", max_minutes),
+                 ("runs_dir", runs_dir and str(runs_dir)), ("cache_dir", cache_dir and str(cache_dir)),
+                 ("models_dir", models_dir and str(models_dir))):
+        if v is not None:
+            over[k] = v
+    for s in sets:
+        if "=" not in s:
+            raise click.BadParameter(f"expected KEY=JSON, got {s!r}", param_hint="--set")
+        key, val = s.split("=", 1)
+        try:
+            val = json.loads(val)
+        except json.JSONDecodeError:
+            pass
+        node = over
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = val
+    cfg = load_config(config_path, over)
+    click.echo(json.dumps(train(cfg)))
+
+
+@click.command("evaluate")
+@click.option("--weights", type=_path, default=None,
+              help="Generator checkpoint (default: the shipped weights/deid_generator_128.pt).")
+@click.option("--out", "out_dir", type=_path, default=Path("out/evaluate"), show_default=True,
+              help="Folder for report.json, report.md and contact_sheet.png.")
+@click.option("--methods", default="generate,blur,pixelate", show_default=True,
+              help="Comma-separated methods to compare.")
+@click.option("--cache-dir", type=_path, default=None, help="Prepared-data cache folder.")
+@click.option("--lfw-dir", type=_path, default=None, help="LFW root (default ../shared/data/lfw).")
+@click.option("--models-dir", type=_path, default=None, help="Folder holding the model files.")
+@click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N.")
+@click.option("--limit", type=int, default=None, help="Evaluate on at most this many test faces.")
+def evaluate_command(weights, out_dir, methods, cache_dir, lfw_dir, models_dir, device, limit):
+    """Measure identity removal and what is kept on LFW DevTest; JSON on stdout."""
+    _logging()
+    from ..evaluate import evaluate
+
+    report = evaluate(weights=weights, out_dir=out_dir, methods=tuple(m for m in methods.split(",") if m),
+                      cache_dir=cache_dir, lfw_dir=lfw_dir, models_dir=models_dir, device=device,
+                      limit=limit)
+    click.echo(json.dumps(report))

@@ -1,0 +1,355 @@
+"""The training loop: ``train(config)``.
+
+Run directory ``<runs_dir>/<name>/``:
+    last.pt          full training state (G, D, both optimisers, step, RNG, config), atomic
+    generator.pt     the generator alone (deid-generator checkpoint, fp16), atomic
+    log.jsonl        one JSON object per logged step ({"kind": "train"|"eval", ...})
+    samples/step_XXXXXXX.png   rows: input / raw / mask / blended (8 train faces + 8 held-out)
+    config.json      the resolved config
+
+Re-running with the same name resumes from last.pt (same config unless overridden).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..model import Discriminator, Generator, GeneratorConfig, save_generator
+from . import losses as L
+from .prepare import REPO_ROOT, cache_path, load_split, prepare_split
+
+logger = logging.getLogger("deid.train")
+
+DEFAULTS: dict[str, Any] = {
+    "name": "main",
+    "runs_dir": str(REPO_ROOT / "runs"),
+    "cache_dir": None,  # default <repo>/cache
+    "lfw_dir": None,  # default ../shared/data/lfw
+    "models_dir": None,  # identity/detector models (registry search order otherwise)
+    "limit_people": None,  # use only the first N training people (smoke tests)
+    "seed": 0,
+    "device": "cpu",
+    "threads": 2,  # torch intra-op threads on CPU
+    "generator": {},  # GeneratorConfig fields (size, margin, base_channels, ...)
+    "discriminator": {"channels": 32, "n_layers": 3, "spectral": True},
+    "gan_loss": "lsgan",
+    "batch_size": 16,
+    "steps": 200000,  # stop after this many steps ...
+    "max_minutes": None,  # ... or after this much wall time in this invocation
+    "lr_g": 2e-4,
+    "lr_d": 2e-4,
+    "betas": [0.5, 0.999],
+    "weights": {
+        "attractor": 1.0,
+        "repeller": 1.0,
+        "raw_l1": 0.05,
+        "blend_l1": 0.2,
+        "grad_l1": 0.2,
+        "mask_l1": 0.05,
+        "mask_tv": 0.5,
+        "adv": 0.05,
+    },
+    "attractor_levels": ["stem", "dw", "b4"],
+    "attractor_level_weights": None,
+    "rep_margin": 0.0,  # repeller hinge: no push once cos < rep_margin
+    "rep_rescale": 0.5,  # repeller sees the output down-scaled to [rep_rescale, 1] x and back
+    "adv_start": 0,  # step from which the adversarial term is used
+    "augment": {"flip": 0.5, "rotate_deg": 5.0, "scale": 0.05, "translate": 0.03,
+                "brightness": 0.1, "contrast": 0.15, "saturation": 0.15},
+    "input_noise": {"sigma": 0.02, "jpeg_like_blur": 0.3},
+    "multi_image": True,  # target descriptor from another image of the same person
+    "log_every": 10,
+    "sample_every": 200,
+    "eval_every": 100,
+    "eval_size": 64,
+    "save_every_s": 300,
+}
+
+
+def merge(base: Mapping[str, Any], over: Optional[Mapping[str, Any]]) -> dict:
+    """Recursive dict merge; keys of ``over`` must exist in ``base`` (except under
+    "generator", whose keys GeneratorConfig validates)."""
+    out = copy.deepcopy(dict(base))
+    for k, v in (over or {}).items():
+        if k not in out:
+            raise ValueError(f"unknown config key {k!r}")
+        if isinstance(out[k], dict) and isinstance(v, Mapping) and k != "generator":
+            out[k] = merge(out[k], v)
+        elif k == "generator":
+            out[k] = {**out[k], **dict(v)}
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_config(path: Optional[os.PathLike] = None, overrides: Optional[Mapping] = None) -> dict:
+    cfg = dict(DEFAULTS)
+    if path:
+        cfg = merge(cfg, json.loads(Path(path).read_text()))
+    return merge(cfg, overrides)
+
+
+class _Data:
+    """Cached crops on the device as uint8; batches sampled with a seeded numpy RNG."""
+
+    def __init__(self, d: dict, device: torch.device):
+        self.crops = torch.from_numpy(d["crops"]).permute(0, 3, 1, 2).contiguous().to(device)
+        self.desc = torch.from_numpy(d["desc"]).to(device)
+        self.labels = d["labels"]
+        self.fingerprint = d["fingerprint"]
+        self.n = len(self.labels)
+        by = {}
+        for i, lab in enumerate(self.labels):
+            by.setdefault(int(lab), []).append(i)
+        self.others = [np.array([j for j in by[int(lab)] if j != i], dtype=np.int64)
+                       for i, lab in enumerate(self.labels)]
+        self.multi = np.array([len(o) > 0 for o in self.others])
+
+    def images(self, idx) -> torch.Tensor:
+        return self.crops[torch.as_tensor(idx, device=self.crops.device)].float() / 127.5 - 1.0
+
+    def targets(self, idx, rng: np.random.Generator, multi: bool) -> tuple[np.ndarray, torch.Tensor]:
+        tgt = np.array([rng.choice(self.others[i]) if (multi and len(self.others[i])) else i
+                        for i in idx])
+        return tgt, self.desc[torch.as_tensor(tgt, device=self.desc.device)]
+
+
+def _atomic_torch_save(obj, path: Path):
+    tmp = path.with_name(path.name + f".deid-tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _grid(rows: list[torch.Tensor]) -> np.ndarray:
+    """rows of (B, C, S, S) in [-1,1] (masks in [0,1], C=1) -> (H, W, 3) uint8 RGB."""
+    out = []
+    for r in rows:
+        r = r.detach().float().cpu()
+        if r.shape[1] == 1:
+            r = r.repeat(1, 3, 1, 1) * 2 - 1
+        r = ((r.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        out.append(np.concatenate(list(r), axis=1))
+    return np.concatenate(out, axis=0)
+
+
+def write_png(path: Path, rgb: np.ndarray):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + f".deid-tmp{os.getpid()}.png")
+    cv2.imwrite(str(tmp), np.ascontiguousarray(rgb[:, :, ::-1]))
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": json.dumps(_np_state()),
+            "python": json.dumps(random.getstate(), default=list)}
+
+
+def _np_state():
+    s = np.random.get_state()
+    return [s[0], s[1].tolist(), int(s[2]), int(s[3]), float(s[4])]
+
+
+def train(config: Mapping[str, Any]) -> dict:
+    """Train (or resume) the generator described by ``config`` (see DEFAULTS); returns a summary
+    {"step", "run_dir", "generator", "elapsed_s", "last": {...losses}}."""
+    cfg = merge(DEFAULTS, config)
+    gcfg = GeneratorConfig.from_dict(cfg["generator"])
+    device = torch.device(cfg["device"])
+    if device.type == "cpu" and cfg["threads"]:
+        torch.set_num_threads(int(cfg["threads"]))
+    run_dir = Path(cfg["runs_dir"]) / cfg["name"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    # data
+    paths = {}
+    for split in ("train", "test"):
+        lp = cfg["limit_people"]
+        paths[split] = prepare_split(split, lfw_dir=cfg["lfw_dir"], cache_dir=cfg["cache_dir"],
+                                     size=gcfg.size, margin=gcfg.margin,
+                                     models_dir=cfg["models_dir"],
+                                     limit_people=lp if split == "train" else (lp and max(lp // 4, 4)))
+    train_d, test_d = load_split(paths["train"]), load_split(paths["test"])
+    data, held = _Data(train_d, device), _Data(test_d, device)
+    logger.info("train: %d faces of %d people (%d with another image); held-out %d faces",
+                data.n, len(set(data.labels.tolist())), int(data.multi.sum()), held.n)
+
+    from ..identity import load_identity_net
+
+    idnet = load_identity_net(cfg["models_dir"], device=device)
+    torch.manual_seed(cfg["seed"])
+    G = Generator(gcfg).to(device)
+    D = Discriminator(**cfg["discriminator"]).to(device)
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg["lr_g"], betas=tuple(cfg["betas"]))
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg["lr_d"], betas=tuple(cfg["betas"]))
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    rng = np.random.default_rng(cfg["seed"])
+    step, elapsed_before = 0, 0.0
+
+    last_path = run_dir / "last.pt"
+    if last_path.exists():
+        st = torch.load(last_path, map_location="cpu", weights_only=True)
+        G.load_state_dict(st["G"])
+        D.load_state_dict(st["D"])
+        opt_g.load_state_dict(st["opt_g"])
+        opt_d.load_state_dict(st["opt_d"])
+        step, elapsed_before = int(st["step"]), float(st.get("elapsed_s", 0.0))
+        gen.set_state(st["gen"])
+        rng.bit_generator.state = json.loads(st["rng"])
+        torch.set_rng_state(st["torch_rng"])
+        logger.info("resumed from %s at step %d", last_path, step)
+    (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+
+    w = cfg["weights"]
+    levels = cfg["attractor_levels"]
+    eval_idx = np.random.default_rng(1234).choice(held.n, size=min(cfg["eval_size"], held.n),
+                                                  replace=False)
+    eval_x = held.images(eval_idx)
+    _, eval_tgt = held.targets(eval_idx, np.random.default_rng(1), True)
+    eval_own = held.desc[torch.as_tensor(eval_idx, device=device)]
+    log_f = open(run_dir / "log.jsonl", "a")
+    t_start = time.time()
+    last_save = time.time()
+    stop = {"flag": False}
+
+    def _sig(signum, frame):
+        stop["flag"] = True
+
+    old_handlers = {}
+    for s in (signal.SIGTERM, signal.SIGINT):
+        try:
+            old_handlers[s] = signal.signal(s, _sig)
+        except ValueError:  # not in the main thread
+            pass
+
+    def elapsed():
+        return elapsed_before + time.time() - t_start
+
+    def meta(extra=None):
+        m = {"steps": step, "train_fingerprint": data.fingerprint, "train_faces": data.n,
+             "crop_size": gcfg.size, "crop_margin": gcfg.margin, "elapsed_s": round(elapsed(), 1),
+             "device": str(device), "train_config": json.dumps(cfg, sort_keys=True)}
+        m.update(extra or {})
+        return m
+
+    def save():
+        state = {"G": G.state_dict(), "D": D.state_dict(), "opt_g": opt_g.state_dict(),
+                 "opt_d": opt_d.state_dict(), "step": step, "elapsed_s": elapsed(),
+                 "gen": gen.get_state(), "rng": json.dumps(rng.bit_generator.state),
+                 "torch_rng": torch.get_rng_state(), "config": json.dumps(cfg)}
+        _atomic_torch_save(state, last_path)
+        save_generator(run_dir / "generator.pt", G, meta(last_metrics))
+        logger.info("saved step %d (%.0f s)", step, elapsed())
+
+    @torch.no_grad()
+    def evaluate_held():
+        G.eval()
+        raw, mask = G(eval_x, eval_own)
+        out = mask * raw + (1 - mask) * eval_x
+        from ..identity import crop_to_id_input
+        e = F.normalize(idnet(crop_to_id_input(out, gcfg.margin)), dim=1)
+        G.train()
+        return {"cos_own": float((e * eval_own).sum(1).mean()),
+                "cos_other": float((e * eval_tgt).sum(1).mean()),
+                "l1": float((out - eval_x).abs().mean()), "mask": float(mask.mean())}, (raw, mask, out)
+
+    last_metrics: dict = {}
+    G.train()
+    D.train()
+    running: dict[str, float] = {}
+    n_run = 0
+    while step < cfg["steps"] and not stop["flag"]:
+        if cfg["max_minutes"] and time.time() - t_start > 60 * cfg["max_minutes"]:
+            break
+        idx = rng.integers(0, data.n, size=cfg["batch_size"])
+        _, tgt_desc = data.targets(idx, rng, cfg["multi_image"])
+        x = L.augment(data.images(idx), gen, **cfg["augment"])
+        x_in = L.input_noise(x, gen, **cfg["input_noise"])
+        raw, mask = G(x_in, tgt_desc)
+        out = mask * raw + (1 - mask) * x
+
+        # discriminator
+        use_adv = w["adv"] > 0 and step >= cfg["adv_start"]
+        if use_adv:
+            opt_d.zero_grad(set_to_none=True)
+            ld = L.d_loss(D(x), D(out.detach()), cfg["gan_loss"])
+            ld.backward()
+            opt_d.step()
+        # generator
+        attr, rep, cos = L.attractor_repeller(idnet, out, x, tgt_desc, levels, gcfg.margin,
+                                              cfg["rep_margin"], cfg["attractor_level_weights"],
+                                              gen, cfg["rep_rescale"])
+        terms = {
+            "attractor": attr, "repeller": rep,
+            "raw_l1": F.l1_loss(raw, x), "blend_l1": F.l1_loss(out, x),
+            "grad_l1": L.gradient_l1(out, x),
+            "mask_l1": mask.mean(), "mask_tv": L.total_variation(mask),
+        }
+        if use_adv:
+            for p in D.parameters():
+                p.requires_grad_(False)
+            terms["adv"] = L.g_adv_loss(D(out), cfg["gan_loss"])
+        loss = sum(w[k] * v for k, v in terms.items() if w.get(k, 0) > 0)
+        opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_g.step()
+        if use_adv:
+            for p in D.parameters():
+                p.requires_grad_(True)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {step}: "
+                                     f"{ {k: float(v) for k, v in terms.items()} }")
+        step += 1
+
+        vals = {k: float(v.detach()) for k, v in terms.items()}
+        vals.update(loss=float(loss), cos=float(cos.mean()), mask_mean=float(mask.mean()))
+        if use_adv:
+            vals["d_loss"] = float(ld)
+        for k, v in vals.items():
+            running[k] = running.get(k, 0.0) + v
+        n_run += 1
+        if step % cfg["log_every"] == 0 or step == 1:
+            rec = {"kind": "train", "step": step, "t": round(elapsed(), 1),
+                   **{k: round(v / n_run, 5) for k, v in running.items()}}
+            log_f.write(json.dumps(rec) + "\n")
+            log_f.flush()
+            last_metrics = {f"train_{k}": v for k, v in rec.items() if k not in ("kind", "step")}
+            logger.info("step %d %s", step, " ".join(f"{k}={v:.4f}" for k, v in rec.items()
+                                                      if isinstance(v, float)))
+            running, n_run = {}, 0
+        if step % cfg["eval_every"] == 0:
+            ev, _ = evaluate_held()
+            log_f.write(json.dumps({"kind": "eval", "step": step, "t": round(elapsed(), 1), **ev}) + "\n")
+            log_f.flush()
+            last_metrics.update({f"heldout_{k}": v for k, v in ev.items()})
+            logger.info("held-out step %d %s", step, ev)
+        if step % cfg["sample_every"] == 0:
+            _, (hraw, hmask, hout) = evaluate_held()
+            k = min(8, len(x), len(eval_x))
+            grid = np.concatenate([
+                _grid([x[:k], raw[:k], mask[:k], out[:k]]),
+                _grid([eval_x[:k], hraw[:k], hmask[:k], hout[:k]])], axis=0)
+            write_png(run_dir / "samples" / f"step_{step:07d}.png", grid)
+        if time.time() - last_save > cfg["save_every_s"]:
+            save()
+            last_save = time.time()
+
+    save()
+    log_f.close()
+    for s, h in old_handlers.items():
+        signal.signal(s, h)
+    return {"step": step, "run_dir": str(run_dir), "generator": str(run_dir / "generator.pt"),
+            "elapsed_s": round(elapsed(), 1), "last": last_metrics}

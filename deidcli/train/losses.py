@@ -1,0 +1,145 @@
+"""Training losses (Gafni et al. 2019, Sec. 3) and the counter-factual input distortions.
+
+All images are (B, 3, S, S) float RGB in [-1, 1]; masks (B, 1, S, S) in [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..identity import MobileFaceNet, crop_to_id_input
+
+
+def attractor_repeller(idnet: MobileFaceNet, out: torch.Tensor, ref: torch.Tensor,
+                       target_desc: torch.Tensor, levels: Sequence[str], margin: float,
+                       rep_margin: float = 0.0, level_weights: Sequence[float] | None = None,
+                       gen: torch.Generator | None = None, rescale: float = 1.0):
+    """(attractor, repeller, cos) for generator output ``out`` vs the input ``ref``.
+
+    attractor: mean over ``levels`` of the L1 distance between the identity network's
+        feature maps of out and ref (keeps pose, expression, illumination);
+    repeller: mean of relu(cos(desc(out), target_desc) - rep_margin), target_desc being the
+        L2-normalised descriptor of (preferably another image of) the same person;
+    cos: the per-sample cosine (detached), for logging.
+
+    With ``gen`` and ``rescale`` < 1 the repeller sees :func:`robust_view` of the output (random
+    down-and-up scaling and shift), so high-frequency patterns that fool only this network at
+    this exact scale do not pay off: identity has to change at the level of facial features,
+    which is what transfers to other recognition networks.
+    """
+    x_out = crop_to_id_input(out, margin)
+    with torch.no_grad():
+        ref_maps = idnet.feature_maps(crop_to_id_input(ref, margin), levels)
+    w = list(level_weights) if level_weights else [1.0] * len(levels)
+    if gen is None or rescale >= 1.0:
+        out_maps, emb = idnet.feature_maps(x_out, levels, with_embedding=True)
+    else:
+        out_maps = idnet.feature_maps(x_out, levels)
+        emb = idnet(robust_view(x_out, gen, rescale))
+    attr = sum(wi * F.l1_loss(a, b) for wi, a, b in zip(w, out_maps, ref_maps)) / sum(w)
+    cos = (F.normalize(emb, dim=1) * target_desc).sum(1)
+    rep = F.relu(cos - rep_margin).mean()
+    return attr, rep, cos.detach()
+
+
+def robust_view(x: torch.Tensor, gen: torch.Generator, rescale: float) -> torch.Tensor:
+    """(B, 3, 112, 112): resized to a random side in [rescale*112, 112] and back (antialiased),
+    shifted by up to 2 px; the whole batch shares one draw."""
+    side = x.shape[-1]
+    s = int(round(side * (rescale + (1 - rescale) * float(torch.rand((), generator=gen)))))
+    y = x
+    if s < side:
+        y = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+        y = F.interpolate(y, size=(side, side), mode="bilinear", align_corners=False)
+    dx, dy = (int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
+    return torch.roll(y, shifts=(dy, dx), dims=(2, 3))
+
+
+def image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
+
+
+def gradient_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    ax, ay = image_gradients(a)
+    bx, by = image_gradients(b)
+    return F.l1_loss(ax, bx) + F.l1_loss(ay, by)
+
+
+def total_variation(m: torch.Tensor) -> torch.Tensor:
+    mx, my = image_gradients(m)
+    return mx.abs().mean() + my.abs().mean()
+
+
+def d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "lsgan":
+        return 0.5 * (((real_logits - 1) ** 2).mean() + (fake_logits ** 2).mean())
+    if kind == "hinge":
+        return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+    raise ValueError(f"unknown GAN loss {kind!r}")
+
+
+def g_adv_loss(fake_logits: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "lsgan":
+        return 0.5 * ((fake_logits - 1) ** 2).mean()
+    if kind == "hinge":
+        return -fake_logits.mean()
+    raise ValueError(f"unknown GAN loss {kind!r}")
+
+
+# ------------------------------------------------------------------ counter-factual inputs
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, flip: float = 0.5, rotate_deg: float = 5.0,
+            scale: float = 0.05, translate: float = 0.03, brightness: float = 0.1,
+            contrast: float = 0.15, saturation: float = 0.15) -> torch.Tensor:
+    """Random small similarity warp + horizontal flip + colour jitter, per sample.
+
+    The result is the training input *and* the reference of the pixel / attractor losses: the
+    network sees faces in slightly different poses, framings and colours than the aligned
+    crops, so it cannot specialise to the exact alignment.
+    """
+    b, dev = x.shape[0], x.device
+
+    def u(lo=-1.0, hi=1.0, shape=(b,)):
+        return torch.rand(shape, generator=gen).to(dev) * (hi - lo) + lo
+
+    ang = u() * math.radians(rotate_deg)
+    sc = 1.0 + u() * scale
+    fl = torch.where(u(0, 1) < flip, -1.0, 1.0)
+    cos, sin = torch.cos(ang) / sc, torch.sin(ang) / sc
+    theta = torch.stack([torch.stack([cos * fl, -sin, u() * translate], 1),
+                         torch.stack([sin * fl, cos, u() * translate], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    y = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    # colour jitter in [0, 1] space
+    y = (y + 1) / 2
+    mean = y.mean(dim=(1, 2, 3), keepdim=True)
+    y = (y - mean) * (1 + u() * contrast)[:, None, None, None] + mean
+    y = y + (u() * brightness)[:, None, None, None]
+    gray = (0.299 * y[:, 0:1] + 0.587 * y[:, 1:2] + 0.114 * y[:, 2:3])
+    s = (1 + u() * saturation)[:, None, None, None]
+    y = gray + (y - gray) * s
+    return (y.clamp(0, 1) * 2 - 1).contiguous()
+
+
+def input_noise(x: torch.Tensor, gen: torch.Generator, sigma: float = 0.02,
+                jpeg_like_blur: float = 0.3) -> torch.Tensor:
+    """Distortion of the generator's input only (not of the loss reference): mild noise and,
+    for a fraction of samples, a slight blur, so copying the input is never exactly right."""
+    if sigma <= 0 and jpeg_like_blur <= 0:
+        return x
+    b = x.shape[0]
+    y = x
+    if jpeg_like_blur > 0:
+        k = torch.tensor([1.0, 2.0, 1.0], device=x.device) / 4
+        k2 = (k[:, None] * k[None, :]).expand(3, 1, 3, 3)
+        blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="reflect"), k2, groups=3)
+        pick = (torch.rand((b,), generator=gen) < jpeg_like_blur).to(x.device)
+        y = torch.where(pick[:, None, None, None], blurred, x)
+    if sigma > 0:
+        y = y + sigma * torch.randn(x.shape, generator=gen).to(x.device)
+    return y.clamp(-1, 1)
