@@ -19,6 +19,7 @@ import numpy as np
 
 from .errors import DeidError, InputError, ModelError, OutputError
 from .options import AnonymizeOptions
+from .stages import NULL, Stages
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class FileResult:
     faces_interpolated: int = 0
     seconds: float = 0.0
     fps: float = 0.0
+    stages: dict = field(default_factory=dict)  # seconds each stage kept a thread busy (they overlap)
     exit_code: int = 0
 
 
@@ -82,7 +84,8 @@ class Pipeline:
                                                     providers)
 
     # -- rendering -------------------------------------------------------------------------
-    def render(self, items: Sequence[tuple[np.ndarray, Sequence]], descriptors: dict) -> list[list]:
+    def render(self, items: Sequence[tuple[np.ndarray, Sequence]], descriptors: dict,
+               stages: Stages = NULL) -> list[list]:
         """Anonymize a batch of frames in place.
 
         items: (image (H, W, 3) uint8 RGB, faces) pairs; faces have track_id, box, kps, interpolated.
@@ -93,26 +96,31 @@ class Pipeline:
 
         o = self.options
         if o.method != "generate":
-            return [apply_classic(img, faces, o.method, o.margin) for img, faces in items]
-        from .align import arcface_crop, estimate_transform, feather, paste, warp_crop
+            with stages("blend"):
+                return [apply_classic(img, faces, o.method, o.margin) for img, faces in items]
+        from .align import estimate_transform, feather, paste, warp_crop
 
-        self._describe_new_tracks(items, descriptors)
+        with stages("identity"):
+            self._describe_new_tracks(items, descriptors)
         S, margin = self.runner.size, self.runner.margin
         jobs, crops, desc = [], [], []
-        for i, (img, faces) in enumerate(items):
-            for f in faces:
-                M = estimate_transform(f.kps, S, margin)
-                jobs.append((i, M))
-                crops.append(warp_crop(img, M, S))
-                desc.append(descriptors[f.track_id])
+        with stages("align"):
+            for i, (img, faces) in enumerate(items):
+                for f in faces:
+                    M = estimate_transform(f.kps, S, margin)
+                    jobs.append((i, M))
+                    crops.append(warp_crop(img, M, S))
+                    desc.append(descriptors[f.track_id])
         rects: list[list] = [[] for _ in items]
         if not jobs:
             return rects
-        raw, mask = self.runner.run(np.stack(crops), np.stack(desc).astype(np.float32))
-        for (i, M), r, m in zip(jobs, raw, mask):
-            box = paste(items[i][0], r, feather(m, S), M)
-            if box is not None:
-                rects[i].append(box)
+        with stages("generate"):
+            raw, mask = self.runner.run(np.stack(crops), np.stack(desc).astype(np.float32))
+        with stages("blend"):
+            for (i, M), r, m in zip(jobs, raw, mask):
+                box = paste(items[i][0], r, feather(m, S), M)
+                if box is not None:
+                    rects[i].append(box)
         return rects
 
     def _describe_new_tracks(self, items, descriptors: dict) -> None:
@@ -140,7 +148,8 @@ class Pipeline:
             descriptors[t] = e / max(float(np.linalg.norm(e)), 1e-12)
 
     # -- one video ---------------------------------------------------------------------------
-    def process_frames(self, frames: Iterator, result: FileResult, fps: Optional[float]) -> Iterator:
+    def process_frames(self, frames: Iterator, result: FileResult, fps: Optional[float],
+                       stages: Stages = NULL) -> Iterator:
         """Transform decoded frames into (frame, image, rects), in order (see video.transcode_video)."""
         from .faces import Tracker
 
@@ -158,8 +167,9 @@ class Pipeline:
                 ready.append((vf, faces))
 
         def emit(batch):
-            imgs = [(vf.image.copy(), faces) for vf, faces in batch]
-            rects = self.render(imgs, descriptors)
+            with stages("blend"):
+                imgs = [(vf.image.copy(), faces) for vf, faces in batch]
+            rects = self.render(imgs, descriptors, stages)
             for (vf, faces), (img, _), r in zip(batch, imgs, rects):
                 result.frames += 1
                 result.faces_anonymized += len(faces)
@@ -178,12 +188,15 @@ class Pipeline:
                 yield from emit(batch)
 
         for vf in frames:
-            dets = self.detector.detect(vf.image)
+            with stages("detect"):
+                dets = self.detector.detect(vf.image)
             result.faces_detected += len(dets.scores)
             pending.append(vf)
-            take(tracker.push(vf.index, dets))
+            with stages("track"):
+                take(tracker.push(vf.index, dets))
             yield from flush_ready(False)
-        take(tracker.flush())
+        with stages("track"):
+            take(tracker.flush())
         assert not pending, f"{len(pending)} frames left untracked"
         yield from flush_ready(True)
         result.tracks = tracker.n_tracks
@@ -254,7 +267,6 @@ def _process_file(pipeline_factory: Callable[[], Pipeline], src: Path, dst: Path
     from . import video
 
     res = FileResult(input=str(src), output=str(dst))
-    t0 = time.perf_counter()
     kind = video.media_kind(src)
     res.kind = kind
     out_kind = video.media_kind(dst)
@@ -270,20 +282,23 @@ def _process_file(pipeline_factory: Callable[[], Pipeline], src: Path, dst: Path
     else:
         img = video.read_image(src)
     pipe = pipeline_factory()
+    t0 = time.perf_counter()  # models are loaded once per run: not counted per file
     dst.parent.mkdir(parents=True, exist_ok=True)
+    stages = Stages()
     if kind == "video":
         fps = float(info.average_rate) if info.average_rate else None
         progress.start_file(src, info.frames or None)
         try:
             with video.atomic_output(dst) as tmp:
-                video.transcode_video(src, tmp, lambda frames: pipe.process_frames(frames, res, fps),
-                                      options.encode, on_frame=lambda n: progress.advance(1))
+                video.transcode_video(src, tmp, lambda frames: pipe.process_frames(frames, res, fps, stages),
+                                      options.encode, on_frame=lambda n: progress.advance(1), stages=stages)
         finally:
             progress.end_file()
     else:
         out = pipe.image(img, res)
         with video.atomic_output(dst) as tmp:
             video.write_image(tmp, out)
+    res.stages = stages.as_dict()
     res.seconds = round(time.perf_counter() - t0, 3)
     res.fps = round(res.frames / res.seconds, 2) if res.seconds > 0 else 0.0
     return res
@@ -304,11 +319,14 @@ def anonymize(src, dst, options: Optional[AnonymizeOptions] = None, progress: Op
         raise InputError(f"{src}: no such file or directory")
     jobs = plan_jobs(src, dst)
     pipeline: Optional[Pipeline] = None
+    load_seconds = 0.0
 
     def factory() -> Pipeline:
-        nonlocal pipeline
+        nonlocal pipeline, load_seconds
         if pipeline is None:
+            t = time.perf_counter()
             pipeline = Pipeline(options)
+            load_seconds = round(time.perf_counter() - t, 3)
         return pipeline
 
     results: list[FileResult] = []
@@ -340,6 +358,7 @@ def anonymize(src, dst, options: Optional[AnonymizeOptions] = None, progress: Op
         "failed": sum(r.status == "failed" for r in results),
         "device": pipeline.runtime.device if pipeline else None,
         "dtype": pipeline.runtime.dtype if pipeline else None,
+        "load_seconds": load_seconds,  # loading the models, once per run
         "versions": _versions(),
         "options": options.to_dict(),
     }

@@ -33,7 +33,10 @@ import logging
 import math
 import os
 import secrets
+import queue
 import struct
+import threading
+from collections import deque
 from dataclasses import dataclass, field
 from fractions import Fraction
 from itertools import chain
@@ -45,6 +48,7 @@ import numpy as np
 
 from .errors import InputError, OutputError
 from .options import AUDIO_MODES, EncodeOptions
+from .stages import NULL, Stages
 
 log = logging.getLogger(__name__)
 
@@ -546,7 +550,9 @@ class _Transcoder:
         self.audio_in: list = []
         self.audio_out: dict[int, Any] = {}  # input stream index -> output stream
         self.header_written = False
-        self.pending_audio: list = []
+        # Audio packets from the demuxer, muxed by the thread that writes video (PyAV containers
+        # are not thread-safe; the decoder may run in its own thread). deque: thread-safe ends.
+        self.pending_audio: deque = deque()
         self.decoded = 0
         self.exhausted = False
         self.rotation = 0
@@ -581,7 +587,7 @@ class _Transcoder:
                     for frame in packet.decode():
                         yield frame
                 else:
-                    self._on_audio(packet)
+                    self.pending_audio.append(packet)
         except av.FFmpegError as e:
             raise InputError(
                 f"{name}: decoding failed after {self.decoded} frames ({_ff_reason(e)})"
@@ -598,10 +604,13 @@ class _Transcoder:
             log.warning("%s: %d corrupt video packet(s); the decoder concealed them", name, corrupt)
         self.exhausted = True
 
+    def drain_audio(self) -> None:
+        """Mux (or re-encode) the audio packets demuxed so far. Called by the writing thread."""
+        q = self.pending_audio
+        while q:
+            self._on_audio(q.popleft())
+
     def _on_audio(self, packet) -> None:
-        if not self.header_written:
-            self.pending_audio.append(packet)
-            return
         ost = self.audio_out.get(packet.stream.index)
         if ost is None:
             return
@@ -794,9 +803,7 @@ class _Transcoder:
                 f"{enc.audio}): {_ff_reason(e)}"
             ) from e
         self.header_written = True
-        pending, self.pending_audio = self.pending_audio, []
-        for packet in pending:
-            self._on_audio(packet)
+        self.drain_audio()
 
     def encode_frame(self, vf: VideoFrame, image: np.ndarray, rects) -> bool:
         frame = vf._av
@@ -834,6 +841,7 @@ class _Transcoder:
         if frame.duration:
             self.durations[vf._out_pts] = frame.duration
         self._mux_video(self._encode(self.ovs, frame))
+        self.drain_audio()
         return dirty
 
     def _mux_video(self, packets) -> None:
@@ -846,6 +854,7 @@ class _Transcoder:
             self._mux(pkt)
 
     def finish(self) -> None:
+        self.drain_audio()
         self._mux_video(self._encode(self.ovs, None))
         if self.encode.audio == "aac":
             for s in self.audio_in:
@@ -876,6 +885,80 @@ class _Transcoder:
         self.out = self.inp = None
 
 
+#: Frames each inter-thread queue holds (decoded frames wait here: keep it small).
+QUEUE_FRAMES = 8
+
+
+def _timed(it: Iterator, stages: Stages, name: str) -> Iterator:
+    """Yield from ``it``, adding the time spent producing each item to ``stages[name]``."""
+    it = iter(it)
+    while True:
+        with stages(name):
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+        yield item
+
+
+_DONE = object()
+
+
+def _prefetch(it: Iterator, maxsize: int, name: str) -> Iterator:
+    """Run ``it`` in a daemon thread, ``maxsize`` items ahead of the consumer.
+
+    Exceptions (and the end) of ``it`` are re-raised in the consumer; if the consumer stops
+    early (an error downstream, Ctrl-C), the producer is told to stop and its iterator is closed.
+    The consumer waits in short slices so KeyboardInterrupt is delivered promptly.
+    """
+    q: queue.Queue = queue.Queue(maxsize)
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    break
+            else:
+                q.put((_DONE, None))
+        except BaseException as e:  # forwarded to the consumer
+            q.put((_DONE, e))
+        finally:
+            if stop.is_set() and hasattr(it, "close"):
+                try:
+                    it.close()
+                except Exception:
+                    pass
+
+    th = threading.Thread(target=produce, name=name, daemon=True)
+    th.start()
+    try:
+        while True:
+            try:
+                item, err = q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if item is _DONE:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:
+        stop.set()
+        # unblock a producer waiting on a full queue, then let it wind down
+        while th.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                th.join(0.05)
+
+
 def transcode_video(
     src: PathLike,
     dst: PathLike,
@@ -883,6 +966,8 @@ def transcode_video(
     encode: EncodeOptions,
     *,
     on_frame: Optional[Callable[[int], None]] = None,
+    stages: Stages = NULL,
+    threads: bool = True,
 ) -> dict:
     """Decode ``src``, run ``process`` over its frames, encode to ``dst`` and handle audio.
 
@@ -904,6 +989,11 @@ def transcode_video(
     ``rotation``, ``pts_fixed`` (frames whose missing/duplicate pts had to be replaced),
     ``dropped_streams`` (input streams not written: data, subtitles, extra video ...).
 
+    Stages overlap (``threads=True``): decoding runs in one thread, ``process`` in another,
+    and the calling thread encodes and muxes, joined by short bounded queues, so memory does
+    not grow with the length of the video. ``stages`` receives the time of "decode" and
+    "encode" (``process`` reports its own).
+
     Raises :class:`InputError` for unreadable/undecodable input (also mid-stream) and
     :class:`OutputError` when the output cannot be written as asked.
     """
@@ -911,6 +1001,7 @@ def transcode_video(
         raise ValueError(f"audio must be one of {AUDIO_MODES}, not {encode.audio!r}")
     src, dst = Path(src), Path(dst)
     t = _Transcoder(src, dst, encode)
+    frames = results = None
     try:
         t.open_input()
         decoded = t._decoded()
@@ -921,15 +1012,21 @@ def transcode_video(
         t.open_output(first)
 
         n_out = dirty = 0
-        frames = t.frames(first, decoded)
-        for item in process(frames):
+        frames = _timed(t.frames(first, decoded), stages, "decode")
+        if threads:
+            frames = _prefetch(frames, QUEUE_FRAMES, "deid-decode")
+        results = process(frames)
+        if threads:
+            results = _prefetch(results, QUEUE_FRAMES, "deid-process")
+        for item in results:
             vf, image, rects = item
             if vf.index != n_out:
                 raise RuntimeError(
                     f"process yielded frame {vf.index} where frame {n_out} was expected"
                 )
-            if t.encode_frame(vf, image, rects):
-                dirty += 1
+            with stages("encode"):
+                if t.encode_frame(vf, image, rects):
+                    dirty += 1
             n_out += 1
             if on_frame is not None:
                 on_frame(n_out)
@@ -940,7 +1037,8 @@ def transcode_video(
                 f"process yielded {n_out} frames but {t.decoded} were decoded"
                 + ("" if t.exhausted else " and it stopped reading before the end")
             )
-        t.finish()
+        with stages("encode"):
+            t.finish()
         n_audio = len(t.audio_out)
         dropped = [
             f"#{s.index} {s.type}"
@@ -967,6 +1065,10 @@ def transcode_video(
             "dropped_streams": dropped,
         }
     finally:
+        # Stop the worker threads (consumer side first) before the containers they use close.
+        for g in (results, frames):
+            if g is not None and hasattr(g, "close"):
+                g.close()
         t.close()
 
 
