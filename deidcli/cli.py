@@ -212,14 +212,53 @@ def models_download(ctx, names, dest):
         ctx.exit(EXIT_MODELS)
 
 
+@cli.command()
+@click.argument("clip", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--config", "configs", multiple=True, type=click.Choice(["reencode", "blur", "generate", "generator"]),
+              help="What to run (repeatable; default: all four).")
+@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Generator checkpoint (default: the one shipped in weights/).")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+@click.option("--fp16", is_flag=True, help="Half precision generator on CUDA.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Faces per generator batch.")
+@click.option("--codec", default="libx264", help="Video encoder, for every configuration.")
+@click.option("--preset", default="medium", help="Encoder speed preset.")
+@click.option("--crf", type=click.IntRange(0, 63), default=18, help="Encoder quality.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the results as JSON here.")
+def bench(clip, configs, weights, device, fp16, batch_size, codec, preset, crf, json_path):
+    """Throughput of deid on CLIP, per stage, next to a plain re-encode and blur.
+
+    Prints a markdown table on stdout. Each configuration runs in its own process (its peak
+    memory is its own).
+    """
+    from .bench import bench as run_bench, to_markdown
+
+    opts = {"device": device, "fp16": fp16, "batch_size": batch_size,
+            "weights": str(weights) if weights else None,
+            "encode": {"codec": codec, "preset": preset, "crf": crf}}
+    res = run_bench(str(clip), configs or ("reencode", "blur", "generate", "generator"), opts)
+    res["options"] = opts
+    if json_path:
+        json_path.write_text(json.dumps(res, indent=2))
+    click.echo(to_markdown(res))
+    sys.exit(EXIT_FAILED if any("error" in r for r in res["runs"]) else EXIT_OK)
+
+
 def _register_optional() -> None:
-    """Training/evaluation commands live with their code (they import torch only when run)."""
-    try:
-        from .train.commands import evaluate, prepare, train
-    except ImportError:
-        return
-    for cmd in (prepare, train, evaluate):
-        cli.add_command(cmd)
+    """Commands that live with their code (training, evaluation): every click.Command defined at
+    module level there is added. Those modules import torch only when a command runs."""
+    import importlib
+
+    for mod in ("deidcli.train.commands", "deidcli.evaluate_video"):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError as e:
+            log.debug("commands of %s unavailable: %s", mod, e)
+            continue
+        for obj in vars(m).values():
+            if isinstance(obj, click.Command) and obj.name not in cli.commands:
+                cli.add_command(obj)
 
 
 _register_optional()
