@@ -134,8 +134,11 @@ class Detector:
                     model_path.name, fixed[0], fixed[1], det_size,
                 )
             self.input_size = fixed
+            self.fixed_size = True
         else:
             self.input_size = (det_size, det_size)
+            self.fixed_size = False
+        self.det_size = det_size
         ctx_id = -1 if all(p == "CPUExecutionProvider" for p in providers) else 0
         with contextlib.redirect_stdout(sys.stderr):
             model.prepare(ctx_id=ctx_id, det_thresh=det_thresh, input_size=self.input_size)
@@ -149,6 +152,17 @@ class Detector:
         self.n_faces = 0  # faces returned
         self.n_small = 0  # faces dropped by min_face
 
+    def input_size_for(self, shape: Sequence[int]) -> tuple[int, int]:
+        """Detector input (width, height) for an image of ``shape``: the longer side is scaled to
+        det_size and the shorter side to the next multiple of 32 that holds it, so a 16:9 frame
+        is not padded to a square (same resolution on the face, ~40% less computation)."""
+        if self.fixed_size:
+            return self.input_size
+        h, w = int(shape[0]), int(shape[1])
+        long_side, short_side = max(h, w), min(h, w)
+        short = int(math.ceil(self.det_size * short_side / long_side / 32.0)) * 32
+        return (self.det_size, short) if w >= h else (short, self.det_size)
+
     def detect(self, image: np.ndarray) -> Detections:
         """Faces in one image.
 
@@ -158,7 +172,7 @@ class Detector:
         assert image.ndim == 3 and image.shape[2] == 3, f"need (H, W, 3), got {image.shape}"
         assert image.dtype == np.uint8, f"need uint8, got {image.dtype}"
         bgr = np.ascontiguousarray(image[:, :, ::-1])
-        det, kps = self.model.detect(bgr, input_size=self.input_size, max_num=0)
+        det, kps = self.model.detect(bgr, input_size=self.input_size_for(image.shape), max_num=0)
         dets = Detections(det[:, :4], det[:, 4], kps)
         self.n_images += 1
         if self.min_face > 0 and len(dets):
