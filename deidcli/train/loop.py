@@ -68,6 +68,8 @@ DEFAULTS: dict[str, Any] = {
     "rep_margin": 0.0,  # repeller hinge: no push once cos < rep_margin
     "rep_rescale": 0.5,  # repeller sees the output down-scaled to [rep_rescale, 1] x and back
     "adv_start": 0,  # step from which the adversarial term is used
+    "rep_start": 0,  # repeller off before this step (G and D first learn natural faces) ...
+    "rep_ramp": 0,  # ... then its weight ramps up linearly over this many steps
     "augment": {"flip": 0.5, "rotate_deg": 5.0, "scale": 0.05, "translate": 0.03,
                 "brightness": 0.1, "contrast": 0.15, "saturation": 0.15},
     "input_noise": {"sigma": 0.02, "jpeg_like_blur": 0.3},
@@ -302,7 +304,10 @@ def train(config: Mapping[str, Any]) -> dict:
             for p in D.parameters():
                 p.requires_grad_(False)
             terms["adv"] = L.g_adv_loss(D(out), cfg["gan_loss"])
-        loss = sum(w[k] * v for k, v in terms.items() if w.get(k, 0) > 0)
+        ramp = 1.0 if step >= cfg["rep_start"] + cfg["rep_ramp"] else (
+            0.0 if step < cfg["rep_start"] else (step - cfg["rep_start"]) / max(cfg["rep_ramp"], 1))
+        scale = {"repeller": ramp}
+        loss = sum(w[k] * scale.get(k, 1.0) * v for k, v in terms.items() if w.get(k, 0) > 0)
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
         opt_g.step()
