@@ -1,0 +1,90 @@
+"""`deid bench` and memory that stays flat with video length."""
+
+import json
+import subprocess
+import sys
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from conftest import MODELS, VIDEOS, decode_rgb
+from deidcli.bench import run_one, to_markdown
+
+
+def test_bench_command_reports_every_stage(clips, tmp_path):
+    import torch
+
+    from deidcli.model import Generator, save_generator
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "g.pt"
+    save_generator(ckpt, Generator({"size": 128, "margin": 0.2}), {"note": "random init for tests"})
+    out = tmp_path / "b.json"
+    p = subprocess.run([sys.executable, "-m", "deidcli.cli", "bench", str(clips["two_person"]), "--weights", str(ckpt),
+                        "--batch-size", "8", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(out.read_text())
+    runs = {r["config"]: r for r in res["runs"]}
+    assert set(runs) == {"reencode", "blur", "generate", "generator"}
+    n = runs["reencode"]["frames"]
+    assert n > 20 and runs["blur"]["frames"] == n == runs["generate"]["frames"]
+    assert runs["generate"]["faces"] == 2 * n  # two people in every frame
+    for stage in ("decode", "detect", "track", "identity", "align", "generate", "blend", "encode"):
+        assert runs["generate"]["stages"][stage] > 0, stage
+    assert runs["generator"]["faces_per_s"] > 0 and runs["generator"]["batch_size"] == 8
+    assert all(r["peak_rss_mb"] > 50 for r in res["runs"])
+    assert runs["blur"]["x_reencode"] > 1
+    assert "| generate |" in p.stdout and "x re-encode" in p.stdout
+
+
+def _synthetic_clip(path, n_frames, face):
+    import av
+
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 320, 192, "yuv420p"
+        s.time_base = Fraction(1, 25)
+        s.options = {"preset": "ultrafast"}
+        rng = np.random.default_rng(0)
+        for i in range(n_frames):
+            img = np.full((192, 320, 3), 90, np.uint8)
+            x = 80 + int(60 * np.sin(i / 20))
+            img[16:176, x:x + 160] = face
+            img[:8] = rng.integers(0, 255, (8, 320, 3), dtype=np.uint8)
+            fr = av.VideoFrame.from_ndarray(img, format="rgb24")
+            fr.pts = i
+            for pkt in s.encode(fr):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+
+
+def test_memory_does_not_grow_with_video_length(shared, tmp_path):
+    import cv2
+
+    face = cv2.resize(decode_rgb(VIDEOS / "lp_d12.mp4", 1)[0], (160, 160), interpolation=cv2.INTER_AREA)
+    short, long = tmp_path / "short.mp4", tmp_path / "long.mp4"
+    _synthetic_clip(short, 100, face)
+    _synthetic_clip(long, 800, face)
+    opts = {"detect": {"det_size": 160}, "encode": {"preset": "ultrafast"}}
+    rss = {}
+    for clip in (short, long):
+        p = subprocess.run([sys.executable, "-m", "deidcli.bench", "blur", str(clip), json.dumps(opts)],
+                           capture_output=True, text=True, timeout=600,
+                           env={**__import__("os").environ, "DEID_MODELS_DIR": str(MODELS)})
+        assert p.returncode == 0, p.stderr
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        assert r["faces"] >= r["frames"] * 0.95
+        rss[clip.name] = r["peak_rss_mb"]
+    # 8x the frames (~44 MB more of decoded pictures if they were kept) must not cost memory
+    print(rss)
+    assert rss["long.mp4"] - rss["short.mp4"] < 20, rss
+
+
+def test_markdown_table():
+    res = {"runs": [{"config": "reencode", "frames": 10, "wall_s": 1.0, "fps": 10.0, "faces_per_s": 0.0,
+                     "stages": {"decode": 0.2, "encode": 0.7}, "peak_rss_mb": 100, "device": "cpu"},
+                    {"config": "blur", "error": "boom"}]}
+    md = to_markdown(res)
+    assert md.splitlines()[0].startswith("| config |") and "decode s" in md and "error: boom" in md
