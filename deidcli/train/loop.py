@@ -65,6 +65,8 @@ DEFAULTS: dict[str, Any] = {
     },
     "attractor_levels": ["stem", "dw", "b4"],
     "attractor_level_weights": None,
+    "losses_on_raw": True,  # attractor and gradient L1 on the raw output (not the blend), so
+    # they keep the raw face's expression/pose without pushing the mask shut
     "rep_margin": 0.0,  # repeller hinge: no push once cos < rep_margin
     "rep_rescale": 0.5,  # repeller sees the output down-scaled to [rep_rescale, 1] x and back
     "adv_start": 0,  # step from which the adversarial term is used
@@ -293,11 +295,12 @@ def train(config: Mapping[str, Any]) -> dict:
         # generator
         attr, rep, cos = L.attractor_repeller(idnet, out, x, tgt_desc, levels, gcfg.margin,
                                               cfg["rep_margin"], cfg["attractor_level_weights"],
-                                              gen, cfg["rep_rescale"])
+                                              gen, cfg["rep_rescale"],
+                                              raw if cfg["losses_on_raw"] else None)
         terms = {
             "attractor": attr, "repeller": rep,
             "raw_l1": F.l1_loss(raw, x), "blend_l1": F.l1_loss(out, x),
-            "grad_l1": L.gradient_l1(out, x),
+            "grad_l1": L.gradient_l1(raw if cfg["losses_on_raw"] else out, x),
             "mask_l1": mask.mean(), "mask_tv": L.total_variation(mask),
         }
         if use_adv:

@@ -17,7 +17,8 @@ from ..identity import MobileFaceNet, crop_to_id_input
 def attractor_repeller(idnet: MobileFaceNet, out: torch.Tensor, ref: torch.Tensor,
                        target_desc: torch.Tensor, levels: Sequence[str], margin: float,
                        rep_margin: float = 0.0, level_weights: Sequence[float] | None = None,
-                       gen: torch.Generator | None = None, rescale: float = 1.0):
+                       gen: torch.Generator | None = None, rescale: float = 1.0,
+                       attr_src: torch.Tensor | None = None):
     """(attractor, repeller, cos) for generator output ``out`` vs the input ``ref``.
 
     attractor: mean over ``levels`` of the L1 distance between the identity network's
@@ -25,6 +26,9 @@ def attractor_repeller(idnet: MobileFaceNet, out: torch.Tensor, ref: torch.Tenso
     repeller: mean of relu(cos(desc(out), target_desc) - rep_margin), target_desc being the
         L2-normalised descriptor of (preferably another image of) the same person;
     cos: the per-sample cosine (detached), for logging.
+
+    With ``attr_src`` (e.g. the raw output) the attractor compares attr_src instead of ``out``
+    with ``ref``, while the repeller still looks at ``out``.
 
     With ``gen`` and ``rescale`` < 1 the repeller sees :func:`robust_view` of the output (random
     down-and-up scaling and shift), so high-frequency patterns that fool only this network at
@@ -35,7 +39,10 @@ def attractor_repeller(idnet: MobileFaceNet, out: torch.Tensor, ref: torch.Tenso
     with torch.no_grad():
         ref_maps = idnet.feature_maps(crop_to_id_input(ref, margin), levels)
     w = list(level_weights) if level_weights else [1.0] * len(levels)
-    if gen is None or rescale >= 1.0:
+    if attr_src is not None:
+        out_maps = idnet.feature_maps(crop_to_id_input(attr_src, margin), levels)
+        emb = idnet(robust_view(x_out, gen, rescale) if gen is not None and rescale < 1 else x_out)
+    elif gen is None or rescale >= 1.0:
         out_maps, emb = idnet.feature_maps(x_out, levels, with_embedding=True)
     else:
         out_maps = idnet.feature_maps(x_out, levels)
