@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import DeidError, InputError, ModelError, OutputError
 from .options import AnonymizeOptions
-from .stages import NULL, Stages
+from .stages import NULL, QUEUE_FRAMES, Stages, prefetch
 
 log = logging.getLogger(__name__)
 
@@ -148,23 +148,49 @@ class Pipeline:
             descriptors[t] = e / max(float(np.linalg.norm(e)), 1e-12)
 
     # -- one video ---------------------------------------------------------------------------
-    def process_frames(self, frames: Iterator, result: FileResult, fps: Optional[float],
-                       stages: Stages = NULL) -> Iterator:
-        """Transform decoded frames into (frame, image, rects), in order (see video.transcode_video)."""
+    def detect_and_track(self, frames: Iterator, result: FileResult, fps: Optional[float],
+                         stages: Stages = NULL) -> Iterator:
+        """(frame, faces) for every decoded frame, in order, once its faces are final (the tracker
+        looks up to ``max_gap`` frames ahead to fill detector misses)."""
         from .faces import Tracker
 
         tracker = Tracker(self.options.track, fps=fps)
         pending: deque = deque()  # decoded frames whose faces are not final yet
-        ready: list = []  # (frame, faces) ready to render
-        descriptors: dict = {}
-        batch_faces = self.options.batch_size if self.options.method == "generate" else 1
         small0 = self.detector.n_small
 
         def take(final):
             for idx, faces in final:
                 vf = pending.popleft()
                 assert vf.index == idx, (vf.index, idx)
-                ready.append((vf, faces))
+                yield vf, faces
+
+        for vf in frames:
+            with stages("detect"):
+                dets = self.detector.detect(vf.image)
+            result.faces_detected += len(dets.scores)
+            pending.append(vf)
+            with stages("track"):
+                final = tracker.push(vf.index, dets)
+            yield from take(final)
+        with stages("track"):
+            final = tracker.flush()
+        yield from take(final)
+        assert not pending, f"{len(pending)} frames left untracked"
+        result.tracks = tracker.n_tracks
+        result.faces_below_min_size = self.detector.n_small - small0
+
+    def process_frames(self, frames: Iterator, result: FileResult, fps: Optional[float],
+                       stages: Stages = NULL, threads: bool = True) -> Iterator:
+        """Transform decoded frames into (frame, image, rects), in order (see video.transcode_video).
+
+        Detection and tracking run in their own thread (``threads``), a few frames ahead of
+        rendering, which batches faces across frames for the generator.
+        """
+        tracked = self.detect_and_track(frames, result, fps, stages)
+        if threads:
+            tracked = prefetch(tracked, QUEUE_FRAMES, "deid-detect")
+        descriptors: dict = {}
+        batch_faces = self.options.batch_size if self.options.method == "generate" else 1
 
         def emit(batch):
             with stages("blend"):
@@ -178,29 +204,19 @@ class Pipeline:
                 result.frames_interpolated += n_interp > 0
                 yield vf, img, r
 
-        def flush_ready(force: bool):
-            nonlocal ready
-            while ready:
-                n_faces = sum(len(f) for _, f in ready)
-                if not force and n_faces < batch_faces and len(ready) < MAX_PENDING_FRAMES:
-                    return
-                batch, ready = ready, []
-                yield from emit(batch)
-
-        for vf in frames:
-            with stages("detect"):
-                dets = self.detector.detect(vf.image)
-            result.faces_detected += len(dets.scores)
-            pending.append(vf)
-            with stages("track"):
-                take(tracker.push(vf.index, dets))
-            yield from flush_ready(False)
-        with stages("track"):
-            take(tracker.flush())
-        assert not pending, f"{len(pending)} frames left untracked"
-        yield from flush_ready(True)
-        result.tracks = tracker.n_tracks
-        result.faces_below_min_size = self.detector.n_small - small0
+        ready: list = []  # (frame, faces) waiting for a full generator batch
+        n_faces = 0
+        try:
+            for vf, faces in tracked:
+                ready.append((vf, faces))
+                n_faces += len(faces)
+                if n_faces >= batch_faces or len(ready) >= MAX_PENDING_FRAMES:
+                    batch, ready, n_faces = ready, [], 0
+                    yield from emit(batch)
+            yield from emit(ready)
+        finally:
+            if hasattr(tracked, "close"):
+                tracked.close()
 
     def image(self, img: np.ndarray, result: FileResult) -> np.ndarray:
         from .faces import Tracker

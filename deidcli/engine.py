@@ -17,6 +17,16 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+def stage_threads(env: str) -> int:
+    """Intra-op threads for one heavy CPU stage (detector, generator): half the cores, at least
+    one, since decoding, detection, generation and encoding run concurrently in their own
+    threads. The environment variable ``env`` overrides it."""
+    n = os.environ.get(env)
+    if n:
+        return max(1, int(n))
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
 @dataclass(frozen=True)
 class Runtime:
     device: str  # resolved torch device string, e.g. "cpu" or "cuda:0"
@@ -67,6 +77,8 @@ class GeneratorRunner:
         self.dtype = torch.float16 if runtime.dtype == "float16" else torch.float32
         self.generator = generator.to(self.device, self.dtype).eval()
         self.batch_size = batch_size
+        if self.device.type == "cpu":
+            torch.set_num_threads(stage_threads("DEID_TORCH_THREADS"))
         self.size = int(generator.config["size"])
         self.margin = float(generator.config["margin"])
 

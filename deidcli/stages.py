@@ -6,6 +6,7 @@ wall time of the run: each figure is the time that stage kept one thread busy.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections import defaultdict
@@ -51,3 +52,77 @@ class _Null(Stages):
 
 
 NULL = _Null()
+
+
+#: Frames each inter-thread queue holds (decoded frames wait here: keep it small).
+QUEUE_FRAMES = 8
+
+
+def timed(it: Iterator, stages: Stages, name: str) -> Iterator:
+    """Yield from ``it``, adding the time spent producing each item to ``stages[name]``."""
+    it = iter(it)
+    while True:
+        with stages(name):
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+        yield item
+
+
+_DONE = object()
+
+
+def prefetch(it: Iterator, maxsize: int, name: str) -> Iterator:
+    """Run ``it`` in a daemon thread, ``maxsize`` items ahead of the consumer.
+
+    Exceptions (and the end) of ``it`` are re-raised in the consumer; if the consumer stops
+    early (an error downstream, Ctrl-C), the producer is told to stop and its iterator is closed.
+    The consumer waits in short slices so KeyboardInterrupt is delivered promptly.
+    """
+    q: queue.Queue = queue.Queue(maxsize)
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    break
+            else:
+                q.put((_DONE, None))
+        except BaseException as e:  # forwarded to the consumer
+            q.put((_DONE, e))
+        finally:
+            if stop.is_set() and hasattr(it, "close"):
+                try:
+                    it.close()
+                except Exception:
+                    pass
+
+    th = threading.Thread(target=produce, name=name, daemon=True)
+    th.start()
+    try:
+        while True:
+            try:
+                item, err = q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if item is _DONE:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:
+        stop.set()
+        # unblock a producer waiting on a full queue, then let it wind down
+        while th.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                th.join(0.05)

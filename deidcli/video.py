@@ -33,9 +33,7 @@ import logging
 import math
 import os
 import secrets
-import queue
 import struct
-import threading
 from collections import deque
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -48,7 +46,7 @@ import numpy as np
 
 from .errors import InputError, OutputError
 from .options import AUDIO_MODES, EncodeOptions
-from .stages import NULL, Stages
+from .stages import NULL, QUEUE_FRAMES, Stages, prefetch, timed
 
 log = logging.getLogger(__name__)
 
@@ -885,80 +883,6 @@ class _Transcoder:
         self.out = self.inp = None
 
 
-#: Frames each inter-thread queue holds (decoded frames wait here: keep it small).
-QUEUE_FRAMES = 8
-
-
-def _timed(it: Iterator, stages: Stages, name: str) -> Iterator:
-    """Yield from ``it``, adding the time spent producing each item to ``stages[name]``."""
-    it = iter(it)
-    while True:
-        with stages(name):
-            try:
-                item = next(it)
-            except StopIteration:
-                return
-        yield item
-
-
-_DONE = object()
-
-
-def _prefetch(it: Iterator, maxsize: int, name: str) -> Iterator:
-    """Run ``it`` in a daemon thread, ``maxsize`` items ahead of the consumer.
-
-    Exceptions (and the end) of ``it`` are re-raised in the consumer; if the consumer stops
-    early (an error downstream, Ctrl-C), the producer is told to stop and its iterator is closed.
-    The consumer waits in short slices so KeyboardInterrupt is delivered promptly.
-    """
-    q: queue.Queue = queue.Queue(maxsize)
-    stop = threading.Event()
-
-    def produce():
-        try:
-            for item in it:
-                while not stop.is_set():
-                    try:
-                        q.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    break
-            else:
-                q.put((_DONE, None))
-        except BaseException as e:  # forwarded to the consumer
-            q.put((_DONE, e))
-        finally:
-            if stop.is_set() and hasattr(it, "close"):
-                try:
-                    it.close()
-                except Exception:
-                    pass
-
-    th = threading.Thread(target=produce, name=name, daemon=True)
-    th.start()
-    try:
-        while True:
-            try:
-                item, err = q.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if item is _DONE:
-                if err is not None:
-                    raise err
-                return
-            yield item
-    finally:
-        stop.set()
-        # unblock a producer waiting on a full queue, then let it wind down
-        while th.is_alive():
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                th.join(0.05)
-
-
 def transcode_video(
     src: PathLike,
     dst: PathLike,
@@ -1012,12 +936,12 @@ def transcode_video(
         t.open_output(first)
 
         n_out = dirty = 0
-        frames = _timed(t.frames(first, decoded), stages, "decode")
+        frames = timed(t.frames(first, decoded), stages, "decode")
         if threads:
-            frames = _prefetch(frames, QUEUE_FRAMES, "deid-decode")
+            frames = prefetch(frames, QUEUE_FRAMES, "deid-decode")
         results = process(frames)
         if threads:
-            results = _prefetch(results, QUEUE_FRAMES, "deid-process")
+            results = prefetch(results, QUEUE_FRAMES, "deid-process")
         for item in results:
             vf, image, rects = item
             if vf.index != n_out:
