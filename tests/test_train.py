@@ -75,6 +75,13 @@ def test_train_smoke_and_resume(tmp_path, cache_dir):
     steps = [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()
              if json.loads(x)["kind"] == "train"]
     assert steps[:3] == [1, 2, 3] and steps[3:] == [4, 5]
+    # compact committable state: G + D in fp16, fresh optimisers
+    from deidcli.train.loop import export_train_state
+
+    small = export_train_state(run / "last.pt", tmp_path / "state.pt")
+    cfg = _cfg(tmp_path, cache_dir, 6)
+    cfg.update(name="from_state", init_from=str(small))
+    assert train(cfg)["step"] == 6
 
 
 def test_losses_basic():

@@ -68,6 +68,7 @@ DEFAULTS: dict[str, Any] = {
     "losses_on_raw": True,  # attractor and gradient L1 on the raw output (not the blend), so
     # they keep the raw face's expression/pose without pushing the mask shut
     "rep_margin": 0.0,  # repeller hinge: no push once cos < rep_margin
+    "rep_self": 0.0,  # extra repeller weight (relative) on the input photo's own descriptor
     "rep_rescale": 0.5,  # repeller sees the output down-scaled to [rep_rescale, 1] x and back
     "adv_start": 0,  # step from which the adversarial term is used
     "rep_start": 0,  # repeller off before this step (G and D first learn natural faces) ...
@@ -75,6 +76,8 @@ DEFAULTS: dict[str, Any] = {
     "augment": {"flip": 0.5, "rotate_deg": 5.0, "scale": 0.05, "translate": 0.03,
                 "brightness": 0.1, "contrast": 0.15, "saturation": 0.15},
     "input_noise": {"sigma": 0.02, "jpeg_like_blur": 0.3},
+    "init_from": None,  # compact state (export_train_state) to start from when no last.pt exists:
+    # G and D weights and the step count; optimisers and RNG start fresh
     "multi_image": True,  # target descriptor from another image of the same person
     "log_every": 10,
     "sample_every": 200,
@@ -215,6 +218,12 @@ def train(config: Mapping[str, Any]) -> dict:
         rng.bit_generator.state = json.loads(st["rng"])
         torch.set_rng_state(st["torch_rng"])
         logger.info("resumed from %s at step %d", last_path, step)
+    elif cfg["init_from"]:
+        st = torch.load(cfg["init_from"], map_location="cpu", weights_only=True)
+        G.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in st["G"].items()})
+        D.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in st["D"].items()})
+        step, elapsed_before = int(st.get("step", 0)), float(st.get("elapsed_s", 0.0))
+        logger.info("initialised from %s (step %d; fresh optimisers)", cfg["init_from"], step)
     (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
 
     w = cfg["weights"]
@@ -296,7 +305,9 @@ def train(config: Mapping[str, Any]) -> dict:
         attr, rep, cos = L.attractor_repeller(idnet, out, x, tgt_desc, levels, gcfg.margin,
                                               cfg["rep_margin"], cfg["attractor_level_weights"],
                                               gen, cfg["rep_rescale"],
-                                              raw if cfg["losses_on_raw"] else None)
+                                              raw if cfg["losses_on_raw"] else None,
+                                              data.desc[torch.as_tensor(idx, device=device)],
+                                              cfg["rep_self"])
         terms = {
             "attractor": attr, "repeller": rep,
             "raw_l1": F.l1_loss(raw, x), "blend_l1": F.l1_loss(out, x),
@@ -361,3 +372,18 @@ def train(config: Mapping[str, Any]) -> dict:
         signal.signal(s, h)
     return {"step": step, "run_dir": str(run_dir), "generator": str(run_dir / "generator.pt"),
             "elapsed_s": round(elapsed(), 1), "last": last_metrics}
+
+
+def export_train_state(last_pt: os.PathLike, dst: os.PathLike) -> Path:
+    """Compact, committable training state from a run's last.pt: G and D weights in fp16, the
+    step count, elapsed time and config (no optimiser moments, no RNG). Resume from it with
+    ``"init_from": dst`` (optimisers restart)."""
+    st = torch.load(last_pt, map_location="cpu", weights_only=True)
+    half = {n: {k: v.half() if v.is_floating_point() else v for k, v in st[n].items()}
+            for n in ("G", "D")}
+    out = {"format": "deid-train-state", "version": 1, **half, "step": int(st["step"]),
+           "elapsed_s": float(st.get("elapsed_s", 0.0)), "config": st.get("config", "")}
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_torch_save(out, dst)
+    return dst

@@ -18,7 +18,8 @@ def attractor_repeller(idnet: MobileFaceNet, out: torch.Tensor, ref: torch.Tenso
                        target_desc: torch.Tensor, levels: Sequence[str], margin: float,
                        rep_margin: float = 0.0, level_weights: Sequence[float] | None = None,
                        gen: torch.Generator | None = None, rescale: float = 1.0,
-                       attr_src: torch.Tensor | None = None):
+                       attr_src: torch.Tensor | None = None,
+                       self_desc: torch.Tensor | None = None, self_weight: float = 0.0):
     """(attractor, repeller, cos) for generator output ``out`` vs the input ``ref``.
 
     attractor: mean over ``levels`` of the L1 distance between the identity network's
@@ -26,6 +27,9 @@ def attractor_repeller(idnet: MobileFaceNet, out: torch.Tensor, ref: torch.Tenso
     repeller: mean of relu(cos(desc(out), target_desc) - rep_margin), target_desc being the
         L2-normalised descriptor of (preferably another image of) the same person;
     cos: the per-sample cosine (detached), for logging.
+
+    With ``self_desc`` (the input image's own descriptor) and ``self_weight`` > 0 the repeller
+    also pushes away from the input photo itself, weighted by ``self_weight``.
 
     With ``attr_src`` (e.g. the raw output) the attractor compares attr_src instead of ``out``
     with ``ref``, while the repeller still looks at ``out``.
@@ -48,8 +52,11 @@ def attractor_repeller(idnet: MobileFaceNet, out: torch.Tensor, ref: torch.Tenso
         out_maps = idnet.feature_maps(x_out, levels)
         emb = idnet(robust_view(x_out, gen, rescale))
     attr = sum(wi * F.l1_loss(a, b) for wi, a, b in zip(w, out_maps, ref_maps)) / sum(w)
-    cos = (F.normalize(emb, dim=1) * target_desc).sum(1)
+    e = F.normalize(emb, dim=1)
+    cos = (e * target_desc).sum(1)
     rep = F.relu(cos - rep_margin).mean()
+    if self_desc is not None and self_weight > 0:
+        rep = rep + self_weight * F.relu((e * self_desc).sum(1) - rep_margin).mean()
     return attr, rep, cos.detach()
 
 
