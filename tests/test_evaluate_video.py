@@ -1,0 +1,218 @@
+"""deid evaluate-video: exposure, identity, temporal and mouth metrics on short real clips."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import VIDEOS, cut_clip, decode_rgb
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_video(path: Path, frames, rate) -> Path:
+    """Encode (H, W, 3) uint8 RGB frames with libx264 crf 18 (a plain re-encode)."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("libx264", rate=rate)
+        s.height, s.width = frames[0].shape[:2]
+        s.pix_fmt = "yuv420p"
+        s.codec_context.options = {"crf": "18", "preset": "ultrafast"}
+        for img in frames:
+            for pkt in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")):
+                out.mux(pkt)
+        for pkt in s.encode(None):
+            out.mux(pkt)
+    return path
+
+
+def rate_of(path: Path):
+    import av
+
+    with av.open(str(path)) as c:
+        return c.streams.video[0].average_rate
+
+
+@pytest.fixture(scope="module")
+def two(shared, tmp_path_factory):
+    """0.6 s of the two-person 720p clip (about 16 frames, two faces in every frame)."""
+    d = tmp_path_factory.mktemp("evalvid")
+    return cut_clip(VIDEOS / "ghost_2person.mp4", d / "two.mp4", 0.6, audio=False)
+
+
+@pytest.fixture(scope="module")
+def blurred(two):
+    out = two.with_name("two_blur.mp4")
+    env = dict(os.environ, DEID_MODELS_DIR=os.environ.get("DEID_MODELS_DIR", str(VIDEOS.parent / "models")))
+    r = subprocess.run([sys.executable, "-m", "deidcli.cli", "anonymize", str(two), str(out), "--method", "blur",
+                        "--overwrite", "-q"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+# ------------------------------------------------------------------------- unit: mouth proxy
+
+
+def _synthetic_face(drop_px: int) -> np.ndarray:
+    """A mouth crop: skin, an upper lip at the mouth-corner line, and a lower lip and chin edge
+    ``drop_px`` rows further down than at rest (a dark mouth opening in between)."""
+    import cv2
+
+    from deidcli.align import crop_template
+    from deidcli.evaluate_video import MOUTH_CROP, MOUTH_MARGIN
+
+    t = crop_template(MOUTH_CROP, MOUTH_MARGIN)
+    my, x0, x1 = int(round(t[3, 1])), int(round(t[3, 0])) - 5, int(round(t[4, 0])) + 5
+    img = np.full((MOUTH_CROP, MOUTH_CROP, 3), (205, 160, 140), np.uint8)  # skin
+    cv2.rectangle(img, (x0, my - 6), (x1, my), (170, 70, 80), -1)  # upper lip
+    low = my + drop_px
+    if drop_px:
+        cv2.rectangle(img, (x0, my + 1), (x1, low), (40, 20, 25), -1)  # opening
+    cv2.rectangle(img, (x0, low + 1), (x1, low + 8), (170, 70, 80), -1)  # lower lip
+    cv2.rectangle(img, (0, low + 30), (MOUTH_CROP - 1, low + 33), (120, 80, 70), -1)  # chin shadow
+    return cv2.GaussianBlur(img, (3, 3), 0)
+
+
+def test_jaw_drop_measures_the_shift_of_the_lower_face():
+    from deidcli.evaluate_video import _geometry, jaw_drop, mouth_profile
+
+    iod = _geometry().iod
+    ref = mouth_profile(_synthetic_face(0))
+    assert abs(jaw_drop(ref, ref)) < 0.01
+    drops = [jaw_drop(mouth_profile(_synthetic_face(k)), ref) for k in (0, 3, 6, 9, 12)]
+    assert all(b > a for a, b in zip(drops, drops[1:])), drops
+    # lower lip and chin move down k rows (the upper lip stays): the profile, mostly lower
+    # face, matches at a shift of about k rows
+    for k, d in zip((3, 6, 9, 12), drops[1:]):
+        assert abs(d * iod - k) <= 1.5, (k, d * iod)
+
+
+def test_jaw_drop_follows_a_real_mouth(shared):
+    """lp_d6.mp4: frame 27 lips closed, frame 56 mouth wide open (checked by eye), frame 0 reference."""
+    from deidcli import weights
+    from deidcli.evaluate_video import jaw_drop, mouth_crop, mouth_profile, upright_frames
+    from deidcli.faces import Detector
+
+    det = Detector(weights.model_path("det_scrfd_2.5g_kps.onnx"), det_size=640)
+    prof = {}
+    for i, (img, _) in enumerate(upright_frames(VIDEOS / "lp_d6.mp4")):
+        if i in (0, 27, 56):
+            prof[i] = mouth_profile(mouth_crop(img, det.detect(img).kps[0]))
+        if i >= 56:
+            break
+    closed, open_ = jaw_drop(prof[27], prof[0]), jaw_drop(prof[56], prof[0])
+    assert abs(closed) < 0.08 and open_ > 0.3, (closed, open_)
+
+
+# ------------------------------------------------------------------- end to end on real clips
+
+
+def test_reencode_of_itself_is_fully_exposed(two, tmp_path):
+    from deidcli.evaluate_video import MOUTH_MIN_STD, evaluate_video
+
+    same = write_video(tmp_path / "same.mp4", decode_rgb(two), rate_of(two))
+    r = evaluate_video(two, same)
+    n = r["frames"]
+    assert n >= 12 and r["tracks"] == 2 and r["faces"] == 2 * n
+    assert r["exposed_frames"] == list(range(n))
+    assert r["exposed_faces"] == r["faces"] == r["exposed_verified"]
+    assert r["exposed_unchanged"] == r["faces"]  # a crf 18 re-encode counts as "no replacement"
+    assert r["cos_mean"] > 0.97 and r["verified_frac"] == 1.0
+    assert 0.85 < r["flicker_ratio"] < 1.15
+    assert r["landmark_found_frac"] == 1.0 and r["landmark_disp_iod_pct"] < 3.0
+    for t in r["per_track"]:
+        assert t["exposed_frames"] == list(range(n))
+        # these two hardly move their mouths in 0.6 s: a correlation would be noise
+        if t["mouth_corr"] is None:
+            assert t["mouth_in_std"] < MOUTH_MIN_STD
+        else:
+            assert t["mouth_corr"] > 0.95
+    assert r["targets"]["no_exposure"] is False
+
+
+def test_reencode_of_a_talking_head_keeps_mouth_motion(shared, tmp_path):
+    from deidcli.evaluate_video import MOUTH_MIN_STD, evaluate_video
+
+    src = cut_clip(VIDEOS / "lp_d12.mp4", tmp_path / "talk.mp4", 0.8, audio=False)
+    same = write_video(tmp_path / "same.mp4", decode_rgb(src), rate_of(src))
+    r = evaluate_video(src, same)
+    (t,) = r["per_track"]
+    assert t["faces"] == r["frames"] >= 15
+    assert t["mouth_in_std"] > 2 * MOUTH_MIN_STD  # the mouth moves
+    assert t["mouth_corr"] > 0.95 and r["mouth_corr"] == pytest.approx(t["mouth_corr"])
+    assert 0.9 < r["flicker_ratio"] < 1.1 and 0.5 < r["embvar_out"] / r["embvar_in"] < 2.0
+    assert r["exposed_frames"] == list(range(r["frames"]))
+    assert r["targets"]["mouth_corr_ge_0.9"] is True
+
+
+def test_blur_removes_identity(two, blurred):
+    from deidcli.evaluate_video import VERIFY_THRESHOLD, evaluate_video
+
+    r = evaluate_video(two, blurred)
+    assert r["faces"] == 2 * r["frames"]
+    assert r["exposed_frames"] == [] and r["exposed_faces"] == 0, r["per_track"]
+    assert r["cos_max"] < VERIFY_THRESHOLD and r["cos_mean"] < 0.25
+    assert r["verified_frac"] == 0.0
+    assert r["flicker_out"] < r["flicker_in"]  # a blurred face has less detail to flicker
+    assert r["targets"]["no_exposure"] is True
+
+
+def test_spliced_frames_are_reported_exactly(two, blurred, tmp_path):
+    """Frames 5..7 of the output left un-anonymized: those indices, and only those, are exposed;
+    through the command line, with --json / --markdown / --strip and --fail-on-exposure."""
+    from click.testing import CliRunner
+
+    from deidcli.evaluate_video import STRIP_WIDTH, evaluate_video_command
+
+    src, out = decode_rgb(two), decode_rgb(blurred)
+    assert len(src) == len(out)
+    mixed = [src[i] if i in (5, 6, 7) else out[i] for i in range(len(src))]
+    spliced = write_video(tmp_path / "spliced.mp4", mixed, rate_of(two))
+    js, md, png = tmp_path / "r.json", tmp_path / "r.md", tmp_path / "strip.png"
+    res = CliRunner().invoke(evaluate_video_command, [str(two), str(spliced), "--json", str(js), "--markdown",
+                                                      str(md), "--strip", str(png), "--fail-on-exposure", "-q"])
+    assert res.exit_code == 1, res.output  # exposure found
+    report = json.loads(res.stdout)
+    assert report == json.loads(js.read_text())
+    (r,) = report["clips"]
+    assert r["exposed_frames"] == [5, 6, 7]
+    assert sorted(t["track"] for t in r["per_track"]) == [0, 1]
+    for t in r["per_track"]:
+        assert t["exposed_frames"] == [5, 6, 7]
+    assert r["exposed_faces"] == 6
+    text = md.read_text()
+    assert "| two.mp4 |" in text and "3: 5, 6, 7" in text
+    import cv2
+
+    img = cv2.imread(str(png))
+    assert img is not None and img.shape[1] == STRIP_WIDTH and img.shape[0] > 300
+
+
+def test_frame_count_mismatch_is_an_input_error(shared, tmp_path):
+    from deidcli.errors import InputError
+    from deidcli.evaluate_video import evaluate_video
+
+    a = cut_clip(VIDEOS / "lp_d12.mp4", tmp_path / "a.mp4", 0.6, audio=False)
+    b = cut_clip(VIDEOS / "lp_d12.mp4", tmp_path / "b.mp4", 0.3, audio=False)
+    with pytest.raises(InputError, match="fewer frames"):
+        evaluate_video(a, b)
+
+
+def test_low_score_tracks_count_only_when_confirmed(shared, tmp_path):
+    """lp_d6.mp4, first 2.1 s: the face (scores 0.44-0.7) is one track, checked in every frame;
+    a hair tie above it (scores 0.31-0.35, frames 21 and 52-61) never reaches det_thresh and
+    is listed as unconfirmed, not exposed."""
+    from deidcli.evaluate_video import evaluate_video
+
+    src = cut_clip(VIDEOS / "lp_d6.mp4", tmp_path / "d6.mp4", 2.1, audio=False)
+    r = evaluate_video(src, src)
+    (t,) = r["per_track"]
+    assert t["faces"] == r["frames"] == r["exposed_faces"]
+    unconf = r["unconfirmed_tracks"]
+    assert unconf and all(u["max_score"] < 0.5 for u in unconf)
+    assert any(u["first_frame"] <= 55 <= u["last_frame"] for u in unconf), unconf
