@@ -48,6 +48,7 @@ class FileResult:
     faces_detected: int = 0  # detector hits that were anonymized
     faces_anonymized: int = 0  # faces anonymized, including those filled by interpolation
     faces_below_min_size: int = 0  # detections ignored because of --min-face
+    faces_kept_low_score: int = 0  # detections below --det-thresh (>= --keep-thresh) that continued a track
     tracks: int = 0
     frames_interpolated: int = 0  # frames in which at least one face was filled by interpolation
     faces_interpolated: int = 0
@@ -70,7 +71,10 @@ class Pipeline:
             log.warning(w)
         providers = engine.onnx_providers(self.runtime)
         d = options.detect
-        self.detector = Detector(weights.model_path(d.detector, options.models_dir), det_thresh=d.det_thresh,
+        # The detector reports faces down to keep_thresh; only those >= det_thresh start a track
+        # (see faces.Tracker): real faces whose score sags between frames stay anonymized.
+        self.detector = Detector(weights.model_path(d.detector, options.models_dir),
+                                 det_thresh=min(d.det_thresh, options.track.keep_thresh),
                                  det_size=d.det_size, min_face=d.min_face, providers=providers)
         self.runner = None
         self.embedder = None
@@ -154,7 +158,7 @@ class Pipeline:
         looks up to ``max_gap`` frames ahead to fill detector misses)."""
         from .faces import Tracker
 
-        tracker = Tracker(self.options.track, fps=fps)
+        tracker = Tracker(self.options.track, fps=fps, start_thresh=self.options.detect.det_thresh)
         pending: deque = deque()  # decoded frames whose faces are not final yet
         small0 = self.detector.n_small
 
@@ -167,7 +171,6 @@ class Pipeline:
         for vf in frames:
             with stages("detect"):
                 dets = self.detector.detect(vf.image)
-            result.faces_detected += len(dets.scores)
             pending.append(vf)
             with stages("track"):
                 final = tracker.push(vf.index, dets)
@@ -177,6 +180,8 @@ class Pipeline:
         yield from take(final)
         assert not pending, f"{len(pending)} frames left untracked"
         result.tracks = tracker.n_tracks
+        result.faces_detected = tracker.n_detections - tracker.n_weak_dropped
+        result.faces_kept_low_score = tracker.n_weak_kept
         result.faces_below_min_size = self.detector.n_small - small0
 
     def process_frames(self, frames: Iterator, result: FileResult, fps: Optional[float],
@@ -222,9 +227,9 @@ class Pipeline:
         from .faces import Tracker
 
         dets = self.detector.detect(img)
-        result.faces_detected = len(dets.scores)
-        tracker = Tracker(self.options.track)
+        tracker = Tracker(self.options.track, start_thresh=self.options.detect.det_thresh)
         final = tracker.push(0, dets) + tracker.flush()
+        result.faces_detected = tracker.n_detections - tracker.n_weak_dropped
         faces = final[0][1] if final else []
         out = img.copy()
         self.render([(out, faces)], {})

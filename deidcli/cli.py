@@ -88,6 +88,8 @@ def cli():
               help="blur/pixelate/solid: ellipse margin around the face box (fraction).")
 @click.option("--det-thresh", type=click.FloatRange(0, 1), default=0.5, help="Face detector score threshold.")
 @click.option("--det-size", type=click.IntRange(min=32), default=640, help="Detector input size (multiple of 32).")
+@click.option("--keep-thresh", type=click.FloatRange(0, 1), default=0.3,
+              help="Lower score that keeps an already tracked face anonymized (new faces need --det-thresh).")
 @click.option("--min-face", type=click.IntRange(min=0), default=0,
               help="Ignore faces smaller than this many pixels (counted in the report).")
 @click.option("--detector", default="det_scrfd_2.5g_kps.onnx", help="Detector model file (see `deid models`).")
@@ -106,7 +108,8 @@ def cli():
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
 @click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv for debug).")
-def anonymize(src, dst, method, weights, device, fp16, batch_size, margin, det_thresh, det_size, min_face, detector,
+def anonymize(src, dst, method, weights, device, fp16, batch_size, margin, det_thresh, keep_thresh, det_size, min_face,
+              detector,
               max_gap, smooth, codec, crf, preset, audio, keep_metadata, overwrite, models_dir, as_json, quiet,
               verbose):
     """Anonymize SRC (video, image, or folder) into DST.
@@ -122,7 +125,7 @@ def anonymize(src, dst, method, weights, device, fp16, batch_size, margin, det_t
         method=method, weights=weights, device=device, fp16=fp16, batch_size=batch_size, margin=margin,
         models_dir=models_dir, overwrite=overwrite,
         detect=DetectOptions(det_thresh=det_thresh, det_size=det_size, min_face=min_face, detector=detector),
-        track=TrackOptions(max_gap=max_gap, smooth=smooth),
+        track=TrackOptions(max_gap=max_gap, smooth=smooth, keep_thresh=keep_thresh),
         encode=EncodeOptions(codec=codec, crf=crf, preset=preset, audio=audio, keep_metadata=keep_metadata),
     )
     progress = _RichProgress() if (sys.stderr.isatty() and not quiet and not as_json) else None

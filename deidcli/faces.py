@@ -352,7 +352,10 @@ class Tracker:
     Memory: the buffer holds at most max_gap + 1 frames of detections.
     """
 
-    def __init__(self, options: TrackOptions, fps: Optional[float] = None):
+    def __init__(self, options: TrackOptions, fps: Optional[float] = None, start_thresh: float = 0.0):
+        """start_thresh: score a detection needs to START a track; weaker detections (down to
+        the detector's own threshold, options.keep_thresh in the pipeline) only continue a
+        track they match, so a face whose score sags for a while stays covered."""
         if options.max_gap < 0:
             raise ValueError(f"max_gap must be >= 0, not {options.max_gap}")
         if not 0.0 <= options.iou_thresh <= 1.0:
@@ -362,6 +365,7 @@ class Tracker:
         if fps is not None and not fps > 0:
             raise ValueError(f"fps must be > 0, not {fps}")
         self.options = options
+        self.start_thresh = float(start_thresh)
         self.fps = float(fps) if fps else DEFAULT_FPS
         self._live: list[_Track] = []  # tracks that may still be continued
         self._frames: dict[int, list[_Obs]] = {}  # pushed, not yet final
@@ -375,6 +379,8 @@ class Tracker:
         self.n_frames = 0  # frames returned
         self.n_faces = 0  # faces returned
         self.max_buffered = 0  # most frames held at once
+        self.n_weak_dropped = 0  # detections below start_thresh that matched no track
+        self.n_weak_kept = 0  # detections below start_thresh that continued a track
 
     # -- public ------------------------------------------------------------------------
 
@@ -396,7 +402,10 @@ class Tracker:
         matches, unmatched = self._associate(index, dets)
         for track, j in matches:
             self._continue(track, index, dets.boxes[j], dets.kps[j], float(dets.scores[j]))
-        for j in unmatched:
+            self.n_weak_kept += int(dets.scores[j] < self.start_thresh)
+        weak = [j for j in unmatched if dets.scores[j] < self.start_thresh]
+        self.n_weak_dropped += len(weak)
+        for j in (j for j in unmatched if dets.scores[j] >= self.start_thresh):
             track = _Track(
                 self.n_tracks, index, dets.boxes[j].astype(np.float64),
                 dets.kps[j].astype(np.float64),

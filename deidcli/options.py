@@ -30,6 +30,7 @@ class DetectOptions:
 @dataclass(frozen=True)
 class TrackOptions:
     iou_thresh: float = 0.2  # minimum IoU to continue a track
+    keep_thresh: float = 0.3  # detector score that keeps an existing track going (new tracks need det_thresh)
     max_gap: int = 8  # frames a track may miss and still be filled by interpolation
     smooth: float = 1.0  # landmark smoothing strength (0 = off); One-Euro filter min cutoff scale
 

@@ -424,3 +424,26 @@ def test_tracker_fills_real_misses_close_to_the_detector(video_dets):
     tracker = Tracker(replace(TrackOptions(), max_gap=4), fps=30000 / 1001)
     tracks = by_track(run(tracker, dropped))
     assert tracker.n_tracks == 3 and tracker.n_interpolated == 0
+
+
+def test_weak_detections_continue_tracks_but_never_start_them():
+    """Hysteresis: a face whose score sags below det_thresh for longer than max_gap stays one
+    covered track; a weak detection away from any track is not output."""
+    opts = TrackOptions(smooth=0.0, max_gap=4)
+    frames = []
+    for i in range(30):
+        a = face_at(100 + 3 * i, 100)
+        score_a = 0.9 if i < 5 or i >= 20 else 0.35  # 15 weak frames, > max_gap
+        faces, scores = [a], [score_a]
+        if i == 10:  # a lone weak blip elsewhere
+            faces.append(face_at(500, 400))
+            scores.append(0.35)
+        frames.append(dets_of(faces, np.array(scores)))
+    t = Tracker(opts, start_thresh=0.5)
+    tracks = by_track(run(t, frames))
+    assert list(tracks) == [0] and len(tracks[0]) == 30
+    assert t.n_weak_kept == 15 and t.n_weak_dropped == 1
+    # without hysteresis (weak detections filtered out before tracking) the face splits/exposes
+    t2 = Tracker(opts, start_thresh=0.5)
+    strong = [d.select(d.scores >= 0.5) for d in frames]
+    assert sum(len(f) for _, f in run(t2, strong)) < 30
