@@ -53,11 +53,12 @@ def estimate_transform(kps: np.ndarray, size: int = CROP_SIZE, margin: float = C
     assert kps.shape == (5, 2), kps.shape
     from skimage.transform import SimilarityTransform
 
-    tform = SimilarityTransform.from_estimate(kps, crop_template(size, margin)) if hasattr(
-        SimilarityTransform, "from_estimate") else None
-    if tform is None:
+    dst = crop_template(size, margin)
+    if hasattr(SimilarityTransform, "from_estimate"):  # scikit-image >= 0.26
+        tform = SimilarityTransform.from_estimate(kps, dst)
+    else:
         tform = SimilarityTransform()
-        tform.estimate(kps, crop_template(size, margin))
+        tform.estimate(kps, dst)
     return tform.params[0:2, :].astype(np.float32)
 
 
@@ -69,7 +70,11 @@ def warp_crop(image: np.ndarray, M: np.ndarray, size: int = CROP_SIZE) -> np.nda
 
 def arcface_crop(image: np.ndarray, kps: np.ndarray) -> np.ndarray:
     """ArcFace-aligned 112x112 RGB uint8 crop (the identity network's input) via InsightFace."""
-    return face_align.norm_crop(image, np.asarray(kps, dtype=np.float32), image_size=112)
+    import warnings
+
+    with warnings.catch_warnings():  # InsightFace calls a scikit-image API deprecated in 0.26
+        warnings.simplefilter("ignore", FutureWarning)
+        return face_align.norm_crop(image, np.asarray(kps, dtype=np.float32), image_size=112)
 
 
 def crop_box(M: np.ndarray, size: int, shape: tuple[int, ...]) -> tuple[int, int, int, int] | None:
