@@ -14,6 +14,7 @@ import pytest
 from deidcli.errors import InputError, OutputError
 from deidcli.options import EncodeOptions
 from deidcli.video import (
+from conftest import decode_rgb
     IMAGE_EXTS,
     VIDEO_EXTS,
     VideoInfo,
@@ -200,16 +201,6 @@ def audio_packets(path: Path) -> list[tuple]:
             for p in c.demux(*streams)
             if p.size
         ]
-
-
-def decode_rgb(path: Path, n: int | None = None) -> list[np.ndarray]:
-    with av.open(str(path)) as c:
-        out = []
-        for f in c.decode(c.streams.video[0]):
-            out.append(f.to_ndarray(format="rgb24"))
-            if n and len(out) >= n:
-                break
-        return out
 
 
 def decode_planes(path: Path) -> list[list[np.ndarray]]:
