@@ -11,10 +11,10 @@ import av
 import numpy as np
 import pytest
 
+from conftest import decode_rgb
 from deidcli.errors import InputError, OutputError
 from deidcli.options import EncodeOptions
 from deidcli.video import (
-from conftest import decode_rgb
     IMAGE_EXTS,
     VIDEO_EXTS,
     VideoInfo,
