@@ -198,8 +198,9 @@ class Pipeline:
         batch_faces = self.options.batch_size if self.options.method == "generate" else 1
 
         def emit(batch):
-            with stages("blend"):
-                imgs = [(vf.image.copy(), faces) for vf, faces in batch]
+            # Rendered in place: nothing reads a frame's decoded picture afterwards (the writer
+            # takes the pixels outside the touched rectangles from the decoded planes).
+            imgs = [(vf.image, faces) for vf, faces in batch]
             rects = self.render(imgs, descriptors, stages)
             for (vf, faces), (img, _), r in zip(batch, imgs, rects):
                 result.frames += 1

@@ -74,16 +74,25 @@ def cli():
     """deid: replace the identity of every face in videos and images, keep what the face does."""
 
 
+def _generator_options(f):
+    """--weights/--device/--fp16/--batch-size, shared by `anonymize` and `bench`."""
+    for opt in reversed((
+        click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="Generator checkpoint (default: the one shipped in weights/)."),
+        click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N."),
+        click.option("--fp16", is_flag=True, help="Half precision generator on CUDA (ignored with a warning on CPU)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Faces per generator batch."),
+    )):
+        f = opt(f)
+    return f
+
+
 @cli.command()
 @click.argument("src", type=click.Path(exists=True, path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option("--method", type=click.Choice(METHODS), default="generate",
               help="generate: learned face replacement; blur/pixelate/solid: classic obscuring of the face ellipse.")
-@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Generator checkpoint (default: the one shipped in weights/).")
-@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
-@click.option("--fp16", is_flag=True, help="Half precision generator on CUDA (ignored with a warning on CPU).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Faces per generator batch.")
+@_generator_options
 @click.option("--margin", type=click.FloatRange(min=0), default=0.25,
               help="blur/pixelate/solid: ellipse margin around the face box (fraction).")
 @click.option("--det-thresh", type=click.FloatRange(0, 1), default=0.5, help="Face detector score threshold.")
@@ -219,11 +228,7 @@ def models_download(ctx, names, dest):
 @click.argument("clip", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--config", "configs", multiple=True, type=click.Choice(["reencode", "blur", "generate", "generator"]),
               help="What to run (repeatable; default: all four).")
-@click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Generator checkpoint (default: the one shipped in weights/).")
-@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
-@click.option("--fp16", is_flag=True, help="Half precision generator on CUDA.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Faces per generator batch.")
+@_generator_options
 @click.option("--codec", default="libx264", help="Video encoder, for every configuration.")
 @click.option("--preset", default="medium", help="Encoder speed preset.")
 @click.option("--crf", type=click.IntRange(0, 63), default=18, help="Encoder quality.")

@@ -202,7 +202,6 @@ def evaluate(weights: Optional[os.PathLike] = None, out_dir: os.PathLike = "out/
     """Run the evaluation; writes report.json / report.md / contact_sheet.png in ``out_dir`` and
     returns the report dict."""
     import cv2
-    import torch
 
     from .faces import Detector
     from .identity import load_identity_net, model_file

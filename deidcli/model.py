@@ -37,7 +37,6 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from .errors import ModelError
 

@@ -547,7 +547,6 @@ class _Transcoder:
         self.ovs = None
         self.audio_in: list = []
         self.audio_out: dict[int, Any] = {}  # input stream index -> output stream
-        self.header_written = False
         # Audio packets from the demuxer, muxed by the thread that writes video (PyAV containers
         # are not thread-safe; the decoder may run in its own thread). deque: thread-safe ends.
         self.pending_audio: deque = deque()
@@ -800,7 +799,6 @@ class _Transcoder:
                 f"{self.dst.name}: cannot open the encoders ({codec.name} video, audio "
                 f"{enc.audio}): {_ff_reason(e)}"
             ) from e
-        self.header_written = True
         self.drain_audio()
 
     def encode_frame(self, vf: VideoFrame, image: np.ndarray, rects) -> bool:

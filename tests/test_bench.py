@@ -6,10 +6,9 @@ import sys
 from fractions import Fraction
 
 import numpy as np
-import pytest
 
 from conftest import MODELS, VIDEOS, decode_rgb
-from deidcli.bench import run_one, to_markdown
+from deidcli.bench import to_markdown
 
 
 def test_bench_command_reports_every_stage(clips, tmp_path):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 import random
 import signal
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 
 from ..model import Discriminator, Generator, GeneratorConfig, save_generator
 from . import losses as L
-from .prepare import REPO_ROOT, cache_path, load_split, prepare_split
+from .prepare import REPO_ROOT, load_split, prepare_split
 
 logger = logging.getLogger("deid.train")
 
