@@ -380,6 +380,7 @@ def anonymize(src, dst, options: Optional[AnonymizeOptions] = None, progress: Op
         "failed": sum(r.status == "failed" for r in results),
         "device": pipeline.runtime.device if pipeline else None,
         "dtype": pipeline.runtime.dtype if pipeline else None,
+        "generator_backend": pipeline.runner.backend if pipeline and pipeline.runner else None,
         "load_seconds": load_seconds,  # loading the models, once per run
         "versions": _versions(),
         "options": options.to_dict(),

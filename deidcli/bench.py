@@ -103,7 +103,8 @@ def _generator_only(opts: dict, n_batches: int = 10) -> dict:
     wall = time.perf_counter() - t
     n = bs * n_batches
     return {"frames": 0, "faces": n, "wall_s": round(wall, 3), "faces_per_s": round(n / wall, 1), "batch_size": bs,
-            "device": rt.device, "dtype": rt.dtype, "stages": {"generate": round(wall, 4)}}
+            "device": rt.device, "dtype": rt.dtype, "backend": runner.backend,
+            "stages": {"generate": round(wall, 4)}}
 
 
 def bench(clip: str, configs: Sequence[str] = ("reencode", "blur", "generate", "generator"),

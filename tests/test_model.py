@@ -137,3 +137,29 @@ def test_identity_differentiable():
     x = (torch.rand(2, 3, 128, 128) * 2 - 1).requires_grad_(True)
     net(crop_to_id_input(x, 0.2)).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_generator_backends_agree():
+    """The CPU default (the module exported to ONNX Runtime) gives the torch module's output."""
+    from deidcli import engine
+
+    torch.manual_seed(0)
+    gen = Generator({"size": 128}).eval()
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 256, (5, 128, 128, 3), dtype=np.uint8)
+    desc = rng.normal(size=(5, 128)).astype(np.float32)
+    desc /= np.linalg.norm(desc, axis=1, keepdims=True)
+    rt = engine.resolve_runtime("cpu")
+    ort_runner = engine.GeneratorRunner(gen, rt, batch_size=2)  # 3 batches, the last one short
+    assert ort_runner.backend == "onnxruntime"
+    raw_o, mask_o = ort_runner.run(crops, desc)
+    raw_t, mask_t = engine.GeneratorRunner(gen, rt, batch_size=4, backend="torch").run(crops, desc)
+    assert raw_o.shape == raw_t.shape == (5, 128, 128, 3) and raw_o.dtype == np.uint8
+    assert mask_o.shape == mask_t.shape == (5, 128, 128) and mask_o.dtype == np.float32
+    assert np.abs(raw_o.astype(int) - raw_t).max() <= 1
+    assert np.abs(mask_o - mask_t).max() < 1e-4
+    assert raw_o.std() > 1  # not a constant image
+    empty = ort_runner.run(crops[:0], desc[:0])
+    assert empty[0].shape == (0, 128, 128, 3) and empty[1].shape == (0, 128, 128)
+    with pytest.raises(ValueError):
+        engine.GeneratorRunner(gen, rt, backend="tensorrt")
