@@ -65,7 +65,8 @@ def run_one(config: str, clip: str, opts: dict) -> dict:
                 raise RuntimeError(f"{config}: {f['error']}")
             out.update(frames=f["frames"], faces=f["faces_anonymized"], wall_s=round(wall - rep["load_seconds"], 3),
                        load_s=rep["load_seconds"], stages=f["stages"], device=rep["device"], dtype=rep["dtype"],
-                       interpolated=f["faces_interpolated"])
+                       interpolated=f["faces_interpolated"], frames_not_detected=f["frames_not_detected"],
+                       detect_every=detect.detect_every)
     if out.get("frames"):
         out["fps"] = round(out["frames"] / out["wall_s"], 2)
         out["faces_per_s"] = round(out["faces"] / out["wall_s"], 2)
@@ -136,6 +137,8 @@ def to_markdown(result: dict) -> str:
             lines.append(f"| {r['config']} | error: {r['error']} |")
             continue
         name = r["config"] + (f" (batch {r['batch_size']})" if r["config"] == "generator" else "")
+        if r.get("detect_every", 1) > 1:
+            name += f" (detect every {r['detect_every']}: {r['frames_not_detected']} frames by tracking)"
         row = [name, r.get("frames") or "-", r["wall_s"], r.get("fps", "-"), r.get("faces_per_s", "-"),
                r.get("x_reencode", "-")]
         row += [r.get("stages", {}).get(s, "-") for s in stages]

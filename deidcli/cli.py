@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -15,8 +16,8 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_MODELS, EXIT_OK, DeidError, ModelError
-from .options import AUDIO_MODES, METHODS
+from .errors import EXIT_FAILED, EXIT_MODELS, EXIT_OK, DeidError, Interrupted, ModelError
+from .options import AUDIO_MODES, METHODS, PIPE_FORMATS
 
 log = logging.getLogger("deidcli")
 
@@ -32,13 +33,35 @@ def _setup_logging(quiet: bool, verbose: int) -> None:
     logging.getLogger("deidcli").setLevel(level)
 
 
-def _sigterm_to_interrupt() -> None:
-    """SIGTERM is handled like Ctrl-C: partial outputs are removed on the way out."""
+def _signals_to_interrupt():
+    """SIGINT (Ctrl-C) and SIGTERM stop a run: the first one raises Interrupted in the main thread
+    (the file in progress stops after its current batch, its partial output is removed, the report
+    is written, exit 128 + the signal number: 130 or 143). A later signal, or one after the run is
+    over, prints one line and is otherwise ignored, so it cannot cut the shutdown short with a
+    traceback. Returns disarm(), called once the run is over."""
+    state = {"armed": True, "got": None}
 
     def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+        if state["armed"] and state["got"] is None:
+            state["got"] = signum
+            raise Interrupted(signum)
+        why = "already stopping" if state["got"] is not None else "writing the report"
+        os.write(2, f"deid: {signal.Signals(signum).name} ignored: {why}\n".encode())
 
-    signal.signal(signal.SIGTERM, handler)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, handler)
+    return lambda: state.update(armed=False)
+
+
+def _shard_option(ctx, param, value):
+    if value is None:
+        return None
+    from .jobs import parse_shard
+
+    try:
+        return parse_shard(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e))
 
 
 class _RichProgress:
@@ -88,8 +111,9 @@ def _generator_options(f):
 
 
 @cli.command()
-@click.argument("src", type=click.Path(exists=True, path_type=Path))
-@click.argument("dst", type=click.Path(path_type=Path))
+# unreadable: a per-file error; "-": stdin
+@click.argument("src", type=click.Path(exists=True, readable=False, allow_dash=True, path_type=Path))
+@click.argument("dst", type=click.Path(allow_dash=True, path_type=Path))
 @click.option("--method", type=click.Choice(METHODS), default="generate",
               help="generate: learned face replacement; blur/pixelate/solid: classic obscuring of the face ellipse.")
 @_generator_options
@@ -102,6 +126,10 @@ def _generator_options(f):
 @click.option("--min-face", type=click.IntRange(min=0), default=0,
               help="Ignore faces smaller than this many pixels (counted in the report).")
 @click.option("--detector", default="det_scrfd_2.5g_kps.onnx", help="Detector model file (see `deid models`).")
+@click.option("--detect-every", type=click.IntRange(min=1), default=1,
+              help="Opt-in speed/coverage trade: run the detector on every Nth frame only; tracks cover the "
+                   "frames between (interpolated, or held at a track's start and end; counted in the report). "
+                   "A face that appears and leaves between two detected frames is missed. At most --max-gap + 1.")
 @click.option("--max-gap", type=click.IntRange(min=0), default=8,
               help="Frames a tracked face may be missed by the detector and still be anonymized (interpolated).")
 @click.option("--smooth", type=click.FloatRange(min=0), default=1.0, help="Landmark smoothing strength (0: off).")
@@ -111,51 +139,79 @@ def _generator_options(f):
 @click.option("--audio", type=click.Choice(AUDIO_MODES), default="copy",
               help="copy: audio packets unchanged; aac: re-encode; none: drop.")
 @click.option("--keep-metadata", is_flag=True, help="Copy container tags (GPS, dates, ...); off by default.")
+@click.option("--format", "out_format", type=click.Choice(PIPE_FORMATS), default=None,
+              help="Container written to stdout when DST is - (default: matroska); files follow their extension.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (otherwise they are skipped).")
+@click.option("--dry-run", is_flag=True,
+              help="Only list what would be done with each input (process, overwrite, skip and why); "
+                   "loads no model, writes nothing.")
+@click.option("--shard", metavar="I/N", callback=_shard_option, default=None,
+              help="Process only shard I of N (0-based: 0..N-1), chosen by a stable hash of each input's path "
+                   "relative to SRC.")
 @click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder searched first for model files.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report on stdout.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the JSON report to this file (atomically), whatever the outcome, interrupted too.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
 @click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv for debug).")
 def anonymize(src, dst, method, weights, device, fp16, batch_size, margin, det_thresh, keep_thresh, det_size, min_face,
-              detector,
-              max_gap, smooth, codec, crf, preset, audio, keep_metadata, overwrite, models_dir, as_json, quiet,
-              verbose):
+              detector, detect_every,
+              max_gap, smooth, codec, crf, preset, audio, keep_metadata, overwrite, dry_run, shard, models_dir, as_json,
+              report_path, quiet, verbose, out_format):
     """Anonymize SRC (video, image, or folder) into DST.
 
+    SRC or DST `-`: a video stream on stdin / to stdout (Matroska, or --format mpegts).
+
     A folder is processed recursively and mirrored into DST; existing outputs are skipped
-    unless --overwrite. Exit codes: 0 ok, 1 some input failed, 2 usage, 3 models, 130 interrupted.
+    unless --overwrite. Exit codes: 0 ok, 1 some input failed, 2 usage, 3 models, 130/143
+    interrupted by SIGINT/SIGTERM (partial output removed, report written; rerun to resume).
     """
     _setup_logging(quiet, verbose)
-    _sigterm_to_interrupt()
+    if as_json and str(dst) == "-":
+        raise click.UsageError("--json cannot be used with DST -: stdout carries the video (use --report FILE)")
+    disarm = _signals_to_interrupt()
     from .options import AnonymizeOptions, DetectOptions, EncodeOptions, TrackOptions
 
-    options = AnonymizeOptions(
-        method=method, weights=weights, device=device, fp16=fp16, batch_size=batch_size, margin=margin,
-        models_dir=models_dir, overwrite=overwrite,
-        detect=DetectOptions(det_thresh=det_thresh, det_size=det_size, min_face=min_face, detector=detector),
-        track=TrackOptions(max_gap=max_gap, smooth=smooth, keep_thresh=keep_thresh),
-        encode=EncodeOptions(codec=codec, crf=crf, preset=preset, audio=audio, keep_metadata=keep_metadata),
-    )
+    try:  # the dataclasses check combinations Click cannot (e.g. --detect-every vs --max-gap)
+        options = AnonymizeOptions(
+            method=method, weights=weights, device=device, fp16=fp16, batch_size=batch_size, margin=margin,
+            models_dir=models_dir, overwrite=overwrite, dry_run=dry_run, shard=shard,
+            detect=DetectOptions(det_thresh=det_thresh, det_size=det_size, min_face=min_face, detector=detector,
+                                 detect_every=detect_every),
+            track=TrackOptions(max_gap=max_gap, smooth=smooth, keep_thresh=keep_thresh),
+            encode=EncodeOptions(codec=codec, crf=crf, preset=preset, audio=audio, keep_metadata=keep_metadata,
+                                 format=out_format),
+        )
+    except ValueError as e:
+        raise click.UsageError(str(e))
     progress = _RichProgress() if (sys.stderr.isatty() and not quiet and not as_json) else None
     from .anonymize import anonymize as run
 
     try:
-        report = run(src, dst, options, progress=progress)
-    except KeyboardInterrupt:
-        log.error("interrupted; partial output removed")
-        _emit(as_json, {"error": "interrupted", "options": options.to_dict()})
-        sys.exit(EXIT_INTERRUPTED)
+        try:
+            report = run(src, dst, options, progress=progress)
+        finally:
+            disarm()
+            if progress is not None:
+                progress.stop()
+    except KeyboardInterrupt as e:  # Interrupted carries the report of the files done so far
+        signum = getattr(e, "signum", signal.SIGINT)
+        log.error("interrupted by %s; partial output removed; run the same command again to resume",
+                  signal.Signals(signum).name)
+        _finish(as_json, report_path, getattr(e, "report", None) or {"error": "interrupted",
+                                                                     "options": options.to_dict()}, 128 + signum)
     except ValueError as e:  # unusable --device and similar
         raise click.UsageError(str(e))
     except DeidError as e:
         log.error("%s", e)
-        _emit(as_json, {"error": str(e), "options": options.to_dict()})
-        sys.exit(e.exit_code)
-    finally:
-        if progress is not None:
-            progress.stop()
-    _emit(as_json, report)
+        _finish(as_json, report_path, {"error": str(e), "options": options.to_dict()}, e.exit_code)
+    if report.get("dry_run"):
+        if not as_json:
+            for f in report["files"]:
+                why = f"  ({f['reason']})" if f["reason"] else ""
+                click.echo(f"{f['action']:9s} {f['input']} -> {f['output']}{why}")
+        _finish(as_json, report_path, report, EXIT_OK)
     if not as_json and not quiet:
         for f in report["files"]:
             if f["status"] == "ok":
@@ -163,13 +219,29 @@ def anonymize(src, dst, method, weights, device, fp16, batch_size, margin, det_t
                            f"{f['tracks']} track(s), {f['seconds']:.1f} s", err=True)
         click.echo(f"deid: {report['ok']} ok, {report['skipped']} skipped, {report['failed']} failed "
                    f"(device {report['device']}, {report['dtype']})", err=True)
-    sys.exit(EXIT_FAILED if report["failed"] else EXIT_OK)
+    _finish(as_json, report_path, report, EXIT_FAILED if report["failed"] else EXIT_OK)
 
 
 def _emit(as_json: bool, obj: dict) -> None:
     if as_json:
         sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
         sys.stdout.flush()
+
+
+def _finish(as_json: bool, report_path, obj: dict, code: int) -> None:
+    """Print the report (--json), write it to --report (atomically), exit with ``code``."""
+    _emit(as_json, obj)
+    if report_path is not None:
+        from .jobs import write_json_atomic
+
+        try:
+            write_json_atomic(report_path, obj)
+        except OSError as e:
+            log.error("%s: cannot write the report (%s)", report_path, e.strerror or e)
+            code = code or EXIT_FAILED
+    for s in (signal.SIGINT, signal.SIGTERM):  # a late signal must not turn the exit status into "killed"
+        signal.signal(s, signal.SIG_IGN)  # (Python restores SIG_DFL at shutdown, but keeps SIG_IGN)
+    sys.exit(code)
 
 
 @cli.group(invoke_without_command=True)
@@ -232,9 +304,11 @@ def models_download(ctx, names, dest):
 @click.option("--codec", default="libx264", help="Video encoder, for every configuration.")
 @click.option("--preset", default="medium", help="Encoder speed preset.")
 @click.option("--crf", type=click.IntRange(0, 63), default=18, help="Encoder quality.")
+@click.option("--detect-every", type=click.IntRange(1, 9), default=1,
+              help="blur/generate: run the detector on every Nth frame only (see `anonymize --detect-every`).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON here.")
-def bench(clip, configs, weights, device, fp16, batch_size, codec, preset, crf, json_path):
+def bench(clip, configs, weights, device, fp16, batch_size, codec, preset, crf, detect_every, json_path):
     """Throughput of deid on CLIP, per stage, next to a plain re-encode and blur.
 
     Prints a markdown table on stdout. Each configuration runs in its own process (its peak
@@ -244,7 +318,7 @@ def bench(clip, configs, weights, device, fp16, batch_size, codec, preset, crf, 
 
     opts = {"device": device, "fp16": fp16, "batch_size": batch_size,
             "weights": str(weights) if weights else None,
-            "encode": {"codec": codec, "preset": preset, "crf": crf}}
+            "encode": {"codec": codec, "preset": preset, "crf": crf}, "detect": {"detect_every": detect_every}}
     res = run_bench(str(clip), configs or ("reencode", "blur", "generate", "generator"), opts)
     res["options"] = opts
     if json_path:
@@ -258,7 +332,7 @@ def _register_optional() -> None:
     module level there is added. Those modules import torch only when a command runs."""
     import importlib
 
-    for mod in ("deidcli.train.commands", "deidcli.evaluate_video"):
+    for mod in ("deidcli.train.commands", "deidcli.evaluate_video", "deidcli.doctor"):
         try:
             m = importlib.import_module(mod)
         except ImportError as e:

@@ -381,19 +381,35 @@ class Tracker:
         self.max_buffered = 0  # most frames held at once
         self.n_weak_dropped = 0  # detections below start_thresh that matched no track
         self.n_weak_kept = 0  # detections below start_thresh that continued a track
+        self.n_predicted = 0  # faces held over undetected frames at a track's start or end
+        self._undetected: set[int] = set()  # buffered frames the detector did not look at
 
     # -- public ------------------------------------------------------------------------
 
-    def push(self, index: int, dets: Detections) -> list[tuple[int, list[Face]]]:
-        """Feed the detections of frame `index` (consecutive, from 0).
+    def push(self, index: int, dets: Optional[Detections]) -> list[tuple[int, list[Face]]]:
+        """Feed the detections of frame `index` (consecutive, from 0), or None for a frame the
+        detector did not look at (``--detect-every``).
 
         Returns the frames that are now final, in order, each as (index, faces sorted
         by track_id). A frame is final once no track can still be filled in it, so the
         output lags the input by at most max_gap frames.
+
+        Frames without detection are covered by prediction: a track detected on both sides
+        is interpolated through them; a track that starts at a detected frame is extended
+        back over the undetected frames just before it (held at its first box), and one that
+        ends is extended forward over the undetected frames just after its last detection
+        (held at its last box). So every face seen at a detected frame is covered up to the
+        neighbouring detected frames; only a face that appears and leaves between two
+        detected frames is never seen.
         """
         assert index == self._next, f"frames must be pushed in order: expected {self._next}"
-        assert isinstance(dets, Detections)
         self._next += 1
+        if dets is None:
+            self._frames[index] = []
+            self._undetected.add(index)
+            self.max_buffered = max(self.max_buffered, len(self._frames))
+            return []  # nothing can become final before the next detected frame
+        assert isinstance(dets, Detections)
         self.n_detections += len(dets)
         obs: list[_Obs] = []
         self._frames[index] = obs
@@ -412,22 +428,34 @@ class Tracker:
             )
             self.n_tracks += 1
             self._live.append(track)
+            f = index - 1
+            while f in self._undetected:  # extend back over the frames nobody looked at
+                self._frames[f].append(_Obs(track.track_id, track.box.copy(), track.kps.copy(), 0.0, True))
+                self.n_predicted += 1
+                f -= 1
             self._add(index, track, float(dets.scores[j]), interpolated=False)
 
         # Tracks that can no longer be continued at index + 1 (gap > max_gap) end here.
         for track in [t for t in self._live if index - t.last >= self.options.max_gap + 1]:
-            self._live.remove(track)
-            self._ended[track.track_id] = track.last
+            self._end(track)
         # Frames up to the oldest live track's last detection can no longer change.
         horizon = min([index] + [t.last for t in self._live])
         return self._finalize(horizon)
 
     def flush(self) -> list[tuple[int, list[Face]]]:
         """End of stream: every frame not yet returned, in order. Tracks end here."""
-        for track in self._live:
-            self._ended[track.track_id] = track.last
-        self._live = []
+        for track in list(self._live):
+            self._end(track)
         return self._finalize(self._next - 1)
+
+    def _end(self, track: _Track) -> None:
+        self._live.remove(track)
+        f = track.last + 1
+        while f in self._undetected:  # extend forward over the frames nobody looked at
+            self._frames[f].append(_Obs(track.track_id, track.box.copy(), track.kps.copy(), 0.0, True))
+            self.n_predicted += 1
+            f += 1
+        self._ended[track.track_id] = max(f - 1, track.last)
 
     @property
     def stats(self) -> dict:
@@ -511,6 +539,7 @@ class Tracker:
     def _finalize(self, horizon: int) -> list[tuple[int, list[Face]]]:
         out = []
         for f in range(self._next_final, horizon + 1):
+            self._undetected.discard(f)
             faces = []
             for o in sorted(self._frames.pop(f), key=lambda o: o.track_id):
                 box, kps = self._smooth(o)

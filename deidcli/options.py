@@ -8,6 +8,7 @@ from typing import Optional
 
 METHODS = ("generate", "blur", "pixelate", "solid")
 AUDIO_MODES = ("copy", "aac", "none")
+PIPE_FORMATS = ("matroska", "mpegts")  # container formats written to stdout (DST "-"); the first is the default
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,7 @@ class EncodeOptions:
     preset: str = "medium"  # encoder speed preset (x264/x265/nvenc)
     audio: str = "copy"  # copy: packets unchanged; aac: re-encode; none: drop audio
     keep_metadata: bool = False  # copy container/stream tags (GPS, creation time, ...)
+    format: Optional[str] = None  # container written to stdout (DST "-"): matroska (default) or mpegts
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class DetectOptions:
     det_size: int = 640  # detector input size (square, multiple of 32)
     min_face: int = 0  # ignore faces whose box is smaller than this many pixels (shorter side)
     detector: str = "det_scrfd_2.5g_kps.onnx"  # registry name of the detector model
+    detect_every: int = 1  # run the detector on every Nth frame only (opt-in speed/coverage trade; tracks fill the rest)
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,8 @@ class AnonymizeOptions:
     margin: float = 0.25  # extra margin around the face box for blur/pixelate/solid, fraction of size
     models_dir: Optional[Path] = None  # first place to look for model files
     overwrite: bool = False  # replace existing outputs (folder runs skip them otherwise)
+    dry_run: bool = False  # only list what would be done (no model loaded, nothing written)
+    shard: Optional[tuple[int, int]] = None  # (index, count), 0-based: only the inputs of that shard (jobs.shard_of)
     detect: DetectOptions = field(default_factory=DetectOptions)
     track: TrackOptions = field(default_factory=TrackOptions)
     encode: EncodeOptions = field(default_factory=EncodeOptions)
@@ -54,8 +59,15 @@ class AnonymizeOptions:
             raise ValueError(f"method must be one of {METHODS}, not {self.method!r}")
         if self.encode.audio not in AUDIO_MODES:
             raise ValueError(f"audio must be one of {AUDIO_MODES}, not {self.encode.audio!r}")
+        if self.encode.format is not None and self.encode.format not in PIPE_FORMATS:
+            raise ValueError(f"format must be one of {PIPE_FORMATS}, not {self.encode.format!r}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if not 1 <= self.detect.detect_every <= self.track.max_gap + 1:
+            raise ValueError(f"detect_every must be between 1 and max_gap + 1 = {self.track.max_gap + 1}, "
+                             f"not {self.detect.detect_every}")
+        if self.shard is not None and not (len(self.shard) == 2 and 0 <= self.shard[0] < self.shard[1]):
+            raise ValueError(f"shard must be (index, count) with 0 <= index < count, not {self.shard!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -20,9 +20,18 @@ Policies (see the README for the user-facing wording):
 * Audio: ``copy`` (packets byte for byte), ``aac`` (re-encode), ``none`` (drop).
   A container that cannot hold the copied audio raises :class:`OutputError` before any
   frame is written.
-* Metadata: container and stream tags (GPS location, creation time, title, device ...)
-  are dropped unless ``keep_metadata``; only the streams' ``language`` tag is kept.
-  Data, subtitle and attachment streams (telemetry, GPS tracks) are never copied.
+* Subtitles: copied packet for packet when the output container can hold them (text
+  subtitles in .mkv, mov_text in .mp4), otherwise dropped with a warning.
+* Metadata: container and stream tags (GPS location, creation time, title, device, the
+  source's encoder and handler names ...) and chapters are dropped unless ``keep_metadata``;
+  only the streams' ``language`` tag is kept. Data streams (telemetry, GPS tracks) are never
+  copied, nor are pictures (cover art, image attachments: deid does not anonymize them);
+  ``keep_metadata`` keeps tags, chapters and font attachments where the container allows.
+* Damage: a video packet the decoder rejects is skipped, a frame it conceals is kept; the
+  errors, the frames lost and the times of the affected frames are reported
+  (``decode_errors``, ``frames_lost``, ``decode_error_times``) and logged as a warning.
+* Odd sizes: an encoder that cannot store the size in the pixel format (H.264/HEVC 4:2:0 at
+  641x361) gets the last column/row cropped, with a warning.
 """
 
 from __future__ import annotations
@@ -33,7 +42,10 @@ import logging
 import math
 import os
 import secrets
+import select
 import struct
+import sys
+import threading
 from collections import deque
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -135,6 +147,34 @@ def _ff_reason(exc: BaseException) -> str:
     return " ".join(str(reason).split())
 
 
+def _mp4_without_moov(path: Path) -> bool:
+    """True if ``path`` starts like an MP4/MOV file but has no ``moov`` box (the index, written
+    last by most recorders): a recording that was cut short or copied incompletely."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            pos, first = 0, True
+            while pos + 8 <= size:
+                f.seek(pos)
+                head = f.read(16)
+                n, kind = struct.unpack(">I4s", head[:8])
+                if first and kind not in (b"ftyp", b"wide", b"free", b"skip", b"mdat"):
+                    return False  # not an ISO media file at all
+                first = False
+                if kind == b"moov":
+                    return False
+                if n == 1 and len(head) >= 16:
+                    n = struct.unpack(">Q", head[8:16])[0]
+                elif n == 0:
+                    n = size - pos  # box runs to the end of the file
+                if n < 8:
+                    return True  # garbage where a box header should be
+                pos += n
+            return not first
+    except OSError:
+        return False
+
+
 def _open_input(path: PathLike) -> "av.container.InputContainer":
     p = Path(path)
     if not p.exists():
@@ -142,16 +182,60 @@ def _open_input(path: PathLike) -> "av.container.InputContainer":
     if p.is_dir():
         raise InputError(f"{p}: is a directory, not a video file")
     try:
+        empty = p.stat().st_size == 0
+    except OSError as e:
+        raise InputError(f"{p.name}: cannot read the file ({_ff_reason(e)})") from e
+    if empty:
+        raise InputError(f"{p.name}: file is empty (0 bytes)")
+    try:
         return av.open(str(p), "r", metadata_errors="replace")
+    except PermissionError as e:
+        raise InputError(f"{p.name}: cannot read the file: permission denied") from e
+    except EOFError as e:
+        raise InputError(
+            f"{p.name}: the file ends before any video data (truncated, or an empty container)"
+        ) from e
     except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as e:
-        raise InputError(f"{p.name}: not a readable video file ({_ff_reason(e)})") from e
+        if _mp4_without_moov(p):
+            raise InputError(
+                f"{p.name}: truncated or incomplete MP4 (moov atom not found); it was probably "
+                f"not copied or recorded completely"
+            ) from e
+        raise InputError(
+            f"{p.name}: not a media file, or a damaged one ({_ff_reason(e)})"
+        ) from e
 
 
 def _video_stream(container, name: str):
     for s in container.streams.video:
         if not (s.disposition & av.stream.Disposition.attached_pic):
             return s
+    if container.streams.audio:
+        raise InputError(f"{name}: no video stream (audio-only file)")
+    if container.streams.video:
+        raise InputError(f"{name}: no video stream (only a cover picture)")
     raise InputError(f"{name}: no video stream")
+
+
+def _first_frame(container, vs, name: str, max_errors: int = 250):
+    """The first decodable frame of ``vs``; packets the decoder rejects before it are skipped
+    (a damaged start is reported by the transcode, not fatal). :class:`InputError` if none."""
+    errors, reason = 0, ""
+    for packet in container.demux(vs):
+        try:
+            frames = packet.decode()
+        except av.FFmpegError as e:
+            errors, reason = errors + 1, _ff_reason(e)
+            if errors >= max_errors:
+                break
+            continue
+        if frames:
+            return frames[0]
+    if errors:
+        raise InputError(
+            f"{name}: no decodable video frames ({errors} packet(s) failed to decode: {reason})"
+        )
+    raise InputError(f"{name}: no decodable video frames (the video stream is empty)")
 
 
 def _check_truncated(container, path: Path) -> None:
@@ -241,11 +325,9 @@ def probe(path: PathLike) -> VideoInfo:
         vs = _video_stream(container, p.name)
         _check_truncated(container, p)
         try:
-            first = next(iter(container.decode(vs)), None)
-        except av.FFmpegError as e:
-            raise InputError(f"{p.name}: cannot decode video ({_ff_reason(e)})") from e
-        if first is None:
-            raise InputError(f"{p.name}: the video stream has no decodable frames")
+            first = _first_frame(container, vs, p.name)
+        except av.FFmpegError as e:  # reading the file itself failed
+            raise InputError(f"{p.name}: cannot read video ({_ff_reason(e)})") from e
         rot = _rotation(first)
         w, h = first.width, first.height
         uw, uh = (h, w) if rot in (90, 270) else (w, h)
@@ -495,6 +577,12 @@ def _output_pix_fmt(fmt: str, codec, src_name: str) -> str:
     raise InputError(f"{src_name}: pixel format {fmt} cannot be encoded by {codec.name}{hint}")
 
 
+# Audio codecs MPEG-TS has a standard mapping for (others would be written as private data).
+_MPEGTS_AUDIO = frozenset(
+    {"aac", "aac_latm", "mp3", "mp2", "mp1", "ac3", "eac3", "opus", "dts", "truehd"}
+)
+
+
 def _check_audio_copy(fmt_name: str, streams: list, dst: Path) -> None:
     """Dry-run: can this muxer hold these audio streams as they are? OutputError if not.
 
@@ -506,6 +594,8 @@ def _check_audio_copy(fmt_name: str, streams: list, dst: Path) -> None:
         try:
             if codec.startswith("pcm_") and fmt_name in ("mp4", "ipod"):
                 raise ValueError("PCM audio in MP4 does not play in most players")
+            if fmt_name == "mpegts" and codec not in _MPEGTS_AUDIO:
+                raise ValueError("the MPEG-TS muxer writes it as an unreadable private stream")
             with av.open(io.BytesIO(), "w", format=fmt_name) as probe_out:
                 probe_out.add_stream_from_template(s)
                 probe_out.start_encoding()
@@ -514,7 +604,74 @@ def _check_audio_copy(fmt_name: str, streams: list, dst: Path) -> None:
                 f"{dst.suffix or fmt_name} output cannot hold the input's "
                 f"{codec} audio (stream #{s.index}) as it is; "
                 f"use --audio aac, --audio none, or an .mkv output"
+                + (" (--format matroska on a pipe)" if fmt_name == "mpegts" else "")
             ) from e
+
+
+def _cannot_copy(fmt_name: str, stream) -> Optional[str]:
+    """Dry-run: why this muxer cannot hold ``stream`` copied as it is, or None if it can."""
+    try:
+        with av.open(io.BytesIO(), "w", format=fmt_name) as probe_out:
+            probe_out.add_stream_from_template(stream)
+            probe_out.start_encoding()
+    except Exception as e:
+        return _ff_reason(e)
+    return None
+
+
+def _encodable_size(codec_name: str, pix_fmt: str, w: int, h: int, enc: EncodeOptions
+                    ) -> tuple[int, int]:
+    """(w, h), or the size cropped to the chroma subsampling when the encoder refuses odd sizes
+    in this pixel format (H.264/HEVC cannot store 641x361 in 4:2:0: crop units are 2 pixels)."""
+    lay = _plane_layouts(pix_fmt)
+    ax, ay = 1 << max(p.sw for p in lay), 1 << max(p.sh for p in lay)
+    if w % ax == 0 and h % ay == 0:
+        return w, h
+    try:
+        ctx = av.CodecContext.create(codec_name, "w")
+        ctx.width, ctx.height, ctx.pix_fmt = w, h, pix_fmt
+        ctx.time_base, ctx.framerate = Fraction(1, 25), Fraction(25)
+        ctx.options = _encoder_options(codec_name, enc)
+        ctx.open()
+        return w, h
+    except Exception:
+        return w - w % ax, h - h % ay
+
+
+def _crop_frame(frame, w: int, h: int):
+    """A new frame with the top-left ``w`` x ``h`` of ``frame`` (sizes aligned to its chroma)."""
+    fmt = frame.format.name
+    out = av.VideoFrame(w, h, fmt)
+    for src, dst, lay in zip(frame.planes, out.planes, _plane_layouts(fmt)):
+        rows = -(-h // (1 << lay.sh))
+        nbytes = -(-w // (1 << lay.sw)) * lay.bpp
+        _plane_bytes(dst, rows)[:, :nbytes] = _plane_bytes(src, rows)[:, :nbytes]
+    for attr in ("colorspace", "color_range", "color_primaries", "color_trc", "duration"):
+        with contextlib.suppress(Exception):
+            setattr(out, attr, getattr(frame, attr))
+    return out
+
+
+_AAC_RATES = (
+    96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350
+)
+_AAC_OBJECT_TYPES = {"Main": 1, "LC": 2, "SSR": 3, "LTP": 4}  # the profiles ADTS can signal
+
+
+def _aac_config_for_stream(src_stream, ost) -> None:
+    """AAC read from MPEG-TS (ADTS) has no AudioSpecificConfig; Matroska written to a pipe
+    needs it in the header, before the first packet could supply it. Build it from the stream
+    parameters (the muxer strips the ADTS headers from the copied packets itself)."""
+    ctx = src_stream.codec_context
+    if ctx.name != "aac" or ctx.extradata:
+        return
+    rate, channels = ctx.sample_rate, ctx.layout.nb_channels
+    if rate not in _AAC_RATES or not 1 <= channels <= 8 or channels == 7:
+        return  # the muxer then refuses with its own error
+    aot = _AAC_OBJECT_TYPES.get(str(ctx.profile), 2)
+    chan_cfg = 7 if channels == 8 else channels
+    asc = (aot << 11) | (_AAC_RATES.index(rate) << 7) | (chan_cfg << 3)  # AudioSpecificConfig
+    ost.codec_context.extradata = asc.to_bytes(2, "big")
 
 
 def _copy_tags(
@@ -539,17 +696,32 @@ ProcessFn = Callable[
 class _Transcoder:
     """State of one transcode: input/output containers, stream maps, audio routing."""
 
-    def __init__(self, src: Path, dst: Path, encode: EncodeOptions):
+    def __init__(self, src: Path, dst: Path, encode: EncodeOptions, inp=None, dst_file=None,
+                 out_format: Optional[str] = None):
         self.src, self.dst, self.encode = src, dst, encode
-        self.inp = None
+        self.inp = inp  # an already open input container (a pipe: read once), else opened from src
+        self.dst_file = dst_file  # a writable binary file object to write instead of the path dst
+        self.out_format = out_format  # container format name; None: guessed from dst's extension
         self.out = None
         self.vin = None
         self.ovs = None
         self.audio_in: list = []
         self.audio_out: dict[int, Any] = {}  # input stream index -> output stream
-        # Audio packets from the demuxer, muxed by the thread that writes video (PyAV containers
-        # are not thread-safe; the decoder may run in its own thread). deque: thread-safe ends.
+        self.subs_in: list = []  # subtitle streams, copied when the output container can hold them
+        self.subs_out: dict[int, Any] = {}  # input stream index -> output stream
+        # Audio and subtitle packets from the demuxer, muxed by the thread that writes video
+        # (PyAV containers are not thread-safe; the decoder may run in its own thread).
+        # deque: thread-safe ends.
         self.pending_audio: deque = deque()
+        # Damage: errors the decoder reported (packets it rejected + frames it concealed), video
+        # packets that gave no frame, input times (s) of the lost and concealed frames (first 100).
+        self.decode_errors = 0
+        self.frames_lost = 0
+        self.decode_error_times: list[float] = []
+        self._concealed: list[int] = []  # pts of frames the decoder flagged as concealed
+        self._rejected: list[int] = []  # pts of the packets being sent when the decoder raised
+        self._awaiting: dict[int, None] = {}  # pts of video packets whose frame is not out yet
+        self.crop: Optional[tuple[int, int]] = None  # (w, h) encoded, when it needs even sizes
         self.decoded = 0
         self.exhausted = False
         self.rotation = 0
@@ -557,38 +729,82 @@ class _Transcoder:
         self.pts_step = 1
         self.pts_fixed = 0
         self.audio_packets = 0
+        self.subtitle_packets = 0
         self.durations: dict[int, int] = {}  # out pts -> input frame duration (stream time base)
 
     # ---- input side -------------------------------------------------------------
     def open_input(self) -> None:
-        self.inp = _open_input(self.src)
+        from_path = self.inp is None  # else a stream opened by the caller (open_stream)
+        if from_path:
+            self.inp = _open_input(self.src)
         self.vin = _video_stream(self.inp, self.src.name)
-        _check_truncated(self.inp, self.src)
+        if from_path:
+            _check_truncated(self.inp, self.src)
         self.vin.thread_type = "AUTO"
         if self.encode.audio != "none":
             self.audio_in = list(self.inp.streams.audio)
+        self.subs_in = list(self.inp.streams.subtitles)
         rate = self.vin.average_rate or self.vin.guessed_rate
         tb = self.vin.time_base
         if rate and tb:
             self.pts_step = max(1, int(round(1 / (rate * tb))))
 
+    def _decode_error(self, pts: Optional[int], reason: str, kind: list) -> None:
+        self.decode_errors += 1
+        if pts is not None and len(kind) < 1000:
+            kind.append(pts)
+        log.debug("%s: damaged video near pts %s: %s", self.src.name, pts, reason)
+
+    def _damage_report(self) -> None:
+        """Affected frames once decoding is over: those the decoder concealed and those it never
+        output (a frame-threaded decoder raises a few packets late: the lost frames' own pts are
+        exact, the packet in hand when it raised is only a fallback)."""
+        lost = sorted(self._awaiting)
+        self.frames_lost = len(lost)
+        pts = set(self._concealed) | set(lost) or set(self._rejected)
+        tb = self.vin.time_base or Fraction(1, 90000)
+        self.decode_error_times = [round(float(p * tb), 3) for p in sorted(pts)[:100]]
+
     def _decoded(self) -> Iterator[Any]:
-        """Demux in file order; yield decoded video frames, route audio packets on the fly."""
+        """Demux in file order; yield decoded video frames, route audio/subtitle packets on the fly.
+
+        A damaged video packet does not stop the transcode: a packet the decoder rejects is
+        skipped, a frame it flags as concealed is kept, and both are counted with their times
+        (``decode_errors``, ``frames_lost``, ``decode_error_times``); every frame it does output
+        goes on with its pts.
+        Failing to read the file itself (I/O error) raises :class:`InputError`.
+        """
         name = self.src.name
         corrupt = 0
-        try:
-            for packet in self.inp.demux(self.vin, *self.audio_in):
-                if packet.stream.type == "video":
-                    if packet.is_corrupt:
-                        corrupt += 1
-                    for frame in packet.decode():
-                        yield frame
-                else:
-                    self.pending_audio.append(packet)
-        except av.FFmpegError as e:
-            raise InputError(
-                f"{name}: decoding failed after {self.decoded} frames ({_ff_reason(e)})"
-            ) from e
+        demux = self.inp.demux(self.vin, *self.audio_in, *self.subs_in)
+        while True:
+            try:
+                packet = next(demux)
+            except StopIteration:
+                break
+            except av.FFmpegError as e:
+                raise InputError(
+                    f"{name}: decoding failed after {self.decoded} frames ({_ff_reason(e)})"
+                ) from e
+            if packet.stream.type != "video":
+                self.pending_audio.append(packet)
+                continue
+            if packet.is_corrupt:
+                corrupt += 1
+            if packet.size and packet.pts is not None:
+                self._awaiting[packet.pts] = None
+                if len(self._awaiting) > 10000:  # bounded (field-coded video: 2 packets a frame)
+                    del self._awaiting[next(iter(self._awaiting))]
+            try:
+                frames = packet.decode()
+            except av.FFmpegError as e:
+                self._decode_error(packet.pts, _ff_reason(e), self._rejected)
+                continue
+            for frame in frames:
+                self._awaiting.pop(frame.pts, None)
+                if frame.is_corrupt:
+                    self._decode_error(frame.pts, "concealed by the decoder", self._concealed)
+                yield frame
         expected = int(self.vin.frames or 0)
         if corrupt:
             # Threaded decoders conceal errors instead of raising; a corrupt (e.g. cut short)
@@ -599,6 +815,16 @@ class _Transcoder:
                     f"be read (file truncated or corrupt)"
                 )
             log.warning("%s: %d corrupt video packet(s); the decoder concealed them", name, corrupt)
+        if self.decode_errors:
+            self._damage_report()
+            times = ", ".join(f"{t:.3f}" for t in self.decode_error_times[:10]) or "unknown times"
+            more = ", ..." if len(self.decode_error_times) > 10 else ""
+            log.warning(
+                "%s: damaged video: %d decoding error(s), frames affected at %s s%s (%d lost); the "
+                "%d frames decoded were processed (frames after a damaged one may show artefacts "
+                "until the next keyframe)",
+                name, self.decode_errors, times, more, self.frames_lost, self.decoded,
+            )
         self.exhausted = True
 
     def drain_audio(self) -> None:
@@ -608,6 +834,18 @@ class _Transcoder:
             self._on_audio(q.popleft())
 
     def _on_audio(self, packet) -> None:
+        sub = self.subs_out.get(packet.stream.index)
+        if sub is not None:  # subtitles: always copied as they are
+            if packet.size == 0 or (packet.pts is None and packet.dts is None):
+                return  # demuxer flush packet
+            if sub.codec_context.name == "mov_text" and bytes(packet) == b"\x00\x00":
+                return  # an empty "cue ends" sample: the MP4 muxer writes its own at each cue end
+            if packet.dts is None:
+                packet.dts = packet.pts
+            packet.stream = sub
+            self._mux(packet)
+            self.subtitle_packets += 1
+            return
         ost = self.audio_out.get(packet.stream.index)
         if ost is None:
             return
@@ -641,7 +879,7 @@ class _Transcoder:
     def _mux(self, packet) -> None:
         try:
             self.out.mux(packet)
-        except av.FFmpegError as e:
+        except (av.FFmpegError, OSError) as e:  # OSError: a file object's write (a closed pipe)
             raise OutputError(f"{self.dst.name}: writing failed ({_ff_reason(e)})") from e
 
     def frames(self, first, rest) -> Iterator[VideoFrame]:
@@ -693,7 +931,8 @@ class _Transcoder:
         enc = self.encode
         codec = _video_encoder(enc.codec)
         try:
-            self.out = av.open(str(self.dst), "w")
+            self.out = av.open(str(self.dst) if self.dst_file is None else self.dst_file, "w",
+                               format=self.out_format)
         except (av.FFmpegError, OSError, ValueError) as e:
             raise OutputError(f"{self.dst.name}: cannot create output ({_ff_reason(e)})") from e
         out, vin = self.out, self.vin
@@ -717,6 +956,14 @@ class _Transcoder:
         pix_fmt = _output_pix_fmt(in_fmt, codec, self.src.name)
         _plane_layouts(in_fmt)  # refuse formats the rectangle painter cannot handle, early
         self.convert_fmt = None if pix_fmt == in_fmt else pix_fmt
+        size = _encodable_size(codec.name, pix_fmt, first.width, first.height, enc)
+        if size != (first.width, first.height):
+            self.crop = size
+            log.warning(
+                "%s: %dx%d cannot be encoded by %s in %s (it needs even sizes); the last "
+                "column/row is cropped: the output is %dx%d (--codec libvpx-vp9 or ffv1 keep the "
+                "exact size)", self.src.name, first.width, first.height, codec.name, pix_fmt, *size,
+            )
 
         rate = vin.average_rate or vin.guessed_rate or Fraction(25)
         try:
@@ -728,7 +975,7 @@ class _Transcoder:
             ) from e
         self.ovs = ovs
         cc = ovs.codec_context
-        ovs.width, ovs.height = first.width, first.height
+        ovs.width, ovs.height = self.crop or (first.width, first.height)
         ovs.pix_fmt = pix_fmt
         ovs.time_base = vin.time_base
         cc.time_base = vin.time_base
@@ -770,6 +1017,8 @@ class _Transcoder:
             for s in self.audio_in:
                 ost = out.add_stream_from_template(s)
                 ost.time_base = s.time_base
+                if self.dst_file is not None and fmt_name in ("matroska", "webm"):
+                    _aac_config_for_stream(s, ost)
                 _copy_tags(ost.metadata, s.metadata, enc.keep_metadata)
                 self.audio_out[s.index] = ost
         elif enc.audio == "aac":
@@ -789,8 +1038,31 @@ class _Transcoder:
                 _copy_tags(ost.metadata, s.metadata, enc.keep_metadata)
                 self.audio_out[s.index] = ost
 
+        for s in self.subs_in:
+            why = _cannot_copy(fmt_name, s)
+            if why:
+                log.warning(
+                    "%s: subtitle stream #%d (%s) cannot be stored in a %s output (%s); dropped "
+                    "(an .mkv output keeps text subtitles)",
+                    self.src.name, s.index, s.codec_context.name, self.dst.suffix or fmt_name, why,
+                )
+                continue
+            ost = out.add_stream_from_template(s)
+            ost.time_base = s.time_base
+            with contextlib.suppress(Exception):  # default/forced flags
+                ost.disposition = s.disposition
+            _copy_tags(ost.metadata, s.metadata, enc.keep_metadata)
+            self.subs_out[s.index] = ost
+
         if enc.keep_metadata:
             out.metadata.update(self.inp.metadata)
+            if fmt_name in ("mp4", "mov", "ipod"):
+                # Write every key (Apple's location, make, model...), not only the iTunes ones.
+                flags = out.container_options.get("movflags")
+                out.container_options["movflags"] = (
+                    f"{flags}+use_metadata_tags" if flags else "use_metadata_tags"
+                )
+            self._keep_chapters_and_attachments(fmt_name)
 
         try:
             out.start_encoding()
@@ -800,6 +1072,39 @@ class _Transcoder:
                 f"{enc.audio}): {_ff_reason(e)}"
             ) from e
         self.drain_audio()
+
+    def _keep_chapters_and_attachments(self, fmt_name: str) -> None:
+        """--keep-metadata: chapters and non-picture attachments (fonts) where the container can
+        hold them. Pictures (cover art, image attachments) are never copied: deid does not
+        anonymize them and they often show a face."""
+        name = self.src.name
+        chapters = self.inp.chapters()
+        if chapters:
+            try:
+                self.out.set_chapters(chapters)
+            except Exception as e:
+                log.warning("%s: chapters not kept (%s)", name, _ff_reason(e))
+        pictures = [s for s in self.inp.streams.video
+                    if s.disposition & av.stream.Disposition.attached_pic]
+        for s in self.inp.streams.attachments:
+            mime = (s.mimetype or "").lower()
+            fname = s.metadata.get("filename") or s.name or f"attachment{s.index}"
+            if mime.startswith("image/"):
+                pictures.append(s)
+                continue
+            if fmt_name not in ("matroska",):
+                log.warning("%s: attachment %r not kept (a %s output cannot hold attachments)",
+                            name, fname, self.dst.suffix or fmt_name)
+                continue
+            try:
+                self.out.add_attachment(fname, s.mimetype or "application/octet-stream", s.data)
+            except Exception as e:
+                log.warning("%s: attachment %r not kept (%s)", name, fname, _ff_reason(e))
+        if pictures:
+            log.warning(
+                "%s: %d attached picture(s) (cover art) not copied even with --keep-metadata: "
+                "deid does not anonymize them", name, len(pictures),
+            )
 
     def encode_frame(self, vf: VideoFrame, image: np.ndarray, rects) -> bool:
         frame = vf._av
@@ -831,6 +1136,8 @@ class _Transcoder:
                 dirty = True
         if self.convert_fmt is not None:  # yuvjXXXp -> yuvXXXp: same samples, full range kept
             frame = frame.reformat(format=self.convert_fmt, src_color_range=2, dst_color_range=2)
+        if self.crop is not None:
+            frame = _crop_frame(frame, *self.crop)
         frame.pts = vf._out_pts
         frame.time_base = self.vin.time_base
         frame.pict_type = 0  # let the encoder choose frame types
@@ -890,11 +1197,19 @@ def transcode_video(
     on_frame: Optional[Callable[[int], None]] = None,
     stages: Stages = NULL,
     threads: bool = True,
+    input_container: Any = None,
+    output_format: Optional[str] = None,
 ) -> dict:
     """Decode ``src``, run ``process`` over its frames, encode to ``dst`` and handle audio.
 
     ``dst`` is the exact path to write (typically the temp path of :func:`atomic_output`);
     the container format is guessed from its extension.
+
+    Pipes: ``input_container`` is an already open input (see :func:`open_stream`; a pipe can
+    be read only once), read instead of opening ``src``, which then only names it in messages;
+    it is closed here. ``dst`` may be a writable binary file object (see
+    :func:`stdout_stream`) instead of a path; ``output_format`` (e.g. "matroska", "mpegts")
+    then names the container format, which a path's extension gives otherwise.
 
     ``process(frames)`` receives an iterator of :class:`VideoFrame` (lazily decoded) and must
     yield, in the same order, one ``(frame, image, rects)`` per input frame: ``image`` is the
@@ -909,20 +1224,32 @@ def transcode_video(
     Returns stats: ``frames``, ``dirty_frames``, ``audio_streams``, ``audio_mode``,
     ``audio_packets``, ``video_codec``, ``pix_fmt``, ``width``/``height`` (upright),
     ``rotation``, ``pts_fixed`` (frames whose missing/duplicate pts had to be replaced),
-    ``dropped_streams`` (input streams not written: data, subtitles, extra video ...).
+    ``dropped_streams`` (input streams not written: data, pictures, subtitles the output cannot
+    hold, extra video ...), ``subtitle_streams``/``subtitle_packets`` (copied),
+    ``encoded_size`` (``[w, h]`` stored; smaller than the input only for an odd size the encoder
+    cannot store), and the damage found: ``decode_errors``, ``frames_lost``,
+    ``decode_error_times`` (see :meth:`_Transcoder._decoded`).
 
     Stages overlap (``threads=True``): decoding runs in one thread, ``process`` in another,
     and the calling thread encodes and muxes, joined by short bounded queues, so memory does
     not grow with the length of the video. ``stages`` receives the time of "decode" and
     "encode" (``process`` reports its own).
 
-    Raises :class:`InputError` for unreadable/undecodable input (also mid-stream) and
+    Raises :class:`InputError` for unreadable input, input without a decodable frame, or a read
+    error mid-stream (a damaged packet mid-stream is counted, not raised), and
     :class:`OutputError` when the output cannot be written as asked.
     """
     if encode.audio not in AUDIO_MODES:
         raise ValueError(f"audio must be one of {AUDIO_MODES}, not {encode.audio!r}")
+    dst_file = None
+    if not isinstance(dst, (str, os.PathLike)):
+        if output_format is None:
+            raise ValueError("output_format is needed to write to a file object")
+        dst_file, dst = dst, "stdout"
     src, dst = Path(src), Path(dst)
-    t = _Transcoder(src, dst, encode)
+    t = _Transcoder(
+        src, dst, encode, inp=input_container, dst_file=dst_file, out_format=output_format
+    )
     frames = results = None
     try:
         t.open_input()
@@ -930,7 +1257,9 @@ def transcode_video(
         try:
             first = next(decoded)
         except StopIteration:
-            raise InputError(f"{src.name}: the video stream has no decodable frames") from None
+            why = (f"{t.decode_errors} packet(s) failed to decode" if t.decode_errors
+                   else "the video stream is empty")
+            raise InputError(f"{src.name}: no decodable video frames ({why})") from None
         t.open_output(first)
 
         n_out = dirty = 0
@@ -965,7 +1294,7 @@ def transcode_video(
         dropped = [
             f"#{s.index} {s.type}"
             for s in t.inp.streams
-            if s is not t.vin and s.index not in t.audio_out
+            if s is not t.vin and s.index not in t.audio_out and s.index not in t.subs_out
         ]
         if dropped:
             log.info("%s: streams not written: %s", src.name, ", ".join(dropped))
@@ -985,6 +1314,12 @@ def transcode_video(
             "rotation": t.rotation,
             "pts_fixed": t.pts_fixed,
             "dropped_streams": dropped,
+            "subtitle_streams": len(t.subs_out),
+            "subtitle_packets": t.subtitle_packets,
+            "decode_errors": t.decode_errors,
+            "frames_lost": t.frames_lost,
+            "decode_error_times": list(t.decode_error_times),
+            "encoded_size": list(t.crop) if t.crop else [first.width, first.height],
         }
     finally:
         # Stop the worker threads (consumer side first) before the containers they use close.
@@ -1089,3 +1424,204 @@ def atomic_output(dst: PathLike) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+# --------------------------------------------------------------------------------------
+# pipes: `deid anonymize - -` (stdin / stdout)
+# --------------------------------------------------------------------------------------
+
+#: Top-level MP4/MOV boxes that may come before ``moov``/``mdat`` (skipped when peeking).
+_MP4_LEADING_BOXES = frozenset({b"ftyp", b"styp", b"free", b"skip", b"wide", b"pdin", b"uuid"})
+_MP4_PEEK_LIMIT = 1 << 20
+
+
+class _Replay:
+    """Non-seekable reader of a stream: ``head`` (bytes peeked at) first, then the rest of ``f``.
+
+    It has no ``seek``/``tell``: PyAV then tells FFmpeg the input is a stream. On a real file
+    descriptor (a pipe) it waits for data in short slices and reads as ended once ``abort`` is
+    set: a signal while upstream is silent would otherwise wait for upstream's next byte.
+    """
+
+    def __init__(self, f, abort: Optional[threading.Event] = None):
+        self.head = b""
+        self.abort = abort
+        self.pending: Optional[BaseException] = None  # raised by a signal handler while reading
+        try:
+            self.fd: Optional[int] = f.fileno()
+        except (AttributeError, OSError, ValueError):
+            self.fd = None
+        self._read = getattr(f, "read1", None) or f.read
+
+    def raw(self, n: int) -> bytes:
+        """Up to ``n`` bytes from ``f``, what is there (not waiting for ``n``); b"" at the end."""
+        if self.fd is None:
+            return self._read(n)
+        try:
+            while not (self.abort is not None and self.abort.is_set()):
+                if select.select([self.fd], [], [], 0.2)[0]:
+                    return os.read(self.fd, n)
+        except Exception:
+            raise  # a read error: PyAV passes it on
+        except BaseException as e:
+            # A signal handler raised (Ctrl-C, the CLI's SIGTERM) while the main thread waited
+            # here, maybe inside FFmpeg's read callback, which cannot pass it on: end the stream
+            # and keep it for the caller to raise (see open_stream).
+            self.pending = e
+        return b""
+
+    def read(self, n: int = -1) -> bytes:
+        n = n if n and n > 0 else 1 << 16
+        if self.head:
+            out, self.head = self.head[:n], self.head[n:]
+            return out
+        return self.raw(n)
+
+    def readable(self) -> bool:
+        return True
+
+
+class _StreamWriter:
+    """Write-only, non-seekable view of a binary file (PyAV does not seek or close it)."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, b) -> int:
+        self.f.write(b)
+        return len(b)
+
+    def writable(self) -> bool:
+        return True
+
+
+def _mp4_moov_at_end(read: Callable[[int], bytes]) -> tuple[bytes, bool]:
+    """Peek at the top-level boxes of a stream: (bytes read, True if it is an MP4/MOV whose
+    ``mdat`` comes before ``moov``, i.e. one that can only be read from a seekable file)."""
+    head = b""
+    pos = 0
+    while pos <= _MP4_PEEK_LIMIT:
+        while len(head) < pos + 16:
+            chunk = read(pos + 16 - len(head))
+            if not chunk:
+                return head, False
+            head += chunk
+        size = int.from_bytes(head[pos:pos + 4], "big")
+        kind = head[pos + 4:pos + 8]
+        if kind in (b"moov", b"moof"):
+            return head, False  # streamable (faststart or fragmented)
+        if kind == b"mdat":
+            return head, True
+        if kind not in _MP4_LEADING_BOXES:
+            return head, False  # not an MP4/MOV at all (Matroska, MPEG-TS, ...), or unknown layout
+        if size == 1:
+            size = int.from_bytes(head[pos + 8:pos + 16], "big")
+        if size < 8:
+            return head, False  # box up to the end of the file, or garbage
+        pos += size
+    return head, False
+
+
+def open_stream(f=None, name: str = "stdin",
+                abort: Optional[threading.Event] = None) -> "av.container.InputContainer":
+    """Open a video stream from a binary file object (default: this process's stdin), once.
+
+    A pipe can be read only once: the container returned here is the one to decode (pass it
+    to :func:`transcode_video` as ``input_container``). A regular file redirected to stdin
+    (``< in.mp4``) stays seekable, so any MP4 works; on a pipe an MP4/MOV with its index
+    (``moov``) at the end cannot be read and is refused here with a one-line
+    :class:`InputError`, before any model is loaded. Matroska, MPEG-TS, fragmented or
+    "faststart" MP4 stream fine. Once ``abort`` is set, a pipe reads as ended (see
+    :class:`_Replay`).
+    """
+    if f is None:
+        if sys.stdin is None or os.isatty(0):
+            raise InputError(
+                f"{name}: is a terminal; pipe a video into it "
+                "(e.g. `... -f matroska - | deid anonymize - out.mp4`)"
+            )
+        f = sys.stdin.buffer
+    try:
+        seekable = f.seekable() and f.tell() == 0
+        if seekable and not f.read(1):
+            raise InputError(f"{name}: no data (empty input)")
+        if seekable:
+            f.seek(0)
+    except (AttributeError, OSError, ValueError):
+        seekable = False
+    src = f
+    if not seekable:
+        src = _Replay(f, abort)
+        try:
+            head, moov_at_end = _mp4_moov_at_end(src.raw)
+        except OSError as e:
+            raise InputError(f"{name}: cannot read ({_ff_reason(e)})") from e
+        if src.pending is not None:
+            raise src.pending
+        if not head:
+            raise InputError(f"{name}: no data (empty input)")
+        if moov_at_end:
+            raise InputError(
+                f"{name}: this MP4/MOV has its index (moov) at the end and cannot be read from "
+                "a pipe; send a streamable format instead, "
+                "e.g. `ffmpeg -i in.mp4 -c copy -f matroska -`, "
+                "or give the file's path"
+            )
+        src.head = head  # replayed to FFmpeg first
+    try:
+        container = av.open(src, "r", metadata_errors="replace")
+    except (av.FFmpegError, OSError, UnicodeDecodeError, ValueError) as e:
+        if getattr(src, "pending", None) is not None:
+            raise src.pending from None
+        raise InputError(f"{name}: not a readable video stream ({_ff_reason(e)})") from e
+    if getattr(src, "pending", None) is not None:  # a signal ended the stream early
+        container.close()
+        raise src.pending
+    try:
+        _video_stream(container, name)
+    except InputError:
+        container.close()
+        raise
+    return container
+
+
+def stream_rate(container) -> Optional[Fraction]:
+    """Average frame rate of the main video stream of an open container (None if unknown)."""
+    vs = _video_stream(container, "input")
+    return vs.average_rate or vs.guessed_rate or None
+
+
+@contextlib.contextmanager
+def stdout_stream() -> Iterator[Any]:
+    """Yield a writable, non-seekable binary file on this process's stdout, for the video.
+
+    Meanwhile file descriptor 1 points at stderr, so nothing else (``print``, a library
+    loading a model, C code) can slip into the stream; it is restored on the way out. On a
+    normal exit the stream is flushed (:class:`OutputError` if that fails, e.g. the reader
+    went away); after an error it is simply cut.
+    """
+    sys.stdout.flush()
+    video_fd = os.dup(1)
+    os.dup2(2, 1)
+    out = os.fdopen(video_fd, "wb")
+    ok = False
+    try:
+        yield _StreamWriter(out)
+        ok = True
+    finally:
+        try:
+            if ok:
+                try:
+                    out.flush()
+                except OSError as e:
+                    raise OutputError(f"stdout: writing failed ({_ff_reason(e)})") from e
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()  # anything printed meanwhile goes to stderr, not the video
+            with contextlib.suppress(Exception):
+                import ctypes
+
+                ctypes.CDLL(None).fflush(None)  # the same for C stdio buffers
+            os.dup2(video_fd, 1)
+            with contextlib.suppress(OSError):
+                out.close()

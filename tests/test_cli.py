@@ -270,7 +270,7 @@ def test_interrupted_run_leaves_nothing(shared, tmp_path):
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
-    assert proc.returncode == 130, proc.stderr.read()
+    assert proc.returncode == 143, proc.stderr.read()  # 128 + SIGTERM (Ctrl-C: 130, see test_batch.py)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -279,3 +279,13 @@ def test_bad_usage_exit_code(tmp_path, shared):
     assert run("anonymize", VIDEOS / "lp_d12.mp4", tmp_path / "o.mp4", "--method", "nope").returncode == 2
     p = run("anonymize", VIDEOS / "lp_d12.mp4", tmp_path / "o.txt", "--method", "blur")
     assert p.returncode == 1 and "video file" in p.stderr
+
+
+def test_package_api_is_the_function_even_after_the_submodule_import():
+    """`from deidcli import anonymize` (README, examples/api.py) gives the function, also when
+    the submodule of the same name was imported first (as the CLI and the tests do)."""
+    code = ("import deidcli.anonymize, inspect; from deidcli import anonymize, AnonymizeOptions; "
+            "from deidcli.anonymize import plan_jobs; assert inspect.isfunction(anonymize), anonymize; "
+            "assert anonymize.__module__ == 'deidcli.anonymize'; print('ok')")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr

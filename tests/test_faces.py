@@ -447,3 +447,95 @@ def test_weak_detections_continue_tracks_but_never_start_them():
     t2 = Tracker(opts, start_thresh=0.5)
     strong = [d.select(d.scores >= 0.5) for d in frames]
     assert sum(len(f) for _, f in run(t2, strong)) < 30
+
+
+# --------------------------------------------------------------------------------------
+# --detect-every: frames the detector does not look at (None) are covered by the tracks
+
+
+def every(frames: list, n: int) -> list:
+    return [d if i % n == 0 else None for i, d in enumerate(frames)]
+
+
+def test_undetected_frames_are_interpolated_between_detections():
+    frames, truth_a = two_faces(n=19)
+    t = Tracker(NO_SMOOTH)
+    tracks = by_track(run(t, every(frames, 3)))
+    assert sorted(tracks) == [0, 1]
+    for track in tracks.values():
+        assert [i for i, _ in track] == list(range(19))  # every frame covered
+        assert all(f.interpolated == (i % 3 != 0) for i, f in track)
+    a = next(tr for tr in tracks.values() if tr[0][1].box[1] < 200)
+    for i, f in a:  # linear motion: interpolation is exact
+        np.testing.assert_allclose(f.box, truth_a[i][0], atol=1e-3)
+    assert t.n_predicted == 0
+
+
+def test_undetected_frames_at_a_track_start_and_end_are_held():
+    # The face is present on frames 4..10; the detector looks at 0, 3, 6, 9, 12, 15.
+    # It first sees the face at 6 and last at 9: the track covers 4..5 (held back from 6),
+    # 7..8 (interpolated) and 10..11 (held forward from 9, up to the next detected frame).
+    # Frames 3 and 12 were looked at and had no face: not covered.
+    frames = [dets_of([face_at(200 + 2 * i, 200)]) if 4 <= i <= 10 else dets_of([]) for i in range(16)]
+    t = Tracker(NO_SMOOTH)
+    out = run(t, every(frames, 3))
+    covered = [i for i, faces in out if faces]
+    assert covered == [4, 5, 6, 7, 8, 9, 10, 11]
+    assert t.n_predicted == 4 and t.n_interpolated == 2
+    held = dict((i, f) for i, faces in out for f in faces)
+    np.testing.assert_allclose(held[4].box, face_at(212, 200)[0])  # the box first detected (frame 6)
+    np.testing.assert_allclose(held[11].box, face_at(218, 200)[0])  # the box last detected (frame 9)
+    assert all(held[i].interpolated for i in (4, 5, 7, 8, 10, 11))
+
+
+def test_undetected_tail_is_covered_at_flush():
+    frames = [dets_of([face_at(300, 300)]) for _ in range(11)]
+    t = Tracker(NO_SMOOTH)
+    out = run(t, every(frames, 4))  # detected at 0, 4, 8; frames 9, 10 only by holding
+    assert all(len(faces) == 1 for _, faces in out)
+    assert t.n_predicted == 2
+
+
+@needs_shared
+def test_detect_every_on_real_detections_stays_on_the_faces(video_dets):
+    """Every 3rd frame detected: both faces covered on all 60 frames, and the boxes on the
+    frames the detector skipped land on the faces it finds when it does look."""
+    t = Tracker(TrackOptions(), fps=30000 / 1001)
+    tracks = by_track(run(t, every(video_dets, 3)))
+    assert sorted(tracks) == [0, 1]
+    for track in tracks.values():
+        assert len(track) == N_VIDEO_FRAMES
+        for i, f in track:
+            truth = video_dets[i].boxes
+            assert box_iou(f.box, truth).max() > 0.8, i
+
+
+def test_detect_every_is_bounded_by_max_gap():
+    from deidcli.options import AnonymizeOptions, DetectOptions
+
+    AnonymizeOptions(detect=DetectOptions(detect_every=9))  # max_gap 8 -> at most 9
+    with pytest.raises(ValueError, match="detect_every"):
+        AnonymizeOptions(detect=DetectOptions(detect_every=10))
+
+
+@needs_shared
+def test_detect_every_end_to_end(clips, tmp_path):
+    """The pipeline with --detect-every 2 on a real 2-person clip: every frame still has both
+    faces anonymized, and the report says how many frames were not looked at."""
+    import math
+    import subprocess
+    import sys
+
+    from deidcli.anonymize import anonymize
+    from deidcli.options import AnonymizeOptions, DetectOptions
+
+    rep = anonymize(clips["two_person"], tmp_path / "o.mp4",
+                    AnonymizeOptions(method="blur", detect=DetectOptions(detect_every=2)))
+    f = rep["files"][0]
+    assert f["status"] == "ok", f
+    assert f["frames_not_detected"] == f["frames"] - math.ceil(f["frames"] / 2) > 0
+    assert f["faces_anonymized"] == 2 * f["frames"]
+    assert f["tracks"] == 2
+    p = subprocess.run([sys.executable, "-m", "deidcli.cli", "anonymize", str(clips["two_person"]),
+                        str(tmp_path / "p.mp4"), "--detect-every", "20"], capture_output=True, text=True)
+    assert p.returncode == 2 and "detect_every" in p.stderr and "Traceback" not in p.stderr

@@ -333,7 +333,7 @@ def train(config: Mapping[str, Any]) -> dict:
         step += 1
 
         vals = {k: float(v.detach()) for k, v in terms.items()}
-        vals.update(loss=float(loss), cos=float(cos.mean()), mask_mean=float(mask.mean()))
+        vals.update(loss=float(loss.detach()), cos=float(cos.mean()), mask_mean=float(mask.detach().mean()))
         if use_adv:
             vals["d_loss"] = float(ld)
         for k, v in vals.items():
