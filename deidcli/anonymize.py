@@ -405,17 +405,7 @@ def anonymize(src, dst, options: Optional[AnonymizeOptions] = None, progress: Op
     started = time.time()
 
     def make_report() -> dict:
-        return {
-            "files": [r.__dict__ for r in results],
-            **counts((r.status for r in results), ("ok", "skipped", "failed", "interrupted", "pending")),
-            "device": pipeline.runtime.device if pipeline else None,
-            "dtype": pipeline.runtime.dtype if pipeline else None,
-            "generator_backend": pipeline.runner.backend if pipeline and pipeline.runner else None,
-            "load_seconds": load_seconds,  # loading the models, once per run
-            "versions": _versions(),
-            "options": options.to_dict(),
-            "stale_files_removed": [str(q) for q in stale],  # temporary files of killed runs
-        }
+        return _report(results, pipeline, load_seconds, options, stale)
 
     try:
         if src.is_dir():
@@ -559,6 +549,22 @@ def _set_on_signals(event: threading.Event, seen: list) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def _report(results: Sequence[FileResult], pipeline: Optional[Pipeline], load_seconds: float,
+            options: AnonymizeOptions, stale: Sequence[Path]) -> dict:
+    """The run's report (README, "JSON report"), for file/folder runs and pipes alike."""
+    return {
+        "files": [r.__dict__ for r in results],
+        **counts((r.status for r in results), ("ok", "skipped", "failed", "interrupted", "pending")),
+        "device": pipeline.runtime.device if pipeline else None,
+        "dtype": pipeline.runtime.dtype if pipeline else None,
+        "generator_backend": pipeline.runner.backend if pipeline and pipeline.runner else None,
+        "load_seconds": load_seconds,  # loading the models, once per run
+        "versions": _versions(),
+        "options": options.to_dict(),
+        "stale_files_removed": [str(q) for q in stale],  # temporary files of killed runs
+    }
+
+
 def _anonymize_pipe(src, dst, options: AnonymizeOptions, progress: Progress) -> dict:
     """One video from stdin (SRC ``-``) and/or to stdout (DST ``-``); the other side may be a file.
 
@@ -595,17 +601,7 @@ def _anonymize_pipe(src, dst, options: AnonymizeOptions, progress: Progress) -> 
     load_seconds = 0.0
 
     def report() -> dict:
-        return {
-            "files": [res.__dict__],
-            **counts([res.status], ("ok", "skipped", "failed", "interrupted", "pending")),
-            "device": pipeline.runtime.device if pipeline else None,
-            "dtype": pipeline.runtime.dtype if pipeline else None,
-            "generator_backend": pipeline.runner.backend if pipeline and pipeline.runner else None,
-            "load_seconds": load_seconds,
-            "versions": _versions(),
-            "options": options.to_dict(),
-            "stale_files_removed": [],
-        }
+        return _report([res], pipeline, load_seconds, options, [])
 
     if not dst_pipe and dst.exists() and not options.overwrite:
         res.status, res.error = "skipped", "output exists (use --overwrite to replace it)"

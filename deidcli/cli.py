@@ -197,8 +197,11 @@ def anonymize(src, dst, method, weights, device, fp16, batch_size, margin, det_t
                 progress.stop()
     except KeyboardInterrupt as e:  # Interrupted carries the report of the files done so far
         signum = getattr(e, "signum", signal.SIGINT)
-        log.error("interrupted by %s; partial output removed; run the same command again to resume",
-                  signal.Signals(signum).name)
+        if "-" in (str(src), str(dst)):
+            log.error("interrupted by %s; the stream was cut", signal.Signals(signum).name)
+        else:
+            log.error("interrupted by %s; partial output removed; run the same command again to resume",
+                      signal.Signals(signum).name)
         _finish(as_json, report_path, getattr(e, "report", None) or {"error": "interrupted",
                                                                      "options": options.to_dict()}, 128 + signum)
     except ValueError as e:  # unusable --device and similar
