@@ -335,7 +335,7 @@ def train(config: Mapping[str, Any]) -> dict:
         vals = {k: float(v.detach()) for k, v in terms.items()}
         vals.update(loss=float(loss.detach()), cos=float(cos.mean()), mask_mean=float(mask.detach().mean()))
         if use_adv:
-            vals["d_loss"] = float(ld)
+            vals["d_loss"] = float(ld.detach())
         for k, v in vals.items():
             running[k] = running.get(k, 0.0) + v
         n_run += 1
