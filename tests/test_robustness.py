@@ -244,9 +244,12 @@ def all_tags(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _audio_only(talk, path: Path) -> Path:
-    fmt = {".mov": "mov"}.get(path.suffix, "mp4")
+def _audio_only(talk, path: Path, video_track: bool = False) -> Path:
+    """The audio packets of ``talk`` alone; with ``video_track``, also an (empty) video track."""
+    fmt = "matroska" if video_track else {".mov": "mov"}.get(path.suffix, "mp4")
     with av.open(str(talk)) as i, av.open(str(path), "w", format=fmt) as o:
+        if video_track:
+            o.add_stream_from_template(i.streams.video[0])
         a = i.streams.audio[0]
         oa = o.add_stream_from_template(a)
         oa.time_base = a.time_base
@@ -259,16 +262,7 @@ def _audio_only(talk, path: Path) -> Path:
 
 def _video_stream_without_packets(talk, path: Path) -> Path:
     """Matroska with a video track (and audio) but not one video packet."""
-    with av.open(str(talk)) as i, av.open(str(path), "w") as o:
-        o.add_stream_from_template(i.streams.video[0])
-        a = i.streams.audio[0]
-        oa = o.add_stream_from_template(a)
-        oa.time_base = a.time_base
-        for p in i.demux(a):
-            if p.dts is not None:
-                p.stream = oa
-                o.mux(p)
-    return path
+    return _audio_only(talk, path, video_track=True)
 
 
 def _garbage_packets(talk, path: Path) -> Path:
