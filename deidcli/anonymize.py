@@ -62,6 +62,17 @@ class FileResult:
     decode_errors: int = 0  # damaged video: errors the decoder reported (rejected packets, concealed frames)
     frames_lost: int = 0  # input frames the decoder could not output (the others are all in the output)
     decode_error_times: list = field(default_factory=list)  # input times (s) of the lost and concealed frames
+
+    def add_transcode_stats(self, st: dict) -> None:
+        """Take the per-file figures of video.transcode_video's result that the report carries."""
+        self.decode_errors, self.frames_lost = st["decode_errors"], st["frames_lost"]
+        self.decode_error_times = st["decode_error_times"]
+
+    def finish(self, stages: Stages, t0: float) -> None:
+        """Stage times, and wall time / frame rate since ``t0`` (perf_counter, after model loading)."""
+        self.stages = stages.as_dict()
+        self.seconds = round(time.perf_counter() - t0, 3)
+        self.fps = round(self.frames / self.seconds, 2) if self.seconds > 0 else 0.0
     seconds: float = 0.0
     fps: float = 0.0
     stages: dict = field(default_factory=dict)  # seconds each stage kept a thread busy (they overlap)
@@ -347,17 +358,14 @@ def _process_file(pipeline_factory: Callable[[], Pipeline], src: Path, dst: Path
             with video.atomic_output(dst) as tmp:
                 st = video.transcode_video(src, tmp, lambda frames: pipe.process_frames(frames, res, fps, stages),
                                            options.encode, on_frame=lambda n: progress.advance(1), stages=stages)
-            res.decode_errors, res.frames_lost = st["decode_errors"], st["frames_lost"]
-            res.decode_error_times = st["decode_error_times"]
+            res.add_transcode_stats(st)
         finally:
             progress.end_file()
     else:
         out = pipe.image(img, res)
         with video.atomic_output(dst) as tmp:
             video.write_image(tmp, out)
-    res.stages = stages.as_dict()
-    res.seconds = round(time.perf_counter() - t0, 3)
-    res.fps = round(res.frames / res.seconds, 2) if res.seconds > 0 else 0.0
+    res.finish(stages, t0)
     return res
 
 
@@ -639,16 +647,12 @@ def _anonymize_pipe(src, dst, options: AnonymizeOptions, progress: Progress) -> 
                                            input_container=inp,
                                            output_format=(options.encode.format or PIPE_FORMATS[0]) if dst_pipe
                                            else None)
-                # as in _process_file: per-file stats of the transcode that the report carries
-                res.decode_errors, res.frames_lost = st["decode_errors"], st["frames_lost"]
-                res.decode_error_times = st["decode_error_times"]
+                res.add_transcode_stats(st)
             finally:
                 progress.end_file()
         if signals:  # its exception was lost in a read callback; the stream was ended early
             raise Interrupted(signals[0])
-        res.stages = stages.as_dict()
-        res.seconds = round(time.perf_counter() - t0, 3)
-        res.fps = round(res.frames / res.seconds, 2) if res.seconds > 0 else 0.0
+        res.finish(stages, t0)
         log.info("done %s -> %s", src, dst)
     except ModelError:
         raise

@@ -41,7 +41,6 @@ import io
 import logging
 import math
 import os
-import secrets
 import select
 import struct
 import sys
@@ -1393,37 +1392,23 @@ def write_image(path: PathLike, image: np.ndarray) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _tmp_path_for(dst: Path) -> Path:
-    """Create (exclusively) and return a hidden temp file next to dst, same extension."""
-    for _ in range(100):
-        tmp = dst.with_name(f".{dst.name}.deid-tmp-{secrets.token_hex(4)}{dst.suffix}")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise OutputError(f"{dst}: cannot create output ({_ff_reason(e)})") from e
-        os.close(fd)
-        return tmp
-    raise OutputError(f"{dst}: cannot create a temporary file next to it")  # pragma: no cover
-
-
 @contextlib.contextmanager
 def atomic_output(dst: PathLike) -> Iterator[Path]:
     """Yield a temp path next to ``dst`` (hidden, same extension); rename it to ``dst`` on success.
 
     On any exception, KeyboardInterrupt and SystemExit included, the temp file is removed
-    and the exception re-raised: ``dst`` is never partially written.
+    and the exception re-raised: ``dst`` is never partially written. The mechanism is
+    :func:`deidcli.jobs.atomic_file`; here a temp file that cannot be created is an OutputError.
     """
+    from .jobs import atomic_file
+
     dst = Path(dst)
-    tmp = _tmp_path_for(dst)
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            tmp = stack.enter_context(atomic_file(dst))
+        except OSError as e:
+            raise OutputError(f"{dst}: cannot create output ({_ff_reason(e)})") from e
         yield tmp
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------------------
