@@ -34,6 +34,11 @@ MAX_PENDING_FRAMES = 64
 DESCRIPTOR_FACES = 5
 
 
+def new_check_stats() -> dict:
+    """Counters of the identity check for one file (see Pipeline._check_identity)."""
+    return {"checked": 0, "regenerated": 0, "fallback": 0, "cos_max": -1.0}
+
+
 class Progress:
     """Progress sink; the CLI passes one that draws a bar. All methods are optional no-ops."""
 
@@ -62,6 +67,22 @@ class FileResult:
     decode_errors: int = 0  # damaged video: errors the decoder reported (rejected packets, concealed frames)
     frames_lost: int = 0  # input frames the decoder could not output (the others are all in the output)
     decode_error_times: list = field(default_factory=list)  # input times (s) of the lost and concealed frames
+    # identity check (--identity-check, generate only): faces embedded after generation, faces
+    # generated again with more passes because they were still too close to their identity, faces
+    # blurred because --max-passes was not enough, and the highest cosine seen by the check
+    faces_checked: int = 0
+    faces_regenerated: int = 0
+    faces_blurred_fallback: int = 0
+    check_cos_max: Optional[float] = None
+    track_passes: dict = field(default_factory=dict)  # track -> passes it ended with, where above --passes
+
+    def add_check_stats(self, stats: dict, passes: dict, start: int) -> None:
+        self.faces_checked += stats["checked"]
+        self.faces_regenerated += stats["regenerated"]
+        self.faces_blurred_fallback += stats["fallback"]
+        if stats["checked"]:
+            self.check_cos_max = round(max(stats["cos_max"], self.check_cos_max or -1.0), 4)
+        self.track_passes.update({str(t): k for t, k in passes.items() if k > start})
 
     def add_transcode_stats(self, st: dict) -> None:
         """Take the per-file figures of video.transcode_video's result that the report carries."""
@@ -105,7 +126,8 @@ class Pipeline:
         # (see faces.Tracker): real faces whose score sags between frames stay anonymized.
         self.detector = Detector(weights.model_path(d.detector, options.models_dir),
                                  det_thresh=min(d.det_thresh, options.track.keep_thresh),
-                                 det_size=d.det_size, min_face=d.min_face, providers=providers)
+                                 det_size=d.det_size, min_face=d.min_face, providers=providers,
+                                 precision=d.precision)
         self.runner = None
         self.embedder = None
         if options.method == "generate":
@@ -119,11 +141,13 @@ class Pipeline:
 
     # -- rendering -------------------------------------------------------------------------
     def render(self, items: Sequence[tuple[np.ndarray, Sequence]], descriptors: dict,
-               stages: Stages = NULL) -> list[list]:
+               stages: Stages = NULL, passes: Optional[dict] = None, stats: Optional[dict] = None) -> list[list]:
         """Anonymize a batch of frames in place.
 
         items: (image (H, W, 3) uint8 RGB, faces) pairs; faces have track_id, box, kps, interpolated.
         descriptors: track_id -> (D,) float32, filled in here for tracks seen for the first time.
+        passes: track_id -> generator passes, raised here by the identity check (kept per video).
+        stats: identity-check counters (see new_check_stats), updated here.
         Returns, per item, the list of touched rectangles.
         """
         from .methods import apply_classic
@@ -134,6 +158,8 @@ class Pipeline:
                 return [apply_classic(img, faces, o.method, o.margin) for img, faces in items]
         from .align import estimate_transform, feather, paste, warp_crop
 
+        passes = {} if passes is None else passes
+        stats = new_check_stats() if stats is None else stats
         with stages("identity"):
             self._describe_new_tracks(items, descriptors)
         S, margin = self.runner.size, self.runner.margin
@@ -148,14 +174,86 @@ class Pipeline:
         rects: list[list] = [[] for _ in items]
         if not jobs:
             return rects
+        crops, desc = np.stack(crops), np.stack(desc).astype(np.float32)
+        tracks = [f.track_id for _, faces in items for f in faces]
+        levels = np.array([passes.get(t, o.passes) for t in tracks], np.int64)
         with stages("generate"):
-            raw, mask = self.runner.run(np.stack(crops), np.stack(desc).astype(np.float32))
+            raw, mask = self.runner.run(crops, desc, levels)
+        masks = [feather(m, S) for m in mask]
+        fallback = np.zeros(len(jobs), bool)
+        if o.identity_check:
+            fallback = self._check_identity(crops, desc, tracks, levels, raw, masks, passes, stats, stages)
         with stages("blend"):
-            for (i, M), r, m in zip(jobs, raw, mask):
-                box = paste(items[i][0], r, feather(m, S), M)
+            for j, ((i, M), r, m) in enumerate(zip(jobs, raw, masks)):
+                if fallback[j]:
+                    f = next(f for f in items[i][1] if f.track_id == tracks[j])
+                    rects[i].extend(apply_classic(items[i][0], [f], "blur", o.margin))
+                    continue
+                box = paste(items[i][0], r, m, M)
                 if box is not None:
                     rects[i].append(box)
         return rects
+
+    def _check_identity(self, crops, desc, tracks, levels, raw, masks, passes: dict, stats: dict,
+                        stages: Stages) -> np.ndarray:
+        """The identity check (``--identity-check``): embed every generated face as it will be
+        pasted (feathered mask) and compare it with its track's descriptor and with the input face
+        of the same frame (a pose far from the track's first faces can be closer to the input than
+        to the descriptor). A face whose higher cosine is >= ``check_thresh`` is generated again with one more pass, up to ``max_passes``, and its
+        track keeps the higher count from then on (so its look changes once, not back and forth);
+        a face still too close after ``max_passes`` is blurred instead. Updates raw / masks /
+        levels in place; returns the faces to blur (bool per face)."""
+        from .align import feather
+
+        o = self.options
+        S = self.runner.size
+        todo = np.arange(len(crops))
+        fallback = np.zeros(len(crops), bool)
+        with stages("identity"):
+            own = self._embed_generated(crops, crops, [np.zeros((S, S), np.float32)] * len(crops))
+        while len(todo):
+            with stages("identity"):
+                emb = self._embed_generated(crops[todo], raw[todo], [masks[j] for j in todo])
+                cos = np.maximum(np.einsum("nd,nd->n", emb, desc[todo]), np.einsum("nd,nd->n", emb, own[todo]))
+            stats["checked"] += len(todo)
+            stats["cos_max"] = max(stats["cos_max"], float(cos.max()))
+            todo = todo[cos >= o.check_thresh]
+            if not len(todo):
+                break
+            stuck = levels[todo] >= o.max_passes
+            fallback[todo[stuck]] = True
+            todo = todo[~stuck]
+            if not len(todo):
+                break
+            levels[todo] += 1
+            stats["regenerated"] += len(todo)
+            for j in todo:
+                passes[tracks[j]] = max(passes.get(tracks[j], o.passes), int(levels[j]))
+            with stages("generate"):
+                r, m = self.runner.run(crops[todo], desc[todo], levels[todo])
+            for j, rj, mj in zip(todo, r, m):
+                masks[j] = feather(mj, S)
+                raw[j] = rj
+        stats["fallback"] += int(fallback.sum())
+        return fallback
+
+    def _embed_generated(self, crops: np.ndarray, raw: np.ndarray, masks: Sequence[np.ndarray]) -> np.ndarray:
+        """Identity descriptors (N, D) of generated faces: the blended crop's ArcFace square
+        (align.arcface_box), resized to 112, as in training."""
+        import cv2
+
+        from .align import arcface_box
+
+        S = self.runner.size
+        off, side = arcface_box(S, self.runner.margin)
+        a, b = int(round(off)), int(round(off + side))
+        out = []
+        for c, r, m in zip(crops, raw, masks):
+            m3 = m[a:b, a:b, None]
+            sq = m3 * r[a:b, a:b].astype(np.float32) + (1 - m3) * c[a:b, a:b].astype(np.float32)
+            sq = np.rint(sq).clip(0, 255).astype(np.uint8)
+            out.append(cv2.resize(sq, (112, 112), interpolation=cv2.INTER_AREA))
+        return self.embedder.embed(out)
 
     def _describe_new_tracks(self, items, descriptors: dict) -> None:
         """Fixed identity descriptor per track: mean embedding of its first (up to 5) detected faces
@@ -231,13 +329,15 @@ class Pipeline:
         if threads:
             tracked = prefetch(tracked, QUEUE_FRAMES, "deid-detect")
         descriptors: dict = {}
+        passes: dict = {}
+        check = new_check_stats()
         batch_faces = self.options.batch_size if self.options.method == "generate" else 1
 
         def emit(batch):
             # Rendered in place: nothing reads a frame's decoded picture afterwards (the writer
             # takes the pixels outside the touched rectangles from the decoded planes).
             imgs = [(vf.image, faces) for vf, faces in batch]
-            rects = self.render(imgs, descriptors, stages)
+            rects = self.render(imgs, descriptors, stages, passes, check)
             for (vf, faces), (img, _), r in zip(batch, imgs, rects):
                 result.frames += 1
                 result.faces_anonymized += len(faces)
@@ -256,6 +356,7 @@ class Pipeline:
                     batch, ready, n_faces = ready, [], 0
                     yield from emit(batch)
             yield from emit(ready)
+            result.add_check_stats(check, passes, self.options.passes)
         finally:
             if hasattr(tracked, "close"):
                 tracked.close()
@@ -269,7 +370,10 @@ class Pipeline:
         result.faces_detected = tracker.n_detections - tracker.n_weak_dropped
         faces = final[0][1] if final else []
         out = img.copy()
-        self.render([(out, faces)], {})
+        passes: dict = {}
+        check = new_check_stats()
+        self.render([(out, faces)], {}, NULL, passes, check)
+        result.add_check_stats(check, passes, self.options.passes)
         result.frames = 1
         result.faces_anonymized = len(faces)
         result.tracks = len({f.track_id for f in faces})
@@ -566,6 +670,7 @@ def _report(results: Sequence[FileResult], pipeline: Optional[Pipeline], load_se
         "device": pipeline.runtime.device if pipeline else None,
         "dtype": pipeline.runtime.dtype if pipeline else None,
         "generator_backend": pipeline.runner.backend if pipeline and pipeline.runner else None,
+        "detector_precision": pipeline.detector.precision if pipeline else None,  # int8 | fp32, as run
         "load_seconds": load_seconds,  # loading the models, once per run
         "versions": _versions(),
         "options": options.to_dict(),

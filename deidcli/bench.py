@@ -66,7 +66,8 @@ def run_one(config: str, clip: str, opts: dict) -> dict:
             out.update(frames=f["frames"], faces=f["faces_anonymized"], wall_s=round(wall - rep["load_seconds"], 3),
                        load_s=rep["load_seconds"], stages=f["stages"], device=rep["device"], dtype=rep["dtype"],
                        interpolated=f["faces_interpolated"], frames_not_detected=f["frames_not_detected"],
-                       detect_every=detect.detect_every)
+                       detect_every=detect.detect_every,
+                       detector_precision=rep.get("detector_precision"))
     if out.get("frames"):
         out["fps"] = round(out["frames"] / out["wall_s"], 2)
         out["faces_per_s"] = round(out["faces"] / out["wall_s"], 2)
@@ -142,7 +143,10 @@ def to_markdown(result: dict) -> str:
         row = [name, r.get("frames") or "-", r["wall_s"], r.get("fps", "-"), r.get("faces_per_s", "-"),
                r.get("x_reencode", "-")]
         row += [r.get("stages", {}).get(s, "-") for s in stages]
-        row += [r.get("peak_rss_mb", "-"), f"{r.get('device')} {r.get('dtype') or ''}".strip()]
+        device = f"{r.get('device')} {r.get('dtype') or ''}".strip()
+        if r.get("detector_precision"):
+            device += f", detector {r['detector_precision']}"
+        row += [r.get("peak_rss_mb", "-"), device]
         lines.append("| " + " | ".join(str(x) for x in row) + " |")
     return "\n".join(lines)
 

@@ -17,7 +17,7 @@ import click
 
 from . import __version__
 from .errors import EXIT_FAILED, EXIT_MODELS, EXIT_OK, DeidError, Interrupted, ModelError
-from .options import AUDIO_MODES, METHODS, PIPE_FORMATS
+from .options import AUDIO_MODES, DETECTOR_PRECISIONS, METHODS, PIPE_FORMATS
 
 log = logging.getLogger("deidcli")
 
@@ -105,6 +105,17 @@ def _generator_options(f):
         click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N."),
         click.option("--fp16", is_flag=True, help="Half precision generator on CUDA (ignored with a warning on CPU)."),
         click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Faces per generator batch."),
+        click.option("--passes", type=click.IntRange(1, 8), default=1,
+                     help="generate: generator passes per face; each one moves the face further from the person."),
+        click.option("--identity-check/--no-identity-check", default=True,
+                     help="generate: embed every generated face with the identity network; a face still close to "
+                          "the person (--check-thresh) is generated again with one more pass for its whole track, "
+                          "up to --max-passes, then blurred. Counted in the report."),
+        click.option("--check-thresh", type=click.FloatRange(-1, 1), default=0.25,
+                     help="Cosine to the person's descriptor at which the identity check acts "
+                          "(the identity network verifies a match at 0.335, FAR 0.1% on LFW)."),
+        click.option("--max-passes", type=click.IntRange(1, 8), default=4,
+                     help="Most passes the identity check may use before it blurs a face."),
     )):
         f = opt(f)
     return f
@@ -126,6 +137,10 @@ def _generator_options(f):
 @click.option("--min-face", type=click.IntRange(min=0), default=0,
               help="Ignore faces smaller than this many pixels (counted in the report).")
 @click.option("--detector", default="det_scrfd_2.5g_kps.onnx", help="Detector model file (see `deid models`).")
+@click.option("--detector-precision", type=click.Choice(DETECTOR_PRECISIONS), default="auto",
+              help="Face detector arithmetic: auto is int8 (statically quantized at load from the fp32 model, "
+                   "~2x faster) on the CPU and fp32 on CUDA; int8 asked on CUDA, or unavailable, runs fp32 "
+                   "with a warning. Reported as detector_precision.")
 @click.option("--detect-every", type=click.IntRange(min=1), default=1,
               help="Opt-in speed/coverage trade: run the detector on every Nth frame only; tracks cover the "
                    "frames between (interpolated, or held at a track's start and end; counted in the report). "
@@ -155,8 +170,9 @@ def _generator_options(f):
               help="Also write the JSON report to this file (atomically), whatever the outcome, interrupted too.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
 @click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv for debug).")
-def anonymize(src, dst, method, weights, device, fp16, batch_size, margin, det_thresh, keep_thresh, det_size, min_face,
-              detector, detect_every,
+def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, identity_check, check_thresh, max_passes,
+              margin, det_thresh, keep_thresh, det_size, min_face,
+              detector, detector_precision, detect_every,
               max_gap, smooth, codec, crf, preset, audio, keep_metadata, overwrite, dry_run, shard, models_dir, as_json,
               report_path, quiet, verbose, out_format):
     """Anonymize SRC (video, image, or folder) into DST.
@@ -176,9 +192,10 @@ def anonymize(src, dst, method, weights, device, fp16, batch_size, margin, det_t
     try:  # the dataclasses check combinations Click cannot (e.g. --detect-every vs --max-gap)
         options = AnonymizeOptions(
             method=method, weights=weights, device=device, fp16=fp16, batch_size=batch_size, margin=margin,
+            passes=passes, identity_check=identity_check, check_thresh=check_thresh, max_passes=max_passes,
             models_dir=models_dir, overwrite=overwrite, dry_run=dry_run, shard=shard,
             detect=DetectOptions(det_thresh=det_thresh, det_size=det_size, min_face=min_face, detector=detector,
-                                 detect_every=detect_every),
+                                 detect_every=detect_every, precision=detector_precision),
             track=TrackOptions(max_gap=max_gap, smooth=smooth, keep_thresh=keep_thresh),
             encode=EncodeOptions(codec=codec, crf=crf, preset=preset, audio=audio, keep_metadata=keep_metadata,
                                  format=out_format),
@@ -309,9 +326,12 @@ def models_download(ctx, names, dest):
 @click.option("--crf", type=click.IntRange(0, 63), default=18, help="Encoder quality.")
 @click.option("--detect-every", type=click.IntRange(1, 9), default=1,
               help="blur/generate: run the detector on every Nth frame only (see `anonymize --detect-every`).")
+@click.option("--detector-precision", type=click.Choice(DETECTOR_PRECISIONS), default="auto",
+              help="blur/generate: detector arithmetic (see `anonymize --detector-precision`).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON here.")
-def bench(clip, configs, weights, device, fp16, batch_size, codec, preset, crf, detect_every, json_path):
+def bench(clip, configs, weights, device, fp16, batch_size, passes, identity_check, check_thresh, max_passes, codec, preset, crf, detect_every, detector_precision,
+          json_path):
     """Throughput of deid on CLIP, per stage, next to a plain re-encode and blur.
 
     Prints a markdown table on stdout. Each configuration runs in its own process (its peak
@@ -319,9 +339,13 @@ def bench(clip, configs, weights, device, fp16, batch_size, codec, preset, crf, 
     """
     from .bench import bench as run_bench, to_markdown
 
-    opts = {"device": device, "fp16": fp16, "batch_size": batch_size,
+    if passes > max_passes:
+        raise click.UsageError(f"--passes {passes} is above --max-passes {max_passes}")
+    opts = {"device": device, "fp16": fp16, "batch_size": batch_size, "passes": passes,
+            "identity_check": identity_check, "check_thresh": check_thresh, "max_passes": max_passes,
             "weights": str(weights) if weights else None,
-            "encode": {"codec": codec, "preset": preset, "crf": crf}, "detect": {"detect_every": detect_every}}
+            "encode": {"codec": codec, "preset": preset, "crf": crf}, "detect": {"detect_every": detect_every,
+                                                                                  "precision": detector_precision}}
     res = run_bench(str(clip), configs or ("reencode", "blur", "generate", "generator"), opts)
     res["options"] = opts
     if json_path:

@@ -331,6 +331,52 @@ def check_device() -> list[Check]:
     return out
 
 
+def _cpu_int8_flags() -> Optional[list[str]]:
+    """The CPU's 8-bit dot-product extensions from /proc/cpuinfo (Linux x86), None where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((ln.split(":", 1)[1].split() for ln in f if ln.startswith("flags")), None)
+    except OSError:
+        return None
+    if flags is None:
+        return None
+    return [x for x in ("avx512_vnni", "avx_vnni", "amx_int8") if x in flags]
+
+
+def check_detector_precision(models_dir: Optional[os.PathLike] = None) -> list[Check]:
+    """What ``--detector-precision auto`` runs: the int8 detector built on the CPU (timed), fp32 on CUDA."""
+    from . import engine, quantize, weights
+    from .options import DetectOptions
+
+    name, label = DetectOptions().detector, "detector precision"
+    st = weights.status(name, models_dir)
+    if not st.ok:
+        return [Check("device", label, INFO, f"not checked: {name} is missing or does not verify (see above)")]
+    try:
+        providers = engine.onnx_providers(engine.resolve_runtime("auto"))
+    except Exception as e:  # torch or onnxruntime missing: reported by the checks above
+        return [Check("device", label, INFO, f"not checked ({type(e).__name__})")]
+    if providers[0] != "CPUExecutionProvider":
+        return [Check("device", label, INFO, f"auto: fp32 on {providers[0]} (int8 is for the CPU provider only)")]
+    try:
+        _, info = quantize.build_int8(st.path, sha256=st.model.sha256)
+    except Exception as e:  # NoCalibration, Int8Error, onnx/onnxruntime errors
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        return [Check("device", label, WARN, f"auto: int8 detector unavailable ({reason}); it runs fp32, "
+                      "about 2x slower on the CPU",
+                      "reinstall deid (deidcli/data/*.calib.json is package data), or rerun "
+                      "examples/calibrate_detector.py with this onnxruntime")]
+    flags = _cpu_int8_flags()
+    detail = (f"auto: int8 on the CPU (built at load in {info['seconds']:.2f} s from "
+              f"{Path(info['calibration']).name})")
+    if flags == []:  # not known to be worse: said, not judged
+        detail += ("; this CPU has no VNNI/AMX and int8 was checked against fp32 on AVX512-VNNI only: "
+                   "examples/check_detector_int8.py compares them here (--detector-precision fp32 to opt out)")
+    elif flags:
+        detail += f"; CPU: {', '.join(flags)}"
+    return [Check("device", label, INFO, detail)]
+
+
 def check_cache() -> list[Check]:
     """The download cache ($XDG_CACHE_HOME/deid) is writable (or can be created)."""
     from . import weights
@@ -361,6 +407,7 @@ def run_checks(models_dir: Optional[os.PathLike] = None, weights: Optional[os.Pa
         checks += check_models(models_dir)
         checks += check_generator(weights)
         checks += check_device()
+        checks += check_detector_precision(models_dir)
         checks += check_cache()
     return checks
 

@@ -65,8 +65,16 @@ def resolve_runtime(device: str = "auto", fp16: bool = False) -> Runtime:
 class GeneratorRunner:
     """Runs the generator on aligned crops in batches.
 
-    run(crops (N, S, S, 3) uint8 RGB, desc (N, D) float32 L2-normalised)
+    run(crops (N, S, S, 3) uint8 RGB, desc (N, D) float32 L2-normalised, passes=1)
       -> raw (N, S, S, 3) uint8 RGB, mask (N, S, S) float32 in [0, 1]
+
+    ``passes`` (an int, or one per face) applies the generator again to its own blended
+    output, with the same descriptor: each pass moves the face further from the identity
+    (LFW DevTest, shipped checkpoint, 600 faces: mean cosine to the original 0.084 after one
+    pass, -0.043 after two; pixels changed 3.6 -> 5.3 grey levels). The k passes are returned
+    as one equivalent (raw, mask) pair: mask = 1 - prod(1 - m_i) and raw such that
+    ``mask * raw + (1 - mask) * crop`` is the k-th blended crop; with one pass this is the
+    generator's own raw and mask.
 
     Backend: on CUDA the torch module itself (fp16 when asked); on the CPU the module is
     exported to ONNX in memory at load time (about 0.3 s) and run by ONNX Runtime, which on
@@ -100,35 +108,69 @@ class GeneratorRunner:
             if self.device.type == "cpu":
                 torch.set_num_threads(stage_threads("DEID_TORCH_THREADS"))
 
-    def run(self, crops: np.ndarray, desc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, crops: np.ndarray, desc: np.ndarray, passes=1) -> tuple[np.ndarray, np.ndarray]:
         n = len(crops)
         S = self.size
         assert crops.shape == (n, S, S, 3) and crops.dtype == np.uint8, (crops.shape, crops.dtype)
         assert desc.ndim == 2 and len(desc) == n, desc.shape
+        raw = np.zeros((n, S, S, 3), np.uint8)
+        mask = np.zeros((n, S, S), np.float32)
         if n == 0:
-            return np.zeros((0, S, S, 3), np.uint8), np.zeros((0, S, S), np.float32)
+            return raw, mask
+        per_face = np.broadcast_to(np.asarray(passes, dtype=np.int64), (n,))
+        if per_face.min() < 1:
+            raise ValueError(f"passes must be >= 1, not {per_face.min()}")
         run = self._run_onnx if self.session is not None else self._run_torch
-        raws, masks = zip(*(run(crops[i:i + self.batch_size], desc[i:i + self.batch_size])
-                            for i in range(0, n, self.batch_size)))
-        return np.concatenate(raws), np.concatenate(masks)
+        for k in np.unique(per_face):
+            idx = np.flatnonzero(per_face == k)
+            for j in range(0, len(idx), self.batch_size):
+                sel = idx[j:j + self.batch_size]
+                raw[sel], mask[sel] = run(crops[sel], desc[sel], int(k))
+        return raw, mask
 
-    def _run_onnx(self, crops: np.ndarray, desc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x = crops.transpose(0, 3, 1, 2).astype(np.float32)
-        x *= 1.0 / 127.5
-        x -= 1.0
-        raw, mask = self.session.run(None, {"x": x, "d": np.ascontiguousarray(desc, dtype=np.float32)})
+    def _run_onnx(self, crops: np.ndarray, desc: np.ndarray, passes: int) -> tuple[np.ndarray, np.ndarray]:
+        x0 = crops.transpose(0, 3, 1, 2).astype(np.float32)
+        x0 *= 1.0 / 127.5
+        x0 -= 1.0
+        d = np.ascontiguousarray(desc, dtype=np.float32)
+        raw, mask = self.session.run(None, {"x": x0, "d": d})
+        if passes > 1:
+            raw, mask = _compose_passes(x0, raw, np.clip(mask, 0, 1), passes - 1,
+                                        lambda x: self.session.run(None, {"x": x, "d": d}), np)
         raw = np.rint(np.clip((raw + 1.0) * 127.5, 0, 255)).astype(np.uint8).transpose(0, 2, 3, 1)
         return np.ascontiguousarray(raw), np.clip(mask[:, 0], 0, 1)
 
-    def _run_torch(self, crops: np.ndarray, desc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _run_torch(self, crops: np.ndarray, desc: np.ndarray, passes: int) -> tuple[np.ndarray, np.ndarray]:
         torch = self.torch
         with torch.inference_mode():
             x = torch.from_numpy(crops).to(self.device)
             x = x.permute(0, 3, 1, 2).to(self.dtype).div_(127.5).sub_(1.0)
             d = torch.from_numpy(np.ascontiguousarray(desc)).to(self.device, self.dtype)
             raw, mask = self.generator(x, d)
+            if passes > 1:
+                raw, mask = _compose_passes(x.float(), raw.float(), mask.float().clamp(0, 1), passes - 1,
+                                            lambda y: self.generator(y.to(self.dtype), d), torch)
             raw = raw.float().add_(1.0).mul_(127.5).clamp_(0, 255).round_().to(torch.uint8)
             return raw.permute(0, 2, 3, 1).cpu().numpy(), mask.float()[:, 0].clamp_(0, 1).cpu().numpy()
+
+
+def _compose_passes(x0, raw, mask, more: int, step, xp):
+    """Apply ``more`` further generator passes (``step(x) -> (raw, mask)``) to the blended output
+    of a first pass (``raw``, ``mask`` on input ``x0``, all (B, C, S, S) in [-1, 1] / [0, 1]) and
+    return one equivalent (raw, mask) pair (see GeneratorRunner). ``xp``: numpy or torch."""
+    x = mask * raw + (1 - mask) * x0
+    keep = 1 - mask
+    for _ in range(more):
+        r, m = step(x)
+        r, m = (r.float(), m.float().clamp(0, 1)) if xp is not np else (r, np.clip(m, 0, 1))
+        x = m * r + (1 - m) * x
+        keep = keep * (1 - m)
+    total = 1 - keep
+    # Where the combined mask is ~0 the raw value does not matter: use the blended crop.
+    safe = xp.where(total > 1e-3, total, xp.ones_like(total)) if xp is np else total.clamp(min=1e-3)
+    out = (x - keep * x0) / safe
+    out = xp.where(total > 1e-3, out, x)
+    return out, total
 
 
 def _onnx_session(generator, size: int, threads: int):
@@ -162,8 +204,11 @@ class IdentityEmbedder:
     def __init__(self, model_path: os.PathLike, providers: Optional[list[str]] = None):
         from insightface.model_zoo import model_zoo
 
+        from .faces import _session_options  # the detector's: half the cores, no spinning
+
         with contextlib.redirect_stdout(io.StringIO()):  # InsightFace may print while loading
-            self.model = model_zoo.get_model(str(model_path), providers=providers or ["CPUExecutionProvider"])
+            self.model = model_zoo.get_model(str(model_path), providers=providers or ["CPUExecutionProvider"],
+                                             sess_options=_session_options())
 
     def embed(self, crops112: list[np.ndarray]) -> np.ndarray:
         if not crops112:

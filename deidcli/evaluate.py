@@ -81,8 +81,10 @@ def _local_classic(img: np.ndarray, face_px: float, method: str) -> np.ndarray:
 
 
 def generate_on_crops(gen, crops: np.ndarray, desc: np.ndarray, device="cpu",
-                      batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """(blended uint8 (N,S,S,3), mask float32 (N,S,S)) from the generator on uint8 crops."""
+                      batch_size: int = 32, passes: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(blended uint8 (N,S,S,3), mask float32 (N,S,S)) from the generator on uint8 crops;
+    ``passes`` > 1 applies it again to its own blended output (mask: 1 - prod(1 - m_i)), as
+    ``deid anonymize --passes`` does."""
     import torch
 
     from .identity import to_input
@@ -92,8 +94,12 @@ def generate_on_crops(gen, crops: np.ndarray, desc: np.ndarray, device="cpu",
         for i in range(0, len(crops), batch_size):
             x = to_input(crops[i:i + batch_size]).to(device)
             d = torch.from_numpy(desc[i:i + batch_size]).to(device)
-            raw, m = gen(x, d)
-            y = m * raw + (1 - m) * x
+            y, keep = x, torch.ones_like(x[:, :1])
+            for _ in range(passes):
+                raw, m = gen(y, d)
+                y = m * raw + (1 - m) * y
+                keep = keep * (1 - m)
+            m = 1 - keep
             outs.append(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
             masks.append(m[:, 0].float().cpu().numpy())
     return np.concatenate(outs), np.concatenate(masks)
@@ -194,6 +200,17 @@ def _markdown(rep: dict) -> str:
 # ------------------------------------------------------------------------------- evaluate
 
 
+def _method_passes(method: str) -> int:
+    """generate -> 1, generate:K -> K (generator passes); other methods -> 0."""
+    if method == "generate":
+        return 1
+    if method.startswith("generate:") and method[9:].isdigit() and int(method[9:]) >= 1:
+        return int(method[9:])
+    if method in ("blur", "pixelate"):
+        return 0
+    raise ValueError(f"cannot evaluate method {method!r} (generate, generate:K for K passes, blur, pixelate)")
+
+
 def evaluate(weights: Optional[os.PathLike] = None, out_dir: os.PathLike = "out/evaluate",
              methods: Sequence[str] = ("generate", "blur", "pixelate"),
              cache_dir: Optional[os.PathLike] = None, lfw_dir: Optional[os.PathLike] = None,
@@ -212,7 +229,9 @@ def evaluate(weights: Optional[os.PathLike] = None, out_dir: os.PathLike = "out/
     out_dir.mkdir(parents=True, exist_ok=True)
     gen = None
     size, margin = 128, 0.2
-    if "generate" in methods:
+    for method in methods:
+        _method_passes(method)  # a clear error before any work
+    if any(m.startswith("generate") for m in methods):
         from .model import load_generator
         from .weights import generator_path
 
@@ -272,8 +291,8 @@ def evaluate(weights: Optional[os.PathLike] = None, out_dir: os.PathLike = "out/
     sheet_idx = np.sort(rng.choice(len(sub), min(32, len(sub)), replace=False))
     for method in methods:
         tm = time.time()
-        if method == "generate":
-            anon, masks = generate_on_crops(gen, crops[sub], desc[sub], device)
+        if method.startswith("generate"):
+            anon, masks = generate_on_crops(gen, crops[sub], desc[sub], device, passes=_method_passes(method))
         elif method in ("blur", "pixelate"):
             anon = classic_on_crops(crops[sub], method, size, margin, data["crop_kps"][sub])
             masks = (np.abs(anon.astype(np.int16) - crops[sub]).sum(-1) > 0).astype(np.float32)

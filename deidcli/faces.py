@@ -35,7 +35,7 @@ from typing import Optional
 import numpy as np
 
 from .errors import ModelError
-from .options import TrackOptions
+from .options import DETECTOR_PRECISIONS as PRECISIONS, TrackOptions
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,14 @@ class Detector:
     model with a fixed input size (det_scrfd_500m_kps_640.onnx: 640x640) uses its own and
     says so when `det_size` differs. min_face: faces whose box has a shorter side below
     this many pixels are dropped and counted in ``n_small``. providers: ONNX Runtime
-    execution providers (default CPU only).
+    execution providers (default CPU only). precision: fp32 (the default here, so that tools
+    measuring faces keep the reference model; the anonymize pipeline passes
+    DetectOptions.precision, default auto), int8 (statically quantized at load from this file and
+    the calibration shipped for it, see deidcli/quantize.py; CPU provider only), or auto (int8 on
+    the CPU provider alone, fp32 with any other). Where int8 cannot be had the detector says why
+    in one warning and runs fp32; ``precision`` after loading says what runs ("int8" or "fp32").
+    calibration: the int8 calibration JSON (default: the one shipped for this detector,
+    deidcli/data/<model stem>.calib.json).
     """
 
     def __init__(
@@ -114,6 +121,8 @@ class Detector:
         det_size: int = 640,
         min_face: int = 0,
         providers: Optional[Sequence[str]] = None,
+        precision: str = "fp32",
+        calibration: Optional[str | Path] = None,
     ):
         model_path = Path(model_path)
         if not model_path.is_file():
@@ -124,15 +133,26 @@ class Detector:
             raise ValueError(f"det_thresh must be in [0, 1], not {det_thresh}")
         if min_face < 0:
             raise ValueError(f"min_face must be >= 0, not {min_face}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         providers = list(providers or ["CPUExecutionProvider"])
 
         import insightface  # heavy: imported on first use
 
+        self.build_seconds = None  # time taken to build the int8 model (None: fp32)
+        int8 = self._int8_session(model_path, precision, providers, calibration)
         try:
             # InsightFace reports what it loads on stdout, which carries only our report.
             with contextlib.redirect_stdout(sys.stderr):
-                model = insightface.model_zoo.get_model(str(model_path), providers=providers,
-                                                        sess_options=_session_options())
+                if int8 is not None:
+                    # No model_file: every input size runs this session (InsightFace would build
+                    # its per-size sessions from the fp32 file).
+                    from insightface.model_zoo.scrfd import SCRFD
+
+                    model = SCRFD(model_file=None, session=int8)
+                else:
+                    model = insightface.model_zoo.get_model(str(model_path), providers=providers,
+                                                            sess_options=_session_options())
         except Exception as e:  # onnxruntime raises its own, undocumented exception types
             raise ModelError(f"cannot load face detector {model_path}: {e}") from e
         if model is None or getattr(model, "taskname", None) != "detection":
@@ -164,9 +184,40 @@ class Detector:
         self.det_thresh = float(det_thresh)
         self.min_face = int(min_face)
         self.providers = list(model.session.get_providers())
+        self.precision = "int8" if int8 is not None else "fp32"  # what runs
         self.n_images = 0  # images seen
         self.n_faces = 0  # faces returned
         self.n_small = 0  # faces dropped by min_face
+
+    def _int8_session(self, model_path: Path, precision: str, providers: list[str], calibration=None):
+        """An ONNX Runtime CPU session of the int8 detector, or None to run fp32: asked for, other
+        providers than the CPU one, or int8 unavailable (said in one warning; auto with a detector
+        that has no calibration only logs it at INFO)."""
+        if precision == "fp32":
+            return None
+        if providers != ["CPUExecutionProvider"]:
+            if precision == "int8":
+                logger.warning("int8 detector is for the CPU execution provider only: fp32 on %s", providers[0])
+            return None
+        from . import quantize
+
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # stdout carries only our report
+                data, info = quantize.build_int8(model_path, calibration)
+            import onnxruntime
+
+            session = onnxruntime.InferenceSession(data, sess_options=_session_options(),
+                                                   providers=["CPUExecutionProvider"])
+        except quantize.NoCalibration as e:
+            (logger.warning if precision == "int8" else logger.info)("%s: fp32 detector", e)
+            return None
+        except Exception as e:  # Int8Error, or onnx/onnxruntime failing in any of their ways
+            reason = " ".join(str(e).split())[:300] or type(e).__name__
+            logger.warning("int8 detector unavailable, using fp32: %s", reason)
+            return None
+        self.build_seconds = info["seconds"]
+        logger.info("int8 detector built from %s in %.2f s", model_path.name, info["seconds"])
+        return session
 
     def input_size_for(self, shape: Sequence[int]) -> tuple[int, int]:
         """Detector input (width, height) for an image of ``shape``: the longer side is scaled to

@@ -8,6 +8,7 @@ from typing import Optional
 
 METHODS = ("generate", "blur", "pixelate", "solid")
 AUDIO_MODES = ("copy", "aac", "none")
+DETECTOR_PRECISIONS = ("auto", "fp32", "int8")  # auto: int8 on the CPU execution provider, fp32 on CUDA
 PIPE_FORMATS = ("matroska", "mpegts")  # container formats written to stdout (DST "-"); the first is the default
 
 
@@ -28,6 +29,11 @@ class DetectOptions:
     min_face: int = 0  # ignore faces whose box is smaller than this many pixels (shorter side)
     detector: str = "det_scrfd_2.5g_kps.onnx"  # registry name of the detector model
     detect_every: int = 1  # run the detector on every Nth frame only (opt-in speed/coverage trade; tracks fill the rest)
+    precision: str = "auto"  # detector weights/activations: auto (int8 on CPU, fp32 on CUDA) | fp32 | int8
+
+    def __post_init__(self):
+        if self.precision not in DETECTOR_PRECISIONS:
+            raise ValueError(f"detector precision must be one of {DETECTOR_PRECISIONS}, not {self.precision!r}")
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,10 @@ class AnonymizeOptions:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     fp16: bool = False  # half precision for the generator (CUDA only; ignored with a warning on CPU)
     batch_size: int = 32  # faces per generator batch (batched across frames)
+    passes: int = 1  # generator passes per face (each one moves the face further from the identity)
+    identity_check: bool = True  # embed each generated face; regenerate / blur faces still close to the person
+    check_thresh: float = 0.25  # cosine to the track's descriptor at which the check acts (verification: 0.335)
+    max_passes: int = 4  # most passes the identity check may raise a track to before it blurs the face
     margin: float = 0.25  # extra margin around the face box for blur/pixelate/solid, fraction of size
     models_dir: Optional[Path] = None  # first place to look for model files
     overwrite: bool = False  # replace existing outputs (folder runs skip them otherwise)
@@ -63,6 +73,10 @@ class AnonymizeOptions:
             raise ValueError(f"format must be one of {PIPE_FORMATS}, not {self.encode.format!r}")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if not 1 <= self.passes <= self.max_passes:
+            raise ValueError(f"passes must be between 1 and max_passes = {self.max_passes}, not {self.passes}")
+        if not -1.0 <= self.check_thresh <= 1.0:
+            raise ValueError(f"check_thresh must be a cosine in [-1, 1], not {self.check_thresh}")
         if not 1 <= self.detect.detect_every <= self.track.max_gap + 1:
             raise ValueError(f"detect_every must be between 1 and max_gap + 1 = {self.track.max_gap + 1}, "
                              f"not {self.detect.detect_every}")

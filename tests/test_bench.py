@@ -87,3 +87,9 @@ def test_markdown_table():
                     {"config": "blur", "error": "boom"}]}
     md = to_markdown(res)
     assert md.splitlines()[0].startswith("| config |") and "decode s" in md and "error: boom" in md
+
+
+def test_markdown_table_names_the_detector_precision():
+    run = {"config": "blur", "frames": 10, "wall_s": 1.0, "fps": 10.0, "faces_per_s": 20.0, "stages": {},
+           "peak_rss_mb": 100, "device": "cpu", "dtype": "float32", "detector_precision": "int8"}
+    assert "cpu float32, detector int8" in to_markdown({"runs": [run]})

@@ -289,3 +289,22 @@ def test_package_api_is_the_function_even_after_the_submodule_import():
             "assert anonymize.__module__ == 'deidcli.anonymize'; print('ok')")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
+
+
+def test_detector_precision_option_and_report(clips, tmp_path):
+    """--detector-precision: auto is int8 on the CPU, fp32 is fp32; both in the report; a bad value
+    is a usage error."""
+    src = clips["two_person"]
+    reports = {}
+    for precision in ("auto", "fp32"):
+        p = run("anonymize", src, tmp_path / f"{precision}.mp4", "--method", "blur", "--detector-precision",
+                precision, "--json", check=0)
+        reports[precision] = json.loads(p.stdout)
+        assert reports[precision]["options"]["detect"]["precision"] == precision
+        assert "WARNING" not in p.stderr, p.stderr
+    assert reports["auto"]["detector_precision"] == "int8" and reports["fp32"]["detector_precision"] == "fp32"
+    a, b = reports["auto"]["files"][0], reports["fp32"]["files"][0]
+    assert a["status"] == b["status"] == "ok" and a["tracks"] == b["tracks"] == 2
+    assert a["faces_anonymized"] == b["faces_anonymized"]
+    p = run("anonymize", src, tmp_path / "bad.mp4", "--detector-precision", "int4")
+    assert p.returncode == 2 and "int4" in p.stderr and not (tmp_path / "bad.mp4").exists()

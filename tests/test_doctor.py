@@ -50,6 +50,8 @@ def test_all_good_with_the_shared_models(shared_models, tmp_path):
     assert gen.startswith("OK ") and "weights_only" in gen and "size=128" in gen
     (auto,) = lines(p, "--device auto")
     assert auto.startswith("OK ") and "generator on " in auto
+    (prec,) = lines(p, "detector precision")
+    assert prec.startswith("INFO ") and ("int8 on the CPU" in prec or "fp32 on CUDA" in prec), prec
     (cache,) = lines(p, "cache dir")
     assert cache.startswith("OK ") and str(tmp_path / "xdg" / "deid") in cache
     assert "FAIL" not in out and out.rstrip().endswith("exit 0")

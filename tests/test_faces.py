@@ -539,3 +539,129 @@ def test_detect_every_end_to_end(clips, tmp_path):
     p = subprocess.run([sys.executable, "-m", "deidcli.cli", "anonymize", str(clips["two_person"]),
                         str(tmp_path / "p.mp4"), "--detect-every", "20"], capture_output=True, text=True)
     assert p.returncode == 2 and "detect_every" in p.stderr and "Traceback" not in p.stderr
+
+
+# --------------------------------------------------------------------------------------
+# Detector precision: the int8 model built at load (deidcli/quantize.py) against fp32
+
+PORTRAIT = SHARED / "videos" / "lp_d13.mp4"  # 720x1280: another detector input shape (384x640)
+
+
+@pytest.fixture(scope="module")
+def fp32_detector() -> Detector:
+    return Detector(MODEL, det_thresh=0.3, precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def int8_detector() -> Detector:
+    return Detector(MODEL, det_thresh=0.3, precision="auto")  # auto: int8 with the CPU provider alone
+
+
+@needs_shared
+def test_auto_precision_is_int8_on_the_cpu(detector, fp32_detector, int8_detector):
+    assert int8_detector.precision == "int8"
+    assert fp32_detector.precision == detector.precision == "fp32"  # the library default: the reference
+    assert 0 < int8_detector.build_seconds < 30 and fp32_detector.build_seconds is None
+    # the sessions: the model file as it is, and the quantized graph made in memory
+    assert fp32_detector.model.session.get_modelmeta().producer_name == "pytorch"
+    assert int8_detector.model.session.get_modelmeta().producer_name == "onnx.quantize"
+    assert int8_detector.providers == fp32_detector.providers == ["CPUExecutionProvider"]
+
+
+@needs_shared
+def test_int8_loading_prints_nothing(capsys):
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        det = Detector(MODEL, precision="int8")
+        det.detect(np.zeros((64, 96, 3), np.uint8))
+    assert det.precision == "int8"
+    assert buf.getvalue() == "" and capsys.readouterr().out == ""
+
+
+@needs_shared
+def test_int8_detections_agree_with_fp32(fp32_detector, int8_detector, video_frames):
+    """Every fp32 face scored >= 0.5 is found by int8 (IoU >= 0.9) with landmarks within 5% of
+    the inter-ocular distance and a score within 0.05, on 720p and portrait frames."""
+    import av
+
+    frames = video_frames[::6]
+    with av.open(str(PORTRAIT)) as c:
+        frames += [f.to_ndarray(format="rgb24") for i, f in zip(range(40), c.decode(video=0)) if i % 8 == 0]
+    n = 0
+    for rgb in frames:
+        a, b = fp32_detector.detect(rgb), int8_detector.detect(rgb)
+        a = a.select(a.scores >= 0.5)
+        for box, kps, score in zip(a.boxes, a.kps, a.scores):
+            iou = box_iou(box, b.boxes)[0]
+            assert iou.size and iou.max() >= 0.9, (box, b.boxes)
+            j = int(iou.argmax())
+            iod = np.linalg.norm(kps[1] - kps[0])
+            assert np.linalg.norm(b.kps[j] - kps, axis=1).max() < 0.05 * iod
+            assert abs(float(b.scores[j]) - float(score)) < 0.05
+            n += 1
+        assert len(b.select(b.scores >= 0.6)) == len(a.select(a.scores >= 0.6))
+    assert n >= 2 * 10 + 5  # two faces per 720p frame, one per portrait frame
+
+
+@needs_shared
+def test_int8_build_writes_nothing_outside_a_temporary_folder(tmp_path, monkeypatch):
+    from deidcli import quantize
+
+    monkeypatch.chdir(tmp_path)  # onnxruntime's quantization tools like to write into the cwd
+    model = tmp_path / "models" / MODEL.name
+    model.parent.mkdir()
+    model.write_bytes(MODEL.read_bytes())
+    data, info = quantize.build_int8(model)
+    assert data[:2] and info["recipe"]["quant_format"] == "QDQ"
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["models", f"models/{MODEL.name}"]
+
+
+@needs_shared
+def test_other_detector_file_falls_back_to_fp32_with_one_warning(tmp_path, caplog):
+    """Same name, different bytes: the shipped calibration is not for it."""
+    import onnx
+
+    m = onnx.load(str(MODEL))
+    m.doc_string = "not the file the calibration was made for"
+    other = tmp_path / MODEL.name
+    onnx.save(m, str(other))
+    for precision in ("auto", "int8"):  # a file that is not the calibrated one: a warning either way
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="deidcli.faces"):
+            det = Detector(other, precision=precision)
+        assert det.precision == "fp32"
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "another detector file" in warnings[0].getMessage()
+        assert "\n" not in warnings[0].getMessage()
+    assert len(det.detect(np.zeros((64, 96, 3), np.uint8))) == 0  # and it runs
+
+
+@needs_shared
+@pytest.mark.skipif(not MODEL_500M.is_file(), reason=f"{MODEL_500M} not found")
+def test_detector_without_calibration_runs_fp32(caplog):
+    with caplog.at_level(logging.INFO, logger="deidcli.faces"):
+        auto = Detector(MODEL_500M, precision="auto")  # auto: said at INFO only
+    assert auto.precision == "fp32"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "no int8 calibration" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deidcli.faces"):
+        asked = Detector(MODEL_500M, precision="int8")  # asked for: a warning
+    assert asked.precision == "fp32" and "no int8 calibration" in caplog.text
+
+
+@needs_shared
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available:UserWarning")
+def test_int8_is_for_the_cpu_provider_only(caplog):
+    """Any other provider list keeps fp32 (CUDA in CI boxes without onnxruntime-gpu falls back to
+    the CPU inside onnxruntime; the precision is decided on the providers asked for)."""
+    with caplog.at_level(logging.WARNING, logger="deidcli.faces"):
+        det = Detector(MODEL, providers=["CUDAExecutionProvider", "CPUExecutionProvider"], precision="int8")
+    assert det.precision == "fp32" and "CPU execution provider only" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deidcli.faces"):
+        assert Detector(MODEL, providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+                        precision="auto").precision == "fp32"
+    assert caplog.text == ""  # auto on CUDA: fp32, nothing to say
+    with pytest.raises(ValueError, match="precision"):
+        Detector(MODEL, precision="int4")

@@ -50,7 +50,7 @@ def _cfg(tmp_path, cache_dir, steps):
             "limit_people": 6, "batch_size": 2, "steps": steps, "threads": 2,
             "generator": {"size": 64, "base_channels": 8, "max_channels": 32},
             "discriminator": {"channels": 8, "n_layers": 2, "spectral": True},
-            "log_every": 1, "eval_every": 2, "eval_size": 4, "sample_every": 2,
+            "weights": {"colour_l1": 1.0}, "log_every": 1, "eval_every": 2, "eval_size": 4, "sample_every": 2,
             "save_every_s": 1e9}
 
 
@@ -63,7 +63,7 @@ def test_train_smoke_and_resume(tmp_path, cache_dir):
     assert s1["step"] == 3 and (run / "last.pt").exists()
     recs = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     tr = [r for r in recs if r["kind"] == "train"]
-    assert all(np.isfinite(r["loss"]) for r in tr)
+    assert all(np.isfinite(r["loss"]) for r in tr) and all("colour_l1" in r for r in tr)
     assert any(r["kind"] == "eval" for r in recs)
     assert list((run / "samples").glob("*.png"))
     g = load_generator(run / "generator.pt")
@@ -95,6 +95,15 @@ def test_losses_basic():
     real, fake = torch.ones(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)
     assert L.d_loss(real, fake, "lsgan") == 0 and L.g_adv_loss(real, "lsgan") == 0
     assert L.d_loss(real, -real, "hinge") == 0
+    # colour loss: zero for the same colours, blind to shapes with the same block means, and
+    # only counted under the mask
+    m = torch.ones(3, 1, 32, 32)
+    assert L.colour_l1(x, x, m) == 0
+    shuffled = x.reshape(3, 3, 8, 4, 8, 4).flip(3).reshape(3, 3, 32, 32)  # rows moved inside 4x4 blocks
+    assert L.colour_l1(shuffled, x, m) < 1e-6 and L.gradient_l1(shuffled, x) > 0.1
+    darker = x - 0.5
+    assert abs(float(L.colour_l1(darker, x, m)) - 0.5) < 1e-5
+    assert L.colour_l1(darker, x, torch.zeros_like(m)) == 0
 
 
 def test_commands_import_without_torch():

@@ -87,7 +87,8 @@ def train_command(config_path, name, device, steps, max_minutes, runs_dir, cache
 @click.option("--out", "out_dir", type=_path, default=Path("out/evaluate"), show_default=True,
               help="Folder for report.json, report.md and contact_sheet.png.")
 @click.option("--methods", default="generate,blur,pixelate", show_default=True,
-              help="Comma-separated methods to compare.")
+              help="Comma-separated methods to compare: generate, generate:K (K generator passes, as "
+                   "`anonymize --passes K`), blur, pixelate.")
 @click.option("--cache-dir", type=_path, default=None, help="Prepared-data cache folder.")
 @click.option("--lfw-dir", type=_path, default=None, help="LFW root (default ../shared/data/lfw).")
 @click.option("--models-dir", type=_path, default=None, help="Folder holding the model files.")
@@ -96,9 +97,15 @@ def train_command(config_path, name, device, steps, max_minutes, runs_dir, cache
 def evaluate_command(weights, out_dir, methods, cache_dir, lfw_dir, models_dir, device, limit):
     """Measure identity removal and what is kept on LFW DevTest; JSON on stdout."""
     _logging()
-    from ..evaluate import evaluate
+    from ..evaluate import _method_passes, evaluate
 
-    report = evaluate(weights=weights, out_dir=out_dir, methods=tuple(m for m in methods.split(",") if m),
+    methods = tuple(m for m in methods.split(",") if m)
+    for m in methods:
+        try:
+            _method_passes(m)
+        except ValueError as e:
+            raise click.UsageError(str(e))
+    report = evaluate(weights=weights, out_dir=out_dir, methods=methods,
                       cache_dir=cache_dir, lfw_dir=lfw_dir, models_dir=models_dir, device=device,
                       limit=limit)
     click.echo(json.dumps(report))

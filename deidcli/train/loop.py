@@ -61,6 +61,7 @@ DEFAULTS: dict[str, Any] = {
         "mask_l1": 0.05,
         "mask_tv": 0.5,
         "adv": 0.05,
+        "colour_l1": 0.0,  # L.colour_l1: block-mean colour of the raw output vs the input, under the mask
     },
     "attractor_levels": ["stem", "dw", "b4"],
     "attractor_level_weights": None,
@@ -313,6 +314,8 @@ def train(config: Mapping[str, Any]) -> dict:
             "grad_l1": L.gradient_l1(raw if cfg["losses_on_raw"] else out, x),
             "mask_l1": mask.mean(), "mask_tv": L.total_variation(mask),
         }
+        if w.get("colour_l1", 0) > 0:
+            terms["colour_l1"] = L.colour_l1(raw, x, mask)
         if use_adv:
             for p in D.parameters():
                 p.requires_grad_(False)

@@ -83,6 +83,16 @@ def gradient_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.l1_loss(ax, bx) + F.l1_loss(ay, by)
 
 
+def colour_l1(raw: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, cells: int = 8) -> torch.Tensor:
+    """Low-frequency colour loss: L1 between the ``cells`` x ``cells`` block means of the raw
+    output and of the input, each block weighted by the mean mask over it (where the output is
+    used). Keeps skin tone and lighting; leaves shapes (the identity) free. Without it the
+    repeller found a shortcut: it lightened dark skin to lower the identity cosine."""
+    k = raw.shape[-1] // cells
+    w = F.avg_pool2d(mask.detach(), k)
+    return (w * (F.avg_pool2d(raw, k) - F.avg_pool2d(ref, k)).abs()).mean()
+
+
 def total_variation(m: torch.Tensor) -> torch.Tensor:
     mx, my = image_gradients(m)
     return mx.abs().mean() + my.abs().mean()

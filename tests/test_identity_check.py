@@ -1,0 +1,95 @@
+"""Generator passes and the identity check of `deid anonymize --method generate`."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import decode_rgb, frame_pts
+from test_cli import run
+
+from deidcli import engine
+from deidcli.model import Generator
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_passes_compose_to_one_raw_and_mask(backend):
+    """k passes returned as one (raw, mask) pair equal k explicit blend-and-rerun steps."""
+    torch.manual_seed(0)
+    gen = Generator({"size": 64, "margin": 0.2, "mask_bias": 0.0}).eval()
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
+    desc = rng.normal(size=(6, 128)).astype(np.float32)
+    desc /= np.linalg.norm(desc, axis=1, keepdims=True)
+    runner = engine.GeneratorRunner(gen, engine.resolve_runtime("cpu"), batch_size=4, backend=backend)
+
+    def blend(raw, mask, under):
+        return mask[..., None] * raw + (1 - mask[..., None]) * under
+
+    raw1, mask1 = runner.run(crops, desc)
+    for k in (2, 3):
+        raw, mask = runner.run(crops, desc, passes=k)
+        assert raw.dtype == np.uint8 and mask.dtype == np.float32 and mask.shape == (6, 64, 64)
+        x = crops.astype(np.float32)
+        for _ in range(k):  # explicit, rounding to uint8 between passes
+            r, m = runner.run(np.rint(x).clip(0, 255).astype(np.uint8), desc)
+            x = blend(r, m, x)
+        got = blend(raw.astype(np.float32), mask, crops.astype(np.float32))
+        # uint8 rounding between the explicit passes: a fraction of a grey level on average
+        assert np.abs(got - x).mean() < 0.5 and np.abs(got - x).max() < 4
+        assert mask.mean() > mask1.mean()  # the union of the masks grows
+    mixed_raw, mixed_mask = runner.run(crops, desc, passes=np.array([1, 2, 1, 2, 1, 2]))
+    raw2, mask2 = runner.run(crops, desc, passes=2)
+    np.testing.assert_array_equal(mixed_raw[0::2], raw1[0::2])
+    np.testing.assert_allclose(mixed_mask[1::2], mask2[1::2], atol=1e-6)
+    with pytest.raises(ValueError):
+        runner.run(crops, desc, passes=0)
+
+
+def _report(args):
+    p = run("anonymize", *args, "--json", check=0)
+    return json.loads(p.stdout)["files"][0]
+
+
+def test_identity_check_regenerates_then_blurs(clips, tmp_path):
+    """A check threshold every face fails: faces get one more pass, then are blurred; the
+    result is the same picture as --method blur. A threshold no face reaches changes nothing."""
+    src = clips["talking"]
+    forced = tmp_path / "forced.mp4"
+    f = _report((src, forced, "--check-thresh", "-1", "--max-passes", "2", "--crf", "0"))
+    n = f["faces_anonymized"]
+    # the first batch is generated again at 2 passes; the track then starts at 2 (sticky)
+    assert n > 0 and 0 < f["faces_regenerated"] <= n and f["faces_checked"] == n + f["faces_regenerated"]
+    assert f["faces_blurred_fallback"] == n
+    assert f["track_passes"] and set(f["track_passes"].values()) == {2}
+    blurred = tmp_path / "blur.mp4"
+    _report((src, blurred, "--method", "blur", "--crf", "0"))
+    a, b = decode_rgb(forced), decode_rgb(blurred)
+    assert len(a) == len(b) == len(frame_pts(src))
+    assert max(np.abs(x.astype(int) - y).mean() for x, y in zip(a, b)) < 0.05
+
+    never = _report((src, tmp_path / "never.mp4", "--check-thresh", "1"))
+    assert never["faces_checked"] == never["faces_anonymized"] > 0
+    assert never["faces_regenerated"] == never["faces_blurred_fallback"] == 0 and never["track_passes"] == {}
+    assert never["check_cos_max"] < 1
+
+    off = _report((src, tmp_path / "off.mp4", "--no-identity-check", "--passes", "2"))
+    assert off["faces_checked"] == 0 and off["check_cos_max"] is None
+
+
+def test_passes_above_max_passes_is_a_usage_error(clips, tmp_path):
+    p = run("anonymize", clips["talking"], tmp_path / "o.mp4", "--passes", "3", "--max-passes", "2")
+    assert p.returncode == 2 and "passes" in p.stderr
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_evaluate_method_names():
+    from deidcli.evaluate import _method_passes
+
+    assert [_method_passes(m) for m in ("generate", "generate:3", "blur", "pixelate")] == [1, 3, 0, 0]
+    for bad in ("generate:0", "generate:x", "sharpen"):
+        with pytest.raises(ValueError):
+            _method_passes(bad)
+    p = run("evaluate", "--methods", "generate:0")
+    assert p.returncode == 2 and "generate:0" in p.stderr
