@@ -168,14 +168,14 @@ class Pipeline:
             for i, (img, faces) in enumerate(items):
                 for f in faces:
                     M = estimate_transform(f.kps, S, margin)
-                    jobs.append((i, M))
+                    jobs.append((i, M, f))
                     crops.append(warp_crop(img, M, S))
                     desc.append(descriptors[f.track_id])
         rects: list[list] = [[] for _ in items]
         if not jobs:
             return rects
         crops, desc = np.stack(crops), np.stack(desc).astype(np.float32)
-        tracks = [f.track_id for _, faces in items for f in faces]
+        tracks = [f.track_id for _, _, f in jobs]
         levels = np.array([passes.get(t, o.passes) for t in tracks], np.int64)
         with stages("generate"):
             raw, mask = self.runner.run(crops, desc, levels)
@@ -184,9 +184,8 @@ class Pipeline:
         if o.identity_check:
             fallback = self._check_identity(crops, desc, tracks, levels, raw, masks, passes, stats, stages)
         with stages("blend"):
-            for j, ((i, M), r, m) in enumerate(zip(jobs, raw, masks)):
+            for j, ((i, M, f), r, m) in enumerate(zip(jobs, raw, masks)):
                 if fallback[j]:
-                    f = next(f for f in items[i][1] if f.track_id == tracks[j])
                     rects[i].extend(apply_classic(items[i][0], [f], "blur", o.margin))
                     continue
                 box = paste(items[i][0], r, m, M)
@@ -199,8 +198,8 @@ class Pipeline:
         """The identity check (``--identity-check``): embed every generated face as it will be
         pasted (feathered mask) and compare it with its track's descriptor and with the input face
         of the same frame (a pose far from the track's first faces can be closer to the input than
-        to the descriptor). A face whose higher cosine is >= ``check_thresh`` is generated again with one more pass, up to ``max_passes``, and its
-        track keeps the higher count from then on (so its look changes once, not back and forth);
+        to the descriptor). A face whose higher cosine is >= ``check_thresh`` is generated again
+        with one more pass, up to ``max_passes``, and its track keeps the higher count from then on (so its look changes once, not back and forth);
         a face still too close after ``max_passes`` is blurred instead. Updates raw / masks /
         levels in place; returns the faces to blur (bool per face)."""
         from .align import feather
@@ -210,10 +209,10 @@ class Pipeline:
         todo = np.arange(len(crops))
         fallback = np.zeros(len(crops), bool)
         with stages("identity"):
-            own = self._embed_generated(crops, crops, [np.zeros((S, S), np.float32)] * len(crops))
+            own = self._embed_squares(crops)
         while len(todo):
             with stages("identity"):
-                emb = self._embed_generated(crops[todo], raw[todo], [masks[j] for j in todo])
+                emb = self._embed_squares(_blend_crops(crops[todo], raw[todo], [masks[j] for j in todo]))
                 cos = np.maximum(np.einsum("nd,nd->n", emb, desc[todo]), np.einsum("nd,nd->n", emb, own[todo]))
             stats["checked"] += len(todo)
             stats["cos_max"] = max(stats["cos_max"], float(cos.max()))
@@ -237,23 +236,17 @@ class Pipeline:
         stats["fallback"] += int(fallback.sum())
         return fallback
 
-    def _embed_generated(self, crops: np.ndarray, raw: np.ndarray, masks: Sequence[np.ndarray]) -> np.ndarray:
-        """Identity descriptors (N, D) of generated faces: the blended crop's ArcFace square
+    def _embed_squares(self, crops: np.ndarray) -> np.ndarray:
+        """Identity descriptors (N, D) of generator crops (N, S, S, 3) uint8: their ArcFace square
         (align.arcface_box), resized to 112, as in training."""
         import cv2
 
         from .align import arcface_box
 
-        S = self.runner.size
-        off, side = arcface_box(S, self.runner.margin)
+        off, side = arcface_box(self.runner.size, self.runner.margin)
         a, b = int(round(off)), int(round(off + side))
-        out = []
-        for c, r, m in zip(crops, raw, masks):
-            m3 = m[a:b, a:b, None]
-            sq = m3 * r[a:b, a:b].astype(np.float32) + (1 - m3) * c[a:b, a:b].astype(np.float32)
-            sq = np.rint(sq).clip(0, 255).astype(np.uint8)
-            out.append(cv2.resize(sq, (112, 112), interpolation=cv2.INTER_AREA))
-        return self.embedder.embed(out)
+        return self.embedder.embed([cv2.resize(c[a:b, a:b], (112, 112), interpolation=cv2.INTER_AREA)
+                                    for c in crops])
 
     def _describe_new_tracks(self, items, descriptors: dict) -> None:
         """Fixed identity descriptor per track: mean embedding of its first (up to 5) detected faces
@@ -378,6 +371,12 @@ class Pipeline:
         result.faces_anonymized = len(faces)
         result.tracks = len({f.track_id for f in faces})
         return out
+
+
+def _blend_crops(crops: np.ndarray, raw: np.ndarray, masks: Sequence[np.ndarray]) -> np.ndarray:
+    """The crops (N, S, S, 3) uint8 as they will be pasted: ``mask * raw + (1 - mask) * crop``."""
+    m = np.stack(masks)[..., None]
+    return np.rint(m * raw + (1 - m) * crops.astype(np.float32)).clip(0, 255).astype(np.uint8)
 
 
 # --- files and folders -------------------------------------------------------------------------

@@ -204,11 +204,11 @@ class IdentityEmbedder:
     def __init__(self, model_path: os.PathLike, providers: Optional[list[str]] = None):
         from insightface.model_zoo import model_zoo
 
-        from .faces import _session_options  # the detector's: half the cores, no spinning
+        from .faces import ort_session_options  # the detector's: half the cores, no spinning
 
         with contextlib.redirect_stdout(io.StringIO()):  # InsightFace may print while loading
             self.model = model_zoo.get_model(str(model_path), providers=providers or ["CPUExecutionProvider"],
-                                             sess_options=_session_options())
+                                             sess_options=ort_session_options())
 
     def embed(self, crops112: list[np.ndarray]) -> np.ndarray:
         if not crops112:

@@ -81,7 +81,7 @@ class Detections:
         return Detections(self.boxes[keep], self.scores[keep], self.kps[keep])
 
 
-def _session_options():
+def ort_session_options():
     """ONNX Runtime options for a session that shares the CPU with the other pipeline stages
     (decoder, generator, encoder run in their own threads at the same time): half the cores
     (engine.stage_threads) and worker threads that sleep instead of spinning while they wait.
@@ -152,7 +152,7 @@ class Detector:
                     model = SCRFD(model_file=None, session=int8)
                 else:
                     model = insightface.model_zoo.get_model(str(model_path), providers=providers,
-                                                            sess_options=_session_options())
+                                                            sess_options=ort_session_options())
         except Exception as e:  # onnxruntime raises its own, undocumented exception types
             raise ModelError(f"cannot load face detector {model_path}: {e}") from e
         if model is None or getattr(model, "taskname", None) != "detection":
@@ -206,7 +206,7 @@ class Detector:
                 data, info = quantize.build_int8(model_path, calibration)
             import onnxruntime
 
-            session = onnxruntime.InferenceSession(data, sess_options=_session_options(),
+            session = onnxruntime.InferenceSession(data, sess_options=ort_session_options(),
                                                    providers=["CPUExecutionProvider"])
         except quantize.NoCalibration as e:
             (logger.warning if precision == "int8" else logger.info)("%s: fp32 detector", e)
