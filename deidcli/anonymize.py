@@ -137,7 +137,8 @@ class Pipeline:
             gen = load_generator(ckpt, device="cpu")
             self.runner = engine.GeneratorRunner(gen, self.runtime, options.batch_size)
             self.embedder = engine.IdentityEmbedder(weights.model_path("rec_mobilefacenet.onnx", options.models_dir),
-                                                    providers)
+                                                    providers, options.check_precision if options.identity_check
+                                                    else "fp32")
 
     # -- rendering -------------------------------------------------------------------------
     def render(self, items: Sequence[tuple[np.ndarray, Sequence]], descriptors: dict,
@@ -149,6 +150,9 @@ class Pipeline:
         passes: track_id -> generator passes, raised here by the identity check (kept per video).
         stats: identity-check counters (see new_check_stats), updated here.
         Returns, per item, the list of touched rectangles.
+
+        With ``generate`` this is :meth:`generate` then :meth:`finish`, which process_frames runs
+        in two threads (the next batch is generated while this one is checked and pasted).
         """
         from .methods import apply_classic
 
@@ -156,10 +160,18 @@ class Pipeline:
         if o.method != "generate":
             with stages("blend"):
                 return [apply_classic(img, faces, o.method, o.margin) for img, faces in items]
-        from .align import estimate_transform, feather, paste, warp_crop
-
         passes = {} if passes is None else passes
-        stats = new_check_stats() if stats is None else stats
+        return self.finish(items, self.generate(items, descriptors, stages, passes), stages, passes, stats)
+
+    def generate(self, items: Sequence[tuple[np.ndarray, Sequence]], descriptors: dict, stages: Stages = NULL,
+                 passes: Optional[dict] = None) -> Optional["_Generated"]:
+        """First half of :meth:`render` (method generate): describe new tracks, align every face
+        of ``items`` and run the generator at its track's pass count. Reads the images, changes
+        nothing in them. None when there is no face."""
+        from .align import estimate_transform, feather, warp_crop
+
+        o = self.options
+        passes = {} if passes is None else passes
         with stages("identity"):
             self._describe_new_tracks(items, descriptors)
         S, margin = self.runner.size, self.runner.margin
@@ -171,20 +183,34 @@ class Pipeline:
                     jobs.append((i, M, f))
                     crops.append(warp_crop(img, M, S))
                     desc.append(descriptors[f.track_id])
-        rects: list[list] = [[] for _ in items]
         if not jobs:
-            return rects
+            return None
         crops, desc = np.stack(crops), np.stack(desc).astype(np.float32)
         tracks = [f.track_id for _, _, f in jobs]
         levels = np.array([passes.get(t, o.passes) for t in tracks], np.int64)
         with stages("generate"):
             raw, mask = self.runner.run(crops, desc, levels)
-        masks = [feather(m, S) for m in mask]
-        fallback = np.zeros(len(jobs), bool)
+        return _Generated(jobs, crops, desc, tracks, levels, raw, [feather(m, S) for m in mask])
+
+    def finish(self, items: Sequence[tuple[np.ndarray, Sequence]], gen: Optional["_Generated"],
+               stages: Stages = NULL, passes: Optional[dict] = None, stats: Optional[dict] = None) -> list[list]:
+        """Second half of :meth:`render`: the identity check (``--identity-check``) on ``gen``
+        (from :meth:`generate` on the same ``items``), then paste every face into its image.
+        Returns, per item, the list of touched rectangles."""
+        from .align import paste
+        from .methods import apply_classic
+
+        o = self.options
+        passes = {} if passes is None else passes
+        stats = new_check_stats() if stats is None else stats
+        rects: list[list] = [[] for _ in items]
+        if gen is None:
+            return rects
+        fallback = np.zeros(len(gen.jobs), bool)
         if o.identity_check:
-            fallback = self._check_identity(crops, desc, tracks, levels, raw, masks, passes, stats, stages)
+            fallback = self._check_identity(gen, passes, stats, stages)
         with stages("blend"):
-            for j, ((i, M, f), r, m) in enumerate(zip(jobs, raw, masks)):
+            for j, ((i, M, f), r, m) in enumerate(zip(gen.jobs, gen.raw, gen.masks)):
                 if fallback[j]:
                     rects[i].extend(apply_classic(items[i][0], [f], "blur", o.margin))
                     continue
@@ -193,21 +219,32 @@ class Pipeline:
                     rects[i].append(box)
         return rects
 
-    def _check_identity(self, crops, desc, tracks, levels, raw, masks, passes: dict, stats: dict,
-                        stages: Stages) -> np.ndarray:
+    def _check_identity(self, gen: "_Generated", passes: dict, stats: dict, stages: Stages) -> np.ndarray:
         """The identity check (``--identity-check``): embed every generated face as it will be
         pasted (feathered mask) and compare it with its track's descriptor and with the input face
         of the same frame (a pose far from the track's first faces can be closer to the input than
         to the descriptor). A face whose higher cosine is >= ``check_thresh`` is generated again
-        with one more pass, up to ``max_passes``, and its track keeps the higher count from then on (so its look changes once, not back and forth);
-        a face still too close after ``max_passes`` is blurred instead. Updates raw / masks /
-        levels in place; returns the faces to blur (bool per face)."""
+        with one more pass, up to ``max_passes``, and its track keeps the higher count from then on
+        (so its look changes once, not back and forth); a face still too close after
+        ``max_passes`` is blurred instead. A face generated with fewer passes than its track has
+        reached meanwhile (the batch was generated while an earlier one was checked) is generated
+        again at the track's count first. Updates ``gen`` in place; returns the faces to blur
+        (bool per face)."""
         from .align import feather
 
         o = self.options
         S = self.runner.size
-        todo = np.arange(len(crops))
+        crops, desc, tracks, levels, raw, masks = gen.crops, gen.desc, gen.tracks, gen.levels, gen.raw, gen.masks
         fallback = np.zeros(len(crops), bool)
+        behind = np.flatnonzero([passes.get(t, o.passes) > lv for t, lv in zip(tracks, levels)])
+        if len(behind):
+            levels[behind] = [passes[tracks[j]] for j in behind]  # not counted: no check asked for it
+            with stages("generate"):
+                r, m = self.runner.run(crops[behind], desc[behind], levels[behind])
+            for j, rj, mj in zip(behind, r, m):
+                masks[j] = feather(mj, S)
+                raw[j] = rj
+        todo = np.arange(len(crops))
         with stages("identity"):
             own = self._embed_squares(crops)
         while len(todo):
@@ -245,8 +282,8 @@ class Pipeline:
 
         off, side = arcface_box(self.runner.size, self.runner.margin)
         a, b = int(round(off)), int(round(off + side))
-        return self.embedder.embed([cv2.resize(c[a:b, a:b], (112, 112), interpolation=cv2.INTER_AREA)
-                                    for c in crops])
+        return self.embedder.embed_check([cv2.resize(c[a:b, a:b], (112, 112), interpolation=cv2.INTER_AREA)
+                                          for c in crops])
 
     def _describe_new_tracks(self, items, descriptors: dict) -> None:
         """Fixed identity descriptor per track: mean embedding of its first (up to 5) detected faces
@@ -316,7 +353,9 @@ class Pipeline:
         """Transform decoded frames into (frame, image, rects), in order (see video.transcode_video).
 
         Detection and tracking run in their own thread (``threads``), a few frames ahead of
-        rendering, which batches faces across frames for the generator.
+        rendering, which batches faces across frames for the generator. With ``generate`` the
+        generator runs in a thread of its own too, one batch ahead of the identity check and the
+        pasting (Pipeline.generate / Pipeline.finish).
         """
         tracked = self.detect_and_track(frames, result, fps, stages)
         if threads:
@@ -324,35 +363,50 @@ class Pipeline:
         descriptors: dict = {}
         passes: dict = {}
         check = new_check_stats()
-        batch_faces = self.options.batch_size if self.options.method == "generate" else 1
+        generate = self.options.method == "generate"
+        batch_faces = self.options.batch_size if generate else 1
 
-        def emit(batch):
-            # Rendered in place: nothing reads a frame's decoded picture afterwards (the writer
-            # takes the pixels outside the touched rectangles from the decoded planes).
-            imgs = [(vf.image, faces) for vf, faces in batch]
-            rects = self.render(imgs, descriptors, stages, passes, check)
-            for (vf, faces), (img, _), r in zip(batch, imgs, rects):
-                result.frames += 1
-                result.faces_anonymized += len(faces)
-                n_interp = sum(1 for f in faces if f.interpolated)
-                result.faces_interpolated += n_interp
-                result.frames_interpolated += n_interp > 0
-                yield vf, img, r
-
-        ready: list = []  # (frame, faces) waiting for a full generator batch
-        n_faces = 0
-        try:
+        def batches() -> Iterator[list]:
+            ready: list = []  # (frame, faces) waiting for a full generator batch
+            n_faces = 0
             for vf, faces in tracked:
                 ready.append((vf, faces))
                 n_faces += len(faces)
                 if n_faces >= batch_faces or len(ready) >= MAX_PENDING_FRAMES:
-                    batch, ready, n_faces = ready, [], 0
-                    yield from emit(batch)
-            yield from emit(ready)
+                    yield ready
+                    ready, n_faces = [], 0
+            if ready:
+                yield ready
+
+        def generated() -> Iterator[tuple[list, list, Optional[_Generated]]]:
+            for batch in batches():
+                imgs = [(vf.image, faces) for vf, faces in batch]
+                yield batch, imgs, self.generate(imgs, descriptors, stages, passes)
+
+        if generate:
+            work = prefetch(generated(), 1, "deid-generate") if threads else generated()
+        else:
+            work = ((batch, None, None) for batch in batches())
+        try:
+            for batch, imgs, gen in work:
+                # Rendered in place: nothing reads a frame's decoded picture afterwards (the writer
+                # takes the pixels outside the touched rectangles from the decoded planes).
+                if generate:
+                    rects = self.finish(imgs, gen, stages, passes, check)
+                else:
+                    rects = self.render([(vf.image, faces) for vf, faces in batch], descriptors, stages)
+                for (vf, faces), r in zip(batch, rects):
+                    result.frames += 1
+                    result.faces_anonymized += len(faces)
+                    n_interp = sum(1 for f in faces if f.interpolated)
+                    result.faces_interpolated += n_interp
+                    result.frames_interpolated += n_interp > 0
+                    yield vf, vf.image, r
             result.add_check_stats(check, passes, self.options.passes)
         finally:
-            if hasattr(tracked, "close"):
-                tracked.close()
+            for it in (work, tracked):
+                if hasattr(it, "close"):
+                    it.close()
 
     def image(self, img: np.ndarray, result: FileResult) -> np.ndarray:
         from .faces import Tracker
@@ -371,6 +425,22 @@ class Pipeline:
         result.faces_anonymized = len(faces)
         result.tracks = len({f.track_id for f in faces})
         return out
+
+
+@dataclass
+class _Generated:
+    """The generator's output for one batch (Pipeline.generate), per face j:
+    jobs[j] = (item index, M (2, 3) frame -> crop, face); crops (N, S, S, 3) uint8 RGB input
+    crops; desc (N, D) float32 track descriptors; tracks[j] track id; levels (N,) int64 passes
+    run; raw (N, S, S, 3) uint8 RGB; masks[j] (S, S) float32 in [0, 1], feathered."""
+
+    jobs: list
+    crops: np.ndarray
+    desc: np.ndarray
+    tracks: list
+    levels: np.ndarray
+    raw: np.ndarray
+    masks: list
 
 
 def _blend_crops(crops: np.ndarray, raw: np.ndarray, masks: Sequence[np.ndarray]) -> np.ndarray:
@@ -670,6 +740,8 @@ def _report(results: Sequence[FileResult], pipeline: Optional[Pipeline], load_se
         "dtype": pipeline.runtime.dtype if pipeline else None,
         "generator_backend": pipeline.runner.backend if pipeline and pipeline.runner else None,
         "detector_precision": pipeline.detector.precision if pipeline else None,  # int8 | fp32, as run
+        "check_precision": (pipeline.embedder.check_precision  # identity check: int8 | fp32, as run; None: no check
+                            if pipeline and pipeline.embedder and options.identity_check else None),
         "load_seconds": load_seconds,  # loading the models, once per run
         "versions": _versions(),
         "options": options.to_dict(),

@@ -67,7 +67,7 @@ def run_one(config: str, clip: str, opts: dict) -> dict:
                        load_s=rep["load_seconds"], stages=f["stages"], device=rep["device"], dtype=rep["dtype"],
                        interpolated=f["faces_interpolated"], frames_not_detected=f["frames_not_detected"],
                        detect_every=detect.detect_every,
-                       detector_precision=rep.get("detector_precision"))
+                       detector_precision=rep.get("detector_precision"), check_precision=rep.get("check_precision"))
     if out.get("frames"):
         out["fps"] = round(out["frames"] / out["wall_s"], 2)
         out["faces_per_s"] = round(out["faces"] / out["wall_s"], 2)
@@ -146,6 +146,8 @@ def to_markdown(result: dict) -> str:
         device = f"{r.get('device')} {r.get('dtype') or ''}".strip()
         if r.get("detector_precision"):
             device += f", detector {r['detector_precision']}"
+        if r.get("check_precision"):
+            device += f", check {r['check_precision']}"
         row += [r.get("peak_rss_mb", "-"), device]
         lines.append("| " + " | ".join(str(x) for x in row) + " |")
     return "\n".join(lines)

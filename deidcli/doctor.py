@@ -377,6 +377,40 @@ def check_detector_precision(models_dir: Optional[os.PathLike] = None) -> list[C
     return [Check("device", label, INFO, detail)]
 
 
+def check_identity_precision(models_dir: Optional[os.PathLike] = None) -> list[Check]:
+    """What ``--check-precision auto`` runs: the identity check's int8 network built on the CPU (timed), fp32 on
+    CUDA."""
+    from . import engine, quantize, weights
+
+    name, label = "rec_mobilefacenet.onnx", "identity check precision"
+    st = weights.status(name, models_dir)
+    if not st.ok:
+        return [Check("device", label, INFO, f"not checked: {name} is missing or does not verify (see above)")]
+    try:
+        providers = engine.onnx_providers(engine.resolve_runtime("auto"))
+    except Exception as e:  # torch or onnxruntime missing: reported by the checks above
+        return [Check("device", label, INFO, f"not checked ({type(e).__name__})")]
+    if providers[0] != "CPUExecutionProvider":
+        return [Check("device", label, INFO, f"auto: fp32 on {providers[0]} (int8 is for the CPU provider only)")]
+    try:
+        _, info = quantize.build_int8(st.path, sha256=st.model.sha256)
+    except Exception as e:  # NoCalibration, Int8Error, onnx/onnxruntime errors
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        return [Check("device", label, WARN, f"auto: int8 identity network unavailable ({reason}); the identity "
+                      "check runs fp32, about 2x slower on the CPU",
+                      "reinstall deid (deidcli/data/*.calib.json is package data), or rerun "
+                      "examples/calibrate_identity.py with this onnxruntime")]
+    flags = _cpu_int8_flags()
+    detail = (f"auto: int8 on the CPU for the identity check, fp32 for the descriptors (built at load in "
+              f"{info['seconds']:.2f} s from {Path(info['calibration']).name})")
+    if flags == []:
+        detail += ("; this CPU has no VNNI/AMX and int8 was checked against fp32 on AVX512-VNNI only: "
+                   "examples/check_identity_int8.py compares them here (--check-precision fp32 to opt out)")
+    elif flags:
+        detail += f"; CPU: {', '.join(flags)}"
+    return [Check("device", label, INFO, detail)]
+
+
 def check_cache() -> list[Check]:
     """The download cache ($XDG_CACHE_HOME/deid) is writable (or can be created)."""
     from . import weights
@@ -408,6 +442,7 @@ def run_checks(models_dir: Optional[os.PathLike] = None, weights: Optional[os.Pa
         checks += check_generator(weights)
         checks += check_device()
         checks += check_detector_precision(models_dir)
+        checks += check_identity_precision(models_dir)
         checks += check_cache()
     return checks
 

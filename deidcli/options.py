@@ -9,6 +9,7 @@ from typing import Optional
 METHODS = ("generate", "blur", "pixelate", "solid")
 AUDIO_MODES = ("copy", "aac", "none")
 DETECTOR_PRECISIONS = ("auto", "fp32", "int8")  # auto: int8 on the CPU execution provider, fp32 on CUDA
+CHECK_PRECISIONS = ("auto", "fp32", "int8")  # the identity check's embedder, the same way
 PIPE_FORMATS = ("matroska", "mpegts")  # container formats written to stdout (DST "-"); the first is the default
 
 
@@ -54,6 +55,7 @@ class AnonymizeOptions:
     passes: int = 1  # generator passes per face (each one moves the face further from the identity)
     identity_check: bool = True  # embed each generated face; regenerate / blur faces still close to the person
     check_thresh: float = 0.25  # cosine to the track's descriptor at which the check acts (verification: 0.335)
+    check_precision: str = "auto"  # identity check's embedder: auto (int8 on CPU, fp32 on CUDA) | fp32 | int8
     max_passes: int = 4  # most passes the identity check may raise a track to before it blurs the face
     margin: float = 0.25  # extra margin around the face box for blur/pixelate/solid, fraction of size
     models_dir: Optional[Path] = None  # first place to look for model files
@@ -75,6 +77,8 @@ class AnonymizeOptions:
             raise ValueError("batch_size must be >= 1")
         if not 1 <= self.passes <= self.max_passes:
             raise ValueError(f"passes must be between 1 and max_passes = {self.max_passes}, not {self.passes}")
+        if self.check_precision not in CHECK_PRECISIONS:
+            raise ValueError(f"check precision must be one of {CHECK_PRECISIONS}, not {self.check_precision!r}")
         if not -1.0 <= self.check_thresh <= 1.0:
             raise ValueError(f"check_thresh must be a cosine in [-1, 1], not {self.check_thresh}")
         if not 1 <= self.detect.detect_every <= self.track.max_gap + 1:

@@ -1,23 +1,30 @@
-"""Static int8 quantization of the SCRFD face detector, for ONNX Runtime's CPU execution provider.
+"""Static int8 quantization of deid's ONNX models, for ONNX Runtime's CPU execution provider.
 
-deid ships no quantized model. It derives one in memory when the detector loads, from the fp32
-ONNX file (found and verified as any model file) and the activation ranges shipped in
-``deidcli/data/<detector stem>.calib.json``. That JSON is made once by
-examples/calibrate_detector.py (LFW DevTrain people only; its docstring has the recipe). Besides
-ONNX Runtime's calibration cache (``ranges``) it records, under ``deid``, the SHA-256 of the
-detector file it was made for and the quantization recipe; a build refuses any other file.
+deid ships no quantized model. It derives one in memory when a model loads, from the fp32 ONNX
+file (found and verified as any model file) and the activation ranges shipped in
+``deidcli/data/<model stem>.calib.json``. Two models have one:
+
+- the SCRFD face detector (``det_scrfd_2.5g_kps``), made by examples/calibrate_detector.py,
+  used by faces.Detector;
+- the MobileFaceNet identity network (``rec_mobilefacenet``), made by
+  examples/calibrate_identity.py, used by engine.IdentityEmbedder for the identity check only.
+
+Both calibrations use LFW DevTrain people only; the scripts' docstrings have the recipes. Besides
+ONNX Runtime's calibration cache (``ranges``) each JSON records, under ``deid``, the SHA-256 of the
+model file it was made for (``model_sha256``; the detector's file names it ``detector_sha256``)
+and the quantization recipe; a build refuses any other file.
 
 The build (:func:`build_int8`), in a temporary folder removed afterwards (nothing is written next
 to the model, into the working directory or into site-packages):
 
-1. opset 11 -> 13 (``onnx.version_converter``): per-channel DequantizeLinear needs opset 13;
+1. opset 11 or 12 -> 13 (``onnx.version_converter``): per-channel DequantizeLinear needs opset 13;
 2. ``quant_pre_process`` (ONNX shape inference and ONNX Runtime's basic graph optimizations;
    symbolic shape inference skipped): the graph whose tensors the ranges name;
 3. ``quantize_static`` in QDQ format (uint8 activations, int8 weights, per output channel) with the
    shipped ranges as its calibration cache, so no calibration runs at load.
 
-It takes about 0.3 s on a 2-core Xeon, so it is done at every load rather than cached on disk.
-Every import of onnx/onnxruntime here is deferred to the call.
+It takes about 0.5 s per model on a 2-core Xeon, so it is done at every load rather than cached on
+disk. Every import of onnx/onnxruntime here is deferred to the call.
 """
 
 from __future__ import annotations
@@ -31,19 +38,25 @@ from typing import Optional, Union
 CALIBRATION_DIR = Path(__file__).resolve().parent / "data"
 CALIBRATION_FORMAT = "deid-int8-calibration/1"  # the "deid" section's layout
 OPSET = 13  # per-channel DequantizeLinear (an axis attribute) needs opset 13
+SHA_KEYS = ("model_sha256", "detector_sha256")  # where the "deid" section names the calibrated file
 
 
 class Int8Error(Exception):
-    """The int8 detector cannot be built; the message says why (one line)."""
+    """The int8 model cannot be built; the message says why (one line)."""
 
 
 class NoCalibration(Int8Error):
-    """No calibration JSON ships for this detector (by file name)."""
+    """No calibration JSON ships for this model (by file name)."""
 
 
-def calibration_path(detector: Union[str, Path]) -> Path:
-    """Where the calibration JSON of a detector file lives: deidcli/data/<stem>.calib.json."""
-    return CALIBRATION_DIR / f"{Path(detector).stem}.calib.json"
+def calibration_path(model: Union[str, Path]) -> Path:
+    """Where the calibration JSON of a model file lives: deidcli/data/<stem>.calib.json."""
+    return CALIBRATION_DIR / f"{Path(model).stem}.calib.json"
+
+
+def calibrated_sha256(meta: dict) -> str:
+    """The SHA-256 of the model file a calibration's "deid" section was made for."""
+    return next(meta[k] for k in SHA_KEYS if k in meta)
 
 
 def load_calibration(path: Union[str, Path]) -> dict:
@@ -54,8 +67,9 @@ def load_calibration(path: Union[str, Path]) -> dict:
         meta = doc["deid"]
         if meta.get("format") != CALIBRATION_FORMAT:
             raise Int8Error(f"{path.name}: format {meta.get('format')!r}, expected {CALIBRATION_FORMAT!r}")
-        for key in ("detector_sha256", "recipe"):
-            meta[key]  # noqa: B018 (presence check)
+        if not any(k in meta for k in SHA_KEYS):
+            raise KeyError(SHA_KEYS[0])
+        meta["recipe"]  # noqa: B018 (presence check)
         doc["ranges"]["data"]  # noqa: B018
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise Int8Error(f"{path.name}: unreadable calibration ({type(e).__name__}: {e})") from None
@@ -78,39 +92,39 @@ def quantize_kwargs(recipe: dict) -> dict:
     )
 
 
-def prepare_fp32(detector: Union[str, Path], out: Union[str, Path]) -> Path:
-    """Steps 1-2: the fp32 detector at opset 13, shape-inferred and optimized, saved to ``out``.
+def prepare_fp32(model: Union[str, Path], out: Union[str, Path]) -> Path:
+    """Steps 1-2: the fp32 model at opset 13, shape-inferred and optimized, saved to ``out``.
 
     ``out`` should be in a temporary folder: ONNX Runtime writes intermediate files next to it.
-    The calibration script and the build both quantize this model, so tensor names agree.
+    The calibration scripts and the build both quantize this model, so tensor names agree.
     """
     import onnx
     from onnx import version_converter
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     out = Path(out)
-    model = onnx.load(str(detector))
-    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    proto = onnx.load(str(model))
+    opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
     if opset < OPSET:
-        model = version_converter.convert_version(model, OPSET)
+        proto = version_converter.convert_version(proto, OPSET)
     converted = out.with_name(out.stem + ".opset.onnx")
-    onnx.save(model, str(converted))
+    onnx.save(proto, str(converted))
     quant_pre_process(str(converted), str(out), skip_symbolic_shape=True)
     converted.unlink()
     return out
 
 
-def _check_fit(model_path: Path, ranges: dict, recipe: dict) -> None:
+def _check_fit(model_path: Path, ranges: dict, recipe: dict, script: str = "the calibration script") -> None:
     """The ranges name tensors of this graph and cover every activation a Conv reads or writes, and
     the nodes to leave in fp32 exist; otherwise they were made by another onnxruntime whose
-    optimizer named things differently."""
+    optimizer named things differently. ``script``: what remakes the calibration (for the message)."""
     import onnx
 
     g = onnx.load(str(model_path)).graph
     absent = set(recipe.get("nodes_to_exclude", [])) - {n.name for n in g.node}
     if absent:
         raise Int8Error(f"the calibration's nodes to exclude are not in this graph ({sorted(absent)[:3]}...): "
-                        "rerun examples/calibrate_detector.py with this onnxruntime")
+                        f"rerun {script} with this onnxruntime")
     inits = {t.name for t in g.initializer}
     names = {i.name for i in g.input} | {o for n in g.node for o in n.output}
     unknown = set(ranges) - names
@@ -118,40 +132,43 @@ def _check_fit(model_path: Path, ranges: dict, recipe: dict) -> None:
     missing = needed - set(ranges)
     if unknown or missing:
         raise Int8Error(f"the calibration does not fit this graph ({len(unknown)} unknown, {len(missing)} missing "
-                        "tensors): rerun examples/calibrate_detector.py with this onnxruntime")
+                        f"tensors): rerun {script} with this onnxruntime")
 
 
-def build_int8(detector: Union[str, Path], calibration: Optional[Union[str, Path]] = None,
+def build_int8(model: Union[str, Path], calibration: Optional[Union[str, Path]] = None,
                sha256: Optional[str] = None) -> tuple[bytes, dict]:
-    """The int8 QDQ model of ``detector`` (serialized ONNX) and what was done.
+    """The int8 QDQ model of ``model`` (serialized ONNX) and what was done.
 
-    calibration: the JSON (default :func:`calibration_path`). sha256: the detector's SHA-256 when
+    calibration: the JSON (default :func:`calibration_path`). sha256: the model's SHA-256 when
     the caller has it (default: computed, cached per file by weights.sha256_file).
-    Raises NoCalibration when no JSON ships for this detector, Int8Error when the JSON was made for
+    Raises NoCalibration when no JSON ships for this model, Int8Error when the JSON was made for
     another file or does not fit the graph; onnx/onnxruntime errors pass through.
     Returns (bytes, {"seconds", "calibration", "recipe"}).
     """
     from . import weights
 
     t0 = time.perf_counter()
-    detector = Path(detector)
-    calibration = Path(calibration) if calibration else calibration_path(detector)
+    model = Path(model)
+    calibration = Path(calibration) if calibration else calibration_path(model)
     if not calibration.is_file():
-        raise NoCalibration(f"no int8 calibration for {detector.name} (no {calibration.name} in deidcli/data)")
+        raise NoCalibration(f"no int8 calibration for {model.name} (no {calibration.name} in deidcli/data)")
     doc = load_calibration(calibration)
     meta = doc["deid"]
-    got = sha256 or weights.sha256_file(detector)
-    if got != meta["detector_sha256"]:
-        raise Int8Error(f"{calibration.name} was made for another detector file "
-                        f"(SHA-256 {meta['detector_sha256'][:12]}..., {detector} has {got[:12]}...)")
+    want = calibrated_sha256(meta)
+    got = sha256 or weights.sha256_file(model)
+    if got != want:
+        kind = "detector" if "detector_sha256" in meta and "model_sha256" not in meta else "model"
+        raise Int8Error(f"{calibration.name} was made for another {kind} file "
+                        f"(SHA-256 {want[:12]}..., {model} has {got[:12]}...)")
     kwargs = quantize_kwargs(meta["recipe"])
+    script = meta.get("calibration_set", {}).get("script", "the calibration script")
 
     from onnxruntime.quantization import quantize_static
 
     with tempfile.TemporaryDirectory(prefix="deid-int8-") as tmp:
         tmp = Path(tmp)
-        pre = prepare_fp32(detector, tmp / "fp32.onnx")
-        _check_fit(pre, doc["ranges"]["data"], meta["recipe"])
+        pre = prepare_fp32(model, tmp / "fp32.onnx")
+        _check_fit(pre, doc["ranges"]["data"], meta["recipe"], script)
         cache = tmp / "ranges.json"  # onnxruntime's own calibration-cache layout
         cache.write_text(json.dumps(doc["ranges"]))
         out = tmp / "int8.onnx"
@@ -159,3 +176,40 @@ def build_int8(detector: Union[str, Path], calibration: Optional[Union[str, Path
         data = out.read_bytes()
     return data, {"seconds": round(time.perf_counter() - t0, 3), "calibration": str(calibration),
                   "recipe": meta["recipe"]}
+
+
+def int8_session(model_path: Union[str, Path], precision: str, providers: list, what: str, log,
+                 session_options=None, calibration: Optional[Union[str, Path]] = None):
+    """The int8 ONNX Runtime CPU session a model loader asked for, or None to run fp32.
+
+    precision: "fp32" (None), "int8" or "auto" (int8 on the CPU execution provider alone).
+    None also where int8 cannot be had, said once on ``log`` naming ``what`` ("detector",
+    "identity check"): another provider than the CPU one, no calibration shipped (a warning for
+    int8, INFO for auto), or a build or load failure (a warning). Returns (session, build seconds)
+    or (None, None).
+    """
+    if precision == "fp32":
+        return None, None
+    if list(providers) != ["CPUExecutionProvider"]:
+        if precision == "int8":
+            log.warning("int8 %s is for the CPU execution provider only: fp32 on %s", what, providers[0])
+        return None, None
+    import contextlib
+    import io
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # stdout carries only deid's report
+            data, info = build_int8(model_path, calibration)
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(data, sess_options=session_options,
+                                               providers=["CPUExecutionProvider"])
+    except NoCalibration as e:
+        (log.warning if precision == "int8" else log.info)("%s: fp32 %s", e, what)
+        return None, None
+    except Exception as e:  # Int8Error, or onnx/onnxruntime failing in any of their ways
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        log.warning("int8 %s unavailable, using fp32: %s", what, reason)
+        return None, None
+    log.info("int8 %s built from %s in %.2f s", what, Path(model_path).name, info["seconds"])
+    return session, info["seconds"]

@@ -29,6 +29,7 @@ def test_bench_command_reports_every_stage(clips, tmp_path):
     n = runs["reencode"]["frames"]
     assert n > 20 and runs["blur"]["frames"] == n == runs["generate"]["frames"]
     assert runs["generate"]["faces"] == 2 * n  # two people in every frame
+    assert runs["generate"]["check_precision"] == "int8" and runs["blur"]["check_precision"] is None
     for stage in ("decode", "detect", "track", "identity", "align", "generate", "blend", "encode"):
         assert runs["generate"]["stages"][stage] > 0, stage
     assert runs["generator"]["faces_per_s"] > 0 and runs["generator"]["batch_size"] == 8
@@ -93,3 +94,5 @@ def test_markdown_table_names_the_detector_precision():
     run = {"config": "blur", "frames": 10, "wall_s": 1.0, "fps": 10.0, "faces_per_s": 20.0, "stages": {},
            "peak_rss_mb": 100, "device": "cpu", "dtype": "float32", "detector_precision": "int8"}
     assert "cpu float32, detector int8" in to_markdown({"runs": [run]})
+    run["check_precision"] = "int8"
+    assert "cpu float32, detector int8, check int8" in to_markdown({"runs": [run]})

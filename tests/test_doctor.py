@@ -52,6 +52,8 @@ def test_all_good_with_the_shared_models(shared_models, tmp_path):
     assert auto.startswith("OK ") and "generator on " in auto
     (prec,) = lines(p, "detector precision")
     assert prec.startswith("INFO ") and ("int8 on the CPU" in prec or "fp32 on CUDA" in prec), prec
+    (check,) = lines(p, "identity check precision")
+    assert check.startswith("INFO ") and ("int8 on the CPU" in check or "fp32 on CUDA" in check), check
     (cache,) = lines(p, "cache dir")
     assert cache.startswith("OK ") and str(tmp_path / "xdg" / "deid") in cache
     assert "FAIL" not in out and out.rstrip().endswith("exit 0")

@@ -337,18 +337,25 @@ def test_detector_finds_the_two_faces(detector, video_frames, video_dets):
 
 @needs_shared
 def test_detector_gives_insightface_bgr(detector, video_frames, monkeypatch):
+    """The network gets the frame resized to the detector input and in BGR order (InsightFace's
+    convention), letterboxed at the top left."""
+    import cv2
+
     seen = []
-    real = detector.model.detect
+    real = detector.model.forward
 
-    def spy(img, **kwargs):
+    def spy(img, threshold):
         seen.append(img.copy())
-        return real(img, **kwargs)
+        return real(img, threshold)
 
-    monkeypatch.setattr(detector.model, "detect", spy)
+    monkeypatch.setattr(detector.model, "forward", spy)
     rgb = video_frames[0]
     detector.detect(rgb)
-    np.testing.assert_array_equal(seen[0], rgb[:, :, ::-1])
-    assert not np.array_equal(seen[0], rgb)
+    w, h = detector.input_size_for(rgb.shape)
+    assert seen[0].shape == (h, w, 3) == (384, 640, 3)
+    small = cv2.resize(rgb, (640, 360))
+    np.testing.assert_array_equal(seen[0][:360], small[:, :, ::-1])
+    assert not np.array_equal(seen[0][:360], small) and not seen[0][360:].any()
 
 
 @needs_shared
@@ -665,3 +672,29 @@ def test_int8_is_for_the_cpu_provider_only(caplog):
     assert caplog.text == ""  # auto on CUDA: fp32, nothing to say
     with pytest.raises(ValueError, match="precision"):
         Detector(MODEL, precision="int4")
+
+
+@needs_shared
+def test_detect_equals_insightface_on_the_bgr_frame(fp32_detector, int8_detector, video_frames):
+    """Detector.detect resizes the RGB frame before putting it in BGR order (not the whole frame):
+    boxes, scores and landmarks are InsightFace's own SCRFD.detect on the BGR frame, to the bit,
+    for landscape, portrait, odd sizes (letterbox rounding) and the fixed-size 640x640 model."""
+    import av
+    import cv2
+
+    with av.open(str(PORTRAIT)) as c:
+        portrait = next(c.decode(video=0)).to_ndarray(format="rgb24")
+    images = [video_frames[0], video_frames[30], portrait,
+              cv2.resize(video_frames[45], (853, 479)), cv2.resize(portrait, (301, 533)),
+              np.zeros((64, 96, 3), np.uint8)]
+    fixed = Detector(MODEL_500M, det_thresh=0.3)
+    n = 0
+    for det in (fp32_detector, int8_detector, fixed):
+        for img in images:
+            size = det.input_size_for(img.shape)
+            got = det._detect(img, size)
+            want = det.model.detect(np.ascontiguousarray(img[:, :, ::-1]), input_size=size, max_num=0)
+            assert got[0].dtype == want[0].dtype == np.float32
+            assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), (det.precision, img.shape)
+            n += len(got[0])
+    assert n > 20  # faces were found: the comparison is not between empty results

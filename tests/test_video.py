@@ -19,6 +19,7 @@ from deidcli.video import (
     VIDEO_EXTS,
     VideoInfo,
     _paint_rects,
+    _Reformatters,
     _rect_to_stored,
     _to_rgb,
     atomic_output,
@@ -330,9 +331,12 @@ def test_dirty_rect_unchanged_image_has_no_colour_shift(tmp_path):
     [("yuv420p", 6, 1), ("yuv420p", 1, 1), ("yuv420p", 1, 2), ("yuvj420p", 5, 2), ("yuv420p", 2, 0),
      ("yuv420p10le", 1, 1), ("yuv444p", 1, 1)],
 )
-def test_paint_rects_is_exact_outside_and_round_trips_inside(fmt, colorspace, color_range):
+@pytest.mark.parametrize("pooled", [False, True], ids=["own-context", "pooled-contexts"])
+def test_paint_rects_is_exact_outside_and_round_trips_inside(fmt, colorspace, color_range, pooled):
     """Pixel level (no encoder): bytes outside the rect untouched; inside, the decoded picture
-    painted back comes out within 1 code value (a wrong matrix or range would not)."""
+    painted back comes out within 1 code value (a wrong matrix or range would not). Pooled: the
+    transcoder's way, long-lived swscale contexts converting a PAINT_STEP-sized patch around the
+    rect (here shifted up against the frame's top edge) of which only the rect is copied."""
     w, h = 96, 64
     rgb = _pattern(3, w, h, marker=False)  # smooth: 4:2:0 resampling is exact enough on it
     frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(
@@ -342,9 +346,11 @@ def test_paint_rects_is_exact_outside_and_round_trips_inside(fmt, colorspace, co
     )
     frame.colorspace, frame.color_range = colorspace, color_range
     before = [p.copy() for p in _planes(frame)]
-    decoded_rgb = _to_rgb(frame)  # what transcode_video gives `process`
+    pool = _Reformatters() if pooled else None
+    decoded_rgb = _to_rgb(frame, av.video.reformatter.VideoReformatter() if pooled else None)
+    assert np.array_equal(decoded_rgb, _to_rgb(frame))  # what transcode_video gives `process`
     rect = (10, 6, 70, 50)  # even-aligned, so chroma outside is untouched too
-    _paint_rects(frame, decoded_rgb, [rect])
+    _paint_rects(frame, decoded_rgb, [rect], pool)
     after = _planes(frame)
     x0, y0, x1, y1 = rect
     bpp = 2 if "10" in fmt else 1
@@ -361,7 +367,7 @@ def test_paint_rects_is_exact_outside_and_round_trips_inside(fmt, colorspace, co
     # a painted colour lands in the rect, with the frame's range (full vs limited)
     green = decoded_rgb.copy()
     green[y0:y1, x0:x1] = (0, 255, 0)
-    _paint_rects(frame, green, [rect])
+    _paint_rects(frame, green, [rect], pool)
     back = _to_rgb(frame)[y0 + 2 : y1 - 2, x0 + 2 : x1 - 2].reshape(-1, 3)
     assert np.abs(back.mean(0) - (0, 255, 0)).max() < 3
 
