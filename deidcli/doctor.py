@@ -343,12 +343,13 @@ def _cpu_int8_flags() -> Optional[list[str]]:
     return [x for x in ("avx512_vnni", "avx_vnni", "amx_int8") if x in flags]
 
 
-def check_detector_precision(models_dir: Optional[os.PathLike] = None) -> list[Check]:
-    """What ``--detector-precision auto`` runs: the int8 detector built on the CPU (timed), fp32 on CUDA."""
+def _int8_check(name: str, label: str, what: str, uses: str, script: str, option: str,
+                models_dir: Optional[os.PathLike]) -> list[Check]:
+    """What ``auto`` precision runs for the model file ``name``: int8 built on the CPU (timed), fp32
+    on CUDA. what: the int8 model in words; uses: what int8 runs for; script: the calibration
+    script (examples/<script>.py) and option: the opt-out."""
     from . import engine, quantize, weights
-    from .options import DetectOptions
 
-    name, label = DetectOptions().detector, "detector precision"
     st = weights.status(name, models_dir)
     if not st.ok:
         return [Check("device", label, INFO, f"not checked: {name} is missing or does not verify (see above)")]
@@ -362,53 +363,34 @@ def check_detector_precision(models_dir: Optional[os.PathLike] = None) -> list[C
         _, info = quantize.build_int8(st.path, sha256=st.model.sha256)
     except Exception as e:  # NoCalibration, Int8Error, onnx/onnxruntime errors
         reason = " ".join(str(e).split())[:200] or type(e).__name__
-        return [Check("device", label, WARN, f"auto: int8 detector unavailable ({reason}); it runs fp32, "
+        return [Check("device", label, WARN, f"auto: int8 {what} unavailable ({reason}); {uses} runs fp32, "
                       "about 2x slower on the CPU",
                       "reinstall deid (deidcli/data/*.calib.json is package data), or rerun "
-                      "examples/calibrate_detector.py with this onnxruntime")]
+                      f"examples/calibrate_{script}.py with this onnxruntime")]
     flags = _cpu_int8_flags()
-    detail = (f"auto: int8 on the CPU (built at load in {info['seconds']:.2f} s from "
+    detail = (f"auto: int8 on the CPU for {uses} (built at load in {info['seconds']:.2f} s from "
               f"{Path(info['calibration']).name})")
     if flags == []:  # not known to be worse: said, not judged
         detail += ("; this CPU has no VNNI/AMX and int8 was checked against fp32 on AVX512-VNNI only: "
-                   "examples/check_detector_int8.py compares them here (--detector-precision fp32 to opt out)")
+                   f"examples/check_{script}_int8.py compares them here ({option} fp32 to opt out)")
     elif flags:
         detail += f"; CPU: {', '.join(flags)}"
     return [Check("device", label, INFO, detail)]
+
+
+def check_detector_precision(models_dir: Optional[os.PathLike] = None) -> list[Check]:
+    """What ``--detector-precision auto`` runs: the int8 detector built on the CPU (timed), fp32 on CUDA."""
+    from .options import DetectOptions
+
+    return _int8_check(DetectOptions().detector, "detector precision", "detector", "the detector", "detector",
+                       "--detector-precision", models_dir)
 
 
 def check_identity_precision(models_dir: Optional[os.PathLike] = None) -> list[Check]:
-    """What ``--check-precision auto`` runs: the identity check's int8 network built on the CPU (timed), fp32 on
-    CUDA."""
-    from . import engine, quantize, weights
-
-    name, label = "rec_mobilefacenet.onnx", "identity check precision"
-    st = weights.status(name, models_dir)
-    if not st.ok:
-        return [Check("device", label, INFO, f"not checked: {name} is missing or does not verify (see above)")]
-    try:
-        providers = engine.onnx_providers(engine.resolve_runtime("auto"))
-    except Exception as e:  # torch or onnxruntime missing: reported by the checks above
-        return [Check("device", label, INFO, f"not checked ({type(e).__name__})")]
-    if providers[0] != "CPUExecutionProvider":
-        return [Check("device", label, INFO, f"auto: fp32 on {providers[0]} (int8 is for the CPU provider only)")]
-    try:
-        _, info = quantize.build_int8(st.path, sha256=st.model.sha256)
-    except Exception as e:  # NoCalibration, Int8Error, onnx/onnxruntime errors
-        reason = " ".join(str(e).split())[:200] or type(e).__name__
-        return [Check("device", label, WARN, f"auto: int8 identity network unavailable ({reason}); the identity "
-                      "check runs fp32, about 2x slower on the CPU",
-                      "reinstall deid (deidcli/data/*.calib.json is package data), or rerun "
-                      "examples/calibrate_identity.py with this onnxruntime")]
-    flags = _cpu_int8_flags()
-    detail = (f"auto: int8 on the CPU for the identity check, fp32 for the descriptors (built at load in "
-              f"{info['seconds']:.2f} s from {Path(info['calibration']).name})")
-    if flags == []:
-        detail += ("; this CPU has no VNNI/AMX and int8 was checked against fp32 on AVX512-VNNI only: "
-                   "examples/check_identity_int8.py compares them here (--check-precision fp32 to opt out)")
-    elif flags:
-        detail += f"; CPU: {', '.join(flags)}"
-    return [Check("device", label, INFO, detail)]
+    """What ``--check-precision auto`` runs: the identity check's int8 network built on the CPU
+    (timed), fp32 on CUDA; the per-track descriptors stay fp32."""
+    return _int8_check("rec_mobilefacenet.onnx", "identity check precision", "identity network",
+                       "the identity check (descriptors: fp32)", "identity", "--check-precision", models_dir)
 
 
 def check_cache() -> list[Check]:

@@ -213,3 +213,86 @@ def int8_session(model_path: Union[str, Path], precision: str, providers: list, 
         return None, None
     log.info("int8 %s built from %s in %.2f s", what, Path(model_path).name, info["seconds"])
     return session, info["seconds"]
+
+
+def calibrate(model: Union[str, Path], feeds: list, recipe: dict, exclude=None) -> tuple[dict, dict]:
+    """Measure activation ranges of ``model`` (the examples/calibrate_*.py scripts; not at load).
+
+    feeds: input dicts ({input name: array}), one per calibration call, so the calibrator holds
+    one feed's activations at a time. recipe: the JSON-able quantization recipe (quantize_kwargs);
+    exclude(graph) -> node names to leave in fp32, added to recipe["nodes_to_exclude"], named in
+    the graph this module quantizes (prepare_fp32). Returns (recipe, ranges: onnxruntime's
+    calibration-cache layout), for write_calibration.
+    """
+    import contextlib
+    import sys
+
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(())
+
+        def __len__(self):
+            return len(feeds)
+
+        def set_range(self, start_index: int, end_index: int):
+            self.it = iter(feeds[start_index:end_index])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    recipe = json.loads(json.dumps(recipe))  # a copy, JSON-able
+    with tempfile.TemporaryDirectory(prefix="deid-calib-") as tmp:
+        tmp = Path(tmp)
+        pre = prepare_fp32(model, tmp / "fp32.onnx")
+        if exclude is not None:
+            recipe["nodes_to_exclude"] = list(recipe.get("nodes_to_exclude", [])) + exclude(onnx.load(str(pre)).graph)
+        cache = tmp / "ranges.json"
+        kwargs = quantize_kwargs(recipe)
+        kwargs["extra_options"]["CalibStridedMinMax"] = 1  # one feed per calibration call (see Reader)
+        with contextlib.redirect_stdout(sys.stderr):  # onnxruntime's calibrators print
+            quantize_static(str(pre), str(tmp / "int8.onnx"), Reader(), calibration_cache_path=str(cache), **kwargs)
+        return recipe, json.loads(cache.read_text())
+
+
+def write_calibration(out: Union[str, Path], meta: dict, ranges: dict) -> Path:
+    """Write a calibration JSON ({"deid": meta, "ranges": ranges}, meta with "format" set here)
+    atomically, readable by all (it is package data)."""
+    import os
+
+    out = Path(out)
+    doc = {"deid": {**meta, "format": CALIBRATION_FORMAT}, "ranges": ranges}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, part = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1, sort_keys=True)
+            f.write("\n")
+        os.chmod(part, 0o644)  # mkstemp makes it private
+        os.replace(part, out)
+    except BaseException:
+        Path(part).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def add_calibration_options(parser) -> None:
+    """The argparse options the examples/calibrate_*.py scripts share (see :func:`recipe`)."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--method", choices=("MinMax", "Percentile", "Entropy"), default="Percentile")
+    parser.add_argument("--percentile", type=float, default=99.999, help="--method Percentile: the percentile kept")
+    parser.add_argument("--activations", choices=("QUInt8", "QInt8"), default="QUInt8")
+
+
+def recipe(method: str, activations: str = "QUInt8", percentile: float = 99.999) -> dict:
+    """A JSON-able quantization recipe (see quantize_kwargs): QDQ, ``activations``, int8 weights
+    per output channel, ``method`` ranges; Percentile keeps ``percentile`` and cuts each tail of
+    the signed histogram on its own (CalibTensorRangeSymmetric False)."""
+    r = {"opset": OPSET, "quant_format": "QDQ", "activation_type": activations, "weight_type": "QInt8",
+         "per_channel": True, "reduce_range": False, "calibrate_method": method, "nodes_to_exclude": [],
+         "extra_options": {}}
+    if method == "Percentile":
+        r["extra_options"].update(CalibPercentile=percentile, CalibTensorRangeSymmetric=False)
+    return r

@@ -46,10 +46,7 @@ examples/check_detector_int8.py before shipping it.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import cv2
@@ -106,12 +103,9 @@ def detector_blob(bgr: np.ndarray, input_size: tuple[int, int]) -> np.ndarray:
     return cv2.dnn.blobFromImage(canvas, 1.0 / 128.0, (iw, ih), (127.5, 127.5, 127.5), swapRB=True)
 
 
-def head_nodes(model_path: Path) -> list[str]:
-    """The output heads: for each graph output, the nodes from the Conv that computes it to the
-    output (Conv, Transpose, Reshape, and Sigmoid for the scores)."""
-    import onnx
-
-    g = onnx.load(str(model_path)).graph
+def head_nodes(g) -> list[str]:
+    """The output heads of graph ``g``: for each graph output, the nodes from the Conv that
+    computes it to the output (Conv, Transpose, Reshape, and Sigmoid for the scores)."""
     producer = {o: n for n in g.node for o in n.output}
     heads = []
     for out in g.output:
@@ -129,10 +123,7 @@ def main(argv=None) -> int:
                    "found as deid finds it)")
     p.add_argument("--lfw", type=Path, default=SHARED / "data" / "lfw")
     p.add_argument("--n", type=int, default=256, help="calibration composites")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--method", choices=("MinMax", "Percentile", "Entropy"), default="Percentile")
-    p.add_argument("--percentile", type=float, default=99.999, help="--method Percentile: the percentile kept")
-    p.add_argument("--activations", choices=("QUInt8", "QInt8"), default="QUInt8")
+    quantize.add_calibration_options(p)  # --seed, --method, --percentile, --activations
     p.add_argument("--exclude-first", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the stem conv in fp32")
     p.add_argument("--exclude-heads", action=argparse.BooleanOptionalAction, default=True,
@@ -142,7 +133,6 @@ def main(argv=None) -> int:
 
     import onnx
     import onnxruntime
-    from onnxruntime.quantization import CalibrationDataReader, quantize_static
 
     from deidcli.faces import Detector
 
@@ -159,66 +149,26 @@ def main(argv=None) -> int:
     print(f"{len(blobs)} composites from {len(people)} DevTrain people; detector inputs (h, w): {shapes}",
           file=sys.stderr)
 
-    class Reader(CalibrationDataReader):
-        """The blobs, one per collect_data call (CalibStridedMinMax 1 below): the histogram methods
-        stack a call's tensors, which differ in shape between input sizes, and would hold all of
-        them in memory at once."""
+    recipe = quantize.recipe(a.method, a.activations, a.percentile)
 
-        def __init__(self):
-            self.it = iter(())
+    def exclude(graph) -> list[str]:
+        convs = [n.name for n in graph.node if n.op_type == "Conv"]
+        return ([convs[0]] if a.exclude_first else []) + (head_nodes(graph) if a.exclude_heads else [])
 
-        def __len__(self):
-            return len(blobs)
-
-        def set_range(self, start_index: int, end_index: int):
-            self.it = iter(blobs[start_index:end_index])
-
-        def get_next(self):
-            b = next(self.it, None)
-            return None if b is None else {"input.1": b}
-
-    recipe = {"opset": quantize.OPSET, "quant_format": "QDQ", "activation_type": a.activations,
-              "weight_type": "QInt8", "per_channel": True, "reduce_range": False, "calibrate_method": a.method,
-              "nodes_to_exclude": [], "extra_options": {}}
-    if a.method == "Percentile":  # one-sided: activations after ReLU are >= 0
-        recipe["extra_options"].update(CalibPercentile=a.percentile, CalibTensorRangeSymmetric=False)
-    with tempfile.TemporaryDirectory(prefix="deid-calib-") as tmp:
-        tmp = Path(tmp)
-        pre = quantize.prepare_fp32(detector, tmp / "fp32.onnx")
-        g = onnx.load(str(pre)).graph
-        convs = [n.name for n in g.node if n.op_type == "Conv"]
-        if a.exclude_first:
-            recipe["nodes_to_exclude"].append(convs[0])
-        if a.exclude_heads:
-            recipe["nodes_to_exclude"] += head_nodes(pre)
-        cache = tmp / "ranges.json"
-        kwargs = quantize.quantize_kwargs(recipe)
-        kwargs["extra_options"]["CalibStridedMinMax"] = 1  # calibration only (see Reader)
-        quantize_static(str(pre), str(tmp / "int8.onnx"), Reader(), calibration_cache_path=str(cache), **kwargs)
-        ranges = json.loads(cache.read_text())
-
-    doc = {
-        "deid": {
-            "format": quantize.CALIBRATION_FORMAT,
-            "detector": Path(detector).name,
-            "detector_sha256": weights.sha256_file(Path(detector)),
-            "recipe": recipe,
-            "calibration_set": {"source": "LFW deep-funneled, peopleDevTrain.txt people only", "n": a.n,
-                                "seed": a.seed, "frame_sizes": FRAME_SIZES,
-                                "input_sizes_hw": [list(s) for s in shapes],
-                                "script": "examples/calibrate_detector.py"},
-            "versions": {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
-                         "numpy": np.__version__, "opencv": cv2.__version__},
-        },
-        "ranges": ranges,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, part = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.chmod(part, 0o644)  # mkstemp makes it private; it is package data
-    os.replace(part, out)
+    # one blob per calibration call: blobs differ in shape between input sizes, and the histogram
+    # methods stack a call's tensors (and would hold all of them at once)
+    recipe, ranges = quantize.calibrate(detector, [{"input.1": b} for b in blobs], recipe, exclude)
+    quantize.write_calibration(out, {
+        "detector": Path(detector).name,
+        "detector_sha256": weights.sha256_file(Path(detector)),
+        "recipe": recipe,
+        "calibration_set": {"source": "LFW deep-funneled, peopleDevTrain.txt people only", "n": a.n,
+                            "seed": a.seed, "frame_sizes": FRAME_SIZES,
+                            "input_sizes_hw": [list(s) for s in shapes],
+                            "script": "examples/calibrate_detector.py"},
+        "versions": {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
+                     "numpy": np.__version__, "opencv": cv2.__version__},
+    }, ranges)
     print(f"wrote {out} ({len(ranges['data'])} tensor ranges, {a.method}, excluded {recipe['nodes_to_exclude']})",
           file=sys.stderr)
     return 0

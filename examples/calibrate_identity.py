@@ -69,11 +69,8 @@ the result with examples/check_identity_int8.py before shipping it.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import cv2
@@ -166,10 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--lfw", type=Path, default=SHARED / "data" / "lfw")
     p.add_argument("--cache", type=Path, default=ROOT / "cache", help="where `deid prepare` keeps its LFW crops")
     p.add_argument("--n", type=int, default=256, help="DevTrain crops (each also generated: 2n images)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--method", choices=("MinMax", "Percentile", "Entropy"), default="Percentile")
-    p.add_argument("--percentile", type=float, default=99.999, help="--method Percentile: the percentile kept")
-    p.add_argument("--activations", choices=("QUInt8", "QInt8"), default="QUInt8")
+    quantize.add_calibration_options(p)  # --seed, --method, --percentile, --activations
     p.add_argument("--exclude-stem", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the stem (the nodes before the first inverted-residual block) in fp32")
     p.add_argument("--exclude-tail", action=argparse.BooleanOptionalAction, default=True,
@@ -183,7 +177,6 @@ def main(argv=None) -> int:
 
     import onnx
     import onnxruntime
-    from onnxruntime.quantization import CalibrationDataReader, quantize_static
 
     from deidcli.engine import IdentityEmbedder
 
@@ -206,67 +199,26 @@ def main(argv=None) -> int:
                  f"{int((passes == 2).sum())} at 2)")
     print(what, file=sys.stderr)
 
-    class Reader(CalibrationDataReader):
-        """Batches of BATCH images, one per collect_data call (CalibStridedMinMax 1 below): the
-        calibrator keeps every activation of a call in memory."""
+    recipe = quantize.recipe(a.method, a.activations, a.percentile)
 
-        def __init__(self):
-            self.it = iter(())
+    def exclude(graph) -> list[str]:
+        return (stem_nodes(graph) if a.exclude_stem else []) + (tail_nodes(graph) if a.exclude_tail else [])
 
-        def __len__(self):
-            return len(batches)
-
-        def set_range(self, start_index: int, end_index: int):
-            self.it = iter(batches[start_index:end_index])
-
-        def get_next(self):
-            b = next(self.it, None)
-            return None if b is None else {embedder.input_name: b}
-
-    recipe = {"opset": quantize.OPSET, "quant_format": "QDQ", "activation_type": a.activations,
-              "weight_type": "QInt8", "per_channel": True, "reduce_range": False, "calibrate_method": a.method,
-              "nodes_to_exclude": [], "extra_options": {}}
-    if a.method == "Percentile":  # two-sided: the linear bottlenecks and residual sums are signed
-        recipe["extra_options"].update(CalibPercentile=a.percentile, CalibTensorRangeSymmetric=False)
-    with tempfile.TemporaryDirectory(prefix="deid-calib-") as tmp:
-        tmp = Path(tmp)
-        pre = quantize.prepare_fp32(model, tmp / "fp32.onnx")
-        g = onnx.load(str(pre)).graph
-        if a.exclude_stem:
-            recipe["nodes_to_exclude"] += stem_nodes(g)
-        if a.exclude_tail:
-            recipe["nodes_to_exclude"] += tail_nodes(g)
-        cache = tmp / "ranges.json"
-        kwargs = quantize.quantize_kwargs(recipe)
-        kwargs["extra_options"]["CalibStridedMinMax"] = 1  # calibration only (see Reader)
-        with contextlib.redirect_stdout(sys.stderr):  # onnxruntime's calibrators print
-            quantize_static(str(pre), str(tmp / "int8.onnx"), Reader(), calibration_cache_path=str(cache), **kwargs)
-        ranges = json.loads(cache.read_text())
-
-    doc = {
-        "deid": {
-            "format": quantize.CALIBRATION_FORMAT,
-            "model": Path(model).name,
-            "model_sha256": weights.sha256_file(Path(model)),
-            "recipe": recipe,
-            "calibration_set": {"source": "LFW deep-funneled, peopleDevTrain.txt people only: aligned crops and "
-                                          "their generator outputs", "n": a.n, "seed": a.seed,
-                                "generator": Path(weights.generator_path(None)).name if a.generated else None,
-                                "generator_passes": {"1": int((passes == 1).sum()), "2": int((passes == 2).sum())}
-                                if a.generated else None,
-                                "crop": {"size": S, "margin": margin}, "script": "examples/calibrate_identity.py"},
-            "versions": {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
-                         "numpy": np.__version__, "opencv": cv2.__version__},
-        },
-        "ranges": ranges,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, part = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.chmod(part, 0o644)  # mkstemp makes it private; it is package data
-    os.replace(part, out)
+    # batches of BATCH images, one per calibration call: the calibrator keeps a call's activations
+    recipe, ranges = quantize.calibrate(model, [{embedder.input_name: b} for b in batches], recipe, exclude)
+    quantize.write_calibration(out, {
+        "model": Path(model).name,
+        "model_sha256": weights.sha256_file(Path(model)),
+        "recipe": recipe,
+        "calibration_set": {"source": "LFW deep-funneled, peopleDevTrain.txt people only: aligned crops and "
+                                      "their generator outputs", "n": a.n, "seed": a.seed,
+                            "generator": Path(weights.generator_path(None)).name if a.generated else None,
+                            "generator_passes": {"1": int((passes == 1).sum()), "2": int((passes == 2).sum())}
+                            if a.generated else None,
+                            "crop": {"size": S, "margin": margin}, "script": "examples/calibrate_identity.py"},
+        "versions": {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
+                     "numpy": np.__version__, "opencv": cv2.__version__},
+    }, ranges)
     print(f"wrote {out} ({len(ranges['data'])} tensor ranges, {a.method}, excluded {recipe['nodes_to_exclude']})",
           file=sys.stderr)
     return 0
