@@ -12,6 +12,10 @@ identity (MobileFaceNet descriptors of the ArcFace square of each crop, as in tr
 perception kept (SCRFD run on input and output crops, padded into a 256x256 canvas)
 - ``landmark_disp_iod``: mean 5-point displacement output vs input, % of inter-ocular distance;
 - ``det_rate`` / ``det_score``: detection rate and mean score on outputs (inputs: reference).
+independent judges (``judges=("dlib",)``, deidcli/judges.py): the same identity metrics with a
+recognition network deid was not trained with, its own threshold for FAR = 0.1% on clean
+pairsDevTest, in ``report["judges"][name]`` (its descriptors centred on their clean DevTest mean
+before cosines).
 
 Writes report.json, report.md and contact_sheet.png (input / output / mask, 32 random faces).
 """
@@ -190,10 +194,20 @@ def _markdown(rep: dict) -> str:
     row(f"verified at FAR=0.1% (thr {rep['verification']['threshold']:.3f}; target <= 2%)", "verified",
         "{:.1%}", f"{clean['verified']:.1%}")
     row("rank-1 re-identification (target <= 2%)", "rank1", "{:.1%}", f"{clean['rank1']:.1%}")
-    row("landmark displacement, % IOD (target <= 3%)", "landmark_disp_iod", "{:.2f}", "0")
-    row("detection rate on outputs (input ref.)", "det_rate", "{:.1%}", f"{clean['det_rate']:.1%}")
-    row("detection rate relative to input (target >= 99%)", "det_rate_rel", "{:.1%}", "100%")
-    row("mean detector score", "det_score", "{:.3f}", f"{clean['det_score']:.3f}")
+    if "det_rate" in clean:  # evaluate(detect=False) runs no detector
+        row("landmark displacement, % IOD (target <= 3%)", "landmark_disp_iod", "{:.2f}", "0")
+        row("detection rate on outputs (input ref.)", "det_rate", "{:.1%}", f"{clean['det_rate']:.1%}")
+        row("detection rate relative to input (target >= 99%)", "det_rate_rel", "{:.1%}", "100%")
+        row("mean detector score", "det_score", "{:.3f}", f"{clean['det_score']:.3f}")
+    for jname, j in rep.get("judges", {}).items():
+        jm, jc = j["methods"], j["clean"]
+        for label, key, fmt, ref in (
+                (f"{jname} (independent): mean cosine to original", "cos_to_original", "{:.3f}", "1.000"),
+                (f"{jname}: verified at FAR=0.1% (thr {j['verification']['threshold']:.3f})", "verified",
+                 "{:.1%}", f"{jc['verified']:.1%}"),
+                (f"{jname}: rank-1 re-identification", "rank1", "{:.1%}", f"{jc['rank1']:.1%}")):
+            vals = [fmt.format(jm[n][key]) if n in jm else "-" for n in names]
+            lines.append(f"| {label} | {ref} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -215,7 +229,8 @@ def evaluate(weights: Optional[os.PathLike] = None, out_dir: os.PathLike = "out/
              methods: Sequence[str] = ("generate", "blur", "pixelate"),
              cache_dir: Optional[os.PathLike] = None, lfw_dir: Optional[os.PathLike] = None,
              models_dir: Optional[os.PathLike] = None, device: str = "cpu",
-             limit: Optional[int] = None, seed: int = 0, detect: bool = True) -> dict:
+             limit: Optional[int] = None, seed: int = 0, detect: bool = True,
+             judges: Sequence[str] = ()) -> dict:
     """Run the evaluation; writes report.json / report.md / contact_sheet.png in ``out_dir`` and
     returns the report dict."""
     import cv2
@@ -231,6 +246,9 @@ def evaluate(weights: Optional[os.PathLike] = None, out_dir: os.PathLike = "out/
     size, margin = 128, 0.2
     for method in methods:
         _method_passes(method)  # a clear error before any work
+    from .judges import load_judge, normalise
+
+    judge_nets = {name: load_judge(name) for name in judges}  # JudgeUnavailable before any work
     if any(m.startswith("generate") for m in methods):
         from .model import load_generator
         from .weights import generator_path
@@ -264,7 +282,9 @@ def evaluate(weights: Optional[os.PathLike] = None, out_dir: os.PathLike = "out/
     det = Detector(model_file(DETECTOR, models_dir), det_thresh=0.5, det_size=DET_SIZE) if detect else None
     clean_det = detect_crops(det, crops[sub]) if det else None
 
-    def identity_metrics(anon_desc: np.ndarray) -> dict:
+    def identity_metrics(anon_desc: np.ndarray, desc: np.ndarray = desc, thr: float = thr) -> dict:
+        """anon_desc: (len(sub), D) descriptors of the anonymized crops; desc: (n_all, D) of the
+        clean crops (gallery, originals, partners), same network; thr: its verification threshold."""
         d_sub = anon_desc
         cos = np.sum(d_sub * desc[sub], 1)
         pv = np.sum(d_sub[has_partner] * desc[partner[sub][has_partner]], 1)
@@ -285,6 +305,22 @@ def evaluate(weights: Optional[os.PathLike] = None, out_dir: os.PathLike = "out/
                        "gallery": int(n_all), "verification_probes": int(has_partner.sum()),
                        "crop_size": size, "crop_margin": margin, "test_fingerprint": data["fingerprint"]},
               "verification": verif, "clean": clean, "methods": {}}
+    off, side = arcface_box(size, margin)
+    face_box = (off, off, off + side, off + side)
+    judged = {}  # name -> (judge, clean descriptors of all test crops, threshold)
+    for name, jn in judge_nets.items():
+        tj = time.time()
+        jraw = jn.describe(crops, face_box)
+        centre = jraw.mean(0)
+        jdesc = normalise(jraw, centre)
+        jver = far_threshold(jdesc, list(names), pairs)
+        judged[name] = (jn, jdesc, jver["threshold"], centre)
+        jclean = identity_metrics(jdesc[sub], jdesc, jver["threshold"])
+        jclean.pop("cos_to_original_median")
+        report.setdefault("judges", {})[name] = {"verification": jver, "clean": jclean, "methods": {},
+                                                 "seconds_clean": round(time.time() - tj, 1)}
+        logger.info("judge %s: clean %s, threshold %.3f (TAR %.3f)", name, jclean, jver["threshold"],
+                    jver["tar_clean"])
     if gen is not None:
         report["generator"] = {"path": str(wpath), "config": gen.config,
                                "meta": {k: v for k, v in gen.meta.items() if k != "train_config"}}
@@ -312,6 +348,10 @@ def evaluate(weights: Optional[os.PathLike] = None, out_dir: os.PathLike = "out/
                        landmark_disp_iod_median=float(np.median(disp)) if len(disp) else None)
         res["seconds"] = round(time.time() - tm, 1)
         report["methods"][method] = res
+        for name, (jn, jdesc, jthr, centre) in judged.items():
+            jres = identity_metrics(normalise(jn.describe(anon, face_box), centre), jdesc, jthr)
+            report["judges"][name]["methods"][method] = jres
+            logger.info("judge %s on %s: %s", name, method, {k: round(v, 4) for k, v in jres.items()})
         sheet = contact_sheet(crops[sub][sheet_idx], anon[sheet_idx], masks[sheet_idx])
         cv2.imwrite(str(out_dir / f"contact_sheet_{method}.png"), sheet[:, :, ::-1])
         if method == "generate":

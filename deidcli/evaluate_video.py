@@ -131,6 +131,59 @@ MOUTH_ROWS = (-0.1, 1.3)  # profile rows, in IOD from the mouth-corner line
 MOUTH_MIN_STD = 0.02  # IOD; below it the input mouth is considered still: no correlation
 
 
+# --------------------------------------------------------------------------------------
+# Inner-lip opening (the measure issue 4 names: inner-lip distance over face size)
+#
+# When the ``judge`` extra is installed (dlib-bin, face_recognition_models), dlib's 68-point
+# shape predictor (iBUG 300-W layout; 60-67 are the inner lip) runs on a LIPS_CROP x LIPS_CROP
+# crop aligned to the INPUT's 5 points (margin MOUTH_MARGIN: IOD 67 px, so dlib's integer
+# pixel coordinates quantise the opening to 0.015 IOD), started from the ArcFace square of that
+# crop, for the input and the output frame alike. Opening = mean of the three vertical
+# inner-lip distances (61-67, 62-66, 63-65) / IOD. It sees the lips, not the jaw, but
+# it needs the output's lips to still look like lips to dlib.
+LIPS_CROP = 384
+LIPS_PAIRS = ((61, 67), (62, 66), (63, 65))
+
+
+class LipOpening:
+    """Inner-lip opening of a face, in IOD: ``LipOpening()(image, kps)``; image (H, W, 3) uint8
+    RGB, kps (5, 2) float frame pixels of the face (the input's, for both input and output)."""
+
+    def __init__(self):
+        import dlib
+
+        from .align import arcface_box, crop_template
+        from .judges import JudgeUnavailable, _dlib_models
+
+        path = _dlib_models() / "shape_predictor_68_face_landmarks.dat"
+        if not path.is_file():
+            raise JudgeUnavailable(f"{path} missing (pip install 'deid[judge]')")
+        self.sp = dlib.shape_predictor(str(path))
+        off, side = arcface_box(LIPS_CROP, MOUTH_MARGIN)
+        self.rect = dlib.rectangle(*(int(round(v)) for v in (off, off, off + side, off + side)))
+        t = crop_template(LIPS_CROP, MOUTH_MARGIN)
+        self.iod = float(t[1, 0] - t[0, 0])
+
+    def __call__(self, image: np.ndarray, kps: np.ndarray) -> float:
+        from .align import estimate_transform, warp_crop
+
+        crop = np.ascontiguousarray(warp_crop(image, estimate_transform(kps, LIPS_CROP, MOUTH_MARGIN), LIPS_CROP))
+        shape = self.sp(crop, self.rect)
+        d = [np.hypot(shape.part(a).x - shape.part(b).x, shape.part(a).y - shape.part(b).y) for a, b in LIPS_PAIRS]
+        return float(np.mean(d)) / self.iod
+
+
+def _lip_opening() -> Optional[LipOpening]:
+    """A LipOpening when dlib and its 68-point model are installed, else None (lips not measured)."""
+    from .errors import ModelError
+
+    try:
+        return LipOpening()
+    except (ImportError, ModelError) as e:  # JudgeUnavailable is a ModelError
+        log.info("inner-lip opening not measured: %s", e)
+        return None
+
+
 @dataclass(frozen=True)
 class _MouthGeometry:
     iod: float  # px
@@ -372,6 +425,8 @@ class _Track:
     exposed_unchanged: int = 0
     mouth_in: list = field(default_factory=list)
     mouth_out: list = field(default_factory=list)
+    lips_in: list = field(default_factory=list)  # inner-lip opening (IOD); empty when not measured
+    lips_out: list = field(default_factory=list)
     flicker_in: list = field(default_factory=list)
     flicker_out: list = field(default_factory=list)
     embvar_in: list = field(default_factory=list)
@@ -387,6 +442,9 @@ class _Track:
         n = len(self.frames)
         sd = float(np.std(self.mouth_in)) if self.mouth_in else None
         corr = _pearson(self.mouth_in, self.mouth_out) if n >= MIN_CORR_FRAMES and sd >= MOUTH_MIN_STD else None
+        lsd = float(np.std(self.lips_in)) if self.lips_in else None
+        lcorr = (_pearson(self.lips_in, self.lips_out)
+                 if len(self.lips_in) >= MIN_CORR_FRAMES and lsd >= MOUTH_MIN_STD else None)
         return {
             "track": self.track_id,
             "first_frame": self.frames[0],
@@ -409,6 +467,9 @@ class _Track:
             "mouth_in_std": sd,
             "mouth_out_std": float(np.std(self.mouth_out)) if self.mouth_out else None,
             "mouth_corr": corr,
+            "lips_in_std": lsd,
+            "lips_out_std": float(np.std(self.lips_out)) if self.lips_out else None,
+            "lips_corr": lcorr,
         }
 
 
@@ -505,6 +566,9 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
             tr.exposed_unchanged += unchanged
         tr.mouth_in.append(f["mouth_in"])
         tr.mouth_out.append(f["mouth_out"])
+        if f["lips_in"] is not None:
+            tr.lips_in.append(f["lips_in"])
+            tr.lips_out.append(f["lips_out"])
         if f["lm"] is not None:
             tr.lm_checked += 1
             if f["lm"] >= 0:
@@ -522,6 +586,7 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
             strip[i][2].append((f["track"], f["in112"], f["out112"], cos, verified or unchanged))
 
     refs: dict[int, list] = {}  # track -> [input, output] first mouth profile
+    lips = _lip_opening()
 
     def mouth(face, img: np.ndarray, k: int) -> float:
         prof = mouth_profile(mouth_crop(img, face.kps))
@@ -551,6 +616,8 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
                     "score": float(face.score),
                     "in112": in112, "out112": out112, "mad": mad, "lm": lm,
                     "mouth_in": mouth(face, img_in, 0), "mouth_out": mouth(face, img_out, 1),
+                    "lips_in": lips(img_in, face.kps) if lips else None,
+                    "lips_out": lips(img_out, face.kps) if lips else None,
                 })
                 boxes.append((face.track_id, face.box))
             if i in strip_at:
@@ -595,6 +662,8 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
     fi, fo = _mean(allv("flicker_in")), _mean(allv("flicker_out"))
     corr_tracks = [(t["mouth_corr"], t["faces"]) for t in per_track if t["mouth_corr"] is not None]
     mouth_corr = (sum(c * w for c, w in corr_tracks) / sum(w for _, w in corr_tracks)) if corr_tracks else None
+    lips_tracks = [(t["lips_corr"], t["faces"]) for t in per_track if t["lips_corr"] is not None]
+    lips_corr = (sum(c * w for c, w in lips_tracks) / sum(w for _, w in lips_tracks)) if lips_tracks else None
     lm_checked = sum(t.lm_checked for t in tracks.values())
     lm = allv("lm_disp")
     res = {
@@ -629,12 +698,14 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
         "landmark_disp_iod_pct": _mean(lm),
         "landmark_found_frac": (len(lm) / lm_checked) if lm_checked else None,
         "mouth_corr": mouth_corr,
+        "lips_corr": lips_corr,
         "per_track": per_track,
         "settings": {
             "verify_threshold": thr, "unchanged_mad": UNCHANGED_MAD, "det_thresh": det_thresh,
             "audit_thresh": audit_thresh,
             "det_size": det_size, "min_face": min_face, "match_iou": MATCH_IOU,
             "detector": "det_scrfd_2.5g_kps.onnx", "identity": "rec_mobilefacenet.onnx",
+            "lips": "dlib shape_predictor_68_face_landmarks" if lips else None,
         },
         "max_time_offset_s": max_dt,
         "seconds": round(time.time() - t_start, 2),
@@ -643,6 +714,7 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
         "no_exposure": not res["exposed_frames"],
         "flicker_ratio_le_1.3": None if res["flicker_ratio"] is None else res["flicker_ratio"] <= TARGET_FLICKER_RATIO,
         "mouth_corr_ge_0.9": None if mouth_corr is None else mouth_corr >= TARGET_MOUTH_CORR,
+        "lips_corr_ge_0.9": None if lips_corr is None else lips_corr >= TARGET_MOUTH_CORR,
     }
     if strip_png:
         _write_strip(Path(strip_png), strip, exposed_crops, set(tracks), f"{input_path.name} vs {output_path.name}")
@@ -742,7 +814,7 @@ def to_markdown(results) -> str:
         results = [results]
     cols = ["clip", "frames", "faces", "tracks", "unconf.", "small", "exposed frames", "cos mean", "cos max",
             "verified", "flicker in", "flicker out", "ratio", "emb var in", "emb var out",
-            "lm disp %IOD", "lm found", "mouth r"]
+            "lm disp %IOD", "lm found", "mouth r", "lips r"]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         out.append("| " + " | ".join([
@@ -751,9 +823,10 @@ def to_markdown(results) -> str:
             _f(r["cos_max"]), _f(r["verified_frac"]), _f(r["flicker_in"], ".2f"), _f(r["flicker_out"], ".2f"),
             _f(r["flicker_ratio"], ".2f"), _f(r["embvar_in"], ".4f"), _f(r["embvar_out"], ".4f"),
             _f(r["landmark_disp_iod_pct"], ".1f"), _f(r["landmark_found_frac"], ".2f"), _f(r["mouth_corr"], ".2f"),
+            _f(r.get("lips_corr"), ".2f"),
         ]) + " |")
     tcols = ["clip", "track", "frames", "faces", "interp", "exposed frames", "cos mean", "cos max", "verified",
-             "flicker ratio", "emb var out/in", "lm disp %IOD", "mouth sd in", "mouth r"]
+             "flicker ratio", "emb var out/in", "lm disp %IOD", "mouth sd in", "mouth r", "lips sd in", "lips r"]
     out += ["", "| " + " | ".join(tcols) + " |", "|" + "---|" * len(tcols)]
     for r in results:
         for t in r["per_track"]:
@@ -763,11 +836,14 @@ def to_markdown(results) -> str:
                 str(t["interpolated"]), _frames_list(t["exposed_frames"]), _f(t["cos_mean"]), _f(t["cos_max"]),
                 _f(t["verified_frac"]), _f(t["flicker_ratio"], ".2f"), _f(ev, ".2f"),
                 _f(t["landmark_disp_iod_pct"], ".1f"), _f(t["mouth_in_std"], ".3f"), _f(t["mouth_corr"], ".2f"),
+                _f(t.get("lips_in_std"), ".3f"), _f(t.get("lips_corr"), ".2f"),
             ]) + " |")
     thr = results[0]["settings"]["verify_threshold"] if results else VERIFY_THRESHOLD
     out += ["", f"Exposed: output face verified as the input person (cosine >= {thr:.4f}, FAR 0.1% on LFW) "
                 f"or unchanged (ArcFace crop MAD < {UNCHANGED_MAD:g}). Flicker: mean |crop(t) - crop(t-1)| "
-                "(0-255) at the input's landmarks; targets: 0 exposed, ratio <= 1.3, mouth r >= 0.9."]
+                "(0-255) at the input's landmarks; mouth r: jaw-drop proxy, lips r: inner-lip opening (dlib 68 "
+                "points; '-' when not installed or the input's lips barely move); targets: 0 exposed, "
+                "ratio <= 1.3, mouth r >= 0.9."]
     return "\n".join(out) + "\n"
 
 

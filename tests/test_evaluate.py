@@ -60,3 +60,40 @@ def test_evaluate_tiny(tmp_path):
     assert json.loads((tmp_path / "ev" / "report.json").read_text())["data"]["faces"] == 12
     assert (tmp_path / "ev" / "report.md").read_text().startswith("| metric")
     assert (tmp_path / "ev" / "contact_sheet.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "lfw").exists(), reason="shared LFW missing")
+def test_dlib_judge_in_evaluate(tmp_path):
+    """The independent judge (dlib ResNet, not trained with by deid) tells DevTest people apart on
+    deid's own crops, and evaluate() reports its metrics beside MobileFaceNet's."""
+    pytest.importorskip("dlib", reason="judge extra not installed (pip install 'deid[judge]')")
+    import torch
+
+    from deidcli.align import arcface_box
+    from deidcli.evaluate import evaluate
+    from deidcli.judges import load_judge, normalise
+    from deidcli.model import Generator, save_generator
+    from deidcli.train.prepare import load_split, prepare_split
+
+    p = prepare_split("test", cache_dir=tmp_path / "cache", size=128, margin=0.2, limit_people=12)
+    p = p.rename(p.with_name("lfw_test_128_m0.2.npz"))
+    data = load_split(p)
+    off, side = arcface_box(128, 0.2)
+    raw = load_judge("dlib").describe(data["crops"], (off, off, off + side, off + side))
+    assert raw.shape == (len(data["crops"]), 128) and raw.dtype == np.float32
+    d = normalise(raw, raw.mean(0))
+    sim, same = d @ d.T, data["labels"][:, None] == data["labels"][None]
+    off_diag = ~np.eye(len(d), dtype=bool)
+    assert (same & off_diag).any()
+    # same person: high cosine; different people: around 0
+    assert sim[same & off_diag].mean() > sim[~same].mean() + 0.4, (sim[same & off_diag].mean(), sim[~same].mean())
+
+    torch.manual_seed(0)
+    w = save_generator(tmp_path / "g.pt", Generator({"size": 128, "base_channels": 8}), {"steps": 0})
+    rep = evaluate(weights=w, out_dir=tmp_path / "ev", cache_dir=tmp_path / "cache", limit=16,
+                   methods=("generate", "blur"), detect=False, judges=("dlib",))
+    j = rep["judges"]["dlib"]
+    assert set(j["methods"]) == {"generate", "blur"}
+    assert j["clean"]["rank1"] > 0.5 and set(j["verification"]) == set(rep["verification"])
+    assert j["methods"]["blur"]["cos_to_original"] < j["clean"]["cos_to_original"] == pytest.approx(1.0)
+    assert "dlib: rank-1 re-identification" in (tmp_path / "ev" / "report.md").read_text()

@@ -94,7 +94,10 @@ def train_command(config_path, name, device, steps, max_minutes, runs_dir, cache
 @click.option("--models-dir", type=_path, default=None, help="Folder holding the model files.")
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N.")
 @click.option("--limit", type=int, default=None, help="Evaluate on at most this many test faces.")
-def evaluate_command(weights, out_dir, methods, cache_dir, lfw_dir, models_dir, device, limit):
+@click.option("--judge", "judges", multiple=True, type=click.Choice(["dlib"]),
+              help="Also measure identity with this independent recognition network (deid was not "
+                   "trained with it; needs pip install 'deid[judge]'). Repeatable.")
+def evaluate_command(weights, out_dir, methods, cache_dir, lfw_dir, models_dir, device, limit, judges):
     """Measure identity removal and what is kept on LFW DevTest; JSON on stdout."""
     _logging()
     from ..evaluate import _method_passes, evaluate
@@ -105,7 +108,13 @@ def evaluate_command(weights, out_dir, methods, cache_dir, lfw_dir, models_dir, 
             _method_passes(m)
         except ValueError as e:
             raise click.UsageError(str(e))
-    report = evaluate(weights=weights, out_dir=out_dir, methods=methods,
-                      cache_dir=cache_dir, lfw_dir=lfw_dir, models_dir=models_dir, device=device,
-                      limit=limit)
+    from ..judges import JudgeUnavailable
+
+    try:
+        report = evaluate(weights=weights, out_dir=out_dir, methods=methods,
+                          cache_dir=cache_dir, lfw_dir=lfw_dir, models_dir=models_dir, device=device,
+                          limit=limit, judges=judges)
+    except JudgeUnavailable as e:
+        click.echo(f"deid: ERROR: {e}", err=True)
+        sys.exit(e.exit_code)
     click.echo(json.dumps(report))
