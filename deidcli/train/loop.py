@@ -79,6 +79,10 @@ DEFAULTS: dict[str, Any] = {
     "init_from": None,  # compact state (export_train_state) to start from when no last.pt exists:
     # G and D weights and the step count; optimisers and RNG start fresh
     "multi_image": True,  # target descriptor from another image of the same person
+    "second_pass": 0.0,  # fraction of samples whose generator input is its own blended output
+    # (no gradient through that first pass), blended back over it, as `anonymize --passes 2` and
+    # the identity check's escalation run it; all losses still compare with the original crop,
+    # so a second pass learns to keep colour and expression instead of compounding artifacts
     "log_every": 10,
     "sample_every": 200,
     "eval_every": 100,
@@ -290,9 +294,16 @@ def train(config: Mapping[str, Any]) -> dict:
         idx = rng.integers(0, data.n, size=cfg["batch_size"])
         _, tgt_desc = data.targets(idx, rng, cfg["multi_image"])
         x = L.augment(data.images(idx), gen, **cfg["augment"])
-        x_in = L.input_noise(x, gen, **cfg["input_noise"])
+        base = x  # what the output is blended over: the crop, or its first pass
+        if cfg["second_pass"] > 0:
+            sel = torch.as_tensor(rng.random(len(idx)) < cfg["second_pass"], device=device)
+            if bool(sel.any()):
+                with torch.no_grad():
+                    raw1, mask1 = G(L.input_noise(x, gen, **cfg["input_noise"]), tgt_desc)
+                    base = torch.where(sel[:, None, None, None], mask1 * raw1 + (1 - mask1) * x, x)
+        x_in = L.input_noise(base, gen, **cfg["input_noise"])
         raw, mask = G(x_in, tgt_desc)
-        out = mask * raw + (1 - mask) * x
+        out = mask * raw + (1 - mask) * base
 
         # discriminator
         use_adv = w["adv"] > 0 and step >= cfg["adv_start"]
