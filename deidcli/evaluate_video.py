@@ -843,7 +843,8 @@ def to_markdown(results) -> str:
                 f"or unchanged (ArcFace crop MAD < {UNCHANGED_MAD:g}). Flicker: mean |crop(t) - crop(t-1)| "
                 "(0-255) at the input's landmarks; mouth r: jaw-drop proxy, lips r: inner-lip opening (dlib 68 "
                 "points; '-' when not installed or the input's lips barely move); targets: 0 exposed, "
-                "ratio <= 1.3, mouth r >= 0.9."]
+                "ratio <= 1.3, lips r (or mouth r without dlib) >= 0.9. A clip against its own plain re-encode "
+                "(examples/reencode_floor.sh) gives the noise floor of these figures."]
     return "\n".join(out) + "\n"
 
 
