@@ -47,7 +47,7 @@ def run_one(config: str, clip: str, opts: dict) -> dict:
 
             stages = Stages()
             t = time.perf_counter()
-            st = video.transcode_video(clip, dst, lambda fr: ((f, f.image, []) for f in fr), encode, stages=stages)
+            st = video.reencode(clip, dst, encode, stages=stages)
             wall = time.perf_counter() - t
             out.update(frames=st["frames"], faces=0, wall_s=round(wall, 3), stages=stages.as_dict(),
                        device="cpu", dtype=None, load_s=0.0)

@@ -1242,6 +1242,13 @@ class _Transcoder:
         self.out = self.inp = None
 
 
+def reencode(src: PathLike, dst: PathLike, encode: EncodeOptions, *, stages: Stages = NULL) -> dict:
+    """Decode ``src`` and encode it to ``dst`` with ``encode``, no face touched (audio, pts and
+    everything else as :func:`transcode_video` keeps them): the floor of ``deid bench`` and the
+    reference of examples/reencode_floor.sh. Returns transcode_video's stats."""
+    return transcode_video(src, dst, lambda frames: ((f, f.image, []) for f in frames), encode, stages=stages)
+
+
 def transcode_video(
     src: PathLike,
     dst: PathLike,

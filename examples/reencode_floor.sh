@@ -18,7 +18,7 @@ from deidcli import video
 from deidcli.options import EncodeOptions
 src, dst = sys.argv[1], Path(sys.argv[2])
 with video.atomic_output(dst) as tmp:
-    video.transcode_video(src, tmp, lambda frames: ((f, f.image, []) for f in frames), EncodeOptions())
+    video.reencode(src, tmp, EncodeOptions())
 PY
   pairs+=("$clip" "$dst")
 done
