@@ -101,6 +101,51 @@ def test_train_second_pass(tmp_path, cache_dir):
     assert first[0.0]["attractor"] != first[1.0]["attractor"]
 
 
+def test_landmark_net_matches_detector(cache_dir):
+    """The torch copy of the detector graph gives deid's detector's landmarks (ONNX Runtime +
+    InsightFace decoding, as deid evaluate runs it on crops), and the loss moves with them."""
+    from deidcli.evaluate import detect_crops
+    from deidcli.faces import Detector
+    from deidcli.train.landmarks import PAD, Keypoints, landmark_loss
+    from deidcli.train.prepare import DETECTOR, load_split
+
+    d = load_split(sorted(cache_dir.glob("lfw_test_64_*.npz"))[0])
+    crops = d["crops"][:6]
+    side = crops.shape[1] + 2 * PAD
+    ref = detect_crops(Detector(MODELS / DETECTOR, det_thresh=0.5, det_size=side), crops)
+    assert ref["found"].all()
+    kp = Keypoints(MODELS / DETECTOR)
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        scores, kps = kp(x)
+    best = scores.argmax(1)
+    assert np.allclose(scores.max(1).values.numpy(), ref["score"], atol=1e-3)
+    assert np.abs(kps[torch.arange(len(x)), best].numpy() - ref["kps"]).max() < 0.05
+
+    assert float(landmark_loss(kp, x, x)) == 0.0
+    shifted = torch.roll(x, shifts=2, dims=3).requires_grad_(True)  # 2 px to the right
+    loss = landmark_loss(kp, shifted, x)
+    iod = np.linalg.norm(ref["kps"][:, 1] - ref["kps"][:, 0], axis=1).mean()
+    assert 0.5 * 2 / iod < float(loss.detach()) < 1.5 * 2 / iod
+    loss.backward()
+    assert shifted.grad is not None and float(shifted.grad.abs().sum()) > 0
+
+
+def test_train_landmark_loss(tmp_path, cache_dir):
+    """weights.landmarks > 0 trains with the landmark loss and logs it (train and held-out)."""
+    from deidcli.train.loop import train
+
+    cfg = _cfg(tmp_path, cache_dir, 2)
+    cfg.update(name="lm")
+    cfg["weights"] = {**cfg["weights"], "landmarks": 1.0}
+    run = Path(train(cfg)["run_dir"])
+    rec = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    tr = [r for r in rec if r["kind"] == "train"]
+    ev = [r for r in rec if r["kind"] == "eval"]
+    assert len(tr) == 2 and all(np.isfinite(r["landmarks"]) and r["landmarks"] > 0 for r in tr)
+    assert ev and np.isfinite(ev[-1]["landmarks"])
+
+
 def test_losses_basic():
     from deidcli.train import losses as L
 

@@ -62,6 +62,8 @@ DEFAULTS: dict[str, Any] = {
         "mask_tv": 0.5,
         "adv": 0.05,
         "colour_l1": 0.0,  # L.colour_l1: block-mean colour of the raw output vs the input, under the mask
+        "landmarks": 0.0,  # landmarks.landmark_loss: the detector's 5 points on the blended
+        # output vs the input, in inter-ocular distances (what `deid evaluate` reports)
     },
     "attractor_levels": ["stem", "dw", "b4"],
     "attractor_level_weights": None,
@@ -204,6 +206,13 @@ def train(config: Mapping[str, Any]) -> dict:
     from ..identity import load_identity_net
 
     idnet = load_identity_net(cfg["models_dir"], device=device)
+    kpnet = None
+    if cfg["weights"].get("landmarks", 0) > 0:
+        from ..identity import model_file
+        from .landmarks import Keypoints
+        from .prepare import DETECTOR
+
+        kpnet = Keypoints(model_file(DETECTOR, cfg["models_dir"])).to(device)
     torch.manual_seed(cfg["seed"])
     G = Generator(gcfg).to(device)
     D = Discriminator(**cfg["discriminator"]).to(device)
@@ -282,9 +291,14 @@ def train(config: Mapping[str, Any]) -> dict:
         from ..identity import crop_to_id_input
         e = F.normalize(idnet(crop_to_id_input(out, gcfg.margin)), dim=1)
         G.train()
-        return {"cos_own": float((e * eval_own).sum(1).mean()),
-                "cos_other": float((e * eval_tgt).sum(1).mean()),
-                "l1": float((out - eval_x).abs().mean()), "mask": float(mask.mean())}, (raw, mask, out)
+        ev = {"cos_own": float((e * eval_own).sum(1).mean()),
+              "cos_other": float((e * eval_tgt).sum(1).mean()),
+              "l1": float((out - eval_x).abs().mean()), "mask": float(mask.mean())}
+        if kpnet is not None:
+            from .landmarks import landmark_loss
+
+            ev["landmarks"] = float(landmark_loss(kpnet, out, eval_x))
+        return ev, (raw, mask, out)
 
     last_metrics: dict = {}
     G.train()
@@ -330,6 +344,10 @@ def train(config: Mapping[str, Any]) -> dict:
         }
         if w.get("colour_l1", 0) > 0:
             terms["colour_l1"] = L.colour_l1(raw, x, mask)
+        if kpnet is not None:
+            from .landmarks import landmark_loss
+
+            terms["landmarks"] = landmark_loss(kpnet, out, x)
         if use_adv:
             for p in D.parameters():
                 p.requires_grad_(False)
