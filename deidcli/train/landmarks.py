@@ -95,7 +95,9 @@ class OnnxGraph(nn.Module):
         if op == "Shape":
             return torch.tensor(v[0].shape, dtype=torch.int64)
         if op == "Gather":
-            return torch.index_select(v[0], a.get("axis", 0), v[1].reshape(-1)).reshape(v[1].shape)
+            # shape arithmetic: Shape gives CPU tensors, the index is a buffer on the model's device
+            idx = v[1].to(v[0].device)
+            return torch.index_select(v[0], a.get("axis", 0), idx.reshape(-1)).reshape(idx.shape)
         if op == "Unsqueeze":
             y = v[0]
             for ax in sorted(a["axes"]):

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import Discriminator, Generator, GeneratorConfig, save_generator
+from . import landmarks as LM
 from . import losses as L
 from .prepare import REPO_ROOT, load_split, prepare_split
 
@@ -62,7 +63,7 @@ DEFAULTS: dict[str, Any] = {
         "mask_tv": 0.5,
         "adv": 0.05,
         "colour_l1": 0.0,  # L.colour_l1: block-mean colour of the raw output vs the input, under the mask
-        "landmarks": 0.0,  # landmarks.landmark_loss: the detector's 5 points on the blended
+        "landmarks": 0.0,  # LM.landmark_loss: the detector's 5 points on the blended
         # output vs the input, in inter-ocular distances (what `deid evaluate` reports)
     },
     "attractor_levels": ["stem", "dw", "b4"],
@@ -209,10 +210,9 @@ def train(config: Mapping[str, Any]) -> dict:
     kpnet = None
     if cfg["weights"].get("landmarks", 0) > 0:
         from ..identity import model_file
-        from .landmarks import Keypoints
         from .prepare import DETECTOR
 
-        kpnet = Keypoints(model_file(DETECTOR, cfg["models_dir"])).to(device)
+        kpnet = LM.Keypoints(model_file(DETECTOR, cfg["models_dir"])).to(device)
     torch.manual_seed(cfg["seed"])
     G = Generator(gcfg).to(device)
     D = Discriminator(**cfg["discriminator"]).to(device)
@@ -295,9 +295,7 @@ def train(config: Mapping[str, Any]) -> dict:
               "cos_other": float((e * eval_tgt).sum(1).mean()),
               "l1": float((out - eval_x).abs().mean()), "mask": float(mask.mean())}
         if kpnet is not None:
-            from .landmarks import landmark_loss
-
-            ev["landmarks"] = float(landmark_loss(kpnet, out, eval_x))
+            ev["landmarks"] = float(LM.landmark_loss(kpnet, out, eval_x))
         return ev, (raw, mask, out)
 
     last_metrics: dict = {}
@@ -345,9 +343,7 @@ def train(config: Mapping[str, Any]) -> dict:
         if w.get("colour_l1", 0) > 0:
             terms["colour_l1"] = L.colour_l1(raw, x, mask)
         if kpnet is not None:
-            from .landmarks import landmark_loss
-
-            terms["landmarks"] = landmark_loss(kpnet, out, x)
+            terms["landmarks"] = LM.landmark_loss(kpnet, out, x)
         if use_adv:
             for p in D.parameters():
                 p.requires_grad_(False)
