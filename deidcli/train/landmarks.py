@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PAD = 64  # grey border around the crop, as deid evaluate's detect_crops puts it
+from ..evaluate import PAD  # grey border around the crop: the one deid evaluate's detect_crops uses
+
 STRIDES = (8, 16, 32)
 ANCHORS = 2  # anchors per location and stride (SCRFD *_kps)
 
