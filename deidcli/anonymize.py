@@ -39,6 +39,58 @@ def new_check_stats() -> dict:
     return {"checked": 0, "regenerated": 0, "fallback": 0, "cos_max": -1.0}
 
 
+class PassLevels:
+    """Generator passes per track for one file: ``base`` (``--passes``) unless the identity check
+    raised the track (:meth:`raise_to`). A raised track keeps its count for ``hold`` more of its
+    faces after the last raise, then returns to ``base`` (and is raised again, face by face, if
+    the check asks); ``hold`` 0 keeps it raised for the rest of the track.
+
+    Why a hold and not "raised for good": one stubborn face used to put its whole track at up to
+    four passes, and every pass compounds the generator's colour and shape artifacts (lp_d12: 4
+    faces regenerated out of 183 put all later frames at 4 passes; weights/MODEL_CARD.md). The
+    hold keeps the look from switching back and forth frame by frame around a hard pose.
+    """
+
+    def __init__(self, base: int = 1, hold: int = 0):
+        import threading
+
+        self.base, self.hold = int(base), int(hold)
+        self._lock = threading.Lock()  # generate (take) and the check (raise_to) run in two threads
+        self._level: dict = {}  # track -> raised count
+        self._left: dict = {}  # track -> faces it may still be generated at the raised count
+        self.peak: dict = {}  # track -> highest count it was raised to
+        self.faces_raised = 0  # faces generated above base by the hold (regenerations not counted)
+
+    def get(self, track) -> int:
+        """Current count of ``track`` (no face is counted)."""
+        return self._level.get(track, self.base)
+
+    def take(self, track) -> int:
+        """Count for the next face of ``track`` to be generated; counts it against the hold."""
+        with self._lock:
+            lv = self._level.get(track)
+            if lv is None:
+                return self.base
+            if self.hold:
+                if self._left[track] <= 0:
+                    del self._level[track], self._left[track]
+                    return self.base
+                self._left[track] -= 1
+            self.faces_raised += 1
+            return lv
+
+    def raise_to(self, track, level: int) -> None:
+        """The check regenerated a face of ``track`` at ``level``: the track goes (at least) there
+        and its hold starts again."""
+        level = int(level)
+        if level <= self.base:
+            return
+        with self._lock:
+            self._level[track] = max(self._level.get(track, self.base), level)
+            self._left[track] = self.hold
+            self.peak[track] = max(self.peak.get(track, self.base), level)
+
+
 class Progress:
     """Progress sink; the CLI passes one that draws a bar. All methods are optional no-ops."""
 
@@ -73,16 +125,18 @@ class FileResult:
     faces_checked: int = 0
     faces_regenerated: int = 0
     faces_blurred_fallback: int = 0
+    faces_held_passes: int = 0  # faces generated above --passes because their track was raised (--pass-hold)
     check_cos_max: Optional[float] = None
-    track_passes: dict = field(default_factory=dict)  # track -> passes it ended with, where above --passes
+    track_passes: dict = field(default_factory=dict)  # track -> highest passes it was raised to, where above --passes
 
-    def add_check_stats(self, stats: dict, passes: dict, start: int) -> None:
+    def add_check_stats(self, stats: dict, passes: "PassLevels") -> None:
         self.faces_checked += stats["checked"]
         self.faces_regenerated += stats["regenerated"]
         self.faces_blurred_fallback += stats["fallback"]
+        self.faces_held_passes += passes.faces_raised
         if stats["checked"]:
             self.check_cos_max = round(max(stats["cos_max"], self.check_cos_max or -1.0), 4)
-        self.track_passes.update({str(t): k for t, k in passes.items() if k > start})
+        self.track_passes.update({str(t): k for t, k in passes.peak.items()})
 
     def add_transcode_stats(self, st: dict) -> None:
         """Take the per-file figures of video.transcode_video's result that the report carries."""
@@ -142,12 +196,12 @@ class Pipeline:
 
     # -- rendering -------------------------------------------------------------------------
     def render(self, items: Sequence[tuple[np.ndarray, Sequence]], descriptors: dict,
-               stages: Stages = NULL, passes: Optional[dict] = None, stats: Optional[dict] = None) -> list[list]:
+               stages: Stages = NULL, passes: Optional[PassLevels] = None, stats: Optional[dict] = None) -> list[list]:
         """Anonymize a batch of frames in place.
 
         items: (image (H, W, 3) uint8 RGB, faces) pairs; faces have track_id, box, kps, interpolated.
         descriptors: track_id -> (D,) float32, filled in here for tracks seen for the first time.
-        passes: track_id -> generator passes, raised here by the identity check (kept per video).
+        passes: generator passes per track, raised here by the identity check (one per video).
         stats: identity-check counters (see new_check_stats), updated here.
         Returns, per item, the list of touched rectangles.
 
@@ -160,18 +214,17 @@ class Pipeline:
         if o.method != "generate":
             with stages("blend"):
                 return [apply_classic(img, faces, o.method, o.margin) for img, faces in items]
-        passes = {} if passes is None else passes
+        passes = self.new_pass_levels() if passes is None else passes
         return self.finish(items, self.generate(items, descriptors, stages, passes), stages, passes, stats)
 
     def generate(self, items: Sequence[tuple[np.ndarray, Sequence]], descriptors: dict, stages: Stages = NULL,
-                 passes: Optional[dict] = None) -> Optional["_Generated"]:
+                 passes: Optional[PassLevels] = None) -> Optional["_Generated"]:
         """First half of :meth:`render` (method generate): describe new tracks, align every face
         of ``items`` and run the generator at its track's pass count. Reads the images, changes
         nothing in them. None when there is no face."""
         from .align import estimate_transform, feather, warp_crop
 
-        o = self.options
-        passes = {} if passes is None else passes
+        passes = self.new_pass_levels() if passes is None else passes
         with stages("identity"):
             self._describe_new_tracks(items, descriptors)
         S, margin = self.runner.size, self.runner.margin
@@ -187,13 +240,13 @@ class Pipeline:
             return None
         crops, desc = np.stack(crops), np.stack(desc).astype(np.float32)
         tracks = [f.track_id for _, _, f in jobs]
-        levels = np.array([passes.get(t, o.passes) for t in tracks], np.int64)
+        levels = np.array([passes.take(t) for t in tracks], np.int64)
         with stages("generate"):
             raw, mask = self.runner.run(crops, desc, levels)
         return _Generated(jobs, crops, desc, tracks, levels, raw, [feather(m, S) for m in mask])
 
     def finish(self, items: Sequence[tuple[np.ndarray, Sequence]], gen: Optional["_Generated"],
-               stages: Stages = NULL, passes: Optional[dict] = None, stats: Optional[dict] = None) -> list[list]:
+               stages: Stages = NULL, passes: Optional[PassLevels] = None, stats: Optional[dict] = None) -> list[list]:
         """Second half of :meth:`render`: the identity check (``--identity-check``) on ``gen``
         (from :meth:`generate` on the same ``items``), then paste every face into its image.
         Returns, per item, the list of touched rectangles."""
@@ -201,7 +254,7 @@ class Pipeline:
         from .methods import apply_classic
 
         o = self.options
-        passes = {} if passes is None else passes
+        passes = self.new_pass_levels() if passes is None else passes
         stats = new_check_stats() if stats is None else stats
         rects: list[list] = [[] for _ in items]
         if gen is None:
@@ -219,13 +272,17 @@ class Pipeline:
                     rects[i].append(box)
         return rects
 
-    def _check_identity(self, gen: "_Generated", passes: dict, stats: dict, stages: Stages) -> np.ndarray:
+    def new_pass_levels(self) -> PassLevels:
+        """Per-file pass counts: ``--passes``, raised by the identity check for ``--pass-hold`` faces."""
+        return PassLevels(self.options.passes, self.options.pass_hold)
+
+    def _check_identity(self, gen: "_Generated", passes: PassLevels, stats: dict, stages: Stages) -> np.ndarray:
         """The identity check (``--identity-check``): embed every generated face as it will be
         pasted (feathered mask) and compare it with its track's descriptor and with the input face
         of the same frame (a pose far from the track's first faces can be closer to the input than
         to the descriptor). A face whose higher cosine is >= ``check_thresh`` is generated again
-        with one more pass, up to ``max_passes``, and its track keeps the higher count from then on
-        (so its look changes once, not back and forth); a face still too close after
+        with one more pass, up to ``max_passes``, and its track keeps the higher count for the next
+        ``pass_hold`` of its faces (0: for good; see PassLevels); a face still too close after
         ``max_passes`` is blurred instead. A face generated with fewer passes than its track has
         reached meanwhile (the batch was generated while an earlier one was checked) is generated
         again at the track's count first. Updates ``gen`` in place; returns the faces to blur
@@ -236,9 +293,9 @@ class Pipeline:
         S = self.runner.size
         crops, desc, tracks, levels, raw, masks = gen.crops, gen.desc, gen.tracks, gen.levels, gen.raw, gen.masks
         fallback = np.zeros(len(crops), bool)
-        behind = np.flatnonzero([passes.get(t, o.passes) > lv for t, lv in zip(tracks, levels)])
+        behind = np.flatnonzero([passes.get(t) > lv for t, lv in zip(tracks, levels)])
         if len(behind):
-            levels[behind] = [passes[tracks[j]] for j in behind]  # not counted: no check asked for it
+            levels[behind] = [passes.get(tracks[j]) for j in behind]  # not counted: no check asked for it
             with stages("generate"):
                 r, m = self.runner.run(crops[behind], desc[behind], levels[behind])
             for j, rj, mj in zip(behind, r, m):
@@ -264,7 +321,7 @@ class Pipeline:
             levels[todo] += 1
             stats["regenerated"] += len(todo)
             for j in todo:
-                passes[tracks[j]] = max(passes.get(tracks[j], o.passes), int(levels[j]))
+                passes.raise_to(tracks[j], int(levels[j]))
             with stages("generate"):
                 r, m = self.runner.run(crops[todo], desc[todo], levels[todo])
             for j, rj, mj in zip(todo, r, m):
@@ -361,7 +418,7 @@ class Pipeline:
         if threads:
             tracked = prefetch(tracked, QUEUE_FRAMES, "deid-detect")
         descriptors: dict = {}
-        passes: dict = {}
+        passes = self.new_pass_levels()
         check = new_check_stats()
         generate = self.options.method == "generate"
         batch_faces = self.options.batch_size if generate else 1
@@ -402,7 +459,7 @@ class Pipeline:
                     result.faces_interpolated += n_interp
                     result.frames_interpolated += n_interp > 0
                     yield vf, vf.image, r
-            result.add_check_stats(check, passes, self.options.passes)
+            result.add_check_stats(check, passes)
         finally:
             for it in (work, tracked):
                 if hasattr(it, "close"):
@@ -417,10 +474,10 @@ class Pipeline:
         result.faces_detected = tracker.n_detections - tracker.n_weak_dropped
         faces = final[0][1] if final else []
         out = img.copy()
-        passes: dict = {}
+        passes = self.new_pass_levels()
         check = new_check_stats()
         self.render([(out, faces)], {}, NULL, passes, check)
-        result.add_check_stats(check, passes, self.options.passes)
+        result.add_check_stats(check, passes)
         result.frames = 1
         result.faces_anonymized = len(faces)
         result.tracks = len({f.track_id for f in faces})

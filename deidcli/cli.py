@@ -17,7 +17,7 @@ import click
 
 from . import __version__
 from .errors import EXIT_FAILED, EXIT_MODELS, EXIT_OK, DeidError, Interrupted, ModelError
-from .options import AUDIO_MODES, CHECK_PRECISIONS, DETECTOR_PRECISIONS, METHODS, PIPE_FORMATS
+from .options import AUDIO_MODES, CHECK_PRECISIONS, DETECTOR_PRECISIONS, METHODS, PASS_HOLD, PIPE_FORMATS
 
 log = logging.getLogger("deidcli")
 
@@ -109,8 +109,8 @@ def _generator_options(f):
                      help="generate: generator passes per face; each one moves the face further from the person."),
         click.option("--identity-check/--no-identity-check", default=True,
                      help="generate: embed every generated face with the identity network; a face still close to "
-                          "the person (--check-thresh) is generated again with one more pass for its whole track, "
-                          "up to --max-passes, then blurred. Counted in the report."),
+                          "the person (--check-thresh) is generated again with one more pass (and its track's next "
+                          "--pass-hold faces too), up to --max-passes, then blurred. Counted in the report."),
         click.option("--check-thresh", type=click.FloatRange(-1, 1), default=0.25,
                      help="Cosine to the person's descriptor at which the identity check acts "
                           "(the identity network verifies a match at 0.335, FAR 0.1% on LFW)."),
@@ -121,6 +121,10 @@ def _generator_options(f):
                           "as check_precision."),
         click.option("--max-passes", type=click.IntRange(1, 8), default=4,
                      help="Most passes the identity check may use before it blurs a face."),
+        click.option("--pass-hold", type=click.IntRange(min=0), default=PASS_HOLD, show_default=True,
+                     help="Faces a track stays at the passes the identity check raised it to before it "
+                          "returns to --passes (raised again where the check asks); 0 keeps them for the "
+                          "rest of the track. Reported as faces_held_passes."),
     )):
         f = opt(f)
     return f
@@ -176,7 +180,7 @@ def _generator_options(f):
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
 @click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv for debug).")
 def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, identity_check, check_thresh,
-              check_precision, max_passes,
+              check_precision, max_passes, pass_hold,
               margin, det_thresh, keep_thresh, det_size, min_face,
               detector, detector_precision, detect_every,
               max_gap, smooth, codec, crf, preset, audio, keep_metadata, overwrite, dry_run, shard, models_dir, as_json,
@@ -199,7 +203,7 @@ def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, ident
         options = AnonymizeOptions(
             method=method, weights=weights, device=device, fp16=fp16, batch_size=batch_size, margin=margin,
             passes=passes, identity_check=identity_check, check_thresh=check_thresh,
-            check_precision=check_precision, max_passes=max_passes,
+            check_precision=check_precision, max_passes=max_passes, pass_hold=pass_hold,
             models_dir=models_dir, overwrite=overwrite, dry_run=dry_run, shard=shard,
             detect=DetectOptions(det_thresh=det_thresh, det_size=det_size, min_face=min_face, detector=detector,
                                  detect_every=detect_every, precision=detector_precision),
@@ -338,7 +342,7 @@ def models_download(ctx, names, dest):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON here.")
 def bench(clip, configs, weights, device, fp16, batch_size, passes, identity_check, check_thresh, check_precision,
-          max_passes, codec, preset, crf, detect_every, detector_precision,
+          max_passes, pass_hold, codec, preset, crf, detect_every, detector_precision,
           json_path):
     """Throughput of deid on CLIP, per stage, next to a plain re-encode and blur.
 
@@ -351,7 +355,7 @@ def bench(clip, configs, weights, device, fp16, batch_size, passes, identity_che
         raise click.UsageError(f"--passes {passes} is above --max-passes {max_passes}")
     opts = {"device": device, "fp16": fp16, "batch_size": batch_size, "passes": passes,
             "identity_check": identity_check, "check_thresh": check_thresh, "check_precision": check_precision,
-            "max_passes": max_passes,
+            "max_passes": max_passes, "pass_hold": pass_hold,
             "weights": str(weights) if weights else None,
             "encode": {"codec": codec, "preset": preset, "crf": crf}, "detect": {"detect_every": detect_every,
                                                                                   "precision": detector_precision}}

@@ -10,6 +10,7 @@ METHODS = ("generate", "blur", "pixelate", "solid")
 AUDIO_MODES = ("copy", "aac", "none")
 DETECTOR_PRECISIONS = ("auto", "fp32", "int8")  # auto: int8 on the CPU execution provider, fp32 on CUDA
 CHECK_PRECISIONS = ("auto", "fp32", "int8")  # the identity check's embedder, the same way
+PASS_HOLD = 25  # default --pass-hold (AnonymizeOptions.pass_hold): about 1 s of a track at 25 fps
 PIPE_FORMATS = ("matroska", "mpegts")  # container formats written to stdout (DST "-"); the first is the default
 
 
@@ -57,6 +58,7 @@ class AnonymizeOptions:
     check_thresh: float = 0.25  # cosine to the track's descriptor at which the check acts (verification: 0.335)
     check_precision: str = "auto"  # identity check's embedder: auto (int8 on CPU, fp32 on CUDA) | fp32 | int8
     max_passes: int = 4  # most passes the identity check may raise a track to before it blurs the face
+    pass_hold: int = PASS_HOLD  # faces a track stays at passes raised by the check before it returns to `passes` (0: for good)
     margin: float = 0.25  # extra margin around the face box for blur/pixelate/solid, fraction of size
     models_dir: Optional[Path] = None  # first place to look for model files
     overwrite: bool = False  # replace existing outputs (folder runs skip them otherwise)
@@ -77,6 +79,8 @@ class AnonymizeOptions:
             raise ValueError("batch_size must be >= 1")
         if not 1 <= self.passes <= self.max_passes:
             raise ValueError(f"passes must be between 1 and max_passes = {self.max_passes}, not {self.passes}")
+        if self.pass_hold < 0:
+            raise ValueError(f"pass_hold must be >= 0, not {self.pass_hold}")
         if self.check_precision not in CHECK_PRECISIONS:
             raise ValueError(f"check precision must be one of {CHECK_PRECISIONS}, not {self.check_precision!r}")
         if not -1.0 <= self.check_thresh <= 1.0:

@@ -59,7 +59,7 @@ def test_identity_check_regenerates_then_blurs(clips, tmp_path):
     forced = tmp_path / "forced.mp4"
     f = _report((src, forced, "--check-thresh", "-1", "--max-passes", "2", "--crf", "0"))
     n = f["faces_anonymized"]
-    # the first batch is generated again at 2 passes; the track then starts at 2 (sticky)
+    # the first batch is generated again at 2 passes; the track is then held at 2 (each face fails again)
     assert n > 0 and 0 < f["faces_regenerated"] <= n and f["faces_checked"] == n + f["faces_regenerated"]
     assert f["faces_blurred_fallback"] == n
     assert f["track_passes"] and set(f["track_passes"].values()) == {2}
@@ -93,3 +93,31 @@ def test_evaluate_method_names():
             _method_passes(bad)
     p = run("evaluate", "--methods", "generate:0")
     assert p.returncode == 2 and "generate:0" in p.stderr
+
+
+def test_pass_levels_hold_then_return():
+    """--pass-hold: a track raised by the check keeps its count for `hold` faces after the last
+    raise, then returns to --passes; hold 0 keeps it for good. The peak is what is reported."""
+    from deidcli.anonymize import PassLevels
+
+    lv = PassLevels(base=1, hold=2)
+    assert [lv.take(7) for _ in range(2)] == [1, 1] and lv.peak == {}
+    lv.raise_to(7, 1)  # at base: nothing to hold
+    assert lv.get(7) == 1 and lv.peak == {}
+    lv.raise_to(7, 3)
+    assert lv.get(7) == 3 and lv.get(8) == 1  # other tracks untouched
+    assert [lv.take(7), lv.take(7), lv.take(7), lv.take(7)] == [3, 3, 1, 1]
+    assert lv.faces_raised == 2 and lv.peak == {7: 3}
+    lv.raise_to(7, 2)
+    assert lv.take(7) == 2
+    lv.raise_to(7, 2)  # a raise restarts the hold
+    assert [lv.take(7) for _ in range(3)] == [2, 2, 1]
+    assert lv.peak == {7: 3} and lv.faces_raised == 2 + 1 + 2
+
+    keep = PassLevels(base=1, hold=0)
+    keep.raise_to(0, 2)
+    assert [keep.take(0) for _ in range(50)] == [2] * 50 and keep.faces_raised == 50
+
+    from deidcli.options import AnonymizeOptions
+    with pytest.raises(ValueError, match="pass_hold"):
+        AnonymizeOptions(pass_hold=-1)
