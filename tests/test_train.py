@@ -137,13 +137,43 @@ def test_train_landmark_loss(tmp_path, cache_dir):
 
     cfg = _cfg(tmp_path, cache_dir, 2)
     cfg.update(name="lm")
-    cfg["weights"] = {**cfg["weights"], "landmarks": 1.0}
+    cfg["weights"] = {**cfg["weights"], "landmarks": 1.0, "mouth": 1.0}
     run = Path(train(cfg)["run_dir"])
     rec = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     tr = [r for r in rec if r["kind"] == "train"]
     ev = [r for r in rec if r["kind"] == "eval"]
-    assert len(tr) == 2 and all(np.isfinite(r["landmarks"]) and r["landmarks"] > 0 for r in tr)
-    assert ev and np.isfinite(ev[-1]["landmarks"])
+    assert len(tr) == 2 and all(np.isfinite(r[k]) and r[k] > 0 for r in tr for k in ("landmarks", "mouth"))
+    assert ev and np.isfinite(ev[-1]["landmarks"]) and ev[-1]["mouth"] > 0
+
+
+def test_mouth_loss_sees_the_mouth_only(cache_dir):
+    """weights.mouth: the weight map covers the template's mouth corners and lips, not the eyes
+    or nose; the loss is 0 on the input itself, grows when the lips of a real LFW crop are
+    painted over, and ignores the same change made to the eyes."""
+    import torch
+
+    from deidcli.align import crop_template
+    from deidcli.train import losses as L
+    from deidcli.train.prepare import load_split
+
+    d = load_split(sorted(Path(cache_dir).glob("lfw_test_*.npz"))[0])
+    S, m = int(d["size"]), float(d["margin"])
+    w = L.mouth_weights(S, m)
+    assert w.shape == (1, 1, S, S) and abs(float(w.sum()) - 1) < 1e-5
+    t = np.round(crop_template(S, m)).astype(int)
+    u = S // 32  # 4 px at the 128 crop
+    for x, y in t[3:]:  # mouth corners, and the lower lip below them
+        assert w[0, 0, y, x] > 0 and w[0, 0, y + 2 * u, x] > 0
+    for x, y in t[:3]:  # eyes, nose tip
+        assert w[0, 0, y, x] == 0
+    x = torch.from_numpy(d["crops"][:4]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert float(L.mouth_l1(x, x, w)) == 0
+    (mx, my), (ex, ey) = t[3], t[0]
+    lips, eyes = x.clone(), x.clone()
+    lips[..., my - u:my + u + 1, mx:mx + 5 * u] = 0.5
+    eyes[..., ey - u:ey + u + 1, ex - u:ex + 4 * u] = 0.5
+    assert float(L.mouth_l1(lips, x, w)) > 0.05
+    assert float(L.mouth_l1(eyes, x, w)) == 0
 
 
 def test_losses_basic():

@@ -65,6 +65,8 @@ DEFAULTS: dict[str, Any] = {
         "colour_l1": 0.0,  # L.colour_l1: block-mean colour of the raw output vs the input, under the mask
         "landmarks": 0.0,  # LM.landmark_loss: the detector's 5 points on the blended
         # output vs the input, in inter-ocular distances (what `deid evaluate` reports)
+        "mouth": 0.0,  # L.mouth_l1: pixels and gradients of the blended output's mouth box vs
+        # the input's (lip motion; `deid evaluate-video` lips r)
     },
     "attractor_levels": ["stem", "dw", "b4"],
     "attractor_level_weights": None,
@@ -244,6 +246,7 @@ def train(config: Mapping[str, Any]) -> dict:
 
     w = cfg["weights"]
     levels = cfg["attractor_levels"]
+    mouth_w = L.mouth_weights(gcfg.size, gcfg.margin).to(device)
     eval_idx = np.random.default_rng(1234).choice(held.n, size=min(cfg["eval_size"], held.n),
                                                   replace=False)
     eval_x = held.images(eval_idx)
@@ -296,6 +299,7 @@ def train(config: Mapping[str, Any]) -> dict:
               "l1": float((out - eval_x).abs().mean()), "mask": float(mask.mean())}
         if kpnet is not None:
             ev["landmarks"] = float(LM.landmark_loss(kpnet, out, eval_x))
+        ev["mouth"] = float(L.mouth_l1(out, eval_x, mouth_w))
         return ev, (raw, mask, out)
 
     last_metrics: dict = {}
@@ -344,6 +348,8 @@ def train(config: Mapping[str, Any]) -> dict:
             terms["colour_l1"] = L.colour_l1(raw, x, mask)
         if kpnet is not None:
             terms["landmarks"] = LM.landmark_loss(kpnet, out, x)
+        if w.get("mouth", 0) > 0:
+            terms["mouth"] = L.mouth_l1(out, x, mouth_w)
         if use_adv:
             for p in D.parameters():
                 p.requires_grad_(False)

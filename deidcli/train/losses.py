@@ -93,6 +93,43 @@ def colour_l1(raw: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, cells: i
     return (w * (F.avg_pool2d(raw, k) - F.avg_pool2d(ref, k)).abs()).mean()
 
 
+def mouth_weights(size: int, margin: float, soften: int = 5) -> torch.Tensor:
+    """(1, 1, size, size) float32 weight map of the mouth of an aligned crop, summing to 1.
+
+    The box of deid's 5-point crop template (align.crop_template): from 0.25 inter-ocular
+    distances (IOD) left of the left mouth corner to as far right of the right one, from 0.3 IOD
+    above the mouth-corner line to 0.55 below it (both lips and the gap between them, over the
+    range a talking mouth opens), box-blurred by ``soften`` px so the small warps of
+    :func:`augment` move weight, not an edge."""
+    from ..align import crop_template
+
+    t = crop_template(size, margin)
+    iod = float(abs(t[1, 0] - t[0, 0]))
+    y_line = float(t[3:5, 1].mean())
+    x0, x1 = float(t[3, 0]) - 0.25 * iod, float(t[4, 0]) + 0.25 * iod
+    y0, y1 = y_line - 0.3 * iod, y_line + 0.55 * iod
+    m = torch.zeros(1, 1, size, size)
+    m[..., int(round(y0)):int(round(y1)) + 1, int(round(x0)):int(round(x1)) + 1] = 1.0
+    if soften > 1:
+        m = F.avg_pool2d(F.pad(m, (soften // 2,) * 4), soften, stride=1)
+    return m / m.sum()
+
+
+def mouth_l1(out: torch.Tensor, ref: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mouth-keeping loss: the ``weights``-weighted (:func:`mouth_weights`) L1 of the pixels and
+    of the image gradients of the blended output ``out`` against the input ``ref``, mean over the
+    batch and channels. The lips' edges are what a landmark model (and a viewer) reads the mouth
+    opening from, and the 5-point landmark loss pins only the mouth corners. The generator may
+    meet it either by drawing the same lips or by keeping the input's (a lower mask there)."""
+    w = weights.to(out.dtype)
+    pix = ((out - ref).abs() * w).sum((2, 3)).mean()
+    ox, oy = image_gradients(out)
+    rx, ry = image_gradients(ref)
+    gx = ((ox - rx).abs() * w[..., :, 1:]).sum((2, 3)).mean()
+    gy = ((oy - ry).abs() * w[..., 1:, :]).sum((2, 3)).mean()
+    return pix + gx + gy
+
+
 def total_variation(m: torch.Tensor) -> torch.Tensor:
     mx, my = image_gradients(m)
     return mx.abs().mean() + my.abs().mean()
