@@ -189,7 +189,8 @@ class Pipeline:
             from .model import load_generator
 
             gen = load_generator(ckpt, device="cpu")
-            self.runner = engine.GeneratorRunner(gen, self.runtime, options.batch_size)
+            self.runner = engine.GeneratorRunner(gen, self.runtime, options.batch_size,
+                                                 colour_match=options.colour_match)
             self.embedder = engine.IdentityEmbedder(weights.model_path("rec_mobilefacenet.onnx", options.models_dir),
                                                     providers, options.check_precision if options.identity_check
                                                     else "fp32")

@@ -121,6 +121,10 @@ def _generator_options(f):
                           "as check_precision."),
         click.option("--max-passes", type=click.IntRange(1, 8), default=4,
                      help="Most passes the identity check may use before it blurs a face."),
+        click.option("--colour-match/--no-colour-match", default=True,
+                     help="generate: give each generated face the colour statistics (CIELAB mean and spread "
+                          "under the mask) of the face it replaces: the input's skin tone and lighting, with "
+                          "the generator's shapes."),
         click.option("--pass-hold", type=click.IntRange(min=0), default=PASS_HOLD, show_default=True,
                      help="Faces a track stays at the passes the identity check raised it to before it "
                           "returns to --passes (raised again where the check asks); 0 keeps them for the "
@@ -180,7 +184,7 @@ def _generator_options(f):
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
 @click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv for debug).")
 def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, identity_check, check_thresh,
-              check_precision, max_passes, pass_hold,
+              check_precision, max_passes, colour_match, pass_hold,
               margin, det_thresh, keep_thresh, det_size, min_face,
               detector, detector_precision, detect_every,
               max_gap, smooth, codec, crf, preset, audio, keep_metadata, overwrite, dry_run, shard, models_dir, as_json,
@@ -203,7 +207,7 @@ def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, ident
         options = AnonymizeOptions(
             method=method, weights=weights, device=device, fp16=fp16, batch_size=batch_size, margin=margin,
             passes=passes, identity_check=identity_check, check_thresh=check_thresh,
-            check_precision=check_precision, max_passes=max_passes, pass_hold=pass_hold,
+            check_precision=check_precision, max_passes=max_passes, colour_match=colour_match, pass_hold=pass_hold,
             models_dir=models_dir, overwrite=overwrite, dry_run=dry_run, shard=shard,
             detect=DetectOptions(det_thresh=det_thresh, det_size=det_size, min_face=min_face, detector=detector,
                                  detect_every=detect_every, precision=detector_precision),
@@ -342,7 +346,7 @@ def models_download(ctx, names, dest):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON here.")
 def bench(clip, configs, weights, device, fp16, batch_size, passes, identity_check, check_thresh, check_precision,
-          max_passes, pass_hold, codec, preset, crf, detect_every, detector_precision,
+          max_passes, colour_match, pass_hold, codec, preset, crf, detect_every, detector_precision,
           json_path):
     """Throughput of deid on CLIP, per stage, next to a plain re-encode and blur.
 
@@ -355,7 +359,7 @@ def bench(clip, configs, weights, device, fp16, batch_size, passes, identity_che
         raise click.UsageError(f"--passes {passes} is above --max-passes {max_passes}")
     opts = {"device": device, "fp16": fp16, "batch_size": batch_size, "passes": passes,
             "identity_check": identity_check, "check_thresh": check_thresh, "check_precision": check_precision,
-            "max_passes": max_passes, "pass_hold": pass_hold,
+            "max_passes": max_passes, "colour_match": colour_match, "pass_hold": pass_hold,
             "weights": str(weights) if weights else None,
             "encode": {"codec": codec, "preset": preset, "crf": crf}, "detect": {"detect_every": detect_every,
                                                                                   "precision": detector_precision}}

@@ -74,7 +74,8 @@ class GeneratorRunner:
     pass, -0.043 after two; pixels changed 3.6 -> 5.3 grey levels). The k passes are returned
     as one equivalent (raw, mask) pair: mask = 1 - prod(1 - m_i) and raw such that
     ``mask * raw + (1 - mask) * crop`` is the k-th blended crop; with one pass this is the
-    generator's own raw and mask.
+    generator's own raw and mask. With ``colour_match`` the returned raw has the input crop's
+    colour statistics under the mask (align.match_colour; `deid anonymize` default).
 
     Backend: on CUDA the torch module itself (fp16 when asked); on the CPU the module is
     exported to ONNX in memory at load time (about 0.3 s) and run by ONNX Runtime, which on
@@ -83,9 +84,11 @@ class GeneratorRunner:
     ("torch" or "onnxruntime"); the environment variable DEID_GENERATOR_BACKEND does too.
     """
 
-    def __init__(self, generator, runtime: Runtime, batch_size: int = 32, backend: Optional[str] = None):
+    def __init__(self, generator, runtime: Runtime, batch_size: int = 32, backend: Optional[str] = None,
+                 colour_match: bool = False):
         import torch
 
+        self.colour_match = colour_match
         self.torch = torch
         self.device = torch.device(runtime.device)
         self.dtype = torch.float16 if runtime.dtype == "float16" else torch.float32
@@ -126,6 +129,11 @@ class GeneratorRunner:
             for j in range(0, len(idx), self.batch_size):
                 sel = idx[j:j + self.batch_size]
                 raw[sel], mask[sel] = run(crops[sel], desc[sel], int(k))
+        if self.colour_match:
+            from .align import match_colour
+
+            for j in range(n):
+                raw[j] = match_colour(raw[j], crops[j], mask[j])
         return raw, mask
 
     def _run_onnx(self, crops: np.ndarray, desc: np.ndarray, passes: int) -> tuple[np.ndarray, np.ndarray]:

@@ -85,12 +85,15 @@ def _local_classic(img: np.ndarray, face_px: float, method: str) -> np.ndarray:
 
 
 def generate_on_crops(gen, crops: np.ndarray, desc: np.ndarray, device="cpu",
-                      batch_size: int = 32, passes: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                      batch_size: int = 32, passes: int = 1,
+                      colour_match: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(blended uint8 (N,S,S,3), mask float32 (N,S,S)) from the generator on uint8 crops;
     ``passes`` > 1 applies it again to its own blended output (mask: 1 - prod(1 - m_i)), as
-    ``deid anonymize --passes`` does."""
+    ``deid anonymize --passes`` does; ``colour_match`` gives the combined raw output the input's
+    colour statistics first (align.match_colour), as ``deid anonymize`` does by default."""
     import torch
 
+    from .align import match_colour
     from .identity import to_input
 
     outs, masks = [], []
@@ -104,8 +107,16 @@ def generate_on_crops(gen, crops: np.ndarray, desc: np.ndarray, device="cpu",
                 y = m * raw + (1 - m) * y
                 keep = keep * (1 - m)
             m = 1 - keep
-            outs.append(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
-            masks.append(m[:, 0].float().cpu().numpy())
+            mk = m[:, 0].float().cpu().numpy()
+            if colour_match:  # the equivalent single raw (engine._compose_passes), matched, re-blended
+                raw = torch.where(m > 1e-3, (y - keep * x) / m.clamp(min=1e-3), y)
+                raw = ((raw.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+                c = crops[i:i + batch_size]
+                raw = np.stack([match_colour(r, ci, mi) for r, ci, mi in zip(raw, c, mk)])
+                outs.append((mk[..., None] * raw + (1 - mk[..., None]) * c).round().astype(np.uint8))
+            else:
+                outs.append(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+            masks.append(mk)
     return np.concatenate(outs), np.concatenate(masks)
 
 
@@ -230,9 +241,10 @@ def evaluate(weights: Optional[os.PathLike] = None, out_dir: os.PathLike = "out/
              cache_dir: Optional[os.PathLike] = None, lfw_dir: Optional[os.PathLike] = None,
              models_dir: Optional[os.PathLike] = None, device: str = "cpu",
              limit: Optional[int] = None, seed: int = 0, detect: bool = True,
-             judges: Sequence[str] = ()) -> dict:
+             judges: Sequence[str] = (), colour_match: bool = True) -> dict:
     """Run the evaluation; writes report.json / report.md / contact_sheet.png in ``out_dir`` and
-    returns the report dict."""
+    returns the report dict. ``colour_match``: generate as ``deid anonymize`` does by default
+    (align.match_colour); False for the generator's own colours."""
     import cv2
 
     from .faces import Detector
@@ -322,13 +334,14 @@ def evaluate(weights: Optional[os.PathLike] = None, out_dir: os.PathLike = "out/
         logger.info("judge %s: clean %s, threshold %.3f (TAR %.3f)", name, jclean, jver["threshold"],
                     jver["tar_clean"])
     if gen is not None:
-        report["generator"] = {"path": str(wpath), "config": gen.config,
+        report["generator"] = {"path": str(wpath), "colour_match": bool(colour_match), "config": gen.config,
                                "meta": {k: v for k, v in gen.meta.items() if k != "train_config"}}
     sheet_idx = np.sort(rng.choice(len(sub), min(32, len(sub)), replace=False))
     for method in methods:
         tm = time.time()
         if method.startswith("generate"):
-            anon, masks = generate_on_crops(gen, crops[sub], desc[sub], device, passes=_method_passes(method))
+            anon, masks = generate_on_crops(gen, crops[sub], desc[sub], device, passes=_method_passes(method),
+                                            colour_match=colour_match)
         elif method in ("blur", "pixelate"):
             anon = classic_on_crops(crops[sub], method, size, margin, data["crop_kps"][sub])
             masks = (np.abs(anon.astype(np.int16) - crops[sub]).sum(-1) > 0).astype(np.float32)

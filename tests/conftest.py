@@ -9,6 +9,7 @@ import pytest
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 VIDEOS = SHARED / "videos"
 MODELS = SHARED / "models"
+LFW = SHARED / "data" / "lfw"
 
 
 def pytest_configure(config):
@@ -113,3 +114,24 @@ def decode_rgb(path: Path, n: int | None = None) -> list:
 
 
 __all__ = ["SHARED", "VIDEOS", "MODELS", "cut_clip", "frame_pts", "frame_times", "audio_packets", "decode_rgb", "Fraction"]
+
+
+def aligned_lfw_crops(names) -> "np.ndarray":
+    """(N, 128, 128, 3) uint8 RGB generator crops of the central face of LFW images (names like
+    ``Aaron_Peirsol/Aaron_Peirsol_0001.jpg``), aligned on deid's own detector's 5 points with the
+    default crop geometry, as the pipeline aligns them."""
+    import cv2
+    import numpy as np
+
+    from deidcli.align import CROP_MARGIN, CROP_SIZE, estimate_transform, warp_crop
+    from deidcli.faces import Detector
+
+    det = Detector(MODELS / "det_scrfd_2.5g_kps.onnx", det_thresh=0.3, det_size=320)
+    crops = []
+    for name in names:
+        img = np.ascontiguousarray(cv2.imread(str(LFW / "lfw_deepfunneled" / name))[:, :, ::-1])
+        d = det.detect(img)
+        assert len(d), name
+        k = int(np.argmin(np.linalg.norm((d.boxes[:, :2] + d.boxes[:, 2:]) / 2 - 125, axis=1)))  # central face
+        crops.append(warp_crop(img, estimate_transform(d.kps[k], CROP_SIZE, CROP_MARGIN), CROP_SIZE))
+    return np.stack(crops)

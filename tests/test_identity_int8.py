@@ -9,13 +9,12 @@ import logging
 import numpy as np
 import pytest
 
-from conftest import MODELS, SHARED, VIDEOS, cut_clip
+from conftest import LFW, MODELS, VIDEOS, aligned_lfw_crops, cut_clip
 from test_cli import run
 
 from deidcli.engine import IdentityEmbedder
 
 MODEL = MODELS / "rec_mobilefacenet.onnx"
-LFW = SHARED / "data" / "lfw"
 N_PAIRS = 10  # same-person and different-person pairs each, from pairsDevTest.txt
 
 pytestmark = pytest.mark.skipif(not (MODEL.is_file() and (LFW / "pairsDevTest.txt").is_file()),
@@ -39,26 +38,18 @@ def devtest():
     ArcFace squares at 112 (Pipeline._embed_squares), and the pair indices."""
     import cv2
 
-    from deidcli.align import CROP_MARGIN, CROP_SIZE, arcface_box, estimate_transform, warp_crop
-    from deidcli.faces import Detector
+    from deidcli.align import CROP_MARGIN, CROP_SIZE, arcface_box
     from deidcli.train.prepare import read_pairs
 
     pairs = read_pairs(LFW / "pairsDevTest.txt")
     pairs = [p for p in pairs if p[2]][:N_PAIRS] + [p for p in pairs if not p[2]][:N_PAIRS]
     names = sorted({n for a, b, _ in pairs for n in (a, b)})
-    det = Detector(MODELS / "det_scrfd_2.5g_kps.onnx", det_thresh=0.3, det_size=320)
-    crops = []
-    for name in names:
-        img = np.ascontiguousarray(cv2.imread(str(LFW / "lfw_deepfunneled" / name))[:, :, ::-1])
-        d = det.detect(img)
-        assert len(d), name
-        k = int(np.argmin(np.linalg.norm((d.boxes[:, :2] + d.boxes[:, 2:]) / 2 - 125, axis=1)))  # central face
-        crops.append(warp_crop(img, estimate_transform(d.kps[k], CROP_SIZE, CROP_MARGIN), CROP_SIZE))
+    crops = aligned_lfw_crops(names)
     off, side = arcface_box(CROP_SIZE, CROP_MARGIN)
     a, b = int(round(off)), int(round(off + side))
     squares = [cv2.resize(c[a:b, a:b], (112, 112), interpolation=cv2.INTER_AREA) for c in crops]
     where = {n: i for i, n in enumerate(names)}
-    return {"crops": np.stack(crops), "squares": squares, "box": (a, b),
+    return {"crops": crops, "squares": squares, "box": (a, b),
             "pairs": np.array([(where[x], where[y]) for x, y, _ in pairs])}
 
 

@@ -97,7 +97,10 @@ def train_command(config_path, name, device, steps, max_minutes, runs_dir, cache
 @click.option("--judge", "judges", multiple=True, type=click.Choice(["dlib"]),
               help="Also measure identity with this independent recognition network (deid was not "
                    "trained with it; needs pip install 'deid[judge]'). Repeatable.")
-def evaluate_command(weights, out_dir, methods, cache_dir, lfw_dir, models_dir, device, limit, judges):
+@click.option("--colour-match/--no-colour-match", default=True,
+              help="generate: give the generated face the input's colour statistics, as `deid anonymize` does "
+                   "by default (--no-colour-match: the generator's own colours).")
+def evaluate_command(weights, out_dir, methods, cache_dir, lfw_dir, models_dir, device, limit, judges, colour_match):
     """Measure identity removal and what is kept on LFW DevTest; JSON on stdout."""
     _logging()
     from ..evaluate import _method_passes, evaluate
@@ -113,7 +116,7 @@ def evaluate_command(weights, out_dir, methods, cache_dir, lfw_dir, models_dir, 
     try:
         report = evaluate(weights=weights, out_dir=out_dir, methods=methods,
                           cache_dir=cache_dir, lfw_dir=lfw_dir, models_dir=models_dir, device=device,
-                          limit=limit, judges=judges)
+                          limit=limit, judges=judges, colour_match=colour_match)
     except JudgeUnavailable as e:
         click.echo(f"deid: ERROR: {e}", err=True)
         sys.exit(e.exit_code)
