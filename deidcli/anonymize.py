@@ -36,14 +36,16 @@ DESCRIPTOR_FACES = 5
 
 def new_check_stats() -> dict:
     """Counters of the identity check for one file (see Pipeline._check_identity)."""
-    return {"checked": 0, "regenerated": 0, "fallback": 0, "cos_max": -1.0}
+    return {"checked": 0, "regenerated": 0, "fallback": 0, "own_colours": 0, "cos_max": -1.0}
 
 
 class PassLevels:
     """Generator passes per track for one file: ``base`` (``--passes``) unless the identity check
     raised the track (:meth:`raise_to`). A raised track keeps its count for ``hold`` more of its
-    faces after the last raise, then returns to ``base`` (and is raised again, face by face, if
-    the check asks); ``hold`` 0 keeps it raised for the rest of the track.
+    faces after the last raise, then steps down one pass per ``hold`` faces back to ``base`` (the
+    check raises it again, face by face, where it must); ``hold`` 0 keeps it raised for the rest
+    of the track. One step at a time: a track that needs its count most of the time pays one
+    regeneration per ``hold`` faces to find out, not a climb from ``base``.
 
     Why a hold and not "raised for good": one stubborn face used to put its whole track at up to
     four passes, and every pass compounds the generator's colour and shape artifacts (lp_d12: 4
@@ -73,8 +75,11 @@ class PassLevels:
                 return self.base
             if self.hold:
                 if self._left[track] <= 0:
-                    del self._level[track], self._left[track]
-                    return self.base
+                    lv -= 1
+                    if lv <= self.base:
+                        del self._level[track], self._left[track]
+                        return self.base
+                    self._level[track], self._left[track] = lv, self.hold
                 self._left[track] -= 1
             self.faces_raised += 1
             return lv
@@ -126,6 +131,7 @@ class FileResult:
     faces_regenerated: int = 0
     faces_blurred_fallback: int = 0
     faces_held_passes: int = 0  # faces generated above --passes because their track was raised (--pass-hold)
+    faces_own_colours: int = 0  # faces regenerated with the generator's own colours: matched, still too close at --max-passes
     check_cos_max: Optional[float] = None
     track_passes: dict = field(default_factory=dict)  # track -> highest passes it was raised to, where above --passes
 
@@ -133,6 +139,7 @@ class FileResult:
         self.faces_checked += stats["checked"]
         self.faces_regenerated += stats["regenerated"]
         self.faces_blurred_fallback += stats["fallback"]
+        self.faces_own_colours += stats["own_colours"]
         self.faces_held_passes += passes.faces_raised
         if stats["checked"]:
             self.check_cos_max = round(max(stats["cos_max"], self.check_cos_max or -1.0), 4)
@@ -283,8 +290,10 @@ class Pipeline:
         of the same frame (a pose far from the track's first faces can be closer to the input than
         to the descriptor). A face whose higher cosine is >= ``check_thresh`` is generated again
         with one more pass, up to ``max_passes``, and its track keeps the higher count for the next
-        ``pass_hold`` of its faces (0: for good; see PassLevels); a face still too close after
-        ``max_passes`` is blurred instead. A face generated with fewer passes than its track has
+        ``pass_hold`` of its faces (0: for good; see PassLevels). A face still too close after
+        ``max_passes`` is generated once more at ``max_passes`` with the generator's own colours
+        (``--colour-match`` gives it the input's, which the identity network partly recognises),
+        and blurred if that is still too close. A face generated with fewer passes than its track has
         reached meanwhile (the batch was generated while an earlier one was checked) is generated
         again at the track's count first. Updates ``gen`` in place; returns the faces to blur
         (bool per face)."""
@@ -294,6 +303,7 @@ class Pipeline:
         S = self.runner.size
         crops, desc, tracks, levels, raw, masks = gen.crops, gen.desc, gen.tracks, gen.levels, gen.raw, gen.masks
         fallback = np.zeros(len(crops), bool)
+        plain = np.zeros(len(crops), bool)  # regenerated with the generator's own colours
         behind = np.flatnonzero([passes.get(t) > lv for t, lv in zip(tracks, levels)])
         if len(behind):
             levels[behind] = [passes.get(tracks[j]) for j in behind]  # not counted: no check asked for it
@@ -314,17 +324,21 @@ class Pipeline:
             todo = todo[cos >= o.check_thresh]
             if not len(todo):
                 break
-            stuck = levels[todo] >= o.max_passes
-            fallback[todo[stuck]] = True
-            todo = todo[~stuck]
+            top = levels[todo] >= o.max_passes
+            retry = todo[top & ~plain[todo]] if self.runner.colour_match else todo[:0]
+            fallback[np.setdiff1d(todo[top], retry)] = True
+            up = todo[~top]
+            levels[up] += 1
+            stats["regenerated"] += len(up)
+            for j in up:
+                passes.raise_to(tracks[j], int(levels[j]))
+            plain[retry] = True
+            stats["own_colours"] += len(retry)
+            todo = np.concatenate([up, retry])
             if not len(todo):
                 break
-            levels[todo] += 1
-            stats["regenerated"] += len(todo)
-            for j in todo:
-                passes.raise_to(tracks[j], int(levels[j]))
             with stages("generate"):
-                r, m = self.runner.run(crops[todo], desc[todo], levels[todo])
+                r, m = self.runner.run(crops[todo], desc[todo], levels[todo], colour_match=~plain[todo])
             for j, rj, mj in zip(todo, r, m):
                 masks[j] = feather(mj, S)
                 raw[j] = rj

@@ -110,7 +110,8 @@ def _generator_options(f):
         click.option("--identity-check/--no-identity-check", default=True,
                      help="generate: embed every generated face with the identity network; a face still close to "
                           "the person (--check-thresh) is generated again with one more pass (and its track's next "
-                          "--pass-hold faces too), up to --max-passes, then blurred. Counted in the report."),
+                          "--pass-hold faces too), up to --max-passes, then once more with the generator's own "
+                          "colours, then blurred. Counted in the report."),
         click.option("--check-thresh", type=click.FloatRange(-1, 1), default=0.25,
                      help="Cosine to the person's descriptor at which the identity check acts "
                           "(the identity network verifies a match at 0.335, FAR 0.1% on LFW)."),
@@ -127,8 +128,9 @@ def _generator_options(f):
                           "the generator's shapes."),
         click.option("--pass-hold", type=click.IntRange(min=0), default=PASS_HOLD, show_default=True,
                      help="Faces a track stays at the passes the identity check raised it to before it "
-                          "returns to --passes (raised again where the check asks); 0 keeps them for the "
-                          "rest of the track. Reported as faces_held_passes."),
+                          "steps down one pass (then one per this many faces, to --passes; raised again "
+                          "where the check asks); 0 keeps them for the rest of the track. Reported as "
+                          "faces_held_passes."),
     )):
         f = opt(f)
     return f

@@ -111,7 +111,8 @@ class GeneratorRunner:
             if self.device.type == "cpu":
                 torch.set_num_threads(stage_threads("DEID_TORCH_THREADS"))
 
-    def run(self, crops: np.ndarray, desc: np.ndarray, passes=1) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, crops: np.ndarray, desc: np.ndarray, passes=1, colour_match=None) -> tuple[np.ndarray, np.ndarray]:
+        """``colour_match``: None for the runner's setting, else a bool or one per face."""
         n = len(crops)
         S = self.size
         assert crops.shape == (n, S, S, 3) and crops.dtype == np.uint8, (crops.shape, crops.dtype)
@@ -129,10 +130,11 @@ class GeneratorRunner:
             for j in range(0, len(idx), self.batch_size):
                 sel = idx[j:j + self.batch_size]
                 raw[sel], mask[sel] = run(crops[sel], desc[sel], int(k))
-        if self.colour_match:
+        match = np.broadcast_to(np.asarray(self.colour_match if colour_match is None else colour_match, bool), (n,))
+        if match.any():
             from .align import match_colour
 
-            for j in range(n):
+            for j in np.flatnonzero(match):
                 raw[j] = match_colour(raw[j], crops[j], mask[j])
         return raw, mask
 

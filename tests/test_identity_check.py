@@ -60,7 +60,9 @@ def test_identity_check_regenerates_then_blurs(clips, tmp_path):
     f = _report((src, forced, "--check-thresh", "-1", "--max-passes", "2", "--crf", "0"))
     n = f["faces_anonymized"]
     # the first batch is generated again at 2 passes; the track is then held at 2 (each face fails again)
-    assert n > 0 and 0 < f["faces_regenerated"] <= n and f["faces_checked"] == n + f["faces_regenerated"]
+    # ... and at --max-passes once more with the generator's own colours (--colour-match is on)
+    assert n > 0 and 0 < f["faces_regenerated"] <= n and f["faces_own_colours"] == n
+    assert f["faces_checked"] == n + f["faces_regenerated"] + f["faces_own_colours"]
     assert f["faces_blurred_fallback"] == n
     assert f["track_passes"] and set(f["track_passes"].values()) == {2}
     blurred = tmp_path / "blur.mp4"
@@ -71,7 +73,8 @@ def test_identity_check_regenerates_then_blurs(clips, tmp_path):
 
     never = _report((src, tmp_path / "never.mp4", "--check-thresh", "1"))
     assert never["faces_checked"] == never["faces_anonymized"] > 0
-    assert never["faces_regenerated"] == never["faces_blurred_fallback"] == 0 and never["track_passes"] == {}
+    assert never["faces_regenerated"] == never["faces_blurred_fallback"] == never["faces_own_colours"] == 0
+    assert never["track_passes"] == {}
     assert never["check_cos_max"] < 1
 
     off = _report((src, tmp_path / "off.mp4", "--no-identity-check", "--passes", "2"))
@@ -97,7 +100,8 @@ def test_evaluate_method_names():
 
 def test_pass_levels_hold_then_return():
     """--pass-hold: a track raised by the check keeps its count for `hold` faces after the last
-    raise, then returns to --passes; hold 0 keeps it for good. The peak is what is reported."""
+    raise, then steps down one pass per `hold` faces to --passes; hold 0 keeps it for good. The
+    peak is what is reported."""
     from deidcli.anonymize import PassLevels
 
     lv = PassLevels(base=1, hold=2)
@@ -106,13 +110,14 @@ def test_pass_levels_hold_then_return():
     assert lv.get(7) == 1 and lv.peak == {}
     lv.raise_to(7, 3)
     assert lv.get(7) == 3 and lv.get(8) == 1  # other tracks untouched
-    assert [lv.take(7), lv.take(7), lv.take(7), lv.take(7)] == [3, 3, 1, 1]
-    assert lv.faces_raised == 2 and lv.peak == {7: 3}
+    # held 2 faces, then one pass down per 2 faces
+    assert [lv.take(7) for _ in range(6)] == [3, 3, 2, 2, 1, 1]
+    assert lv.faces_raised == 4 and lv.peak == {7: 3}
     lv.raise_to(7, 2)
     assert lv.take(7) == 2
     lv.raise_to(7, 2)  # a raise restarts the hold
     assert [lv.take(7) for _ in range(3)] == [2, 2, 1]
-    assert lv.peak == {7: 3} and lv.faces_raised == 2 + 1 + 2
+    assert lv.peak == {7: 3} and lv.faces_raised == 4 + 1 + 2
 
     keep = PassLevels(base=1, hold=0)
     keep.raise_to(0, 2)
