@@ -128,14 +128,16 @@ def squares(crops: np.ndarray, size: int, margin: float) -> list[np.ndarray]:
     return [cv2.resize(c[a:b, a:b], (112, 112), interpolation=cv2.INTER_AREA) for c in crops]
 
 
-def load_runner(batch_size: int = 32):
-    """The shipped generator on the CPU (onnxruntime backend, one thread: reproducible)."""
+def load_runner(batch_size: int = 32, colour_match: bool = False):
+    """The shipped generator on the CPU (onnxruntime backend, one thread: reproducible);
+    ``colour_match`` as `deid anonymize --colour-match` (its default since 2026-11-29)."""
     from deidcli import engine
     from deidcli.model import load_generator
 
     os.environ["DEID_ORT_THREADS"] = "1"
     gen = load_generator(weights.generator_path(None), device="cpu")
-    return engine.GeneratorRunner(gen, engine.resolve_runtime("cpu"), batch_size, backend="onnxruntime")
+    return engine.GeneratorRunner(gen, engine.resolve_runtime("cpu"), batch_size, backend="onnxruntime",
+                                  colour_match=colour_match)
 
 
 def stem_nodes(graph) -> list[str]:

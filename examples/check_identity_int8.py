@@ -5,7 +5,8 @@
 
 On LFW *DevTest* faces (cache/lfw_test_<size>_m<margin>.npz, made by `deid prepare`; people never
 used by examples/calibrate_identity.py) and on their outputs from the shipped generator (with
-their cache descriptor ``desc``, feathered mask blended as the pipeline pastes, at ``--passes``),
+their cache descriptor ``desc``, colours matched unless --no-colour-match, feathered mask blended
+as the pipeline pastes, at ``--passes``),
 every face embedded as Pipeline._embed_squares does (ArcFace square, INTER_AREA to 112) by
 engine.IdentityEmbedder: ``embed`` (fp32) and ``embed_check`` (int8). Per calibration:
 
@@ -114,6 +115,8 @@ def main(argv=None) -> int:
     p.add_argument("--cache", type=Path, default=ROOT / "cache")
     p.add_argument("--passes", type=int, nargs="*", default=[1, 2], help="generator passes to check")
     p.add_argument("--limit", type=int, default=0, help="first N DevTest faces (0: all)")
+    p.add_argument("--no-colour-match", dest="colour_match", action="store_false",
+                   help="generated faces with the generator's own colours (default: matched, as deid anonymize)")
     p.add_argument("--repeats", type=int, default=30, help="timed batches per network")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args(argv)
@@ -121,7 +124,7 @@ def main(argv=None) -> int:
     from deidcli.engine import IdentityEmbedder
 
     model = a.model or weights.model_path(MODEL)
-    runner = load_runner()  # sets DEID_ORT_THREADS=1: the embedders below run on one thread too
+    runner = load_runner(colour_match=a.colour_match)  # sets DEID_ORT_THREADS=1: the embedders below run on one thread too
     S, margin = runner.size, runner.margin
     data = lfw_crops("test", S, margin, a.lfw, a.cache)
     n = min(a.limit or len(data["crops"]), len(data["crops"]))
