@@ -94,28 +94,27 @@ def generate_on_crops(gen, crops: np.ndarray, desc: np.ndarray, device="cpu",
     import torch
 
     from .align import match_colour
+    from .engine import _compose_passes
     from .identity import to_input
+
+    def to_uint8(t):
+        return ((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
     outs, masks = [], []
     with torch.no_grad():
         for i in range(0, len(crops), batch_size):
-            x = to_input(crops[i:i + batch_size]).to(device)
+            c = crops[i:i + batch_size]
+            x = to_input(c).to(device)
             d = torch.from_numpy(desc[i:i + batch_size]).to(device)
-            y, keep = x, torch.ones_like(x[:, :1])
-            for _ in range(passes):
-                raw, m = gen(y, d)
-                y = m * raw + (1 - m) * y
-                keep = keep * (1 - m)
-            m = 1 - keep
+            raw, m = gen(x, d)
+            if passes > 1:  # one equivalent (raw, mask) pair, as GeneratorRunner returns
+                raw, m = _compose_passes(x, raw, m.clamp(0, 1), passes - 1, lambda y: gen(y, d), torch)
             mk = m[:, 0].float().cpu().numpy()
-            if colour_match:  # the equivalent single raw (engine._compose_passes), matched, re-blended
-                raw = torch.where(m > 1e-3, (y - keep * x) / m.clamp(min=1e-3), y)
-                raw = ((raw.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-                c = crops[i:i + batch_size]
-                raw = np.stack([match_colour(r, ci, mi) for r, ci, mi in zip(raw, c, mk)])
-                outs.append((mk[..., None] * raw + (1 - mk[..., None]) * c).round().astype(np.uint8))
+            if colour_match:
+                raw8 = np.stack([match_colour(r, ci, mi) for r, ci, mi in zip(to_uint8(raw), c, mk)])
+                outs.append((mk[..., None] * raw8 + (1 - mk[..., None]) * c).round().astype(np.uint8))
             else:
-                outs.append(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+                outs.append(to_uint8(m * raw + (1 - m) * x))
             masks.append(mk)
     return np.concatenate(outs), np.concatenate(masks)
 
