@@ -43,6 +43,15 @@ def arcface_box(size: int = CROP_SIZE, margin: float = CROP_MARGIN) -> tuple[flo
     return (size - side) / 2.0, side
 
 
+def arcface_squares(crops, size: int = CROP_SIZE, margin: float = CROP_MARGIN) -> list[np.ndarray]:
+    """The ArcFace crops inside generator crops: for each (S, S, 3) uint8 crop of ``crops``, its
+    :func:`arcface_box` square resized to (112, 112, 3) uint8 (INTER_AREA), what the identity
+    network is given (the pipeline's identity check, the calibration and check scripts)."""
+    off, side = arcface_box(size, margin)
+    a, b = int(round(off)), int(round(off + side))
+    return [cv2.resize(c[a:b, a:b], (112, 112), interpolation=cv2.INTER_AREA) for c in crops]
+
+
 def estimate_transform(kps: np.ndarray, size: int = CROP_SIZE, margin: float = CROP_MARGIN) -> np.ndarray:
     """Similarity transform (2, 3) float32 from frame pixels to the aligned crop.
 

@@ -347,15 +347,10 @@ class Pipeline:
 
     def _embed_squares(self, crops: np.ndarray) -> np.ndarray:
         """Identity descriptors (N, D) of generator crops (N, S, S, 3) uint8: their ArcFace square
-        (align.arcface_box), resized to 112, as in training."""
-        import cv2
+        (align.arcface_squares), resized to 112, as in training."""
+        from .align import arcface_squares
 
-        from .align import arcface_box
-
-        off, side = arcface_box(self.runner.size, self.runner.margin)
-        a, b = int(round(off)), int(round(off + side))
-        return self.embedder.embed_check([cv2.resize(c[a:b, a:b], (112, 112), interpolation=cv2.INTER_AREA)
-                                          for c in crops])
+        return self.embedder.embed_check(arcface_squares(crops, self.runner.size, self.runner.margin))
 
     def _describe_new_tracks(self, items, descriptors: dict) -> None:
         """Fixed identity descriptor per track: mean embedding of its first (up to 5) detected faces

@@ -29,7 +29,7 @@ The crops come from the training cache ``cache/lfw_train_<size>_m<margin>.npz`` 
 prepare``); where it is missing they are made as ``deid prepare`` makes them (deid's detector and
 alignment, deidcli.train.prepare.prepare_split), which writes that cache. Every crop is then
 embedded as the pipeline does (Pipeline._embed_squares): its ArcFace square
-(align.arcface_box), cv2.resize INTER_AREA to 112, and IdentityEmbedder's input normalisation
+(align.arcface_squares: cv2.resize INTER_AREA to 112), and IdentityEmbedder's input normalisation
 ((x - 127.5) / 127.5, RGB, NCHW).
 
 Quantization: the network at opset 13 (it ships at opset 12), through quant_pre_process
@@ -80,6 +80,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from deidcli import quantize, weights  # noqa: E402
+from deidcli.align import arcface_squares  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 MODEL = "rec_mobilefacenet.onnx"
@@ -117,15 +118,6 @@ def generated(runner, crops: np.ndarray, desc: np.ndarray, passes) -> np.ndarray
     raw, mask = runner.run(crops, desc, passes)
     m = np.stack([feather(x, runner.size) for x in mask])[..., None]
     return np.rint(m * raw + (1 - m) * crops.astype(np.float32)).clip(0, 255).astype(np.uint8)
-
-
-def squares(crops: np.ndarray, size: int, margin: float) -> list[np.ndarray]:
-    """The ArcFace 112 crops inside generator crops, as Pipeline._embed_squares takes them."""
-    from deidcli.align import arcface_box
-
-    off, side = arcface_box(size, margin)
-    a, b = int(round(off)), int(round(off + side))
-    return [cv2.resize(c[a:b, a:b], (112, 112), interpolation=cv2.INTER_AREA) for c in crops]
 
 
 def load_runner(batch_size: int = 32, colour_match: bool = False):
@@ -193,7 +185,7 @@ def main(argv=None) -> int:
     passes = np.where(rng.random(a.n) < 0.75, 1, 2)
     images = np.concatenate([crops, generated(runner, crops, desc, passes)]) if a.generated else crops
     embedder = IdentityEmbedder(model, precision="fp32")  # only for its input normalisation
-    blob = embedder.to_input(squares(images, S, margin))
+    blob = embedder.to_input(arcface_squares(images, S, margin))
     batches = [blob[i:i + BATCH] for i in range(0, len(blob), BATCH)]
     what = f"{a.n} DevTrain crops of {len(set(data['labels'][idx]))} people"
     if a.generated:

@@ -40,9 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from calibrate_identity import MODEL, SHARED, generated, lfw_crops, load_runner, squares  # noqa: E402
+from calibrate_identity import MODEL, SHARED, generated, lfw_crops, load_runner  # noqa: E402
 
 from deidcli import weights  # noqa: E402
+from deidcli.align import arcface_squares as squares  # noqa: E402
 
 VERIFY = 0.335  # the identity network verifies a match here (FAR 0.1% on LFW)
 ACT = 0.25  # --check-thresh default

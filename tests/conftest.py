@@ -113,10 +113,7 @@ def decode_rgb(path: Path, n: int | None = None) -> list:
         return out
 
 
-__all__ = ["SHARED", "VIDEOS", "MODELS", "cut_clip", "frame_pts", "frame_times", "audio_packets", "decode_rgb", "Fraction"]
-
-
-def aligned_lfw_crops(names) -> "np.ndarray":
+def aligned_lfw_crops(names):
     """(N, 128, 128, 3) uint8 RGB generator crops of the central face of LFW images (names like
     ``Aaron_Peirsol/Aaron_Peirsol_0001.jpg``), aligned on deid's own detector's 5 points with the
     default crop geometry, as the pipeline aligns them."""
@@ -135,3 +132,7 @@ def aligned_lfw_crops(names) -> "np.ndarray":
         k = int(np.argmin(np.linalg.norm((d.boxes[:, :2] + d.boxes[:, 2:]) / 2 - 125, axis=1)))  # central face
         crops.append(warp_crop(img, estimate_transform(d.kps[k], CROP_SIZE, CROP_MARGIN), CROP_SIZE))
     return np.stack(crops)
+
+
+__all__ = ["SHARED", "VIDEOS", "MODELS", "LFW", "cut_clip", "frame_pts", "frame_times", "audio_packets", "decode_rgb", "aligned_lfw_crops", "Fraction"]
+

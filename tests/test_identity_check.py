@@ -137,7 +137,7 @@ def test_colour_match_gives_the_input_colours_and_keeps_shapes():
 
     from conftest import LFW, MODELS, aligned_lfw_crops
     from deidcli import weights
-    from deidcli.align import arcface_box, match_colour
+    from deidcli.align import arcface_squares, match_colour
     from deidcli.model import load_generator
     from deidcli.train.prepare import read_people
 
@@ -145,9 +145,7 @@ def test_colour_match_gives_the_input_colours_and_keeps_shapes():
         pytest.skip("../shared LFW missing")
     people = read_people(LFW / "peopleDevTest.txt")[:8]
     crops = aligned_lfw_crops([f"{p}/{p}_0001.jpg" for p, _ in people])
-    a, b = (int(round(v)) for v in (arcface_box()[0], sum(arcface_box())))
-    desc = engine.IdentityEmbedder(MODELS / "rec_mobilefacenet.onnx", precision="fp32").embed(
-        [cv2.resize(c[a:b, a:b], (112, 112), interpolation=cv2.INTER_AREA) for c in crops])
+    desc = engine.IdentityEmbedder(MODELS / "rec_mobilefacenet.onnx", precision="fp32").embed(arcface_squares(crops))
     gen = load_generator(weights.generator_path(None), device="cpu")
     rt = engine.resolve_runtime("cpu")
     raw0, mask0 = engine.GeneratorRunner(gen, rt).run(crops, desc)

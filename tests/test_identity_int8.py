@@ -36,20 +36,15 @@ def devtest():
     """LFW DevTest pairs (the first N_PAIRS same and N_PAIRS different of pairsDevTest.txt) as the
     pipeline sees them: generator crops aligned on SCRFD landmarks (deid's detector), their
     ArcFace squares at 112 (Pipeline._embed_squares), and the pair indices."""
-    import cv2
-
-    from deidcli.align import CROP_MARGIN, CROP_SIZE, arcface_box
+    from deidcli.align import arcface_squares
     from deidcli.train.prepare import read_pairs
 
     pairs = read_pairs(LFW / "pairsDevTest.txt")
     pairs = [p for p in pairs if p[2]][:N_PAIRS] + [p for p in pairs if not p[2]][:N_PAIRS]
     names = sorted({n for a, b, _ in pairs for n in (a, b)})
     crops = aligned_lfw_crops(names)
-    off, side = arcface_box(CROP_SIZE, CROP_MARGIN)
-    a, b = int(round(off)), int(round(off + side))
-    squares = [cv2.resize(c[a:b, a:b], (112, 112), interpolation=cv2.INTER_AREA) for c in crops]
     where = {n: i for i, n in enumerate(names)}
-    return {"crops": crops, "squares": squares, "box": (a, b),
+    return {"crops": crops, "squares": arcface_squares(crops),
             "pairs": np.array([(where[x], where[y]) for x, y, _ in pairs])}
 
 
@@ -80,7 +75,7 @@ def test_int8_agrees_with_fp32_on_lfw_devtest(fp32, auto, devtest):
     """Self-cosine > 0.97, and pair cosines within 0.06, on clean DevTest pairs and on the pairs
     the check compares: (generated face, its input face) and (generated face, fp32 descriptor)."""
     from deidcli import engine, weights
-    from deidcli.align import feather
+    from deidcli.align import arcface_squares, feather
     from deidcli.model import load_generator
 
     x, (i, j) = devtest["squares"], devtest["pairs"].T
@@ -97,10 +92,7 @@ def test_int8_agrees_with_fp32_on_lfw_devtest(fp32, auto, devtest):
     raw, mask = runner.run(crops, e32)
     m = np.stack([feather(k, runner.size) for k in mask])[..., None]
     gen = np.rint(m * raw + (1 - m) * crops).clip(0, 255).astype(np.uint8)
-    a, b = devtest["box"]
-    import cv2
-
-    g = [cv2.resize(c[a:b, a:b], (112, 112), interpolation=cv2.INTER_AREA) for c in gen]
+    g = arcface_squares(gen)
     g32, g8 = fp32.embed(g), auto.embed_check(g)
     assert np.einsum("nd,nd->n", g32, g8).min() > 0.97
     for c32, c8 in ((np.einsum("nd,nd->n", g32, e32), np.einsum("nd,nd->n", g8, e8)),  # (generated, input)
