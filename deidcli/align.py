@@ -52,6 +52,26 @@ def arcface_squares(crops, size: int = CROP_SIZE, margin: float = CROP_MARGIN) -
     return [cv2.resize(c[a:b, a:b], (112, 112), interpolation=cv2.INTER_AREA) for c in crops]
 
 
+def mouth_box(size: int = CROP_SIZE, margin: float = CROP_MARGIN, soften: int = 1) -> np.ndarray:
+    """(size, size) float32 in [0, 1]: 1 over the mouth of an aligned crop, 0 elsewhere.
+
+    The box on :func:`crop_template`: from 0.25 inter-ocular distances (IOD) left of the left mouth
+    corner to as far right of the right one, from 0.3 IOD above the mouth-corner line to 0.55 below
+    it (both lips and the gap between them over the range a talking mouth opens), box-blurred by
+    ``soften`` px (odd; zero outside the crop)."""
+    t = crop_template(size, margin)
+    iod = float(abs(t[1, 0] - t[0, 0]))
+    y_line = float(t[3:5, 1].mean())
+    x0, x1 = float(t[3, 0]) - 0.25 * iod, float(t[4, 0]) + 0.25 * iod
+    y0, y1 = y_line - 0.3 * iod, y_line + 0.55 * iod
+    m = np.zeros((size, size), np.float32)
+    m[int(round(y0)):int(round(y1)) + 1, int(round(x0)):int(round(x1)) + 1] = 1.0
+    if soften > 1:
+        p = soften // 2
+        m = cv2.blur(np.pad(m, p), (soften, soften))[p:p + size, p:p + size]
+    return m
+
+
 def estimate_transform(kps: np.ndarray, size: int = CROP_SIZE, margin: float = CROP_MARGIN) -> np.ndarray:
     """Similarity transform (2, 3) float32 from frame pixels to the aligned crop.
 

@@ -197,7 +197,8 @@ class Pipeline:
 
             gen = load_generator(ckpt, device="cpu")
             self.runner = engine.GeneratorRunner(gen, self.runtime, options.batch_size,
-                                                 colour_match=options.colour_match)
+                                                 colour_match=options.colour_match,
+                                                 first_pass_mouth=options.first_pass_mouth)
             self.embedder = engine.IdentityEmbedder(weights.model_path("rec_mobilefacenet.onnx", options.models_dir),
                                                     providers, options.check_precision if options.identity_check
                                                     else "fp32")

@@ -13,16 +13,20 @@ from deidcli import engine
 from deidcli.model import Generator
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
-def test_passes_compose_to_one_raw_and_mask(backend):
-    """k passes returned as one (raw, mask) pair equal k explicit blend-and-rerun steps."""
+@pytest.mark.parametrize("backend,first_pass_mouth", [("onnxruntime", True), ("torch", True), ("onnxruntime", False)])
+def test_passes_compose_to_one_raw_and_mask(backend, first_pass_mouth):
+    """k passes returned as one (raw, mask) pair equal k explicit blend-and-rerun steps (the later
+    passes' masks scaled by the runner's later-pass weight when it keeps the first pass's mouth)."""
     torch.manual_seed(0)
     gen = Generator({"size": 64, "margin": 0.2, "mask_bias": 0.0}).eval()
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
     desc = rng.normal(size=(6, 128)).astype(np.float32)
     desc /= np.linalg.norm(desc, axis=1, keepdims=True)
-    runner = engine.GeneratorRunner(gen, engine.resolve_runtime("cpu"), batch_size=4, backend=backend)
+    runner = engine.GeneratorRunner(gen, engine.resolve_runtime("cpu"), batch_size=4, backend=backend,
+                                    first_pass_mouth=first_pass_mouth)
+    later = runner.later[0, 0] if first_pass_mouth else np.ones((64, 64), np.float32)
+    assert later.min() == 0 and later.max() == 1 or not first_pass_mouth
 
     def blend(raw, mask, under):
         return mask[..., None] * raw + (1 - mask[..., None]) * under
@@ -32,9 +36,9 @@ def test_passes_compose_to_one_raw_and_mask(backend):
         raw, mask = runner.run(crops, desc, passes=k)
         assert raw.dtype == np.uint8 and mask.dtype == np.float32 and mask.shape == (6, 64, 64)
         x = crops.astype(np.float32)
-        for _ in range(k):  # explicit, rounding to uint8 between passes
+        for i in range(k):  # explicit, rounding to uint8 between passes
             r, m = runner.run(np.rint(x).clip(0, 255).astype(np.uint8), desc)
-            x = blend(r, m, x)
+            x = blend(r, m * (later if i else 1), x)
         got = blend(raw.astype(np.float32), mask, crops.astype(np.float32))
         # uint8 rounding between the explicit passes: a fraction of a grey level on average
         assert np.abs(got - x).mean() < 0.5 and np.abs(got - x).max() < 4
@@ -45,6 +49,42 @@ def test_passes_compose_to_one_raw_and_mask(backend):
     np.testing.assert_allclose(mixed_mask[1::2], mask2[1::2], atol=1e-6)
     with pytest.raises(ValueError):
         runner.run(crops, desc, passes=0)
+
+
+def test_later_passes_keep_the_first_pass_mouth():
+    """Shipped generator, real LFW faces: with first_pass_mouth (the default) 3 passes leave the
+    mouth box exactly as the first pass drew it and still change the eyes further; with
+    --every-pass-mouth the mouth changes too."""
+    from conftest import aligned_lfw_crops
+
+    from deidcli.align import CROP_MARGIN, CROP_SIZE, crop_template, mouth_box
+    from deidcli.identity import load_identity_net  # noqa: F401  (models present)
+    from deidcli.model import load_generator
+    from deidcli.weights import generator_path
+
+    crops = aligned_lfw_crops(["Aaron_Peirsol/Aaron_Peirsol_0001.jpg", "Gwyneth_Paltrow/Gwyneth_Paltrow_0001.jpg"])
+    rng = np.random.default_rng(1)
+    desc = rng.normal(size=(2, 128)).astype(np.float32)
+    desc /= np.linalg.norm(desc, axis=1, keepdims=True)
+    gen = load_generator(generator_path(None), device="cpu")
+    rt = engine.resolve_runtime("cpu")
+    keep = engine.GeneratorRunner(gen, rt, colour_match=False)
+    redraw = engine.GeneratorRunner(gen, rt, colour_match=False, first_pass_mouth=False)
+
+    def out(runner, k):
+        raw, mask = runner.run(crops, desc, passes=k)
+        return mask[..., None] * raw + (1 - mask[..., None]) * crops
+
+    one, kept, redrawn = out(keep, 1), out(keep, 3), out(redraw, 3)
+    core = keep.later[0, 0] == 0  # the mouth box, inside its soft edge
+    assert core.sum() > 200 and mouth_box(CROP_SIZE, CROP_MARGIN)[core].min() == 1
+    assert np.abs(kept - one)[:, core].max() < 1.0  # rounding of the composed raw to uint8
+    assert np.abs(redrawn - one)[:, core].mean() > 2.0
+    t = np.round(crop_template(CROP_SIZE, CROP_MARGIN)).astype(int)
+    eyes = np.zeros((CROP_SIZE, CROP_SIZE), bool)
+    for x, y in t[:2]:
+        eyes[y - 6:y + 7, x - 8:x + 9] = True
+    assert np.abs(kept - one)[:, eyes].mean() > 2.0
 
 
 def _report(args):

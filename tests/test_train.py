@@ -132,18 +132,19 @@ def test_landmark_net_matches_detector(cache_dir):
 
 
 def test_train_landmark_loss(tmp_path, cache_dir):
-    """weights.landmarks > 0 trains with the landmark loss and logs it (train and held-out)."""
+    """weights.landmarks (and .mouth, .structure) > 0 train with those losses and log them
+    (train and held-out)."""
     from deidcli.train.loop import train
 
     cfg = _cfg(tmp_path, cache_dir, 2)
     cfg.update(name="lm")
-    cfg["weights"] = {**cfg["weights"], "landmarks": 1.0, "mouth": 1.0}
+    cfg["weights"] = {**cfg["weights"], "landmarks": 1.0, "mouth": 1.0, "structure": 1.0}
     run = Path(train(cfg)["run_dir"])
     rec = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     tr = [r for r in rec if r["kind"] == "train"]
     ev = [r for r in rec if r["kind"] == "eval"]
-    assert len(tr) == 2 and all(np.isfinite(r[k]) and r[k] > 0 for r in tr for k in ("landmarks", "mouth"))
-    assert ev and np.isfinite(ev[-1]["landmarks"]) and ev[-1]["mouth"] > 0
+    assert len(tr) == 2 and all(np.isfinite(r[k]) and r[k] > 0 for r in tr for k in ("landmarks", "mouth", "structure"))
+    assert ev and np.isfinite(ev[-1]["landmarks"]) and ev[-1]["mouth"] > 0 and ev[-1]["structure"] > 0
 
 
 def test_mouth_loss_sees_the_mouth_only(cache_dir):
@@ -174,6 +175,45 @@ def test_mouth_loss_sees_the_mouth_only(cache_dir):
     eyes[..., ey - u:ey + u + 1, ex - u:ex + 4 * u] = 0.5
     assert float(L.mouth_l1(lips, x, w)) > 0.05
     assert float(L.mouth_l1(eyes, x, w)) == 0
+
+
+def test_structure_loss_sees_eyes_and_mouth_edges(cache_dir):
+    """weights.structure: the map covers both eyes (and brows) and the mouth, not the nose tip or
+    the cheeks; the loss is 0 on the input, and on real LFW crops it grows when the eyes are
+    smudged (blurred) but hardly when only the colour changes (a flat offset) or when a cheek
+    far from the features is painted over."""
+    import torch
+    import torch.nn.functional as F
+
+    from deidcli.align import crop_template
+    from deidcli.train import losses as L
+    from deidcli.train.prepare import load_split
+
+    d = load_split(sorted(Path(cache_dir).glob("lfw_test_*.npz"))[0])
+    S, m = int(d["size"]), float(d["margin"])
+    w = L.feature_weights(S, m)
+    assert w.shape == (1, 1, S, S) and abs(float(w.sum()) - 1) < 1e-5
+    t = np.round(crop_template(S, m)).astype(int)
+    iod = t[1, 0] - t[0, 0]
+    for x, y in t[[0, 1, 3, 4]]:  # eyes, mouth corners
+        assert w[0, 0, y, x] > 0
+    for x, y in t[:2]:  # the brows above the eyes
+        assert w[0, 0, y - iod // 3, x] > 0
+    nx, ny = t[2]
+    assert w[0, 0, ny, nx] == 0  # nose tip
+    x = torch.from_numpy(d["crops"][:8]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert float(L.structure_l1(x, x, w)) == 0
+    (ex, ey) = t[0]
+    r = iod // 3
+    smudged = x.clone()
+    smudged[..., ey - r:ey + r, ex - r:ex + r] = F.avg_pool2d(x, 7, 1, 3)[..., ey - r:ey + r, ex - r:ex + r]
+    tinted = (x + 0.2).clamp(-1, 1)
+    cheek = x.clone()
+    cheek[..., ny - 4:ny + 4, 2:14] = 0.5
+    s_smudge = float(L.structure_l1(smudged, x, w))
+    assert s_smudge > 0.02
+    assert float(L.structure_l1(tinted, x, w)) < 0.2 * s_smudge
+    assert float(L.structure_l1(cheek, x, w)) == 0
 
 
 def test_losses_basic():

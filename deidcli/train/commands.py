@@ -100,7 +100,11 @@ def train_command(config_path, name, device, steps, max_minutes, runs_dir, cache
 @click.option("--colour-match/--no-colour-match", default=True,
               help="generate: give the generated face the input's colour statistics, as `deid anonymize` does "
                    "by default (--no-colour-match: the generator's own colours).")
-def evaluate_command(weights, out_dir, methods, cache_dir, lfw_dir, models_dir, device, limit, judges, colour_match):
+@click.option("--first-pass-mouth/--every-pass-mouth", default=True,
+              help="generate:K: passes after the first leave the mouth as the first drew it, as `deid "
+                   "anonymize` does by default (--every-pass-mouth: every pass redraws it).")
+def evaluate_command(weights, out_dir, methods, cache_dir, lfw_dir, models_dir, device, limit, judges, colour_match,
+                     first_pass_mouth):
     """Measure identity removal and what is kept on LFW DevTest; JSON on stdout."""
     _logging()
     from ..evaluate import _method_passes, evaluate
@@ -116,7 +120,8 @@ def evaluate_command(weights, out_dir, methods, cache_dir, lfw_dir, models_dir, 
     try:
         report = evaluate(weights=weights, out_dir=out_dir, methods=methods,
                           cache_dir=cache_dir, lfw_dir=lfw_dir, models_dir=models_dir, device=device,
-                          limit=limit, judges=judges, colour_match=colour_match)
+                          limit=limit, judges=judges, colour_match=colour_match,
+                          first_pass_mouth=first_pass_mouth)
     except JudgeUnavailable as e:
         click.echo(f"deid: ERROR: {e}", err=True)
         sys.exit(e.exit_code)

@@ -67,6 +67,8 @@ DEFAULTS: dict[str, Any] = {
         # output vs the input, in inter-ocular distances (what `deid evaluate` reports)
         "mouth": 0.0,  # L.mouth_l1: pixels and gradients of the blended output's mouth box vs
         # the input's (lip motion; `deid evaluate-video` lips r)
+        "structure": 0.0,  # L.structure_l1: luminance edges of the raw output's eyes, brows and
+        # mouth vs the input's (open eyes, the lip gap), on the raw so the mask cannot dodge it
     },
     "attractor_levels": ["stem", "dw", "b4"],
     "attractor_level_weights": None,
@@ -247,6 +249,7 @@ def train(config: Mapping[str, Any]) -> dict:
     w = cfg["weights"]
     levels = cfg["attractor_levels"]
     mouth_w = L.mouth_weights(gcfg.size, gcfg.margin).to(device)
+    feat_w = L.feature_weights(gcfg.size, gcfg.margin).to(device)
     eval_idx = np.random.default_rng(1234).choice(held.n, size=min(cfg["eval_size"], held.n),
                                                   replace=False)
     eval_x = held.images(eval_idx)
@@ -300,6 +303,7 @@ def train(config: Mapping[str, Any]) -> dict:
         if kpnet is not None:
             ev["landmarks"] = float(LM.landmark_loss(kpnet, out, eval_x))
         ev["mouth"] = float(L.mouth_l1(out, eval_x, mouth_w))
+        ev["structure"] = float(L.structure_l1(raw, eval_x, feat_w))
         return ev, (raw, mask, out)
 
     last_metrics: dict = {}
@@ -350,6 +354,8 @@ def train(config: Mapping[str, Any]) -> dict:
             terms["landmarks"] = LM.landmark_loss(kpnet, out, x)
         if w.get("mouth", 0) > 0:
             terms["mouth"] = L.mouth_l1(out, x, mouth_w)
+        if w.get("structure", 0) > 0:
+            terms["structure"] = L.structure_l1(raw, x, feat_w)
         if use_adv:
             for p in D.parameters():
                 p.requires_grad_(False)

@@ -96,22 +96,11 @@ def colour_l1(raw: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, cells: i
 def mouth_weights(size: int, margin: float, soften: int = 5) -> torch.Tensor:
     """(1, 1, size, size) float32 weight map of the mouth of an aligned crop, summing to 1.
 
-    The box of deid's 5-point crop template (align.crop_template): from 0.25 inter-ocular
-    distances (IOD) left of the left mouth corner to as far right of the right one, from 0.3 IOD
-    above the mouth-corner line to 0.55 below it (both lips and the gap between them, over the
-    range a talking mouth opens), box-blurred by ``soften`` px so the small warps of
-    :func:`augment` move weight, not an edge."""
-    from ..align import crop_template
+    The box of :func:`deidcli.align.mouth_box`, box-blurred by ``soften`` px so the small warps
+    of :func:`augment` move weight, not an edge."""
+    from ..align import mouth_box
 
-    t = crop_template(size, margin)
-    iod = float(abs(t[1, 0] - t[0, 0]))
-    y_line = float(t[3:5, 1].mean())
-    x0, x1 = float(t[3, 0]) - 0.25 * iod, float(t[4, 0]) + 0.25 * iod
-    y0, y1 = y_line - 0.3 * iod, y_line + 0.55 * iod
-    m = torch.zeros(1, 1, size, size)
-    m[..., int(round(y0)):int(round(y1)) + 1, int(round(x0)):int(round(x1)) + 1] = 1.0
-    if soften > 1:
-        m = F.avg_pool2d(F.pad(m, (soften // 2,) * 4), soften, stride=1)
+    m = torch.from_numpy(mouth_box(size, margin, soften))[None, None]
     return m / m.sum()
 
 
@@ -128,6 +117,51 @@ def mouth_l1(out: torch.Tensor, ref: torch.Tensor, weights: torch.Tensor) -> tor
     gx = ((ox - rx).abs() * w[..., :, 1:]).sum((2, 3)).mean()
     gy = ((oy - ry).abs() * w[..., 1:, :]).sum((2, 3)).mean()
     return pix + gx + gy
+
+
+def feature_weights(size: int, margin: float, soften: int = 5) -> torch.Tensor:
+    """(1, 1, size, size) float32 weight map of the eyes, brows and mouth of an aligned crop,
+    summing to 1 (each of the three regions a third).
+
+    Boxes on deid's 5-point crop template (align.crop_template), in inter-ocular distances (IOD):
+    each eye +-0.35 IOD across, from 0.5 above its centre (the brow) to 0.2 below (the lower lid);
+    the mouth as :func:`mouth_weights`. Box-blurred by ``soften`` px."""
+    from ..align import crop_template
+
+    t = crop_template(size, margin)
+    iod = float(abs(t[1, 0] - t[0, 0]))
+    m = torch.zeros(2, 1, size, size)
+    for i, (x, y) in enumerate(t[:2]):
+        x, y = float(x), float(y)
+        m[i, :, int(round(y - 0.5 * iod)):int(round(y + 0.2 * iod)) + 1,
+          int(round(x - 0.35 * iod)):int(round(x + 0.35 * iod)) + 1] = 1.0
+    if soften > 1:
+        m = F.avg_pool2d(F.pad(m, (soften // 2,) * 4), soften, stride=1)
+    m = m / m.sum((2, 3), keepdim=True)
+    return (m.sum(0, keepdim=True) + mouth_weights(size, margin, soften)) / 3.0
+
+
+def structure_l1(raw: torch.Tensor, ref: torch.Tensor, weights: torch.Tensor, pool: int = 2) -> torch.Tensor:
+    """Feature-structure loss: the ``weights``-weighted (:func:`feature_weights`) L1 between the
+    image gradients of the luminance of the raw output and of the input, both average-pooled by
+    ``pool`` (edges of lids, pupils, brows and the lip gap, not skin texture or colour), summed
+    over the map, mean over the batch.
+
+    On the raw output, not the blend, so it cannot be met by closing the mask (which is what the
+    generator did with :func:`mouth_l1`): the generated face itself has to keep open eyes and the
+    mouth's opening, where the repeller alone learnt to smudge them."""
+    lum = torch.tensor([0.299, 0.587, 0.114], dtype=raw.dtype, device=raw.device).view(1, 3, 1, 1)
+    a = (raw * lum).sum(1, keepdim=True)
+    b = (ref * lum).sum(1, keepdim=True)
+    w = weights.to(raw.dtype)
+    if pool > 1:
+        a, b = F.avg_pool2d(a, pool), F.avg_pool2d(b, pool)
+        w = F.avg_pool2d(w, pool) * pool * pool
+    ax, ay = image_gradients(a)
+    bx, by = image_gradients(b)
+    gx = ((ax - bx).abs() * w[..., :, 1:]).sum((2, 3)).mean()
+    gy = ((ay - by).abs() * w[..., 1:, :]).sum((2, 3)).mean()
+    return gx + gy
 
 
 def total_variation(m: torch.Tensor) -> torch.Tensor:
