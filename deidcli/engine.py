@@ -95,7 +95,6 @@ class GeneratorRunner:
         import torch
 
         self.colour_match = colour_match
-        self.first_pass_mouth = first_pass_mouth
         self.torch = torch
         self.device = torch.device(runtime.device)
         self.dtype = torch.float16 if runtime.dtype == "float16" else torch.float32
@@ -116,6 +115,8 @@ class GeneratorRunner:
             self.generator = None
         else:
             self.generator = generator.to(self.device, self.dtype).eval()
+            if self.later is not None:  # on the device once, not per batch
+                self.later = torch.from_numpy(self.later).to(self.device)
             if self.device.type == "cpu":
                 torch.set_num_threads(stage_threads("DEID_TORCH_THREADS"))
 
@@ -166,9 +167,8 @@ class GeneratorRunner:
             d = torch.from_numpy(np.ascontiguousarray(desc)).to(self.device, self.dtype)
             raw, mask = self.generator(x, d)
             if passes > 1:
-                later = None if self.later is None else torch.from_numpy(self.later).to(self.device)
                 raw, mask = _compose_passes(x.float(), raw.float(), mask.float().clamp(0, 1), passes - 1,
-                                            lambda y: self.generator(y.to(self.dtype), d), torch, later)
+                                            lambda y: self.generator(y.to(self.dtype), d), torch, self.later)
             raw = raw.float().add_(1.0).mul_(127.5).clamp_(0, 255).round_().to(torch.uint8)
             return raw.permute(0, 2, 3, 1).cpu().numpy(), mask.float()[:, 0].clamp_(0, 1).cpu().numpy()
 
