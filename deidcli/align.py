@@ -62,10 +62,26 @@ def mouth_box(size: int = CROP_SIZE, margin: float = CROP_MARGIN, soften: int = 
     t = crop_template(size, margin)
     iod = float(abs(t[1, 0] - t[0, 0]))
     y_line = float(t[3:5, 1].mean())
-    x0, x1 = float(t[3, 0]) - 0.25 * iod, float(t[4, 0]) + 0.25 * iod
-    y0, y1 = y_line - 0.3 * iod, y_line + 0.55 * iod
+    return soft_box(size, (float(t[3, 0]) - 0.25 * iod, y_line - 0.3 * iod,
+                           float(t[4, 0]) + 0.25 * iod, y_line + 0.55 * iod), soften)
+
+
+def eye_boxes(size: int = CROP_SIZE, margin: float = CROP_MARGIN, soften: int = 1) -> np.ndarray:
+    """(2, size, size) float32 in [0, 1]: 1 over each eye of an aligned crop with its brow (the
+    :func:`crop_template` eye +-0.35 inter-ocular distances across, from 0.5 above its centre to
+    0.2 below), box-blurred by ``soften`` px."""
+    t = crop_template(size, margin)
+    iod = float(abs(t[1, 0] - t[0, 0]))
+    return np.stack([soft_box(size, (float(x) - 0.35 * iod, float(y) - 0.5 * iod,
+                                     float(x) + 0.35 * iod, float(y) + 0.2 * iod), soften) for x, y in t[:2]])
+
+
+def soft_box(size: int, box, soften: int = 1) -> np.ndarray:
+    """(size, size) float32: 1 inside ``box`` (x0, y0, x1, y1 in crop pixels, rounded, inclusive),
+    0 outside, box-blurred by ``soften`` px (odd; zero beyond the crop)."""
+    x0, y0, x1, y1 = (int(round(v)) for v in box)
     m = np.zeros((size, size), np.float32)
-    m[int(round(y0)):int(round(y1)) + 1, int(round(x0)):int(round(x1)) + 1] = 1.0
+    m[y0:y1 + 1, x0:x1 + 1] = 1.0
     if soften > 1:
         p = soften // 2
         m = cv2.blur(np.pad(m, p), (soften, soften))[p:p + size, p:p + size]

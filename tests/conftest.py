@@ -135,4 +135,3 @@ def aligned_lfw_crops(names):
 
 
 __all__ = ["SHARED", "VIDEOS", "MODELS", "LFW", "cut_clip", "frame_pts", "frame_times", "audio_packets", "decode_rgb", "aligned_lfw_crops", "Fraction"]
-

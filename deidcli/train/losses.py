@@ -123,20 +123,11 @@ def feature_weights(size: int, margin: float, soften: int = 5) -> torch.Tensor:
     """(1, 1, size, size) float32 weight map of the eyes, brows and mouth of an aligned crop,
     summing to 1 (each of the three regions a third).
 
-    Boxes on deid's 5-point crop template (align.crop_template), in inter-ocular distances (IOD):
-    each eye +-0.35 IOD across, from 0.5 above its centre (the brow) to 0.2 below (the lower lid);
-    the mouth as :func:`mouth_weights`. Box-blurred by ``soften`` px."""
-    from ..align import crop_template
+    The eyes with their brows of :func:`deidcli.align.eye_boxes` and the mouth of
+    :func:`mouth_weights`, box-blurred by ``soften`` px."""
+    from ..align import eye_boxes
 
-    t = crop_template(size, margin)
-    iod = float(abs(t[1, 0] - t[0, 0]))
-    m = torch.zeros(2, 1, size, size)
-    for i, (x, y) in enumerate(t[:2]):
-        x, y = float(x), float(y)
-        m[i, :, int(round(y - 0.5 * iod)):int(round(y + 0.2 * iod)) + 1,
-          int(round(x - 0.35 * iod)):int(round(x + 0.35 * iod)) + 1] = 1.0
-    if soften > 1:
-        m = F.avg_pool2d(F.pad(m, (soften // 2,) * 4), soften, stride=1)
+    m = torch.from_numpy(eye_boxes(size, margin, soften))[:, None]
     m = m / m.sum((2, 3), keepdim=True)
     return (m.sum(0, keepdim=True) + mouth_weights(size, margin, soften)) / 3.0
 
