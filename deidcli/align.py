@@ -76,6 +76,19 @@ def eye_boxes(size: int = CROP_SIZE, margin: float = CROP_MARGIN, soften: int = 
                                      float(x) + 0.35 * iod, float(y) + 0.2 * iod), soften) for x, y in t[:2]])
 
 
+def eye_band(size: int = CROP_SIZE, margin: float = CROP_MARGIN) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1), end-exclusive crop pixels: the band over both eyes and brows of an aligned
+    crop (:func:`crop_template` eyes, 0.6 inter-ocular distances (IOD) beyond each, from 0.65 IOD
+    above the eye line to 0.45 below), twice as wide as high, sides a multiple of 8 px. 64 x 32 at
+    128, 128 x 64 at 256: what the training's eye discriminator looks at."""
+    t = crop_template(size, margin)
+    iod = float(abs(t[1, 0] - t[0, 0]))
+    cx, cy = float(t[:2, 0].mean()), float(t[:2, 1].mean()) - 0.1 * iod
+    w = max(8, int(round((float(abs(t[1, 0] - t[0, 0])) + 1.2 * iod) / 8)) * 8)
+    x0, y0 = int(round(cx - w / 2)), int(round(cy - w / 4))
+    return x0, y0, x0 + w, y0 + w // 2
+
+
 def soft_box(size: int, box, soften: int = 1) -> np.ndarray:
     """(size, size) float32: 1 inside ``box`` (x0, y0, x1, y1 in crop pixels, rounded, inclusive),
     0 outside, box-blurred by ``soften`` px (odd; zero beyond the crop)."""
@@ -179,9 +192,16 @@ def match_colour(raw: np.ndarray, crop: np.ndarray, mask: np.ndarray, min_weight
     return cv2.cvtColor(cv2.LUT(lab_raw, lut), cv2.COLOR_LAB2RGB)
 
 
-def paste(image: np.ndarray, crop: np.ndarray, mask: np.ndarray, M: np.ndarray) -> tuple[int, int, int, int] | None:
+def paste(image: np.ndarray, crop: np.ndarray, mask: np.ndarray, M: np.ndarray,
+          detail: int = 0) -> tuple[int, int, int, int] | None:
     """Blend ``crop`` (S, S, 3) uint8 into ``image`` (H, W, 3) uint8 in place, weighted by ``mask``
     (S, S) float32 in [0, 1] (already feathered), through the inverse of ``M``.
+
+    With ``detail`` D > 0, what is warped and added is the crop's *change*: crop and mask resized
+    to D x D, minus the image's own D x D crop under the same alignment. The frame keeps what it
+    holds finer than that D px crop (skin, lashes, glasses, lip edges of a face larger than S px,
+    which the plain paste replaces with the upscaled, softer crop); coarser than that, the result
+    is the plain paste's. A face smaller than D px in the frame gets (nearly) the plain paste.
 
     Only pixels where the warped mask is > 0 change. Returns the touched rectangle
     (x0, y0, x1, y1) in frame pixels, or None if the crop falls outside the frame.
@@ -189,6 +209,14 @@ def paste(image: np.ndarray, crop: np.ndarray, mask: np.ndarray, M: np.ndarray) 
     size = crop.shape[0]
     assert crop.shape == (size, size, 3) and crop.dtype == np.uint8, (crop.shape, crop.dtype)
     assert mask.shape == (size, size), mask.shape
+    mask = mask.astype(np.float32, copy=False)
+    if detail:
+        k = detail / size  # crop pixel x -> (x + 0.5) * k - 0.5, as cv2.resize samples
+        crop = cv2.resize(crop, (detail, detail), interpolation=cv2.INTER_LINEAR)
+        mask = cv2.resize(mask, (detail, detail), interpolation=cv2.INTER_LINEAR)
+        M = M.astype(np.float64) * k
+        M[:, 2] += 0.5 * (k - 1)
+        size = detail
     box = crop_box(M, size, image.shape)
     if box is None:
         return None
@@ -198,12 +226,37 @@ def paste(image: np.ndarray, crop: np.ndarray, mask: np.ndarray, M: np.ndarray) 
     Mroi[:, 2] += Mroi[:, 0] * x0 + Mroi[:, 1] * y0
     roi_size = (x1 - x0, y1 - y0)
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-    w_crop = cv2.warpAffine(crop, Mroi, roi_size, flags=flags, borderMode=cv2.BORDER_REPLICATE)
-    w_mask = cv2.warpAffine(mask.astype(np.float32), Mroi, roi_size, flags=flags,
-                            borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     roi = image[y0:y1, x0:x1]
+    if detail:
+        # the image's own crop (warp_crop of the ROI, which holds every pixel the crop samples),
+        # then roi + a * (crop - base), i.e. (1 - a) * roi + a * (roi + crop - base): the change
+        # is weighted by the mask at crop resolution and then warped (one float warp, not two),
+        # and added with rounding and saturation in one OpenCV pass
+        base = cv2.warpAffine(roi, Mroi, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        delta = cv2.subtract(crop, base, dtype=cv2.CV_32F) * mask[..., None]
+        w_delta = cv2.warpAffine(delta, Mroi, roi_size, flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        np.copyto(roi, cv2.add(roi, w_delta, dtype=cv2.CV_8U))
+        return box
+    w_crop = cv2.warpAffine(crop, Mroi, roi_size, flags=flags, borderMode=cv2.BORDER_REPLICATE)
+    w_mask = cv2.warpAffine(mask, Mroi, roi_size, flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     # (1 - a) * roi + a * crop, rounded, in one OpenCV pass (9x faster than numpy in float32 on a
     # 448x448 ROI); where a == 0 the weights are (1, 0), and the division by their sum (+1e-5)
     # moves no value by half a grey level, so those pixels keep their exact value.
     np.copyto(roi, cv2.blendLinear(roi, w_crop, 1.0 - w_mask, w_mask))
     return box
+
+
+def pasted_arcface(image: np.ndarray, crop: np.ndarray, mask: np.ndarray, M: np.ndarray, kps: np.ndarray,
+                   detail: int = 0) -> np.ndarray:
+    """The ArcFace 112 crop (:func:`arcface_crop` at ``kps``) of ``image`` as :func:`paste` with
+    the same arguments would leave it, ``image`` untouched (the paste goes into a copy of the
+    region): what an identity network looking at the output frame will see of the face."""
+    box = crop_box(M, crop.shape[0], image.shape)
+    if box is None:
+        return arcface_crop(image, kps)
+    x0, y0, x1, y1 = box
+    sub = image[y0:y1, x0:x1].copy()
+    Msub = M.astype(np.float64).copy()
+    Msub[:, 2] += Msub[:, 0] * x0 + Msub[:, 1] * y0
+    paste(sub, crop, mask, Msub, detail)
+    return arcface_crop(sub, np.asarray(kps, np.float32) - np.array([x0, y0], np.float32))

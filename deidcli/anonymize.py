@@ -32,6 +32,14 @@ log = logging.getLogger(__name__)
 MAX_PENDING_FRAMES = 64
 #: Faces of a new track averaged into its fixed identity descriptor.
 DESCRIPTOR_FACES = 5
+#: --keep-detail pastes the generated face's change at this many times the generator's crop size
+#: (256 px for the 128 px generator): the frame keeps only what is finer than that. The ArcFace
+#: square an identity network sees at 112 px spans 183 px of a 256 crop, so what is kept lies
+#: above what such a network resolves. Measured on sadtalker_WDA and lp_d13, one pass, identity
+#: network on the frame's ArcFace crop: keeping everything finer than the 128 crop raised the
+#: mean cosine to the person by 0.09 and 0.06; at 256, by 0.03 and 0.02, with 87% and 99% of
+#: the input's fine detail (mean |Laplacian|) where the mask is full (plain paste: 31% and 26%).
+DETAIL_SCALE = 2
 
 
 def new_check_stats() -> dict:
@@ -191,6 +199,7 @@ class Pipeline:
                                  precision=d.precision)
         self.runner = None
         self.embedder = None
+        self.detail = 0  # align.paste(detail=): DETAIL_SCALE x the generator's crop with --keep-detail
         if options.method == "generate":
             ckpt = weights.generator_path(options.weights)  # clear ModelError before importing torch models
             from .model import load_generator
@@ -199,6 +208,7 @@ class Pipeline:
             self.runner = engine.GeneratorRunner(gen, self.runtime, options.batch_size,
                                                  colour_match=options.colour_match,
                                                  first_pass_mouth=options.first_pass_mouth)
+            self.detail = DETAIL_SCALE * self.runner.size if options.keep_detail else 0
             self.embedder = engine.IdentityEmbedder(weights.model_path("rec_mobilefacenet.onnx", options.models_dir),
                                                     providers, options.check_precision if options.identity_check
                                                     else "fp32")
@@ -270,13 +280,13 @@ class Pipeline:
             return rects
         fallback = np.zeros(len(gen.jobs), bool)
         if o.identity_check:
-            fallback = self._check_identity(gen, passes, stats, stages)
+            fallback = self._check_identity(gen, passes, stats, stages, items)
         with stages("blend"):
             for j, ((i, M, f), r, m) in enumerate(zip(gen.jobs, gen.raw, gen.masks)):
                 if fallback[j]:
                     rects[i].extend(apply_classic(items[i][0], [f], "blur", o.margin))
                     continue
-                box = paste(items[i][0], r, m, M)
+                box = paste(items[i][0], r, m, M, self.detail)
                 if box is not None:
                     rects[i].append(box)
         return rects
@@ -285,9 +295,11 @@ class Pipeline:
         """Per-file pass counts: ``--passes``, raised by the identity check for ``--pass-hold`` faces."""
         return PassLevels(self.options.passes, self.options.pass_hold)
 
-    def _check_identity(self, gen: "_Generated", passes: PassLevels, stats: dict, stages: Stages) -> np.ndarray:
+    def _check_identity(self, gen: "_Generated", passes: PassLevels, stats: dict, stages: Stages,
+                        items: Sequence[tuple[np.ndarray, Sequence]]) -> np.ndarray:
         """The identity check (``--identity-check``): embed every generated face as it will be
-        pasted (feathered mask) and compare it with its track's descriptor and with the input face
+        pasted (feathered mask; with ``--keep-detail``, the ArcFace crop of the frame as the paste
+        will leave it, align.pasted_arcface, since the frame's own finer detail stays) and compare it with its track's descriptor and with the input face
         of the same frame (a pose far from the track's first faces can be closer to the input than
         to the descriptor). A face whose higher cosine is >= ``check_thresh`` is generated again
         with one more pass, up to ``max_passes``, and its track keeps the higher count for the next
@@ -314,11 +326,24 @@ class Pipeline:
                 masks[j] = feather(mj, S)
                 raw[j] = rj
         todo = np.arange(len(crops))
-        with stages("identity"):
-            own = self._embed_squares(crops)
+        if self.detail:
+            from .align import arcface_crop, pasted_arcface
+
+            frames = [items[i][0] for i, _, _ in gen.jobs]
+
+            def seen(idx):  # as the output frame will show them
+                return self.embedder.embed_check([pasted_arcface(frames[j], raw[j], masks[j], gen.jobs[j][1],
+                                                                 gen.jobs[j][2].kps, self.detail) for j in idx])
+            with stages("identity"):
+                own = self.embedder.embed_check([arcface_crop(frames[j], gen.jobs[j][2].kps) for j in todo])
+        else:
+            def seen(idx):
+                return self._embed_squares(_blend_crops(crops[idx], raw[idx], [masks[j] for j in idx]))
+            with stages("identity"):
+                own = self._embed_squares(crops)
         while len(todo):
             with stages("identity"):
-                emb = self._embed_squares(_blend_crops(crops[todo], raw[todo], [masks[j] for j in todo]))
+                emb = seen(todo)
                 cos = np.maximum(np.einsum("nd,nd->n", emb, desc[todo]), np.einsum("nd,nd->n", emb, own[todo]))
             stats["checked"] += len(todo)
             stats["cos_max"] = max(stats["cos_max"], float(cos.max()))

@@ -433,6 +433,7 @@ class _Track:
     embvar_out: list = field(default_factory=list)
     lm_disp: list = field(default_factory=list)  # % IOD, faces whose output was detected
     lm_checked: int = 0  # faces with a raw input detection
+    judge_dist: list = field(default_factory=list)  # --judge: input-output descriptor distances
     max_score: float = 0.0  # best detector score of the track
     prev: Any = None  # (index, in112 float32, out112 float32, e_in, e_out)
 
@@ -470,7 +471,19 @@ class _Track:
             "lips_in_std": lsd,
             "lips_out_std": float(np.std(self.lips_out)) if self.lips_out else None,
             "lips_corr": lcorr,
+            **_judge_summary(self.judge_dist),
         }
+
+
+def _judge_summary(dist: list) -> dict:
+    """``--judge`` figures of a list of input-output descriptor distances (empty: no keys)."""
+    if not dist:
+        return {}
+    from .judges import DLIB_SAME_DISTANCE
+
+    d = np.asarray(dist)
+    return {"judge_faces": len(d), "judge_dist_mean": float(d.mean()), "judge_dist_min": float(d.min()),
+            "judge_same_frac": float(np.mean(d < DLIB_SAME_DISTANCE))}
 
 
 # --------------------------------------------------------------------------------------
@@ -505,11 +518,17 @@ def _best_iou(box: np.ndarray, boxes: np.ndarray) -> Optional[int]:
 def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir: Optional[os.PathLike] = None,
                    det_thresh: float = 0.5, min_face: int = 0, verify_threshold: Optional[float] = None,
                    strip_png: Optional[os.PathLike] = None, det_size: int = 640,
-                   audit_thresh: float = AUDIT_THRESH) -> dict:
+                   audit_thresh: float = AUDIT_THRESH, judge: Any = None, judge_every: int = 5) -> dict:
     """Measure exposure, identity, temporal stability and perception of ``output_path`` against
     ``input_path`` (see the module docstring). Returns a JSON-serialisable dict; writes a PNG
     strip (input frames above, output below, then the ArcFace crops of their first face) to
     ``strip_png`` when given. Raises InputError when a file is unreadable or the frame counts differ.
+
+    ``judge`` ("dlib", or a judge loaded by deidcli.judges.load_judge): identity also measured by a recognition network deid was
+    not trained with, on every ``judge_every``-th frame's detected (not interpolated) faces: the
+    distance between its descriptors of the input and the output face, each aligned by the judge
+    itself from the full frame at the input's face box, and the fraction below its same-person
+    distance (dlib: 0.6). Raises JudgeUnavailable (exit 3) when the judge is not installed.
     """
     from . import video
     from .align import arcface_crop
@@ -524,6 +543,11 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
     if (info_in.width, info_in.height) != (info_out.width, info_out.height):
         raise InputError(f"{output_path.name}: {info_out.width}x{info_out.height}, but the input is "
                          f"{info_in.width}x{info_in.height}")
+    judge_net = judge
+    if isinstance(judge, str):
+        from .judges import load_judge
+
+        judge_net = load_judge(judge)
     models = _Models(models_dir, det_thresh, audit_thresh, det_size, min_face)
     fps = float(info_in.average_rate) if info_in.average_rate else None
     tracker = Tracker(TrackOptions(), fps=fps)
@@ -569,6 +593,8 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
         if f["lips_in"] is not None:
             tr.lips_in.append(f["lips_in"])
             tr.lips_out.append(f["lips_out"])
+        if f["judge"] is not None:
+            tr.judge_dist.append(f["judge"])
         if f["lm"] is not None:
             tr.lm_checked += 1
             if f["lm"] >= 0:
@@ -595,6 +621,10 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
             ref[k] = prof
         return jaw_drop(prof, ref[k])
 
+    def judged(img_in: np.ndarray, img_out: np.ndarray, box: np.ndarray) -> float:
+        a, b = (judge_net.describe_boxes(x, [box])[0] for x in (img_in, img_out))
+        return float(np.linalg.norm(a - b))
+
     def finalize(final):
         for idx, faces in final:
             i, img_in, img_out, dets_in, dets_out = pending.popleft()
@@ -618,6 +648,8 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
                     "mouth_in": mouth(face, img_in, 0), "mouth_out": mouth(face, img_out, 1),
                     "lips_in": lips(img_in, face.kps) if lips else None,
                     "lips_out": lips(img_out, face.kps) if lips else None,
+                    "judge": judged(img_in, img_out, face.box) if (judge_net and not face.interpolated
+                                                                   and i % judge_every == 0) else None,
                 })
                 boxes.append((face.track_id, face.box))
             if i in strip_at:
@@ -699,6 +731,7 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
         "landmark_found_frac": (len(lm) / lm_checked) if lm_checked else None,
         "mouth_corr": mouth_corr,
         "lips_corr": lips_corr,
+        **_judge_summary(allv("judge_dist")),
         "per_track": per_track,
         "settings": {
             "verify_threshold": thr, "unchanged_mad": UNCHANGED_MAD, "det_thresh": det_thresh,
@@ -706,6 +739,7 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
             "det_size": det_size, "min_face": min_face, "match_iou": MATCH_IOU,
             "detector": "det_scrfd_2.5g_kps.onnx", "identity": "rec_mobilefacenet.onnx",
             "lips": "dlib shape_predictor_68_face_landmarks" if lips else None,
+            "judge": judge_net.name if judge_net else None, "judge_every": judge_every if judge_net else None,
         },
         "max_time_offset_s": max_dt,
         "seconds": round(time.time() - t_start, 2),
@@ -838,6 +872,15 @@ def to_markdown(results) -> str:
                 _f(t["landmark_disp_iod_pct"], ".1f"), _f(t["mouth_in_std"], ".3f"), _f(t["mouth_corr"], ".2f"),
                 _f(t.get("lips_in_std"), ".3f"), _f(t.get("lips_corr"), ".2f"),
             ]) + " |")
+    judged = [(r, t) for r in results for t in r["per_track"] if t.get("judge_faces")]
+    if judged:
+        from .judges import DLIB_SAME_DISTANCE
+
+        name = judged[0][0]["settings"].get("judge")
+        out += ["", f"| clip | track | faces judged | {name} distance mean | min | same person (< {DLIB_SAME_DISTANCE:g}) |",
+                "|---|---|---|---|---|---|"]
+        out += [f"| {Path(r['input']).name} | {t['track']} | {t['judge_faces']} | {t['judge_dist_mean']:.3f} | "
+                f"{t['judge_dist_min']:.3f} | {t['judge_same_frac']:.3f} |" for r, t in judged]
     thr = results[0]["settings"]["verify_threshold"] if results else VERIFY_THRESHOLD
     out += ["", f"Exposed: output face verified as the input person (cosine >= {thr:.4f}, FAR 0.1% on LFW) "
                 f"or unchanged (ArcFace crop MAD < {UNCHANGED_MAD:g}). Flicker: mean |crop(t) - crop(t-1)| "
@@ -871,10 +914,16 @@ def to_markdown(results) -> str:
               help=f"Identity cosine threshold [default: {VERIFY_THRESHOLD}, FAR 0.1% on LFW].")
 @click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder searched first for model files.")
+@click.option("--judge", type=click.Choice(["dlib"]), default=None,
+              help="Also measure identity with a recognition network deid was not trained with (dlib's "
+                   "ResNet, pip install 'deid[judge]'): input-output descriptor distance per face, and "
+                   "the fraction it calls the same person (< 0.6).")
+@click.option("--judge-every", type=click.IntRange(min=1), default=5,
+              help="--judge: every Nth frame's faces (about 25 ms a face on one core).")
 @click.option("--fail-on-exposure", is_flag=True, help="Exit 1 when any face is exposed.")
 @click.option("-q", "--quiet", is_flag=True, help="No markdown table on stderr.")
 def evaluate_video_command(paths, json_path, md_path, strip_path, min_face, det_thresh, audit_thresh, det_size,
-                           verify_threshold, models_dir, fail_on_exposure, quiet):
+                           verify_threshold, models_dir, judge, judge_every, fail_on_exposure, quiet):
     """Compare anonymized videos with their inputs: PATHS are INPUT OUTPUT [INPUT OUTPUT ...].
 
     Prints one JSON report on stdout ({"clips": [...]}) and the markdown tables on stderr.
@@ -885,6 +934,15 @@ def evaluate_video_command(paths, json_path, md_path, strip_path, min_face, det_
     if len(paths) % 2:
         raise click.UsageError("PATHS must be pairs: INPUT OUTPUT [INPUT OUTPUT ...]")
     pairs = [(paths[i], paths[i + 1]) for i in range(0, len(paths), 2)]
+    judge_net = None
+    if judge:
+        from .judges import load_judge
+
+        try:
+            judge_net = load_judge(judge)  # once for all pairs; not installed: exit 3 before any work
+        except DeidError as e:
+            click.echo(f"deid: error: {e}", err=True)
+            sys.exit(e.exit_code)
     results, failed, code = [], [], 0
     for src, dst in pairs:
         strip = None
@@ -893,7 +951,7 @@ def evaluate_video_command(paths, json_path, md_path, strip_path, min_face, det_
         try:
             results.append(evaluate_video(src, dst, models_dir=models_dir, det_thresh=det_thresh, min_face=min_face,
                                           verify_threshold=verify_threshold, strip_png=strip, det_size=det_size,
-                                          audit_thresh=audit_thresh))
+                                          audit_thresh=audit_thresh, judge=judge_net, judge_every=judge_every))
         except DeidError as e:
             click.echo(f"deid: error: {src} vs {dst}: {e}", err=True)
             failed.append({"input": str(src), "output": str(dst), "error": str(e)})

@@ -213,6 +213,35 @@ def test_spliced_frames_are_reported_exactly(two, blurred, tmp_path):
     assert img is not None and img.shape[1] == STRIP_WIDTH and img.shape[0] > 300
 
 
+def test_judge_sees_the_spliced_frames(two, blurred, tmp_path):
+    """--judge dlib (a recognition network deid was not trained with), every frame: on the blurred
+    clip with frames 5..7 left as they were, dlib calls exactly those 3 faces of each track the
+    same person (distance < 0.6) and the blurred ones not; every 4th frame of the clip against
+    itself: all the same person. Through the command line, the markdown has the judge's table."""
+    pytest.importorskip("dlib", reason="judge extra not installed (pip install 'deid[judge]')")
+    from click.testing import CliRunner
+
+    from deidcli.evaluate_video import evaluate_video, evaluate_video_command
+
+    src, out = decode_rgb(two), decode_rgb(blurred)
+    spliced = write_video(tmp_path / "spliced.mp4", [src[i] if i in (5, 6, 7) else out[i] for i in range(len(src))],
+                          rate_of(two))
+    md = tmp_path / "r.md"
+    res = CliRunner().invoke(evaluate_video_command, [str(two), str(spliced), "--judge", "dlib", "--judge-every", "1",
+                                                      "--markdown", str(md), "-q"])
+    assert res.exit_code == 0, res.output
+    (r,) = json.loads(res.stdout)["clips"]
+    n = r["frames"]
+    assert r["settings"]["judge"] == "dlib" and r["judge_faces"] == 2 * n
+    for t in r["per_track"]:
+        assert t["judge_faces"] == n and t["judge_same_frac"] == pytest.approx(3 / n), t
+        assert t["judge_dist_min"] < 0.3 and t["judge_dist_mean"] > 0.5
+    assert "dlib distance mean" in md.read_text()
+    same = evaluate_video(two, two, judge="dlib", judge_every=4)
+    assert same["judge_faces"] == 2 * len(range(0, same["frames"], 4)) and same["judge_same_frac"] == 1.0
+    assert "judge_faces" not in evaluate_video(two, two)  # not asked for: not measured
+
+
 def test_frame_count_mismatch_is_an_input_error(shared, tmp_path):
     from deidcli.errors import InputError
     from deidcli.evaluate_video import evaluate_video

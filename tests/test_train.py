@@ -132,18 +132,22 @@ def test_landmark_net_matches_detector(cache_dir):
 
 
 def test_train_landmark_loss(tmp_path, cache_dir):
-    """weights.landmarks (and .mouth, .structure) > 0 train with those losses and log them
-    (train and held-out)."""
+    """weights.landmarks (and .mouth, .structure, .eye_adv) > 0 train with those losses and log them
+    (train and held-out); the eye discriminator is saved with the run and resumed."""
     from deidcli.train.loop import train
 
     cfg = _cfg(tmp_path, cache_dir, 2)
     cfg.update(name="lm")
-    cfg["weights"] = {**cfg["weights"], "landmarks": 1.0, "mouth": 1.0, "structure": 1.0}
+    cfg["weights"] = {**cfg["weights"], "landmarks": 1.0, "mouth": 1.0, "structure": 1.0, "eye_adv": 1.0}
     run = Path(train(cfg)["run_dir"])
+    st = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert "D_eye" in st and "opt_de" in st
+    assert train({**cfg, "steps": 3})["step"] == 3  # resumes G, D and the eye discriminator
     rec = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     tr = [r for r in rec if r["kind"] == "train"]
     ev = [r for r in rec if r["kind"] == "eval"]
-    assert len(tr) == 2 and all(np.isfinite(r[k]) and r[k] > 0 for r in tr for k in ("landmarks", "mouth", "structure"))
+    assert len(tr) == 3 and all(np.isfinite(r[k]) and r[k] > 0 for r in tr
+                                for k in ("landmarks", "mouth", "structure", "eye_adv", "d_eye_loss"))
     assert ev and np.isfinite(ev[-1]["landmarks"]) and ev[-1]["mouth"] > 0 and ev[-1]["structure"] > 0
 
 

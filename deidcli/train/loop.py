@@ -46,6 +46,8 @@ DEFAULTS: dict[str, Any] = {
     "threads": 2,  # torch intra-op threads on CPU
     "generator": {},  # GeneratorConfig fields (size, margin, base_channels, ...)
     "discriminator": {"channels": 32, "n_layers": 3, "spectral": True},
+    "eye_discriminator": {"channels": 32, "n_layers": 3, "spectral": False},  # used when
+    # weights.eye_adv > 0: a second patch discriminator on the eye band (L.eye_view)
     "gan_loss": "lsgan",
     "batch_size": 16,
     "steps": 200000,  # stop after this many steps ...
@@ -62,6 +64,8 @@ DEFAULTS: dict[str, Any] = {
         "mask_l1": 0.05,
         "mask_tv": 0.5,
         "adv": 0.05,
+        "eye_adv": 0.0,  # adversarial term of the eye discriminator (blended eyes and brows vs
+        # the input's), where the repeller smudges lids, irises and brows
         "colour_l1": 0.0,  # L.colour_l1: block-mean colour of the raw output vs the input, under the mask
         "landmarks": 0.0,  # LM.landmark_loss: the detector's 5 points on the blended
         # output vs the input, in inter-ocular distances (what `deid evaluate` reports)
@@ -222,6 +226,10 @@ def train(config: Mapping[str, Any]) -> dict:
     D = Discriminator(**cfg["discriminator"]).to(device)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg["lr_g"], betas=tuple(cfg["betas"]))
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg["lr_d"], betas=tuple(cfg["betas"]))
+    D_eye = opt_de = None
+    if cfg["weights"].get("eye_adv", 0) > 0:
+        D_eye = Discriminator(**cfg["eye_discriminator"]).to(device)
+        opt_de = torch.optim.Adam(D_eye.parameters(), lr=cfg["lr_d"], betas=tuple(cfg["betas"]))
     gen = torch.Generator().manual_seed(cfg["seed"])
     rng = np.random.default_rng(cfg["seed"])
     step, elapsed_before = 0, 0.0
@@ -233,6 +241,9 @@ def train(config: Mapping[str, Any]) -> dict:
         D.load_state_dict(st["D"])
         opt_g.load_state_dict(st["opt_g"])
         opt_d.load_state_dict(st["opt_d"])
+        if D_eye is not None and "D_eye" in st:
+            D_eye.load_state_dict(st["D_eye"])
+            opt_de.load_state_dict(st["opt_de"])
         step, elapsed_before = int(st["step"]), float(st.get("elapsed_s", 0.0))
         gen.set_state(st["gen"])
         rng.bit_generator.state = json.loads(st["rng"])
@@ -242,6 +253,9 @@ def train(config: Mapping[str, Any]) -> dict:
         st = torch.load(cfg["init_from"], map_location="cpu", weights_only=True)
         G.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in st["G"].items()})
         D.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in st["D"].items()})
+        if D_eye is not None and "D_eye" in st:
+            D_eye.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                   for k, v in st["D_eye"].items()})
         step, elapsed_before = int(st.get("step", 0)), float(st.get("elapsed_s", 0.0))
         logger.info("initialised from %s (step %d; fresh optimisers)", cfg["init_from"], step)
     (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
@@ -250,6 +264,9 @@ def train(config: Mapping[str, Any]) -> dict:
     levels = cfg["attractor_levels"]
     mouth_w = L.mouth_weights(gcfg.size, gcfg.margin).to(device)
     feat_w = L.feature_weights(gcfg.size, gcfg.margin).to(device)
+    from ..align import eye_band
+
+    band = eye_band(gcfg.size, gcfg.margin)
     eval_idx = np.random.default_rng(1234).choice(held.n, size=min(cfg["eval_size"], held.n),
                                                   replace=False)
     eval_x = held.images(eval_idx)
@@ -285,6 +302,8 @@ def train(config: Mapping[str, Any]) -> dict:
                  "opt_d": opt_d.state_dict(), "step": step, "elapsed_s": elapsed(),
                  "gen": gen.get_state(), "rng": json.dumps(rng.bit_generator.state),
                  "torch_rng": torch.get_rng_state(), "config": json.dumps(cfg)}
+        if D_eye is not None:
+            state.update(D_eye=D_eye.state_dict(), opt_de=opt_de.state_dict())
         _atomic_torch_save(state, last_path)
         save_generator(run_dir / "generator.pt", G, meta(last_metrics))
         logger.info("saved step %d (%.0f s)", step, elapsed())
@@ -335,6 +354,11 @@ def train(config: Mapping[str, Any]) -> dict:
             ld = L.d_loss(D(x), D(out.detach()), cfg["gan_loss"])
             ld.backward()
             opt_d.step()
+        if D_eye is not None:
+            opt_de.zero_grad(set_to_none=True)
+            lde = L.d_loss(D_eye(L.eye_view(x, band)), D_eye(L.eye_view(out.detach(), band)), cfg["gan_loss"])
+            lde.backward()
+            opt_de.step()
         # generator
         attr, rep, cos = L.attractor_repeller(idnet, out, x, tgt_desc, levels, gcfg.margin,
                                               cfg["rep_margin"], cfg["attractor_level_weights"],
@@ -360,6 +384,10 @@ def train(config: Mapping[str, Any]) -> dict:
             for p in D.parameters():
                 p.requires_grad_(False)
             terms["adv"] = L.g_adv_loss(D(out), cfg["gan_loss"])
+        if D_eye is not None:
+            for p in D_eye.parameters():
+                p.requires_grad_(False)
+            terms["eye_adv"] = L.g_adv_loss(D_eye(L.eye_view(out, band)), cfg["gan_loss"])
         ramp = 1.0 if step >= cfg["rep_start"] + cfg["rep_ramp"] else (
             0.0 if step < cfg["rep_start"] else (step - cfg["rep_start"]) / max(cfg["rep_ramp"], 1))
         scale = {"repeller": ramp}
@@ -370,6 +398,9 @@ def train(config: Mapping[str, Any]) -> dict:
         if use_adv:
             for p in D.parameters():
                 p.requires_grad_(True)
+        if D_eye is not None:
+            for p in D_eye.parameters():
+                p.requires_grad_(True)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {step}: "
                                      f"{ {k: float(v) for k, v in terms.items()} }")
@@ -379,6 +410,8 @@ def train(config: Mapping[str, Any]) -> dict:
         vals.update(loss=float(loss.detach()), cos=float(cos.mean()), mask_mean=float(mask.detach().mean()))
         if use_adv:
             vals["d_loss"] = float(ld.detach())
+        if D_eye is not None:
+            vals["d_eye_loss"] = float(lde.detach())
         for k, v in vals.items():
             running[k] = running.get(k, 0.0) + v
         n_run += 1
@@ -417,12 +450,12 @@ def train(config: Mapping[str, Any]) -> dict:
 
 
 def export_train_state(last_pt: os.PathLike, dst: os.PathLike) -> Path:
-    """Compact, committable training state from a run's last.pt: G and D weights in fp16, the
-    step count, elapsed time and config (no optimiser moments, no RNG). Resume from it with
-    ``"init_from": dst`` (optimisers restart)."""
+    """Compact, committable training state from a run's last.pt: the G and D weights (and the eye
+    discriminator's, when trained) in fp16, the step count, elapsed time and config (no optimiser
+    moments, no RNG). Resume from it with ``"init_from": dst`` (optimisers restart)."""
     st = torch.load(last_pt, map_location="cpu", weights_only=True)
     half = {n: {k: v.half() if v.is_floating_point() else v for k, v in st[n].items()}
-            for n in ("G", "D")}
+            for n in ("G", "D", "D_eye") if n in st}
     out = {"format": "deid-train-state", "version": 1, **half, "step": int(st["step"]),
            "elapsed_s": float(st.get("elapsed_s", 0.0)), "config": st.get("config", "")}
     dst = Path(dst)

@@ -155,6 +155,18 @@ def structure_l1(raw: torch.Tensor, ref: torch.Tensor, weights: torch.Tensor, po
     return gx + gy
 
 
+def eye_view(x: torch.Tensor, band: tuple[int, int, int, int], width: int = 128) -> torch.Tensor:
+    """(B, C, width/2, width): the eye band (:func:`deidcli.align.eye_band`) of ``x`` (B, C, S, S),
+    resized (bilinear) to ``width`` px across, what the eye discriminator judges. The whole-crop
+    patch discriminator sees an eye as a few of its 8x8 cells; at this scale lids, irises and brows
+    fill its receptive field (global + local discriminators, as in inpainting)."""
+    x0, y0, x1, y1 = band
+    y = x[..., y0:y1, x0:x1]
+    if x1 - x0 != width:
+        y = F.interpolate(y, size=(width // 2, width), mode="bilinear", align_corners=False)
+    return y
+
+
 def total_variation(m: torch.Tensor) -> torch.Tensor:
     mx, my = image_gradients(m)
     return mx.abs().mean() + my.abs().mean()
