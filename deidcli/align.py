@@ -84,7 +84,7 @@ def eye_band(size: int = CROP_SIZE, margin: float = CROP_MARGIN) -> tuple[int, i
     t = crop_template(size, margin)
     iod = float(abs(t[1, 0] - t[0, 0]))
     cx, cy = float(t[:2, 0].mean()), float(t[:2, 1].mean()) - 0.1 * iod
-    w = max(8, int(round((float(abs(t[1, 0] - t[0, 0])) + 1.2 * iod) / 8)) * 8)
+    w = max(8, int(round(2.2 * iod / 8)) * 8)
     x0, y0 = int(round(cx - w / 2)), int(round(cy - w / 4))
     return x0, y0, x0 + w, y0 + w // 2
 

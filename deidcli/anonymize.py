@@ -299,11 +299,12 @@ class Pipeline:
                         items: Sequence[tuple[np.ndarray, Sequence]]) -> np.ndarray:
         """The identity check (``--identity-check``): embed every generated face as it will be
         pasted (feathered mask; with ``--keep-detail``, the ArcFace crop of the frame as the paste
-        will leave it, align.pasted_arcface, since the frame's own finer detail stays) and compare it with its track's descriptor and with the input face
-        of the same frame (a pose far from the track's first faces can be closer to the input than
-        to the descriptor). A face whose higher cosine is >= ``check_thresh`` is generated again
-        with one more pass, up to ``max_passes``, and its track keeps the higher count for the next
-        ``pass_hold`` of its faces (0: for good; see PassLevels). A face still too close after
+        will leave it, align.pasted_arcface, since the frame's own finer detail stays) and compare
+        it with its track's descriptor and with the input face of the same frame (a pose far from
+        the track's first faces can be closer to the input than to the descriptor). A face whose
+        higher cosine is >= ``check_thresh`` is generated again with one more pass, up to
+        ``max_passes``, and its track keeps the higher count for the next ``pass_hold`` of its
+        faces (0: for good; see PassLevels). A face still too close after
         ``max_passes`` is generated once more at ``max_passes`` with the generator's own colours
         (``--colour-match`` gives it the input's, which the identity network partly recognises),
         and blurred if that is still too close. A face generated with fewer passes than its track has

@@ -358,8 +358,8 @@ def models_download(ctx, names, dest):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON here.")
 def bench(clip, configs, weights, device, fp16, batch_size, passes, identity_check, check_thresh, check_precision,
-          max_passes, colour_match, first_pass_mouth, keep_detail, pass_hold, codec, preset, crf, detect_every, detector_precision,
-          json_path):
+          max_passes, colour_match, first_pass_mouth, keep_detail, pass_hold, codec, preset, crf, detect_every,
+          detector_precision, json_path):
     """Throughput of deid on CLIP, per stage, next to a plain re-encode and blur.
 
     Prints a markdown table on stdout. Each configuration runs in its own process (its peak

@@ -524,11 +524,12 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
     strip (input frames above, output below, then the ArcFace crops of their first face) to
     ``strip_png`` when given. Raises InputError when a file is unreadable or the frame counts differ.
 
-    ``judge`` ("dlib", or a judge loaded by deidcli.judges.load_judge): identity also measured by a recognition network deid was
-    not trained with, on every ``judge_every``-th frame's detected (not interpolated) faces: the
-    distance between its descriptors of the input and the output face, each aligned by the judge
-    itself from the full frame at the input's face box, and the fraction below its same-person
-    distance (dlib: 0.6). Raises JudgeUnavailable (exit 3) when the judge is not installed.
+    ``judge`` ("dlib", or a judge loaded by deidcli.judges.load_judge): identity also measured by
+    a recognition network deid was not trained with, on the detected (not interpolated) faces
+    of every ``judge_every``-th frame: the distance between its descriptors of the input and the
+    output face, each aligned by the judge itself from the full frame at the input's face box,
+    and the fraction below its same-person distance (dlib: 0.6). Raises JudgeUnavailable (exit 3)
+    when the judge is not installed.
     """
     from . import video
     from .align import arcface_crop
@@ -877,8 +878,8 @@ def to_markdown(results) -> str:
         from .judges import DLIB_SAME_DISTANCE
 
         name = judged[0][0]["settings"].get("judge")
-        out += ["", f"| clip | track | faces judged | {name} distance mean | min | same person (< {DLIB_SAME_DISTANCE:g}) |",
-                "|---|---|---|---|---|---|"]
+        out += ["", f"| clip | track | faces judged | {name} distance mean | min | "
+                    f"same person (< {DLIB_SAME_DISTANCE:g}) |", "|---|---|---|---|---|---|"]
         out += [f"| {Path(r['input']).name} | {t['track']} | {t['judge_faces']} | {t['judge_dist_mean']:.3f} | "
                 f"{t['judge_dist_min']:.3f} | {t['judge_same_frac']:.3f} |" for r, t in judged]
     thr = results[0]["settings"]["verify_threshold"] if results else VERIFY_THRESHOLD

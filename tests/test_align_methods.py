@@ -102,7 +102,8 @@ def test_paste_keeps_the_frames_detail(shared):
     assert np.array_equal(detail[full == 0], img[full == 0]) and np.array_equal(plain[full == 0], img[full == 0])
     M2 = align.estimate_transform(kps, 256, 0.2)
     same = img.copy()
-    align.paste(same, align.warp_crop(img, M2, 256), align.feather(cv2.resize(mask[0], (256, 256)), 256), M2, detail=256)
+    m2 = align.feather(cv2.resize(mask[0], (256, 256)), 256)
+    align.paste(same, align.warp_crop(img, M2, 256), m2, M2, detail=256)
     assert np.array_equal(same, img)
     for d, out in ((0, plain), (256, detail)):
         np.testing.assert_array_equal(align.pasted_arcface(img, raw[0], m, M, kps, d), align.arcface_crop(out, kps))
