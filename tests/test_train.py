@@ -142,7 +142,7 @@ def test_train_landmark_loss(tmp_path, cache_dir):
     run = Path(train(cfg)["run_dir"])
     st = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     assert "D_eye" in st and "opt_de" in st
-    assert train({**cfg, "steps": 3})["step"] == 3  # resumes G, D and the eye discriminator
+    assert train({**cfg, "steps": 3, "eye_adv_on_raw": True})["step"] == 3  # resumes G, D and the eye D
     rec = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     tr = [r for r in rec if r["kind"] == "train"]
     ev = [r for r in rec if r["kind"] == "eval"]

@@ -48,6 +48,8 @@ DEFAULTS: dict[str, Any] = {
     "discriminator": {"channels": 32, "n_layers": 3, "spectral": True},
     "eye_discriminator": {"channels": 32, "n_layers": 3, "spectral": False},  # used when
     # weights.eye_adv > 0: a second patch discriminator on the eye band (L.eye_view)
+    "eye_adv_on_raw": False,  # the eye discriminator judges the raw output's eyes, not the
+    # blend's (on the blend the generator can meet it by opening its mask over the input's eyes)
     "gan_loss": "lsgan",
     "batch_size": 16,
     "steps": 200000,  # stop after this many steps ...
@@ -356,7 +358,8 @@ def train(config: Mapping[str, Any]) -> dict:
             opt_d.step()
         if D_eye is not None:
             opt_de.zero_grad(set_to_none=True)
-            lde = L.d_loss(D_eye(L.eye_view(x, band)), D_eye(L.eye_view(out.detach(), band)), cfg["gan_loss"])
+            eye_src = raw if cfg["eye_adv_on_raw"] else out
+            lde = L.d_loss(D_eye(L.eye_view(x, band)), D_eye(L.eye_view(eye_src.detach(), band)), cfg["gan_loss"])
             lde.backward()
             opt_de.step()
         # generator
@@ -387,7 +390,7 @@ def train(config: Mapping[str, Any]) -> dict:
         if D_eye is not None:
             for p in D_eye.parameters():
                 p.requires_grad_(False)
-            terms["eye_adv"] = L.g_adv_loss(D_eye(L.eye_view(out, band)), cfg["gan_loss"])
+            terms["eye_adv"] = L.g_adv_loss(D_eye(L.eye_view(eye_src, band)), cfg["gan_loss"])
         ramp = 1.0 if step >= cfg["rep_start"] + cfg["rep_ramp"] else (
             0.0 if step < cfg["rep_start"] else (step - cfg["rep_start"]) / max(cfg["rep_ramp"], 1))
         scale = {"repeller": ramp}
