@@ -221,9 +221,7 @@ def paste(image: np.ndarray, crop: np.ndarray, mask: np.ndarray, M: np.ndarray,
     if box is None:
         return None
     x0, y0, x1, y1 = box
-    # Warp into the ROI only: shift the transform by the ROI origin.
-    Mroi = M.astype(np.float64).copy()
-    Mroi[:, 2] += Mroi[:, 0] * x0 + Mroi[:, 1] * y0
+    Mroi = _from_origin(M, x0, y0)  # warp into the ROI only
     roi_size = (x1 - x0, y1 - y0)
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
     roi = image[y0:y1, x0:x1]
@@ -256,7 +254,12 @@ def pasted_arcface(image: np.ndarray, crop: np.ndarray, mask: np.ndarray, M: np.
         return arcface_crop(image, kps)
     x0, y0, x1, y1 = box
     sub = image[y0:y1, x0:x1].copy()
-    Msub = M.astype(np.float64).copy()
-    Msub[:, 2] += Msub[:, 0] * x0 + Msub[:, 1] * y0
-    paste(sub, crop, mask, Msub, detail)
+    paste(sub, crop, mask, _from_origin(M, x0, y0), detail)
     return arcface_crop(sub, np.asarray(kps, np.float32) - np.array([x0, y0], np.float32))
+
+
+def _from_origin(M: np.ndarray, x0: int, y0: int) -> np.ndarray:
+    """``M`` (frame -> crop, 2 x 3) for the sub-image of the frame whose top-left corner is (x0, y0)."""
+    Ms = M.astype(np.float64).copy()
+    Ms[:, 2] += Ms[:, 0] * x0 + Ms[:, 1] * y0
+    return Ms

@@ -67,30 +67,28 @@ class DlibJudge:
         self.shape = dlib.shape_predictor(str(d / "shape_predictor_5_face_landmarks.dat"))
 
     def describe(self, crops: np.ndarray, box: Sequence[float], batch: int = 64) -> np.ndarray:
-        dlib = self._dlib
         if crops.ndim != 4 or crops.shape[-1] != 3 or crops.dtype != np.uint8:
             raise ValueError(f"crops must be (N, S, S, 3) uint8 RGB, got {crops.shape} {crops.dtype}")
-        rect = dlib.rectangle(*(int(round(v)) for v in box))
-        out = []
-        for i in range(0, len(crops), batch):
-            chips = []
-            for img in crops[i:i + batch]:
-                img = np.ascontiguousarray(img)
-                chips.append(dlib.get_face_chip(img, self.shape(img, rect), size=self.chip_size,
-                                                padding=self.chip_padding))
-            out.append(np.array(self.rec.compute_face_descriptor(chips), np.float32).reshape(len(chips), -1))
+        out = [self._descriptors([self._chip(np.ascontiguousarray(img), box) for img in crops[i:i + batch]])
+               for i in range(0, len(crops), batch)]
         return np.concatenate(out) if out else np.zeros((0, 128), np.float32)
 
     def describe_boxes(self, image: np.ndarray, boxes: Sequence[Sequence[float]]) -> np.ndarray:
         """(N, 128) float32 raw descriptors of the faces of one image (H, W, 3) uint8 **RGB**, each
         at its box (x0, y0, x1, y1) in image pixels, where dlib's 5-point predictor starts (e.g. a
         detector's face box). dlib's own alignment cuts each 150 px chip from the full image."""
-        dlib = self._dlib
         if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
             raise ValueError(f"image must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
         image = np.ascontiguousarray(image)
-        chips = [dlib.get_face_chip(image, self.shape(image, dlib.rectangle(*(int(round(v)) for v in b[:4]))),
-                                    size=self.chip_size, padding=self.chip_padding) for b in boxes]
+        return self._descriptors([self._chip(image, b) for b in boxes])
+
+    def _chip(self, image: np.ndarray, box: Sequence[float]) -> np.ndarray:
+        """dlib's aligned 150 px chip of the face of ``image`` (contiguous RGB) at ``box``."""
+        rect = self._dlib.rectangle(*(int(round(v)) for v in box[:4]))
+        return self._dlib.get_face_chip(image, self.shape(image, rect), size=self.chip_size,
+                                        padding=self.chip_padding)
+
+    def _descriptors(self, chips: list) -> np.ndarray:
         if not chips:
             return np.zeros((0, 128), np.float32)
         return np.array(self.rec.compute_face_descriptor(chips), np.float32).reshape(len(chips), -1)
