@@ -84,6 +84,39 @@ def test_train_smoke_and_resume(tmp_path, cache_dir):
     assert train(cfg)["step"] == 6
 
 
+def test_resume_takes_the_runs_own_config(tmp_path, cache_dir, caplog):
+    """`deid train --name RUN` resumes RUN with the config it was started with (not the defaults,
+    whose networks do not fit its checkpoint); entries given again override it; a change of the
+    networks is refused in one line."""
+    from click.testing import CliRunner
+
+    from deidcli.cli import cli
+    from deidcli.errors import DeidError
+    from deidcli.train.loop import load_config, train
+
+    cfg = _cfg(tmp_path, cache_dir, 2)
+    cfg.update(name="again", max_minutes=30.0)
+    cfg["weights"] = {**cfg["weights"], "eye_adv": 1.0}
+    train(cfg)
+    where = {"name": "again", "runs_dir": cfg["runs_dir"]}
+    fresh = load_config(None, {"name": "never", "runs_dir": cfg["runs_dir"]})
+    assert fresh["discriminator"]["channels"] == 32 and fresh["generator"] == {}  # the defaults
+    again = load_config(None, {**where, "steps": 3})
+    assert again["generator"] == cfg["generator"] and again["discriminator"] == cfg["discriminator"]
+    assert again["weights"]["eye_adv"] == 1.0 and again["limit_people"] == 6 and again["steps"] == 3
+    assert again["max_minutes"] is None  # where and how long: this invocation's
+    assert load_config(None, {**where, "weights": {"adv": 0.5}})["weights"]["eye_adv"] == 1.0
+    assert train(again)["step"] == 3
+    with pytest.raises(DeidError, match="does not fit the networks"):
+        train(load_config(None, {**where, "discriminator": {"channels": 16}}))
+    res = CliRunner().invoke(cli, ["train", "--name", "again", "--runs-dir", cfg["runs_dir"],
+                                    "--set", "discriminator.channels=16"])
+    assert res.exit_code == 1 and "does not fit the networks" in caplog.text and "size mismatch" in caplog.text
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+    res = CliRunner().invoke(cli, ["train", "--name", "again", "--runs-dir", cfg["runs_dir"], "--set", "nope=1"])
+    assert res.exit_code == 2 and "unknown config key 'nope'" in res.output
+
+
 def test_train_second_pass(tmp_path, cache_dir):
     """second_pass: the generator also trains on its own blended output (as --passes 2 runs it)."""
     from deidcli.train.loop import train

@@ -77,8 +77,17 @@ def train_command(config_path, name, device, steps, max_minutes, runs_dir, cache
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         node[parts[-1]] = val
-    cfg = load_config(config_path, over)
-    click.echo(json.dumps(train(cfg)))
+    from ..errors import DeidError
+
+    try:
+        cfg = load_config(config_path, over)
+    except ValueError as e:  # unknown config key
+        raise click.UsageError(str(e))
+    try:
+        click.echo(json.dumps(train(cfg)))
+    except DeidError as e:
+        logging.getLogger("deid.train").error("%s", e)
+        sys.exit(e.exit_code)
 
 
 @click.command("evaluate")

@@ -7,7 +7,8 @@ Run directory ``<runs_dir>/<name>/``:
     samples/step_XXXXXXX.png   rows: input / raw / mask / blended (8 train faces + 8 held-out)
     config.json      the resolved config
 
-Re-running with the same name resumes from last.pt (same config unless overridden).
+Re-running with the same name resumes from last.pt with the config saved in it; a --config file
+and --set entries given again override it (load_config).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import DeidError
 from ..model import Discriminator, Generator, GeneratorConfig, save_generator
 from . import landmarks as LM
 from . import losses as L
@@ -123,11 +125,47 @@ def merge(base: Mapping[str, Any], over: Optional[Mapping[str, Any]]) -> dict:
     return out
 
 
+#: Keys that say where and how long this invocation runs, not what it trains: a resumed run takes
+#: them from this invocation (its options, config file or the defaults), never from the run's save.
+INVOCATION_KEYS = ("name", "runs_dir", "cache_dir", "lfw_dir", "models_dir", "device", "threads", "max_minutes")
+
+
 def load_config(path: Optional[os.PathLike] = None, overrides: Optional[Mapping] = None) -> dict:
-    cfg = dict(DEFAULTS)
-    if path:
-        cfg = merge(cfg, json.loads(Path(path).read_text()))
-    return merge(cfg, overrides)
+    """The config of ``deid train``: DEFAULTS, then the JSON file ``path``, then ``overrides``.
+
+    When the run it names already has a ``last.pt``, the run's saved config takes the place of
+    DEFAULTS (except INVOCATION_KEYS), so ``deid train --name RUN`` resumes the run as it was
+    started (networks, loss weights, --set entries) instead of a default config whose networks
+    may not even fit the checkpoint; the file and ``overrides`` still apply on top.
+    """
+    file = json.loads(Path(path).read_text()) if path else {}
+    cfg = merge(merge(DEFAULTS, file), overrides)
+    saved = saved_config(Path(cfg["runs_dir"]) / cfg["name"] / "last.pt")
+    if saved is None:
+        return cfg
+    base = merge(DEFAULTS, _known({k: v for k, v in saved.items() if k not in INVOCATION_KEYS}, DEFAULTS))
+    return merge(merge(base, file), overrides)
+
+
+def saved_config(last_path: Path) -> Optional[dict]:
+    """The config a run's ``last.pt`` was saved with; None when there is no such file."""
+    if not last_path.exists():
+        return None
+    st = torch.load(last_path, map_location="cpu", weights_only=True)
+    return json.loads(st["config"]) if st.get("config") else None
+
+
+def _known(cfg: Mapping, ref: Mapping) -> dict:
+    """``cfg`` without the keys ``ref`` does not have (a save of an older deid), logged."""
+    out = {}
+    for k, v in cfg.items():
+        if k not in ref:
+            logger.warning("saved config key %r is no longer used; ignored", k)
+        elif isinstance(v, Mapping) and isinstance(ref[k], Mapping) and k != "generator":
+            out[k] = _known(v, ref[k])
+        else:
+            out[k] = v
+    return out
 
 
 class _Data:
@@ -239,13 +277,18 @@ def train(config: Mapping[str, Any]) -> dict:
     last_path = run_dir / "last.pt"
     if last_path.exists():
         st = torch.load(last_path, map_location="cpu", weights_only=True)
-        G.load_state_dict(st["G"])
-        D.load_state_dict(st["D"])
-        opt_g.load_state_dict(st["opt_g"])
-        opt_d.load_state_dict(st["opt_d"])
-        if D_eye is not None and "D_eye" in st:
-            D_eye.load_state_dict(st["D_eye"])
-            opt_de.load_state_dict(st["opt_de"])
+        try:
+            G.load_state_dict(st["G"])
+            D.load_state_dict(st["D"])
+            opt_g.load_state_dict(st["opt_g"])
+            opt_d.load_state_dict(st["opt_d"])
+            if D_eye is not None and "D_eye" in st:
+                D_eye.load_state_dict(st["D_eye"])
+                opt_de.load_state_dict(st["opt_de"])
+        except (RuntimeError, ValueError) as e:  # shapes or keys of another architecture
+            why = "; ".join(x.strip().rstrip(":.") for x in str(e).splitlines()[:2])
+            raise DeidError(f"{last_path}: does not fit the networks of this config ({why}); "
+                            f"resume without the --config/--set entries that change them, or use a new --name") from e
         step, elapsed_before = int(st["step"]), float(st.get("elapsed_s", 0.0))
         gen.set_state(st["gen"])
         rng.bit_generator.state = json.loads(st["rng"])
