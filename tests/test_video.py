@@ -802,3 +802,26 @@ def test_10bit_refused_by_8bit_only_encoder(tmp_path):
             transcode_video(src, tmp, identity, EncodeOptions(codec="mpeg4"))
     assert "libx264" in str(ei.value)
     assert not dst.exists()
+
+
+def test_scale_clip_example_repeats_with_monotonic_times(shared, tmp_path):
+    """examples/scale_clip.py (the GPU target's 1920x1080 input, examples/gpu_kit.sh): the size asked
+    for, the clip played --repeat times with strictly increasing frame and audio times, the audio
+    packets' bytes those of the source."""
+    import subprocess
+    import sys
+
+    from conftest import cut_clip, frame_pts
+
+    src = cut_clip(VIDEOS / "ghost_2person.mp4", tmp_path / "src.mp4", 0.5)
+    dst = tmp_path / "scaled.mp4"
+    subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "examples" / "scale_clip.py"),
+                    src, dst, "--size", "320x180", "--repeat", "2"], check=True, capture_output=True)
+    info = probe(dst)
+    assert (info.width, info.height) == (320, 180)
+    pts_in, pts_out = frame_pts(src), frame_pts(dst)
+    assert len(pts_out) == 2 * len(pts_in) and np.all(np.diff(pts_out) > 0)
+    a_in, a_out = audio_packets(src), audio_packets(dst)
+    assert len(a_out) == 2 * len(a_in) and np.all(np.diff([p[2] for p in a_out]) > 0)
+    assert [p[4] for p in a_out] == [p[4] for p in a_in] * 2
+    assert not list(tmp_path.glob("*.tmp.mp4"))
