@@ -256,8 +256,7 @@ def evaluate(weights: Optional[os.PathLike] = None, out_dir: os.PathLike = "out/
     from .train.prepare import DEFAULT_LFW, DETECTOR, load_split, prepare_split, read_pairs
 
     t0 = time.time()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)  # created when the first result is written: nothing left by a failed start
     gen = None
     size, margin = 128, 0.2
     for method in methods:
@@ -278,6 +277,7 @@ def evaluate(weights: Optional[os.PathLike] = None, out_dir: os.PathLike = "out/
     net = load_identity_net(models_dir, device=device)
     pairs = read_pairs(Path(lfw_dir or DEFAULT_LFW) / "pairsDevTest.txt")
     verif = far_threshold(desc, list(names), pairs)
+    out_dir.mkdir(parents=True, exist_ok=True)
     thr = verif["threshold"]
 
     # subset (probes); the gallery stays all clean test images

@@ -84,7 +84,7 @@ def test_train_smoke_and_resume(tmp_path, cache_dir):
     assert train(cfg)["step"] == 6
 
 
-def test_resume_takes_the_runs_own_config(tmp_path, cache_dir, caplog):
+def test_resume_takes_the_runs_own_config(tmp_path, cache_dir):
     """`deid train --name RUN` resumes RUN with the config it was started with (not the defaults,
     whose networks do not fit its checkpoint); entries given again override it; a change of the
     networks is refused in one line."""
@@ -111,10 +111,48 @@ def test_resume_takes_the_runs_own_config(tmp_path, cache_dir, caplog):
         train(load_config(None, {**where, "discriminator": {"channels": 16}}))
     res = CliRunner().invoke(cli, ["train", "--name", "again", "--runs-dir", cfg["runs_dir"],
                                     "--set", "discriminator.channels=16"])
-    assert res.exit_code == 1 and "does not fit the networks" in caplog.text and "size mismatch" in caplog.text
-    assert res.exception is None or isinstance(res.exception, SystemExit)
+    assert res.exit_code == 1 and res.output.startswith("deid: ERROR: ") and len(res.output.splitlines()) == 1
+    assert "does not fit the networks" in res.output and "size mismatch" in res.output
     res = CliRunner().invoke(cli, ["train", "--name", "again", "--runs-dir", cfg["runs_dir"], "--set", "nope=1"])
     assert res.exit_code == 2 and "unknown config key 'nope'" in res.output
+
+
+def test_training_commands_refuse_bad_input_in_one_line(tmp_path):
+    """`deid train`, `evaluate` and `prepare`: a missing or broken config file, a config value of the
+    wrong kind, an unusable device, a missing checkpoint or LFW folder are one line and an exit
+    code (2 usage, 3 model, 1 other), never a traceback; nothing is written."""
+    import torch
+    from click.testing import CliRunner
+
+    from deidcli.cli import cli
+
+    def run(*args):
+        res = CliRunner().invoke(cli, [str(a) for a in args])
+        assert "Traceback" not in res.output and not isinstance(res.exception, Exception) or \
+            isinstance(res.exception, SystemExit), res.output
+        return res.exit_code, res.output
+
+    runs = tmp_path / "runs"
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"steps": ')
+    code, out = run("train", "--config", tmp_path / "nope.json", "--runs-dir", runs)
+    assert code == 2 and "does not exist" in out
+    code, out = run("train", "--config", bad, "--runs-dir", runs)
+    assert code == 2 and f"{bad}: not valid JSON" in out
+    code, out = run("train", "--set", "steps=abc", "--runs-dir", runs)
+    assert code == 2 and "config key 'steps': expected a number, got 'abc'" in out
+    code, out = run("train", "--set", "weights.adv=[1]", "--runs-dir", runs)
+    assert code == 2 and "config key 'adv': expected a number" in out
+    if not torch.cuda.is_available():
+        code, out = run("train", "--device", "cuda", "--runs-dir", runs)
+        assert code == 2 and "CUDA is not available" in out
+        code, out = run("evaluate", "--device", "cuda", "--out", tmp_path / "ev")
+        assert code == 2 and "CUDA is not available" in out
+    code, out = run("evaluate", "--weights", tmp_path / "nope.pt", "--out", tmp_path / "ev")
+    assert code == 3 and out == f"deid: ERROR: generator checkpoint {tmp_path / 'nope.pt'} not found\n"
+    code, out = run("prepare", "--lfw-dir", tmp_path / "nolfw", "--split", "test", "--cache-dir", tmp_path / "c")
+    assert code == 1 and out == f"deid: ERROR: {tmp_path / 'nolfw' / 'peopleDevTest.txt'}: no such file or directory\n"
+    assert not runs.exists() and not (tmp_path / "ev").exists() and not (tmp_path / "c").exists()
 
 
 def test_train_second_pass(tmp_path, cache_dir):

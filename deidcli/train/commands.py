@@ -3,6 +3,7 @@ cli.py). Module import is light: torch is imported inside the command functions.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -19,6 +20,27 @@ def _logging(verbose: bool = True):
 _path = click.Path(path_type=Path)
 
 
+def _one_line_errors(f):
+    """The command's failures that are the user's to fix (a missing file or model, a checkpoint
+    that does not fit) as one line ``deid: ERROR: ...`` on stderr and the exit code of the error
+    (README, Exit codes), as `deid anonymize` reports them, not a traceback."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        from ..errors import EXIT_FAILED, DeidError
+
+        try:
+            return f(*args, **kwargs)
+        except DeidError as e:
+            click.echo(f"deid: ERROR: {e}", err=True)
+            sys.exit(e.exit_code)
+        except FileNotFoundError as e:
+            click.echo(f"deid: ERROR: {e.filename}: no such file or directory", err=True)
+            sys.exit(EXIT_FAILED)
+
+    return wrapper
+
+
 @click.command("prepare")
 @click.option("--split", type=click.Choice(["train", "test", "both"]), default="both",
               show_default=True, help="LFW split: peopleDevTrain / peopleDevTest people.")
@@ -29,6 +51,7 @@ _path = click.Path(path_type=Path)
 @click.option("--det-size", type=int, default=320, show_default=True, help="Detector input size.")
 @click.option("--models-dir", type=_path, default=None, help="Folder holding the model files.")
 @click.option("--force", is_flag=True, help="Rebuild even if the cache file exists.")
+@_one_line_errors
 def prepare_command(split, lfw_dir, cache_dir, size, margin, det_size, models_dir, force):
     """Detect, align and describe LFW faces once; cache one .npz per split."""
     _logging()
@@ -42,7 +65,7 @@ def prepare_command(split, lfw_dir, cache_dir, size, margin, det_size, models_di
 
 
 @click.command("train")
-@click.option("--config", "config_path", type=_path, default=None,
+@click.option("--config", "config_path", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="JSON training config (see configs/train_128.json).")
 @click.option("--name", default=None, help="Run name: runs/<name>/ (resumes if it exists).")
 @click.option("--device", default=None, help="cpu | cuda | cuda:N (overrides the config).")
@@ -53,6 +76,7 @@ def prepare_command(split, lfw_dir, cache_dir, size, margin, det_size, models_di
 @click.option("--models-dir", type=_path, default=None, help="Folder holding the model files.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=JSON",
               help="Override a config entry, e.g. --set weights.repeller=2.0 (repeatable).")
+@_one_line_errors
 def train_command(config_path, name, device, steps, max_minutes, runs_dir, cache_dir, models_dir, sets):
     """Train the de-identification generator on LFW DevTrain (resumes from runs/<name>/last.pt)."""
     _logging()
@@ -77,17 +101,14 @@ def train_command(config_path, name, device, steps, max_minutes, runs_dir, cache
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         node[parts[-1]] = val
-    from ..errors import DeidError
+    from ..engine import resolve_runtime
 
     try:
         cfg = load_config(config_path, over)
-    except ValueError as e:  # unknown config key
+        cfg["device"] = resolve_runtime(str(cfg["device"])).device  # "auto", and CUDA checked here
+    except ValueError as e:  # unknown config key, a value of the wrong type, an unusable device, bad JSON
         raise click.UsageError(str(e))
-    try:
-        click.echo(json.dumps(train(cfg)))
-    except DeidError as e:
-        logging.getLogger("deid.train").error("%s", e)
-        sys.exit(e.exit_code)
+    click.echo(json.dumps(train(cfg)))
 
 
 @click.command("evaluate")
@@ -101,7 +122,7 @@ def train_command(config_path, name, device, steps, max_minutes, runs_dir, cache
 @click.option("--cache-dir", type=_path, default=None, help="Prepared-data cache folder.")
 @click.option("--lfw-dir", type=_path, default=None, help="LFW root (default ../shared/data/lfw).")
 @click.option("--models-dir", type=_path, default=None, help="Folder holding the model files.")
-@click.option("--device", default="cpu", show_default=True, help="cpu | cuda | cuda:N.")
+@click.option("--device", default="cpu", show_default=True, help="auto | cpu | cuda | cuda:N.")
 @click.option("--limit", type=int, default=None, help="Evaluate on at most this many test faces.")
 @click.option("--judge", "judges", multiple=True, type=click.Choice(["dlib"]),
               help="Also measure identity with this independent recognition network (deid was not "
@@ -112,6 +133,7 @@ def train_command(config_path, name, device, steps, max_minutes, runs_dir, cache
 @click.option("--first-pass-mouth/--every-pass-mouth", default=True,
               help="generate:K: passes after the first leave the mouth as the first drew it, as `deid "
                    "anonymize` does by default (--every-pass-mouth: every pass redraws it).")
+@_one_line_errors
 def evaluate_command(weights, out_dir, methods, cache_dir, lfw_dir, models_dir, device, limit, judges, colour_match,
                      first_pass_mouth):
     """Measure identity removal and what is kept on LFW DevTest; JSON on stdout."""
@@ -124,14 +146,14 @@ def evaluate_command(weights, out_dir, methods, cache_dir, lfw_dir, models_dir, 
             _method_passes(m)
         except ValueError as e:
             raise click.UsageError(str(e))
-    from ..judges import JudgeUnavailable
+    from ..engine import resolve_runtime
 
     try:
-        report = evaluate(weights=weights, out_dir=out_dir, methods=methods,
-                          cache_dir=cache_dir, lfw_dir=lfw_dir, models_dir=models_dir, device=device,
-                          limit=limit, judges=judges, colour_match=colour_match,
-                          first_pass_mouth=first_pass_mouth)
-    except JudgeUnavailable as e:
-        click.echo(f"deid: ERROR: {e}", err=True)
-        sys.exit(e.exit_code)
+        device = resolve_runtime(device).device
+    except ValueError as e:
+        raise click.UsageError(str(e))
+    report = evaluate(weights=weights, out_dir=out_dir, methods=methods,
+                      cache_dir=cache_dir, lfw_dir=lfw_dir, models_dir=models_dir, device=device,
+                      limit=limit, judges=judges, colour_match=colour_match,
+                      first_pass_mouth=first_pass_mouth)
     click.echo(json.dumps(report))

@@ -111,11 +111,15 @@ DEFAULTS: dict[str, Any] = {
 
 def merge(base: Mapping[str, Any], over: Optional[Mapping[str, Any]]) -> dict:
     """Recursive dict merge; keys of ``over`` must exist in ``base`` (except under
-    "generator", whose keys GeneratorConfig validates)."""
+    "generator", whose keys GeneratorConfig validates) and their values be of the kind of
+    ``base``'s (a number for a number, true/false for a flag, ...) where that is not None."""
     out = copy.deepcopy(dict(base))
     for k, v in (over or {}).items():
         if k not in out:
             raise ValueError(f"unknown config key {k!r}")
+        kind = _kind(out[k])
+        if kind is not None and v is not None and _kind(v) != kind:
+            raise ValueError(f"config key {k!r}: expected {kind}, got {v!r}")
         if isinstance(out[k], dict) and isinstance(v, Mapping) and k != "generator":
             out[k] = merge(out[k], v)
         elif k == "generator":
@@ -130,6 +134,18 @@ def merge(base: Mapping[str, Any], over: Optional[Mapping[str, Any]]) -> dict:
 INVOCATION_KEYS = ("name", "runs_dir", "cache_dir", "lfw_dir", "models_dir", "device", "threads", "max_minutes")
 
 
+def _kind(v) -> Optional[str]:
+    if v is None:
+        return None
+    if isinstance(v, bool):
+        return "true or false"
+    if isinstance(v, (int, float)):
+        return "a number"
+    if isinstance(v, str):
+        return "a string"
+    return "a list" if isinstance(v, (list, tuple)) else "an object"
+
+
 def load_config(path: Optional[os.PathLike] = None, overrides: Optional[Mapping] = None) -> dict:
     """The config of ``deid train``: DEFAULTS, then the JSON file ``path``, then ``overrides``.
 
@@ -138,7 +154,10 @@ def load_config(path: Optional[os.PathLike] = None, overrides: Optional[Mapping]
     started (networks, loss weights, --set entries) instead of a default config whose networks
     may not even fit the checkpoint; the file and ``overrides`` still apply on top.
     """
-    file = json.loads(Path(path).read_text()) if path else {}
+    try:
+        file = json.loads(Path(path).read_text()) if path else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
     cfg = merge(merge(DEFAULTS, file), overrides)
     saved = saved_config(Path(cfg["runs_dir"]) / cfg["name"] / "last.pt")
     if saved is None:
