@@ -207,7 +207,8 @@ class Pipeline:
             gen = load_generator(ckpt, device="cpu")
             self.runner = engine.GeneratorRunner(gen, self.runtime, options.batch_size,
                                                  colour_match=options.colour_match,
-                                                 first_pass_mouth=options.first_pass_mouth)
+                                                 first_pass_mouth=options.first_pass_mouth,
+                                                 eye_pass=options.eye_pass)
             self.detail = DETAIL_SCALE * self.runner.size if options.keep_detail else 0
             self.embedder = engine.IdentityEmbedder(weights.model_path("rec_mobilefacenet.onnx", options.models_dir),
                                                     providers, options.check_precision if options.identity_check

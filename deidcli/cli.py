@@ -130,6 +130,10 @@ def _generator_options(f):
                      help="generate: passes after the first (--passes, or raised by the identity check) leave "
                           "the mouth as the first pass drew it, which keeps lip motion; --every-pass-mouth "
                           "lets every pass redraw it."),
+        click.option("--eye-pass/--no-eye-pass", default=False,
+                     help="generate: after its passes, every face gets one generator run more whose change is "
+                          "limited to the eyes and brows, where an independent recognizer still finds the "
+                          "person after one pass; the mouth, nose and jaw stay as drawn."),
         click.option("--keep-detail/--no-keep-detail", default=True,
                      help="generate: paste the generated face as a change to the frame (the generated crop "
                           "minus the input's crop, upscaled), so a face larger than the generator's crop "
@@ -195,7 +199,7 @@ def _generator_options(f):
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
 @click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv for debug).")
 def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, identity_check, check_thresh,
-              check_precision, max_passes, colour_match, first_pass_mouth, keep_detail, pass_hold,
+              check_precision, max_passes, colour_match, first_pass_mouth, eye_pass, keep_detail, pass_hold,
               margin, det_thresh, keep_thresh, det_size, min_face,
               detector, detector_precision, detect_every,
               max_gap, smooth, codec, crf, preset, audio, keep_metadata, overwrite, dry_run, shard, models_dir, as_json,
@@ -219,7 +223,7 @@ def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, ident
             method=method, weights=weights, device=device, fp16=fp16, batch_size=batch_size, margin=margin,
             passes=passes, identity_check=identity_check, check_thresh=check_thresh,
             check_precision=check_precision, max_passes=max_passes, colour_match=colour_match,
-            first_pass_mouth=first_pass_mouth, keep_detail=keep_detail, pass_hold=pass_hold,
+            first_pass_mouth=first_pass_mouth, eye_pass=eye_pass, keep_detail=keep_detail, pass_hold=pass_hold,
             models_dir=models_dir, overwrite=overwrite, dry_run=dry_run, shard=shard,
             detect=DetectOptions(det_thresh=det_thresh, det_size=det_size, min_face=min_face, detector=detector,
                                  detect_every=detect_every, precision=detector_precision),
@@ -358,7 +362,8 @@ def models_download(ctx, names, dest):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON here.")
 def bench(clip, configs, weights, device, fp16, batch_size, passes, identity_check, check_thresh, check_precision,
-          max_passes, colour_match, first_pass_mouth, keep_detail, pass_hold, codec, preset, crf, detect_every,
+          max_passes, colour_match, first_pass_mouth, eye_pass, keep_detail, pass_hold, codec, preset, crf,
+          detect_every,
           detector_precision, json_path):
     """Throughput of deid on CLIP, per stage, next to a plain re-encode and blur.
 
@@ -372,7 +377,7 @@ def bench(clip, configs, weights, device, fp16, batch_size, passes, identity_che
     opts = {"device": device, "fp16": fp16, "batch_size": batch_size, "passes": passes,
             "identity_check": identity_check, "check_thresh": check_thresh, "check_precision": check_precision,
             "max_passes": max_passes, "colour_match": colour_match, "first_pass_mouth": first_pass_mouth,
-            "keep_detail": keep_detail, "pass_hold": pass_hold,
+            "eye_pass": eye_pass, "keep_detail": keep_detail, "pass_hold": pass_hold,
             "weights": str(weights) if weights else None,
             "encode": {"codec": codec, "preset": preset, "crf": crf}, "detect": {"detect_every": detect_every,
                                                                                   "precision": detector_precision}}

@@ -83,6 +83,12 @@ class GeneratorRunner:
     are there to remove (`deid evaluate-video`, 4-pass track of lp_d12: inner-lip opening
     correlation 0.87 with every pass redrawing the mouth, 0.91 with the first pass's mouth).
 
+    With ``eye_pass`` every face gets one generator run more after its passes, whose mask is
+    limited to the eye band (:func:`eye_pass_weight`: eyes and brows): an independent recognizer
+    (dlib) still matched a third of the one-pass faces of two clips to the person, and over half
+    of what it goes by lies in the eyes; a full second pass fixes that too, but redraws the rest
+    of the face once more (lip motion suffers).
+
     Backend: on CUDA the torch module itself (fp16 when asked); on the CPU the module is
     exported to ONNX in memory at load time (about 0.3 s) and run by ONNX Runtime, which on
     this network's small depthwise convolutions is 2-3x faster than torch's CPU kernels
@@ -91,7 +97,7 @@ class GeneratorRunner:
     """
 
     def __init__(self, generator, runtime: Runtime, batch_size: int = 32, backend: Optional[str] = None,
-                 colour_match: bool = False, first_pass_mouth: bool = True):
+                 colour_match: bool = False, first_pass_mouth: bool = True, eye_pass: bool = False):
         import torch
 
         self.colour_match = colour_match
@@ -109,6 +115,7 @@ class GeneratorRunner:
             raise ValueError("the onnxruntime generator backend runs on the CPU only")
         self.backend = backend
         self.later = later_pass_weight(self.size, self.margin) if first_pass_mouth else None
+        self.eye = eye_pass_weight(self.size, self.margin) if eye_pass else None
         self.session = None
         if backend == "onnxruntime":
             self.session = _onnx_session(generator.float().eval(), self.size, stage_threads("DEID_ORT_THREADS"))
@@ -117,6 +124,8 @@ class GeneratorRunner:
             self.generator = generator.to(self.device, self.dtype).eval()
             if self.later is not None:  # on the device once, not per batch
                 self.later = torch.from_numpy(self.later).to(self.device)
+            if self.eye is not None:
+                self.eye = torch.from_numpy(self.eye).to(self.device)
             if self.device.type == "cpu":
                 torch.set_num_threads(stage_threads("DEID_TORCH_THREADS"))
 
@@ -147,15 +156,20 @@ class GeneratorRunner:
                 raw[j] = match_colour(raw[j], crops[j], mask[j])
         return raw, mask
 
+    def further(self, passes: int) -> list:
+        """Mask weights of the runs after the first for a face of ``passes`` passes (see
+        _compose_passes): the later passes' (None: the whole face), then the eye pass's."""
+        return [self.later] * (passes - 1) + ([self.eye] if self.eye is not None else [])
+
     def _run_onnx(self, crops: np.ndarray, desc: np.ndarray, passes: int) -> tuple[np.ndarray, np.ndarray]:
         x0 = crops.transpose(0, 3, 1, 2).astype(np.float32)
         x0 *= 1.0 / 127.5
         x0 -= 1.0
         d = np.ascontiguousarray(desc, dtype=np.float32)
         raw, mask = self.session.run(None, {"x": x0, "d": d})
-        if passes > 1:
-            raw, mask = _compose_passes(x0, raw, np.clip(mask, 0, 1), passes - 1,
-                                        lambda x: self.session.run(None, {"x": x, "d": d}), np, self.later)
+        if self.further(passes):
+            raw, mask = _compose_passes(x0, raw, np.clip(mask, 0, 1), self.further(passes),
+                                        lambda x: self.session.run(None, {"x": x, "d": d}), np)
         raw = np.rint(np.clip((raw + 1.0) * 127.5, 0, 255)).astype(np.uint8).transpose(0, 2, 3, 1)
         return np.ascontiguousarray(raw), np.clip(mask[:, 0], 0, 1)
 
@@ -166,9 +180,9 @@ class GeneratorRunner:
             x = x.permute(0, 3, 1, 2).to(self.dtype).div_(127.5).sub_(1.0)
             d = torch.from_numpy(np.ascontiguousarray(desc)).to(self.device, self.dtype)
             raw, mask = self.generator(x, d)
-            if passes > 1:
-                raw, mask = _compose_passes(x.float(), raw.float(), mask.float().clamp(0, 1), passes - 1,
-                                            lambda y: self.generator(y.to(self.dtype), d), torch, self.later)
+            if self.further(passes):
+                raw, mask = _compose_passes(x.float(), raw.float(), mask.float().clamp(0, 1), self.further(passes),
+                                            lambda y: self.generator(y.to(self.dtype), d), torch)
             raw = raw.float().add_(1.0).mul_(127.5).clamp_(0, 255).round_().to(torch.uint8)
             return raw.permute(0, 2, 3, 1).cpu().numpy(), mask.float()[:, 0].clamp_(0, 1).cpu().numpy()
 
@@ -181,19 +195,29 @@ def later_pass_weight(size: int, margin: float) -> np.ndarray:
     return (1.0 - mouth_box(size, margin, soften=(size // 14) | 1))[None, None]
 
 
-def _compose_passes(x0, raw, mask, more: int, step, xp, later=None):
-    """Apply ``more`` further generator passes (``step(x) -> (raw, mask)``) to the blended output
-    of a first pass (``raw``, ``mask`` on input ``x0``, all (B, C, S, S) in [-1, 1] / [0, 1]) and
-    return one equivalent (raw, mask) pair (see GeneratorRunner). ``xp``: numpy or torch.
-    ``later`` ((1, 1, S, S) in [0, 1], e.g. :func:`later_pass_weight`, same array kind as x0)
-    scales the masks of the further passes: where it is 0 the first pass's output stays."""
+def eye_pass_weight(size: int, margin: float) -> np.ndarray:
+    """(1, 1, S, S) float32 in [0, 1]: where the eye pass may change the face: the eye band
+    (align.eye_band: both eyes and brows) softened over ~S/14 px (9 at the 128 crop)."""
+    from .align import eye_band, soft_box
+
+    x0, y0, x1, y1 = eye_band(size, margin)
+    return soft_box(size, (x0, y0, x1 - 1, y1 - 1), soften=(size // 14) | 1)[None, None]
+
+
+def _compose_passes(x0, raw, mask, weights, step, xp):
+    """Apply one further generator pass (``step(x) -> (raw, mask)``) per entry of ``weights`` to
+    the blended output of a first pass (``raw``, ``mask`` on input ``x0``, all (B, C, S, S) in
+    [-1, 1] / [0, 1]) and return one equivalent (raw, mask) pair (see GeneratorRunner). ``xp``:
+    numpy or torch. Each entry, None or (1, 1, S, S) in [0, 1] of x0's array kind (e.g.
+    :func:`later_pass_weight`, :func:`eye_pass_weight`), scales the mask of its pass: where it is
+    0 the face stays as the passes before drew it."""
     x = mask * raw + (1 - mask) * x0
     keep = 1 - mask
-    for _ in range(more):
+    for w in weights:
         r, m = step(x)
         r, m = (r.float(), m.float().clamp(0, 1)) if xp is not np else (r, np.clip(m, 0, 1))
-        if later is not None:
-            m = m * later
+        if w is not None:
+            m = m * w
         x = m * r + (1 - m) * x
         keep = keep * (1 - m)
     total = 1 - keep

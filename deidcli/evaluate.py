@@ -86,16 +86,18 @@ def _local_classic(img: np.ndarray, face_px: float, method: str) -> np.ndarray:
 
 def generate_on_crops(gen, crops: np.ndarray, desc: np.ndarray, device="cpu",
                       batch_size: int = 32, passes: int = 1,
-                      colour_match: bool = True, first_pass_mouth: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                      colour_match: bool = True, first_pass_mouth: bool = True,
+                      eye_pass: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(blended uint8 (N,S,S,3), mask float32 (N,S,S)) from the generator on uint8 crops;
     ``passes`` > 1 applies it again to its own blended output (mask: 1 - prod(1 - m_i)), as
     ``deid anonymize --passes`` does; ``colour_match`` gives the combined raw output the input's
     colour statistics first (align.match_colour), as ``deid anonymize`` does by default;
-    ``first_pass_mouth``: passes after the first leave the mouth alone (engine.GeneratorRunner)."""
+    ``first_pass_mouth``: passes after the first leave the mouth alone; ``eye_pass``: one run more,
+    on the eye band only (engine.GeneratorRunner)."""
     import torch
 
     from .align import match_colour
-    from .engine import _compose_passes, later_pass_weight
+    from .engine import _compose_passes, eye_pass_weight, later_pass_weight
     from .identity import to_input
 
     def to_uint8(t):
@@ -104,6 +106,9 @@ def generate_on_crops(gen, crops: np.ndarray, desc: np.ndarray, device="cpu",
     later = None
     if first_pass_mouth:
         later = torch.from_numpy(later_pass_weight(crops.shape[1], float(gen.config["margin"]))).to(device)
+    further = [later] * (passes - 1)
+    if eye_pass:
+        further.append(torch.from_numpy(eye_pass_weight(crops.shape[1], float(gen.config["margin"]))).to(device))
     outs, masks = [], []
     with torch.no_grad():
         for i in range(0, len(crops), batch_size):
@@ -111,8 +116,8 @@ def generate_on_crops(gen, crops: np.ndarray, desc: np.ndarray, device="cpu",
             x = to_input(c).to(device)
             d = torch.from_numpy(desc[i:i + batch_size]).to(device)
             raw, m = gen(x, d)
-            if passes > 1:  # one equivalent (raw, mask) pair, as GeneratorRunner returns
-                raw, m = _compose_passes(x, raw, m.clamp(0, 1), passes - 1, lambda y: gen(y, d), torch, later)
+            if further:  # one equivalent (raw, mask) pair, as GeneratorRunner returns
+                raw, m = _compose_passes(x, raw, m.clamp(0, 1), further, lambda y: gen(y, d), torch)
             mk = m[:, 0].float().cpu().numpy()
             if colour_match:
                 raw8 = np.stack([match_colour(r, ci, mi) for r, ci, mi in zip(to_uint8(raw), c, mk)])
@@ -244,11 +249,13 @@ def evaluate(weights: Optional[os.PathLike] = None, out_dir: os.PathLike = "out/
              cache_dir: Optional[os.PathLike] = None, lfw_dir: Optional[os.PathLike] = None,
              models_dir: Optional[os.PathLike] = None, device: str = "cpu",
              limit: Optional[int] = None, seed: int = 0, detect: bool = True,
-             judges: Sequence[str] = (), colour_match: bool = True, first_pass_mouth: bool = True) -> dict:
+             judges: Sequence[str] = (), colour_match: bool = True, first_pass_mouth: bool = True,
+             eye_pass: bool = False) -> dict:
     """Run the evaluation; writes report.json / report.md / contact_sheet.png in ``out_dir`` and
     returns the report dict. ``colour_match``: generate as ``deid anonymize`` does by default
     (align.match_colour); False for the generator's own colours. ``first_pass_mouth``: as
-    ``deid anonymize`` does by default, generate:K's later passes leave the mouth alone."""
+    ``deid anonymize`` does by default, generate:K's later passes leave the mouth alone.
+    ``eye_pass``: one generator run more on the eye band (``deid anonymize --eye-pass``)."""
     import cv2
 
     from .faces import Detector
@@ -339,14 +346,16 @@ def evaluate(weights: Optional[os.PathLike] = None, out_dir: os.PathLike = "out/
                     jver["tar_clean"])
     if gen is not None:
         report["generator"] = {"path": str(wpath), "colour_match": bool(colour_match),
-                               "first_pass_mouth": bool(first_pass_mouth), "config": gen.config,
+                               "first_pass_mouth": bool(first_pass_mouth), "eye_pass": bool(eye_pass),
+                               "config": gen.config,
                                "meta": {k: v for k, v in gen.meta.items() if k != "train_config"}}
     sheet_idx = np.sort(rng.choice(len(sub), min(32, len(sub)), replace=False))
     for method in methods:
         tm = time.time()
         if method.startswith("generate"):
             anon, masks = generate_on_crops(gen, crops[sub], desc[sub], device, passes=_method_passes(method),
-                                            colour_match=colour_match, first_pass_mouth=first_pass_mouth)
+                                            colour_match=colour_match, first_pass_mouth=first_pass_mouth,
+                                            eye_pass=eye_pass)
         elif method in ("blur", "pixelate"):
             anon = classic_on_crops(crops[sub], method, size, margin, data["crop_kps"][sub])
             masks = (np.abs(anon.astype(np.int16) - crops[sub]).sum(-1) > 0).astype(np.float32)

@@ -60,6 +60,7 @@ class AnonymizeOptions:
     max_passes: int = 4  # most passes the identity check may raise a track to before it blurs the face
     colour_match: bool = True  # give the generated face the input face's colour statistics (align.match_colour)
     first_pass_mouth: bool = True  # passes after the first leave the mouth as the first drew it (lip motion)
+    eye_pass: bool = False  # one generator run more per face, its mask limited to the eyes and brows
     keep_detail: bool = True  # paste the generated face's change, so the frame keeps detail finer than the crop
     pass_hold: int = PASS_HOLD  # faces a track stays at passes raised by the check before each step down to `passes` (0: for good)
     margin: float = 0.25  # extra margin around the face box for blur/pixelate/solid, fraction of size

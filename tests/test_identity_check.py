@@ -87,6 +87,46 @@ def test_later_passes_keep_the_first_pass_mouth():
     assert np.abs(kept - one)[:, eyes].mean() > 2.0
 
 
+def test_eye_pass_changes_only_the_eyes_and_brows():
+    """--eye-pass, shipped generator, real LFW faces: one run more whose change stays inside the
+    eye band (align.eye_band, softened): outside it the face is the one-pass face (to uint8
+    rounding), inside it the eyes change further; on top of 2 passes likewise; and it equals
+    the explicit extra run, blended with its mask times the eye weight."""
+    from conftest import aligned_lfw_crops
+
+    from deidcli.align import CROP_MARGIN, CROP_SIZE, eye_band
+    from deidcli.model import load_generator
+    from deidcli.weights import generator_path
+
+    crops = aligned_lfw_crops(["Aaron_Peirsol/Aaron_Peirsol_0001.jpg", "Gwyneth_Paltrow/Gwyneth_Paltrow_0001.jpg"])
+    rng = np.random.default_rng(1)
+    desc = rng.normal(size=(2, 128)).astype(np.float32)
+    desc /= np.linalg.norm(desc, axis=1, keepdims=True)
+    gen = load_generator(generator_path(None), device="cpu")
+    rt = engine.resolve_runtime("cpu")
+    plain = engine.GeneratorRunner(gen, rt, colour_match=False)
+    eyed = engine.GeneratorRunner(gen, rt, colour_match=False, eye_pass=True)
+
+    def out(runner, k):
+        raw, mask = runner.run(crops, desc, passes=k)
+        return mask[..., None] * raw + (1 - mask[..., None]) * crops
+
+    w = engine.eye_pass_weight(CROP_SIZE, CROP_MARGIN)[0, 0]
+    x0, y0, x1, y1 = eye_band(CROP_SIZE, CROP_MARGIN)
+    assert w[y0:y1, x0:x1].min() > 0.25 and w.max() == 1  # its corners are softened
+    outside, inside = w == 0, w == 1
+    assert outside.sum() > 0.6 * w.size and inside.sum() > 0.5 * (x1 - x0) * (y1 - y0)
+    for k in (1, 2):
+        base, more = out(plain, k), out(eyed, k)
+        assert np.abs(more - base)[:, outside].max() < 1.0, k  # rounding of the composed raw to uint8
+        assert np.abs(more - base)[:, inside].mean() > 2.0, k
+    # the explicit extra run on the one-pass face
+    one = np.rint(out(plain, 1)).clip(0, 255).astype(np.uint8)
+    r, m = plain.run(one, desc)
+    explicit = (m * w)[..., None] * r + (1 - (m * w)[..., None]) * one
+    assert np.abs(out(eyed, 1) - explicit).mean() < 0.5
+
+
 def _report(args):
     p = run("anonymize", *args, "--json", check=0)
     return json.loads(p.stdout)["files"][0]

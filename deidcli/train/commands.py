@@ -133,9 +133,11 @@ def train_command(config_path, name, device, steps, max_minutes, runs_dir, cache
 @click.option("--first-pass-mouth/--every-pass-mouth", default=True,
               help="generate:K: passes after the first leave the mouth as the first drew it, as `deid "
                    "anonymize` does by default (--every-pass-mouth: every pass redraws it).")
+@click.option("--eye-pass/--no-eye-pass", default=False,
+              help="generate: one generator run more on the eye band only, as `deid anonymize --eye-pass`.")
 @_one_line_errors
 def evaluate_command(weights, out_dir, methods, cache_dir, lfw_dir, models_dir, device, limit, judges, colour_match,
-                     first_pass_mouth):
+                     first_pass_mouth, eye_pass):
     """Measure identity removal and what is kept on LFW DevTest; JSON on stdout."""
     _logging()
     from ..evaluate import _method_passes, evaluate
@@ -155,5 +157,5 @@ def evaluate_command(weights, out_dir, methods, cache_dir, lfw_dir, models_dir, 
     report = evaluate(weights=weights, out_dir=out_dir, methods=methods,
                       cache_dir=cache_dir, lfw_dir=lfw_dir, models_dir=models_dir, device=device,
                       limit=limit, judges=judges, colour_match=colour_match,
-                      first_pass_mouth=first_pass_mouth)
+                      first_pass_mouth=first_pass_mouth, eye_pass=eye_pass)
     click.echo(json.dumps(report))
