@@ -402,6 +402,34 @@ def _pearson(a: Sequence[float], b: Sequence[float]) -> Optional[float]:
     return float(np.corrcoef(a, b)[0, 1])
 
 
+#: Block bootstrap of a correlation over a track's frames: blocks of about a second (neighbouring
+#: frames are not independent), this many resamples, fixed seed (the same figures on a rerun).
+CI_BLOCK_FRAMES = 25
+CI_RESAMPLES = 1000
+
+
+def _corr_ci90(a: Sequence[float], b: Sequence[float], block: int = CI_BLOCK_FRAMES,
+               resamples: int = CI_RESAMPLES) -> Optional[list]:
+    """[5th, 95th] percentile of the Pearson correlation of ``a`` and ``b`` (per-frame values of
+    one track, in frame order) over moving-block bootstrap resamples: how far the figure moves
+    with which frames happen to be in the clip. None below two blocks of frames."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    n = len(a)
+    if n < 2 * block:
+        return None
+    rng = np.random.default_rng(0)
+    k = -(-n // block)  # blocks per resample
+    starts = rng.integers(0, n - block + 1, (resamples, k))
+    idx = (starts[:, :, None] + np.arange(block)).reshape(resamples, -1)[:, :n]
+    x, y = a[idx], b[idx]
+    x = x - x.mean(1, keepdims=True)
+    y = y - y.mean(1, keepdims=True)
+    den = np.sqrt((x * x).sum(1) * (y * y).sum(1))
+    r = (x * y).sum(1)[den > 1e-12] / den[den > 1e-12]
+    return [float(v) for v in np.percentile(r, [5, 95])] if len(r) else None
+
+
 def _mean(v) -> Optional[float]:
     return float(np.mean(v)) if len(v) else None
 
@@ -468,9 +496,11 @@ class _Track:
             "mouth_in_std": sd,
             "mouth_out_std": float(np.std(self.mouth_out)) if self.mouth_out else None,
             "mouth_corr": corr,
+            "mouth_corr_ci90": _corr_ci90(self.mouth_in, self.mouth_out) if corr is not None else None,
             "lips_in_std": lsd,
             "lips_out_std": float(np.std(self.lips_out)) if self.lips_out else None,
             "lips_corr": lcorr,
+            "lips_corr_ci90": _corr_ci90(self.lips_in, self.lips_out) if lcorr is not None else None,
             **_judge_summary(self.judge_dist),
         }
 
@@ -836,6 +866,10 @@ def _f(v, fmt: str = ".3f") -> str:
     return format(v, fmt)
 
 
+def _ci(v: Optional[list]) -> str:
+    return "" if not v else f" ({v[0]:.2f}-{v[1]:.2f})"
+
+
 def _frames_list(v: list, limit: int = 12) -> str:
     if not v:
         return "0"
@@ -871,7 +905,7 @@ def to_markdown(results) -> str:
                 str(t["interpolated"]), _frames_list(t["exposed_frames"]), _f(t["cos_mean"]), _f(t["cos_max"]),
                 _f(t["verified_frac"]), _f(t["flicker_ratio"], ".2f"), _f(ev, ".2f"),
                 _f(t["landmark_disp_iod_pct"], ".1f"), _f(t["mouth_in_std"], ".3f"), _f(t["mouth_corr"], ".2f"),
-                _f(t.get("lips_in_std"), ".3f"), _f(t.get("lips_corr"), ".2f"),
+                _f(t.get("lips_in_std"), ".3f"), _f(t.get("lips_corr"), ".2f") + _ci(t.get("lips_corr_ci90")),
             ]) + " |")
     judged = [(r, t) for r in results for t in r["per_track"] if t.get("judge_faces")]
     if judged:
@@ -886,7 +920,8 @@ def to_markdown(results) -> str:
     out += ["", f"Exposed: output face verified as the input person (cosine >= {thr:.4f}, FAR 0.1% on LFW) "
                 f"or unchanged (ArcFace crop MAD < {UNCHANGED_MAD:g}). Flicker: mean |crop(t) - crop(t-1)| "
                 "(0-255) at the input's landmarks; mouth r: jaw-drop proxy, lips r: inner-lip opening (dlib 68 "
-                "points; '-' when not installed or the input's lips barely move); targets: 0 exposed, "
+                "points; '-' when not installed or the input's lips barely move), in brackets its 90% "
+                "interval over block-bootstrap resamples of the track's frames (1 s blocks); targets: 0 exposed, "
                 "ratio <= 1.3, lips r (or mouth r without dlib) >= 0.9. A clip against its own plain re-encode "
                 "(examples/reencode_floor.sh) gives the noise floor of these figures."]
     return "\n".join(out) + "\n"

@@ -265,3 +265,23 @@ def test_low_score_tracks_count_only_when_confirmed(shared, tmp_path):
     unconf = r["unconfirmed_tracks"]
     assert unconf and all(u["max_score"] < 0.5 for u in unconf)
     assert any(u["first_frame"] <= 55 <= u["last_frame"] for u in unconf), unconf
+
+
+def test_correlation_interval_is_a_block_bootstrap():
+    """lips r / mouth r come with a 90% interval over 1 s block-bootstrap resamples of the track's
+    frames: it holds the figure, is reproducible, is wider for a noisier relation, and is absent
+    below two blocks of frames."""
+    from deidcli.evaluate_video import CI_BLOCK_FRAMES, _corr_ci90, _pearson
+
+    rng = np.random.default_rng(3)
+    t = np.arange(300)
+    a = np.sin(t / 9.0) + 0.3 * np.sin(t / 2.3)
+    tight = a + 0.15 * rng.normal(size=300)
+    loose = a + 0.6 * rng.normal(size=300)
+    lo_t, hi_t = _corr_ci90(a, tight)
+    lo_l, hi_l = _corr_ci90(a, loose)
+    assert lo_t <= _pearson(a, tight) <= hi_t and lo_l <= _pearson(a, loose) <= hi_l
+    assert hi_t - lo_t < hi_l - lo_l and hi_l < lo_t  # the noisier relation: lower and wider
+    assert _corr_ci90(a, tight) == [lo_t, hi_t]  # seeded
+    assert _corr_ci90(a, a) == pytest.approx([1.0, 1.0])
+    assert _corr_ci90(a[:2 * CI_BLOCK_FRAMES - 1], tight[:2 * CI_BLOCK_FRAMES - 1]) is None
