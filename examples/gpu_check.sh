@@ -13,6 +13,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_check}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+TEE=$!
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
 FP16=$([ "$DEVICE" = cpu ] || echo --fp16)
@@ -62,3 +63,5 @@ deid anonymize "$CLIP" "$OUT/face1080.deid.mp4" --device "$DEVICE" $FP16 --overw
   --report "$OUT/face1080.report.json" --quiet
 echo "exit $?"
 ls -la "$OUT"
+exec 1>&- 2>&-  # let tee write the end of the log before the tool collects $OUT
+wait "$TEE" 2>/dev/null
