@@ -51,14 +51,11 @@ def test_passes_compose_to_one_raw_and_mask(backend, first_pass_mouth):
         runner.run(crops, desc, passes=0)
 
 
-def test_later_passes_keep_the_first_pass_mouth():
-    """Shipped generator, real LFW faces: with first_pass_mouth (the default) 3 passes leave the
-    mouth box exactly as the first pass drew it and still change the eyes further; with
-    --every-pass-mouth the mouth changes too."""
+def _two_lfw_faces():
+    """Two real LFW crops, random unit descriptors, the shipped generator and the CPU runtime, and
+    ``out(runner, k)``: the k-pass blended crops (float) of a runner on them."""
     from conftest import aligned_lfw_crops
 
-    from deidcli.align import CROP_MARGIN, CROP_SIZE, crop_template, mouth_box
-    from deidcli.identity import load_identity_net  # noqa: F401  (models present)
     from deidcli.model import load_generator
     from deidcli.weights import generator_path
 
@@ -66,15 +63,23 @@ def test_later_passes_keep_the_first_pass_mouth():
     rng = np.random.default_rng(1)
     desc = rng.normal(size=(2, 128)).astype(np.float32)
     desc /= np.linalg.norm(desc, axis=1, keepdims=True)
-    gen = load_generator(generator_path(None), device="cpu")
-    rt = engine.resolve_runtime("cpu")
-    keep = engine.GeneratorRunner(gen, rt, colour_match=False)
-    redraw = engine.GeneratorRunner(gen, rt, colour_match=False, first_pass_mouth=False)
 
     def out(runner, k):
         raw, mask = runner.run(crops, desc, passes=k)
         return mask[..., None] * raw + (1 - mask[..., None]) * crops
 
+    return crops, desc, load_generator(generator_path(None), device="cpu"), engine.resolve_runtime("cpu"), out
+
+
+def test_later_passes_keep_the_first_pass_mouth():
+    """Shipped generator, real LFW faces: with first_pass_mouth (the default) 3 passes leave the
+    mouth box exactly as the first pass drew it and still change the eyes further; with
+    --every-pass-mouth the mouth changes too."""
+    from deidcli.align import CROP_MARGIN, CROP_SIZE, crop_template, mouth_box
+
+    crops, desc, gen, rt, out = _two_lfw_faces()
+    keep = engine.GeneratorRunner(gen, rt, colour_match=False)
+    redraw = engine.GeneratorRunner(gen, rt, colour_match=False, first_pass_mouth=False)
     one, kept, redrawn = out(keep, 1), out(keep, 3), out(redraw, 3)
     core = engine.later_pass_weight(CROP_SIZE, CROP_MARGIN)[0, 0] == 0  # the mouth box, inside its soft edge
     assert core.sum() > 200 and mouth_box(CROP_SIZE, CROP_MARGIN)[core].min() == 1
@@ -92,25 +97,11 @@ def test_eye_pass_changes_only_the_eyes_and_brows():
     eye band (align.eye_band, softened): outside it the face is the one-pass face (to uint8
     rounding), inside it the eyes change further; on top of 2 passes likewise; and it equals
     the explicit extra run, blended with its mask times the eye weight."""
-    from conftest import aligned_lfw_crops
-
     from deidcli.align import CROP_MARGIN, CROP_SIZE, eye_band
-    from deidcli.model import load_generator
-    from deidcli.weights import generator_path
 
-    crops = aligned_lfw_crops(["Aaron_Peirsol/Aaron_Peirsol_0001.jpg", "Gwyneth_Paltrow/Gwyneth_Paltrow_0001.jpg"])
-    rng = np.random.default_rng(1)
-    desc = rng.normal(size=(2, 128)).astype(np.float32)
-    desc /= np.linalg.norm(desc, axis=1, keepdims=True)
-    gen = load_generator(generator_path(None), device="cpu")
-    rt = engine.resolve_runtime("cpu")
+    crops, desc, gen, rt, out = _two_lfw_faces()
     plain = engine.GeneratorRunner(gen, rt, colour_match=False)
     eyed = engine.GeneratorRunner(gen, rt, colour_match=False, eye_pass=True)
-
-    def out(runner, k):
-        raw, mask = runner.run(crops, desc, passes=k)
-        return mask[..., None] * raw + (1 - mask[..., None]) * crops
-
     w = engine.eye_pass_weight(CROP_SIZE, CROP_MARGIN)[0, 0]
     x0, y0, x1, y1 = eye_band(CROP_SIZE, CROP_MARGIN)
     assert w[y0:y1, x0:x1].min() > 0.25 and w.max() == 1  # its corners are softened
