@@ -167,8 +167,9 @@ class GeneratorRunner:
         x0 -= 1.0
         d = np.ascontiguousarray(desc, dtype=np.float32)
         raw, mask = self.session.run(None, {"x": x0, "d": d})
-        if self.further(passes):
-            raw, mask = _compose_passes(x0, raw, np.clip(mask, 0, 1), self.further(passes),
+        further = self.further(passes)
+        if further:
+            raw, mask = _compose_passes(x0, raw, np.clip(mask, 0, 1), further,
                                         lambda x: self.session.run(None, {"x": x, "d": d}), np)
         raw = np.rint(np.clip((raw + 1.0) * 127.5, 0, 255)).astype(np.uint8).transpose(0, 2, 3, 1)
         return np.ascontiguousarray(raw), np.clip(mask[:, 0], 0, 1)
@@ -180,8 +181,9 @@ class GeneratorRunner:
             x = x.permute(0, 3, 1, 2).to(self.dtype).div_(127.5).sub_(1.0)
             d = torch.from_numpy(np.ascontiguousarray(desc)).to(self.device, self.dtype)
             raw, mask = self.generator(x, d)
-            if self.further(passes):
-                raw, mask = _compose_passes(x.float(), raw.float(), mask.float().clamp(0, 1), self.further(passes),
+            further = self.further(passes)
+            if further:
+                raw, mask = _compose_passes(x.float(), raw.float(), mask.float().clamp(0, 1), further,
                                             lambda y: self.generator(y.to(self.dtype), d), torch)
             raw = raw.float().add_(1.0).mul_(127.5).clamp_(0, 255).round_().to(torch.uint8)
             return raw.permute(0, 2, 3, 1).cpu().numpy(), mask.float()[:, 0].clamp_(0, 1).cpu().numpy()
