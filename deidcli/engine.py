@@ -159,7 +159,7 @@ class GeneratorRunner:
     def further(self, passes: int) -> list:
         """Mask weights of the runs after the first for a face of ``passes`` passes (see
         _compose_passes): the later passes' (None: the whole face), then the eye pass's."""
-        return [self.later] * (passes - 1) + ([self.eye] if self.eye is not None else [])
+        return further_weights(passes, self.later, self.eye)
 
     def _run_onnx(self, crops: np.ndarray, desc: np.ndarray, passes: int) -> tuple[np.ndarray, np.ndarray]:
         x0 = crops.transpose(0, 3, 1, 2).astype(np.float32)
@@ -204,6 +204,13 @@ def eye_pass_weight(size: int, margin: float) -> np.ndarray:
 
     x0, y0, x1, y1 = eye_band(size, margin)
     return soft_box(size, (x0, y0, x1 - 1, y1 - 1), soften=(size // 14) | 1)[None, None]
+
+
+def further_weights(passes: int, later=None, eye=None) -> list:
+    """The mask weights of the generator runs after the first (see _compose_passes) for ``passes``
+    passes: ``later`` for each further pass (None: the whole face), then ``eye`` for the eye pass
+    when it is given."""
+    return [later] * (passes - 1) + ([eye] if eye is not None else [])
 
 
 def _compose_passes(x0, raw, mask, weights, step, xp):

@@ -97,7 +97,7 @@ def generate_on_crops(gen, crops: np.ndarray, desc: np.ndarray, device="cpu",
     import torch
 
     from .align import match_colour
-    from .engine import _compose_passes, eye_pass_weight, later_pass_weight
+    from .engine import _compose_passes, eye_pass_weight, further_weights, later_pass_weight
     from .identity import to_input
 
     def to_uint8(t):
@@ -106,9 +106,10 @@ def generate_on_crops(gen, crops: np.ndarray, desc: np.ndarray, device="cpu",
     later = None
     if first_pass_mouth:
         later = torch.from_numpy(later_pass_weight(crops.shape[1], float(gen.config["margin"]))).to(device)
-    further = [later] * (passes - 1)
+    eye = None
     if eye_pass:
-        further.append(torch.from_numpy(eye_pass_weight(crops.shape[1], float(gen.config["margin"]))).to(device))
+        eye = torch.from_numpy(eye_pass_weight(crops.shape[1], float(gen.config["margin"]))).to(device)
+    further = further_weights(passes, later, eye)
     outs, masks = [], []
     with torch.no_grad():
         for i in range(0, len(crops), batch_size):
