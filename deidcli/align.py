@@ -195,6 +195,23 @@ def match_colour(raw: np.ndarray, crop: np.ndarray, mask: np.ndarray, min_weight
 def paste(image: np.ndarray, crop: np.ndarray, mask: np.ndarray, M: np.ndarray,
           detail: int = 0) -> tuple[int, int, int, int] | None:
     """Blend ``crop`` (S, S, 3) uint8 into ``image`` (H, W, 3) uint8 in place, weighted by ``mask``
+    (S, S) float32 in [0, 1] (already feathered), through the inverse of ``M``: writes
+    :func:`pasted_region` into its rectangle and returns the rectangle (None: nothing to paste).
+    """
+    region = pasted_region(image, crop, mask, M, detail)
+    if region is None:
+        return None
+    box, pixels = region
+    x0, y0, x1, y1 = box
+    np.copyto(image[y0:y1, x0:x1], pixels)
+    return box
+
+
+def pasted_region(image: np.ndarray, crop: np.ndarray, mask: np.ndarray, M: np.ndarray,
+                  detail: int = 0) -> tuple[tuple[int, int, int, int], np.ndarray] | None:
+    """What :func:`paste` writes, ``image`` untouched: ``(box, pixels)``, the rectangle
+    (x0, y0, x1, y1) in frame pixels and its new content (y1 - y0, x1 - x0, 3) uint8, or None if
+    the crop falls outside the frame. ``crop`` (S, S, 3) uint8 is blended in weighted by ``mask``
     (S, S) float32 in [0, 1] (already feathered), through the inverse of ``M``.
 
     With ``detail`` D > 0, what is warped and added is the crop's *change*: crop and mask resized
@@ -203,8 +220,7 @@ def paste(image: np.ndarray, crop: np.ndarray, mask: np.ndarray, M: np.ndarray,
     which the plain paste replaces with the upscaled, softer crop); coarser than that, the result
     is the plain paste's. A face smaller than D px in the frame gets (nearly) the plain paste.
 
-    Only pixels where the warped mask is > 0 change. Returns the touched rectangle
-    (x0, y0, x1, y1) in frame pixels, or None if the crop falls outside the frame.
+    Only pixels where the warped mask is > 0 differ from the image's.
     """
     size = crop.shape[0]
     assert crop.shape == (size, size, 3) and crop.dtype == np.uint8, (crop.shape, crop.dtype)
@@ -233,29 +249,35 @@ def paste(image: np.ndarray, crop: np.ndarray, mask: np.ndarray, M: np.ndarray,
         base = cv2.warpAffine(roi, Mroi, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         delta = cv2.subtract(crop, base, dtype=cv2.CV_32F) * mask[..., None]
         w_delta = cv2.warpAffine(delta, Mroi, roi_size, flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        np.copyto(roi, cv2.add(roi, w_delta, dtype=cv2.CV_8U))
-        return box
+        return box, cv2.add(roi, w_delta, dtype=cv2.CV_8U)
     w_crop = cv2.warpAffine(crop, Mroi, roi_size, flags=flags, borderMode=cv2.BORDER_REPLICATE)
     w_mask = cv2.warpAffine(mask, Mroi, roi_size, flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     # (1 - a) * roi + a * crop, rounded, in one OpenCV pass (9x faster than numpy in float32 on a
     # 448x448 ROI); where a == 0 the weights are (1, 0), and the division by their sum (+1e-5)
     # moves no value by half a grey level, so those pixels keep their exact value.
-    np.copyto(roi, cv2.blendLinear(roi, w_crop, 1.0 - w_mask, w_mask))
-    return box
+    return box, cv2.blendLinear(roi, w_crop, 1.0 - w_mask, w_mask)
 
 
 def pasted_arcface(image: np.ndarray, crop: np.ndarray, mask: np.ndarray, M: np.ndarray, kps: np.ndarray,
-                   detail: int = 0) -> np.ndarray:
+                   detail: int = 0, region=False):
     """The ArcFace 112 crop (:func:`arcface_crop` at ``kps``) of ``image`` as :func:`paste` with
-    the same arguments would leave it, ``image`` untouched (the paste goes into a copy of the
-    region): what an identity network looking at the output frame will see of the face."""
-    box = crop_box(M, crop.shape[0], image.shape)
-    if box is None:
-        return arcface_crop(image, kps)
-    x0, y0, x1, y1 = box
-    sub = image[y0:y1, x0:x1].copy()
-    paste(sub, crop, mask, _from_origin(M, x0, y0), detail)
-    return arcface_crop(sub, np.asarray(kps, np.float32) - np.array([x0, y0], np.float32))
+    the same arguments would leave it: what an identity network looking at the output frame will
+    see of the face, to the bit. ``image`` is pasted into for the crop and restored before this
+    returns (so no other thread may read it meanwhile). With ``region=True``, returns
+    ``(arcface crop, pasted_region(...))`` so that the caller can write the same pixels later."""
+    reg = pasted_region(image, crop, mask, M, detail)
+    if reg is None:
+        face = arcface_crop(image, kps)
+    else:
+        (x0, y0, x1, y1), pixels = reg
+        roi = image[y0:y1, x0:x1]
+        kept = roi.copy()
+        try:
+            np.copyto(roi, pixels)
+            face = arcface_crop(image, kps)
+        finally:
+            np.copyto(roi, kept)
+    return (face, reg) if region else face
 
 
 def _from_origin(M: np.ndarray, x0: int, y0: int) -> np.ndarray:

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 #: Most frames held waiting for a generator batch to fill (bounds latency and memory).
 MAX_PENDING_FRAMES = 64
+#: The first generator batch of a video holds batch_size // FIRST_BATCH_DIVISOR faces, each next
+#: one twice as many, up to batch_size (Pipeline.process_frames).
+FIRST_BATCH_DIVISOR = 4
 #: Faces of a new track averaged into its fixed identity descriptor.
 DESCRIPTOR_FACES = 5
 #: --keep-detail pastes the generated face's change at this many times the generator's crop size
@@ -263,7 +266,7 @@ class Pipeline:
         levels = np.array([passes.take(t) for t in tracks], np.int64)
         with stages("generate"):
             raw, mask = self.runner.run(crops, desc, levels)
-        return _Generated(jobs, crops, desc, tracks, levels, raw, [feather(m, S) for m in mask])
+        return _Generated(jobs, crops, desc, tracks, levels, raw, [feather(m, S) for m in mask], [None] * len(jobs))
 
     def finish(self, items: Sequence[tuple[np.ndarray, Sequence]], gen: Optional["_Generated"],
                stages: Stages = NULL, passes: Optional[PassLevels] = None, stats: Optional[dict] = None) -> list[list]:
@@ -287,7 +290,14 @@ class Pipeline:
                 if fallback[j]:
                     rects[i].extend(apply_classic(items[i][0], [f], "blur", o.margin))
                     continue
-                box = paste(items[i][0], r, m, M, self.detail)
+                region = gen.regions[j]
+                if region is not None and not any(_overlap(region[0], b) for b in rects[i]):
+                    # the check pasted this face into a copy of the frame as it is now: the same pixels
+                    (x0, y0, x1, y1), pixels = region
+                    np.copyto(items[i][0][y0:y1, x0:x1], pixels)
+                    box = region[0]
+                else:  # no check, or a face already pasted in this frame overlaps it
+                    box = paste(items[i][0], r, m, M, self.detail)
                 if box is not None:
                     rects[i].append(box)
         return rects
@@ -327,15 +337,20 @@ class Pipeline:
             for j, rj, mj in zip(behind, r, m):
                 masks[j] = feather(mj, S)
                 raw[j] = rj
+                gen.regions[j] = None
         todo = np.arange(len(crops))
         if self.detail:
             from .align import arcface_crop, pasted_arcface
 
             frames = [items[i][0] for i, _, _ in gen.jobs]
 
-            def seen(idx):  # as the output frame will show them
-                return self.embedder.embed_check([pasted_arcface(frames[j], raw[j], masks[j], gen.jobs[j][1],
-                                                                 gen.jobs[j][2].kps, self.detail) for j in idx])
+            def seen(idx):  # as the output frame will show them; finish writes the same pixels
+                faces = []
+                for j in idx:
+                    face, gen.regions[j] = pasted_arcface(frames[j], raw[j], masks[j], gen.jobs[j][1],
+                                                          gen.jobs[j][2].kps, self.detail, region=True)
+                    faces.append(face)
+                return self.embedder.embed_check(faces)
             with stages("identity"):
                 own = self.embedder.embed_check([arcface_crop(frames[j], gen.jobs[j][2].kps) for j in todo])
         else:
@@ -370,6 +385,7 @@ class Pipeline:
             for j, rj, mj in zip(todo, r, m):
                 masks[j] = feather(mj, S)
                 raw[j] = rj
+                gen.regions[j] = None
         stats["fallback"] += int(fallback.sum())
         return fallback
 
@@ -464,12 +480,17 @@ class Pipeline:
         def batches() -> Iterator[list]:
             ready: list = []  # (frame, faces) waiting for a full generator batch
             n_faces = 0
+            # The first batches are smaller (a quarter of --batch-size, doubling), so that the
+            # generator, the check and the encoder start while the detector is still alone
+            # (1280x720, 2 cores: the first full batch of 32 faces waits on 16 detected frames).
+            target = max(1, batch_faces // FIRST_BATCH_DIVISOR)
             for vf, faces in tracked:
                 ready.append((vf, faces))
                 n_faces += len(faces)
-                if n_faces >= batch_faces or len(ready) >= MAX_PENDING_FRAMES:
+                if n_faces >= target or len(ready) >= MAX_PENDING_FRAMES:
                     yield ready
                     ready, n_faces = [], 0
+                    target = min(batch_faces, 2 * target)
             if ready:
                 yield ready
 
@@ -527,7 +548,9 @@ class _Generated:
     """The generator's output for one batch (Pipeline.generate), per face j:
     jobs[j] = (item index, M (2, 3) frame -> crop, face); crops (N, S, S, 3) uint8 RGB input
     crops; desc (N, D) float32 track descriptors; tracks[j] track id; levels (N,) int64 passes
-    run; raw (N, S, S, 3) uint8 RGB; masks[j] (S, S) float32 in [0, 1], feathered."""
+    run; raw (N, S, S, 3) uint8 RGB; masks[j] (S, S) float32 in [0, 1], feathered; regions[j]
+    None or align.pasted_region of the face's current raw and mask on its frame as it was before
+    any face of the batch was pasted (set by the identity check, which embeds that)."""
 
     jobs: list
     crops: np.ndarray
@@ -536,6 +559,12 @@ class _Generated:
     levels: np.ndarray
     raw: np.ndarray
     masks: list
+    regions: list
+
+
+def _overlap(a: Sequence[int], b: Sequence[int]) -> bool:
+    """Whether rectangles (x0, y0, x1, y1) share a pixel."""
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 def _blend_crops(crops: np.ndarray, raw: np.ndarray, masks: Sequence[np.ndarray]) -> np.ndarray:

@@ -203,7 +203,8 @@ def test_colour_match_gives_the_input_colours_and_keeps_shapes():
     """--colour-match (GeneratorRunner(colour_match=True), align.match_colour), shipped generator,
     8 real LFW DevTest faces: under the mask the generator's own output is several CIELAB units
     lighter than the input; matched, the means agree within 1.5. The matched raw is a per-channel
-    affine map of the raw (shapes, hence the new identity, untouched); no mask leaves raw as is."""
+    affine map of the raw (shapes, hence the new identity, untouched) wherever the uint8 range does not
+    clip it; no mask leaves raw as is."""
     import cv2
 
     from conftest import LFW, MODELS, aligned_lfw_crops
@@ -234,10 +235,72 @@ def test_colour_match_gives_the_input_colours_and_keeps_shapes():
     assert np.abs(d0[:, 0]).mean() > 3, d0  # the generator's own colours: lighter
     assert np.abs(d1).max() < 1.5, d1
     for r0, r1, m in zip(raw0, raw1, mask0):
-        sel = m > 0.5
+        sel = (m > 0.5) & ~((r1 == 0) | (r1 == 255)).any(-1)  # not clipped to the uint8 range
         for ch in range(3):
             x, y = lab(r0)[..., ch][sel], lab(r1)[..., ch][sel]
             if x.std() > 1:
                 assert np.corrcoef(x, y)[0, 1] > 0.98
     r = raw0[0]
     assert match_colour(r, crops[0], np.zeros(mask0[0].shape, np.float32)) is r
+
+
+@pytest.mark.parametrize("check_thresh", [0.0, 1.0])
+def test_finish_writes_what_the_check_saw(check_thresh):
+    """Pipeline.finish writes the pixels the identity check embedded (its pasted_region) instead of
+    pasting again; the frames must equal pasting every face's final raw and mask in order, also
+    where a face overlaps one pasted before it in the same frame (there the region the check saw is
+    stale and the face is pasted again) and where faces were regenerated (threshold 0: most are)."""
+    import copy
+    from pathlib import Path
+
+    from conftest import MODELS, VIDEOS
+    from deidcli.align import paste
+    from deidcli.anonymize import Pipeline, new_check_stats
+    from deidcli.options import AnonymizeOptions
+
+    p = Pipeline(AnonymizeOptions(models_dir=MODELS, check_thresh=check_thresh, batch_size=8))
+    frames = decode_rgb(VIDEOS / "ghost_2person.mp4", 4)
+    tracked = list(p.detect_and_track(iter([type("VF", (), {"index": i, "image": im})() for i, im in enumerate(frames)]),
+                                      type("R", (), {})(), 25.0))
+    items = [(vf.image, list(faces)) for vf, faces in tracked]
+    assert sum(len(f) for _, f in items) == 8
+    shifted = copy.copy(items[0][1][0])  # a second face over the first one's, in frame 0
+    shifted.kps = shifted.kps + np.float32([12, 6])
+    shifted.box = shifted.box + np.float32([12, 6, 12, 6])
+    items[0][1].append(shifted)
+    descriptors, passes, stats = {}, p.new_pass_levels(), new_check_stats()
+    got = [(im.copy(), faces) for im, faces in items]
+    gen = p.generate(got, descriptors, passes=passes)
+    rects = p.finish(got, gen, passes=passes, stats=stats)
+    assert stats["checked"] >= 9 and (stats["regenerated"] > 0) == (check_thresh == 0.0)
+    assert stats["fallback"] == 0
+    want = [im.copy() for im, _ in items]
+    for (i, M, f), r, m in zip(gen.jobs, gen.raw, gen.masks):
+        paste(want[i], r, m, M, p.detail)
+    for (g, _), w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    assert len(rects[0]) == 3 and rects[0][0][0] < rects[0][2][2] and rects[0][2][0] < rects[0][0][2]
+
+
+def test_first_generator_batches_ramp_up_to_batch_size():
+    """Pipeline.process_frames sends the generator a quarter of --batch-size first, then twice as
+    many each time up to --batch-size (so later stages start early); every face is rendered once."""
+    from conftest import MODELS, VIDEOS
+    from deidcli.anonymize import FIRST_BATCH_DIVISOR, FileResult, Pipeline
+    from deidcli.options import AnonymizeOptions
+
+    p = Pipeline(AnonymizeOptions(models_dir=MODELS, batch_size=8))
+    sizes = []
+    generate = p.generate
+
+    def recording(items, *a, **k):
+        sizes.append(sum(len(faces) for _, faces in items))
+        return generate(items, *a, **k)
+
+    p.generate = recording
+    frames = [type("VF", (), {"index": i, "image": im})() for i, im in enumerate(decode_rgb(VIDEOS / "ghost_2person.mp4", 14))]
+    res = FileResult(input="in", output="out")
+    out = list(p.process_frames(iter(frames), res, 25.0, threads=False))
+    assert FIRST_BATCH_DIVISOR == 4
+    assert [len(out), res.faces_anonymized] == [14, 28]
+    assert sizes == [2, 4, 8, 8, 6], sizes  # two faces a frame: 8 // 4, then doubling, the rest
