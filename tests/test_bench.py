@@ -1,6 +1,7 @@
 """`deid bench` and memory that stays flat with video length."""
 
 import json
+import os
 import subprocess
 import sys
 from fractions import Fraction
@@ -96,3 +97,31 @@ def test_markdown_table_names_the_detector_precision():
     assert "cpu float32, detector int8" in to_markdown({"runs": [run]})
     run["check_precision"] = "int8"
     assert "cpu float32, detector int8, check int8" in to_markdown({"runs": [run]})
+
+
+def test_before_after_example_alternates_two_trees(tmp_path):
+    """examples/bench_before_after.py (issue 4's same-day before/after): this tree against itself on
+    a 1 s clip, 2 rounds: a row per round, before and after alternated, frames/s and CPU per frame
+    measured (less model loading), and a median row; a missing tree is refused in one line."""
+    from pathlib import Path
+
+    from conftest import cut_clip
+
+    root = Path(__file__).resolve().parents[1]
+    clip = cut_clip(VIDEOS / "ghost_2person.mp4", tmp_path / "c.mp4", 1.0)
+    script = root / "examples" / "bench_before_after.py"
+    env = {**os.environ, "DEID_MODELS_DIR": str(MODELS)}
+    p = subprocess.run([sys.executable, str(script), str(root), "--rounds", "2", "--clip", str(clip)],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr
+    assert [line.split(":")[0] for line in p.stderr.splitlines() if line.startswith("round")] == \
+        ["round 1 before", "round 1 after", "round 2 before", "round 2 after"]
+    rows = [r.split(" | ") for r in p.stdout.splitlines() if r.startswith("| 1 ") or r.startswith("| 2 ")]
+    assert len(rows) == 2
+    for r in rows:
+        fps_b, fps_a, cpu_b, cpu_a = float(r[1]), float(r[2]), float(r[4]), float(r[5])
+        assert fps_b > 0 and fps_a > 0 and cpu_b > 0 and cpu_a > 0
+        assert 0.3 < fps_a / fps_b < 3  # the same tree twice
+    assert "| median |" in p.stdout
+    bad = subprocess.run([sys.executable, str(script), str(tmp_path / "nope")], capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "not found" in bad.stderr
