@@ -1,8 +1,8 @@
 """Same-day speed of `deid anonymize` from two source trees, alternated: before/after a change.
 
     git worktree add /tmp/before 45de7c1          # the tree to compare against (any commit)
-    DEID_MODELS_DIR=../shared/models python examples/bench_before_after.py /tmp/before \
-        [--after .] [--rounds 4] [--clip ../shared/videos/ghost_2person.mp4] [--weights FILE]
+    python examples/bench_before_after.py /tmp/before [--after .] [--rounds 4] \
+        [--clip ../shared/videos/ghost_2person.mp4] [--weights FILE] [--models-dir ../shared/models]
 
 Each run is a fresh process that imports ``deidcli`` from its tree, builds the pipeline once
 (imports, caches), then measures a second build (model loading) and one ``anonymize()`` of the
@@ -62,24 +62,29 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--clip", type=Path, default=ROOT.parent / "shared" / "videos" / "ghost_2person.mp4")
     ap.add_argument("--weights", type=Path, default=ROOT / "weights" / "deid_generator_128.pt")
+    ap.add_argument("--models-dir", type=Path,
+                    default=Path(os.environ.get("DEID_MODELS_DIR") or ROOT.parent / "shared" / "models"),
+                    help="detector and identity model files (given to both trees as DEID_MODELS_DIR)")
     ap.add_argument("--one", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
         print(json.dumps(one(a.one.resolve(), a.clip.resolve(), a.weights.resolve(), a.out)))
         return
-    for p in (a.before, a.after, a.clip, a.weights):
+    for p in (a.before, a.after, a.clip, a.weights, a.models_dir):
         if not p.exists():
             sys.exit(f"not found: {p}")
+    env = {**os.environ, "DEID_MODELS_DIR": str(a.models_dir.resolve())}
     runs: dict[str, list[dict]] = {"before": [], "after": []}
     with tempfile.TemporaryDirectory(prefix="deid-ab-") as tmp:
         for r in range(a.rounds):
             for name, tree in (("before", a.before), ("after", a.after)):
                 p = subprocess.run([sys.executable, __file__, str(a.before), "--one", str(tree), "--clip", str(a.clip),
                                     "--weights", str(a.weights), "--out", str(Path(tmp) / f"{name}{r}.mp4")],
-                                   capture_output=True, text=True)
+                                   capture_output=True, text=True, env=env)
                 if p.returncode:
-                    sys.exit(f"{name} run failed:\n{p.stderr[-2000:]}")
+                    last = (p.stderr.strip().splitlines() or ["no output"])[-1]
+                    sys.exit(f"{name} run ({tree}) failed: {last}")
                 runs[name].append(json.loads(p.stdout.strip().splitlines()[-1]))
                 print(f"round {r + 1} {name}: {runs[name][-1]}", file=sys.stderr)
     print(f"`{a.clip.name}`, {a.rounds} rounds alternated; wall time and CPU less model loading\n")

@@ -1,7 +1,6 @@
 """`deid bench` and memory that stays flat with video length."""
 
 import json
-import os
 import subprocess
 import sys
 from fractions import Fraction
@@ -110,9 +109,8 @@ def test_before_after_example_alternates_two_trees(tmp_path):
     root = Path(__file__).resolve().parents[1]
     clip = cut_clip(VIDEOS / "ghost_2person.mp4", tmp_path / "c.mp4", 1.0)
     script = root / "examples" / "bench_before_after.py"
-    env = {**os.environ, "DEID_MODELS_DIR": str(MODELS)}
-    p = subprocess.run([sys.executable, str(script), str(root), "--rounds", "2", "--clip", str(clip)],
-                       capture_output=True, text=True, timeout=600, env=env)
+    p = subprocess.run([sys.executable, str(script), str(root), "--rounds", "2", "--clip", str(clip),
+                        "--models-dir", str(MODELS)], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
     assert [line.split(":")[0] for line in p.stderr.splitlines() if line.startswith("round")] == \
         ["round 1 before", "round 1 after", "round 2 before", "round 2 after"]
