@@ -199,12 +199,14 @@ def paste(image: np.ndarray, crop: np.ndarray, mask: np.ndarray, M: np.ndarray,
     :func:`pasted_region` into its rectangle and returns the rectangle (None: nothing to paste).
     """
     region = pasted_region(image, crop, mask, M, detail)
-    if region is None:
-        return None
-    box, pixels = region
-    x0, y0, x1, y1 = box
+    return None if region is None else put_region(image, region)
+
+
+def put_region(image: np.ndarray, region: tuple[tuple[int, int, int, int], np.ndarray]) -> tuple[int, int, int, int]:
+    """Write a :func:`pasted_region` ``(box, pixels)`` into ``image`` in place; returns the box."""
+    (x0, y0, x1, y1), pixels = region
     np.copyto(image[y0:y1, x0:x1], pixels)
-    return box
+    return region[0]
 
 
 def pasted_region(image: np.ndarray, crop: np.ndarray, mask: np.ndarray, M: np.ndarray,
@@ -269,14 +271,13 @@ def pasted_arcface(image: np.ndarray, crop: np.ndarray, mask: np.ndarray, M: np.
     if reg is None:
         face = arcface_crop(image, kps)
     else:
-        (x0, y0, x1, y1), pixels = reg
-        roi = image[y0:y1, x0:x1]
-        kept = roi.copy()
+        x0, y0, x1, y1 = reg[0]
+        kept = image[y0:y1, x0:x1].copy()
         try:
-            np.copyto(roi, pixels)
+            put_region(image, reg)
             face = arcface_crop(image, kps)
         finally:
-            np.copyto(roi, kept)
+            put_region(image, (reg[0], kept))
     return (face, reg) if region else face
 
 

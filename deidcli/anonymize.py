@@ -273,7 +273,7 @@ class Pipeline:
         """Second half of :meth:`render`: the identity check (``--identity-check``) on ``gen``
         (from :meth:`generate` on the same ``items``), then paste every face into its image.
         Returns, per item, the list of touched rectangles."""
-        from .align import paste
+        from .align import paste, put_region
         from .methods import apply_classic
 
         o = self.options
@@ -292,10 +292,8 @@ class Pipeline:
                     continue
                 region = gen.regions[j]
                 if region is not None and not any(_overlap(region[0], b) for b in rects[i]):
-                    # the check pasted this face into a copy of the frame as it is now: the same pixels
-                    (x0, y0, x1, y1), pixels = region
-                    np.copyto(items[i][0][y0:y1, x0:x1], pixels)
-                    box = region[0]
+                    # what the check embedded, computed on this frame as it still is here
+                    box = put_region(items[i][0], region)
                 else:  # no check, or a face already pasted in this frame overlaps it
                     box = paste(items[i][0], r, m, M, self.detail)
                 if box is not None:
