@@ -261,24 +261,26 @@ def pasted_region(image: np.ndarray, crop: np.ndarray, mask: np.ndarray, M: np.n
 
 
 def pasted_arcface(image: np.ndarray, crop: np.ndarray, mask: np.ndarray, M: np.ndarray, kps: np.ndarray,
-                   detail: int = 0, region=False):
+                   detail: int = 0) -> np.ndarray:
     """The ArcFace 112 crop (:func:`arcface_crop` at ``kps``) of ``image`` as :func:`paste` with
     the same arguments would leave it: what an identity network looking at the output frame will
-    see of the face, to the bit. ``image`` is pasted into for the crop and restored before this
-    returns (so no other thread may read it meanwhile). With ``region=True``, returns
-    ``(arcface crop, pasted_region(...))`` so that the caller can write the same pixels later."""
-    reg = pasted_region(image, crop, mask, M, detail)
-    if reg is None:
-        face = arcface_crop(image, kps)
-    else:
-        x0, y0, x1, y1 = reg[0]
-        kept = image[y0:y1, x0:x1].copy()
-        try:
-            put_region(image, reg)
-            face = arcface_crop(image, kps)
-        finally:
-            put_region(image, (reg[0], kept))
-    return (face, reg) if region else face
+    see of the face, to the bit (:func:`region_arcface` of :func:`pasted_region`)."""
+    return region_arcface(image, pasted_region(image, crop, mask, M, detail), kps)
+
+
+def region_arcface(image: np.ndarray, region, kps: np.ndarray) -> np.ndarray:
+    """The ArcFace 112 crop at ``kps`` of ``image`` with ``region`` (a :func:`pasted_region`, or
+    None for none) written into it. ``image`` is written to for the crop and restored before this
+    returns (so no other thread may read it meanwhile)."""
+    if region is None:
+        return arcface_crop(image, kps)
+    x0, y0, x1, y1 = region[0]
+    kept = image[y0:y1, x0:x1].copy()
+    try:
+        put_region(image, region)
+        return arcface_crop(image, kps)
+    finally:
+        put_region(image, (region[0], kept))
 
 
 def _from_origin(M: np.ndarray, x0: int, y0: int) -> np.ndarray:

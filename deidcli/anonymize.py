@@ -308,7 +308,7 @@ class Pipeline:
                         items: Sequence[tuple[np.ndarray, Sequence]]) -> np.ndarray:
         """The identity check (``--identity-check``): embed every generated face as it will be
         pasted (feathered mask; with ``--keep-detail``, the ArcFace crop of the frame as the paste
-        will leave it, align.pasted_arcface, since the frame's own finer detail stays) and compare
+        will leave it, align.pasted_region + region_arcface, since the frame's own finer detail stays) and compare
         it with its track's descriptor and with the input face of the same frame (a pose far from
         the track's first faces can be closer to the input than to the descriptor). A face whose
         higher cosine is >= ``check_thresh`` is generated again with one more pass, up to
@@ -335,20 +335,17 @@ class Pipeline:
             for j, rj, mj in zip(behind, r, m):
                 masks[j] = feather(mj, S)
                 raw[j] = rj
-                gen.regions[j] = None
         todo = np.arange(len(crops))
         if self.detail:
-            from .align import arcface_crop, pasted_arcface
+            from .align import arcface_crop, pasted_region, region_arcface
 
             frames = [items[i][0] for i, _, _ in gen.jobs]
 
             def seen(idx):  # as the output frame will show them; finish writes the same pixels
-                faces = []
                 for j in idx:
-                    face, gen.regions[j] = pasted_arcface(frames[j], raw[j], masks[j], gen.jobs[j][1],
-                                                          gen.jobs[j][2].kps, self.detail, region=True)
-                    faces.append(face)
-                return self.embedder.embed_check(faces)
+                    gen.regions[j] = pasted_region(frames[j], raw[j], masks[j], gen.jobs[j][1], self.detail)
+                return self.embedder.embed_check([region_arcface(frames[j], gen.regions[j], gen.jobs[j][2].kps)
+                                                  for j in idx])
             with stages("identity"):
                 own = self.embedder.embed_check([arcface_crop(frames[j], gen.jobs[j][2].kps) for j in todo])
         else:
@@ -383,7 +380,6 @@ class Pipeline:
             for j, rj, mj in zip(todo, r, m):
                 masks[j] = feather(mj, S)
                 raw[j] = rj
-                gen.regions[j] = None
         stats["fallback"] += int(fallback.sum())
         return fallback
 
