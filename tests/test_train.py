@@ -322,3 +322,53 @@ def test_commands_import_without_torch():
             "print(c.prepare_command.name, c.train_command.name, c.evaluate_command.name)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["prepare", "train", "evaluate"]
+
+
+def test_train_validates_on_held_out_people_and_keeps_the_best(tmp_path, cache_dir):
+    """val_people: whole DevTrain people leave training (fixed draw, disjoint, own fingerprints);
+    they are validated at the start and every val_every steps; best_generator.pt holds the
+    lowest validation cosine, also across a resume; with ema the exported generator is the
+    weights' moving average, not the last step's weights."""
+    from deidcli.errors import DeidError
+    from deidcli.model import load_generator
+    from deidcli.train.loop import split_people, train
+    from deidcli.train.prepare import load_split
+
+    d = load_split(sorted(cache_dir.glob("lfw_train_64_*.npz"))[0])
+    tr, va = split_people(d, 2)
+    tr2, va2 = split_people(d, 2)
+    assert np.array_equal(va["labels"], va2["labels"]) and va["fingerprint"] == va2["fingerprint"]
+    assert not set(tr["labels"].tolist()) & set(va["labels"].tolist())
+    assert len(tr["labels"]) + len(va["labels"]) == len(d["labels"])
+    _, counts = np.unique(va["labels"], return_counts=True)
+    assert len(counts) == 2 and (counts >= 2).all()
+    assert va["crops"].shape[0] == va["desc"].shape[0] == len(va["names"]) == counts.sum()
+    assert len({d["fingerprint"], tr["fingerprint"], va["fingerprint"]}) == 3
+    with pytest.raises(DeidError, match="two or more images"):
+        split_people(d, 10_000)
+
+    cfg = _cfg(tmp_path, cache_dir, 4)
+    cfg.update(name="val", val_people=2, val_every=2, val_size=8, ema=0.5)
+    s = train(cfg)
+    run = Path(s["run_dir"])
+    vals = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    vals = [r for r in vals if r["kind"] == "val"]
+    assert [r["step"] for r in vals] == [0, 2, 4]
+    assert all(0 <= r["verified"] <= 1 and 0 <= r["rank1"] <= 1 and r["n"] > 0 for r in vals)
+    low = min(vals, key=lambda r: r["cos"])
+    assert s["best"]["step"] == low["step"] and vals[-1]["best_step"] == low["step"]
+    best = load_generator(run / "best_generator.pt")
+    assert best.meta["steps"] == low["step"] and best.meta["val_cos"] == pytest.approx(low["cos"])
+    assert best.meta["val_people"] == 2 and best.meta["val_fingerprint"] == va["fingerprint"]
+    assert load_generator(run / "generator.pt").meta["train_fingerprint"] == tr["fingerprint"]
+    # generator.pt is the moving average (saved fp16), which differs from the trained weights
+    st = torch.load(run / "last.pt", weights_only=True)
+    exported = torch.load(run / "generator.pt", weights_only=True)["state_dict"]
+    k = next(n for n, v in st["G"].items() if v.is_floating_point() and v.numel() > 16)
+    assert torch.equal(exported[k].float(), st["G_ema"][k].half().float())
+    assert not torch.equal(st["G_ema"][k], st["G"][k])
+    # resume: no second validation of step 4; the best is remembered
+    s2 = train({**cfg, "steps": 6})
+    vals = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in vals if r["kind"] == "val"] == [0, 2, 4, 6]
+    assert s2["best"]["cos"] <= low["cos"]

@@ -101,6 +101,15 @@ DEFAULTS: dict[str, Any] = {
     # Measured (weights/MODEL_CARD.md): 0.3 for 1,786 steps from step 18,650 weakened identity
     # removal (LFW DevTest rank-1 3.3% -> 8.5%, landmarks 3.47 -> 3.09% IOD): comparing the
     # second pass with the original crop also teaches it to restore what the first pass removed
+    "ema": 0.0,  # decay of an exponential moving average of G's weights (0: off). With it,
+    # generator.pt, best_generator.pt and the held-out figures are the average's: snapshots of
+    # this adversarial training swing by points of rank-1 from one save to the next
+    "val_people": 0,  # DevTrain people (each with >= 2 images) held out of training to choose the
+    # checkpoint on (split_people); with > 0 training never loads the DevTest people at all
+    "val_every": 500,  # steps between validations (and one at the start of every invocation)
+    "val_size": 256,  # validation probes (faces of the held-out people); the gallery is all their faces
+    "select_max_landmarks": 3.0,  # best_generator.pt: the lowest validation cosine among
+    # validations whose landmark displacement (% inter-ocular) is at most this
     "log_every": 10,
     "sample_every": 200,
     "eval_every": 100,
@@ -212,6 +221,36 @@ class _Data:
         return tgt, self.desc[torch.as_tensor(tgt, device=self.desc.device)]
 
 
+VAL_SEED = 4321  # which DevTrain people split_people holds out: fixed, whatever the run's seed
+
+
+def split_people(d: dict, n_val: int, seed: int = VAL_SEED) -> tuple[dict, dict]:
+    """Split a prepared cache (load_split's dict) by person: ``n_val`` people drawn (fixed
+    ``seed``) among those with two or more images, all of whose faces go to the second dict; the
+    rest to the first. Per-face arrays are sliced; each part gets its own fingerprint (the
+    cache's, hashed with its side and the held-out names)."""
+    import hashlib
+
+    labels = np.asarray(d["labels"])
+    ids, counts = np.unique(labels, return_counts=True)
+    eligible = ids[counts >= 2]
+    if n_val > len(eligible):
+        raise DeidError(f"val_people {n_val}: only {len(eligible)} training people have two or more images")
+    held = np.sort(np.random.default_rng(seed).choice(eligible, size=n_val, replace=False))
+    is_val = np.isin(labels, held)
+    key = hashlib.sha256((d["fingerprint"] + "," + ",".join(str(p) for p in d["people"][held])).encode())
+
+    def part(m, side):
+        out = {k: (v[m] if isinstance(v, np.ndarray) and v.shape[:1] == labels.shape else v)
+               for k, v in d.items()}
+        h = key.copy()
+        h.update(side.encode())
+        out["fingerprint"] = h.hexdigest()
+        return out
+
+    return part(~is_val, "train"), part(is_val, "val")
+
+
 def _atomic_torch_save(obj, path: Path):
     tmp = path.with_name(path.name + f".deid-tmp{os.getpid()}")
     torch.save(obj, tmp)
@@ -258,18 +297,25 @@ def train(config: Mapping[str, Any]) -> dict:
     run_dir = Path(cfg["runs_dir"]) / cfg["name"]
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    # data
+    # data: DevTrain people to train on; held-out faces to watch (samples, eval records): the
+    # val_people split off DevTrain when there is one, else the DevTest people
     paths = {}
-    for split in ("train", "test"):
+    n_val = int(cfg["val_people"] or 0)
+    for split in ("train",) if n_val else ("train", "test"):
         lp = cfg["limit_people"]
         paths[split] = prepare_split(split, lfw_dir=cfg["lfw_dir"], cache_dir=cfg["cache_dir"],
                                      size=gcfg.size, margin=gcfg.margin,
                                      models_dir=cfg["models_dir"],
                                      limit_people=lp if split == "train" else (lp and max(lp // 4, 4)))
-    train_d, test_d = load_split(paths["train"]), load_split(paths["test"])
-    data, held = _Data(train_d, device), _Data(test_d, device)
-    logger.info("train: %d faces of %d people (%d with another image); held-out %d faces",
-                data.n, len(set(data.labels.tolist())), int(data.multi.sum()), held.n)
+    train_d = load_split(paths["train"])
+    if n_val:
+        train_d, val_d = split_people(train_d, n_val)
+        data, held = _Data(train_d, device), _Data(val_d, device)
+    else:
+        data, held = _Data(train_d, device), _Data(load_split(paths["test"]), device)
+    logger.info("train: %d faces of %d people (%d with another image); held-out %d faces (%s)",
+                data.n, len(set(data.labels.tolist())), int(data.multi.sum()), held.n,
+                f"{n_val} DevTrain people" if n_val else "DevTest")
 
     from ..identity import load_identity_net
 
@@ -289,9 +335,16 @@ def train(config: Mapping[str, Any]) -> dict:
     if cfg["weights"].get("eye_adv", 0) > 0:
         D_eye = Discriminator(**cfg["eye_discriminator"]).to(device)
         opt_de = torch.optim.Adam(D_eye.parameters(), lr=cfg["lr_d"], betas=tuple(cfg["betas"]))
+    ema = float(cfg["ema"] or 0.0)
+    if not 0.0 <= ema < 1.0:
+        raise DeidError(f"ema {ema}: a decay in [0, 1) (0: off)")
+    G_ema = None
     gen = torch.Generator().manual_seed(cfg["seed"])
     rng = np.random.default_rng(cfg["seed"])
     step, elapsed_before = 0, 0.0
+    best: Optional[dict] = None  # the validation that best_generator.pt holds
+    val_step = -1  # the step of the last validation
+    ema_from = None  # a state dict to start the average from (else G's weights)
 
     last_path = run_dir / "last.pt"
     if last_path.exists():
@@ -309,6 +362,9 @@ def train(config: Mapping[str, Any]) -> dict:
             raise DeidError(f"{last_path}: does not fit the networks of this config ({why}); "
                             f"resume without the --config/--set entries that change them, or use a new --name") from e
         step, elapsed_before = int(st["step"]), float(st.get("elapsed_s", 0.0))
+        ema_from = st.get("G_ema")
+        best = json.loads(st["best"]) if st.get("best") else None
+        val_step = int(st.get("val_step", -1))
         gen.set_state(st["gen"])
         rng.bit_generator.state = json.loads(st["rng"])
         torch.set_rng_state(st["torch_rng"])
@@ -321,7 +377,14 @@ def train(config: Mapping[str, Any]) -> dict:
             D_eye.load_state_dict({k: v.float() if v.is_floating_point() else v
                                    for k, v in st["D_eye"].items()})
         step, elapsed_before = int(st.get("step", 0)), float(st.get("elapsed_s", 0.0))
+        if "G_ema" in st:
+            ema_from = {k: v.float() if v.is_floating_point() else v for k, v in st["G_ema"].items()}
         logger.info("initialised from %s (step %d; fresh optimisers)", cfg["init_from"], step)
+    if ema:
+        G_ema = copy.deepcopy(G).requires_grad_(False)
+        if ema_from is not None:
+            G_ema.load_state_dict(ema_from)
+    G_out = G_ema if G_ema is not None else G  # what generator.pt, samples and validation use
     (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
 
     w = cfg["weights"]
@@ -368,16 +431,22 @@ def train(config: Mapping[str, Any]) -> dict:
                  "torch_rng": torch.get_rng_state(), "config": json.dumps(cfg)}
         if D_eye is not None:
             state.update(D_eye=D_eye.state_dict(), opt_de=opt_de.state_dict())
+        if G_ema is not None:
+            state["G_ema"] = G_ema.state_dict()
+        if best is not None:
+            state["best"] = json.dumps(best)
+        state["val_step"] = val_step
         _atomic_torch_save(state, last_path)
-        save_generator(run_dir / "generator.pt", G, meta(last_metrics))
+        save_generator(run_dir / "generator.pt", G_out, meta(last_metrics))
         logger.info("saved step %d (%.0f s)", step, elapsed())
+
+    from ..identity import crop_to_id_input
 
     @torch.no_grad()
     def evaluate_held():
-        G.eval()
-        raw, mask = G(eval_x, eval_own)
+        G_out.eval()
+        raw, mask = G_out(eval_x, eval_own)
         out = mask * raw + (1 - mask) * eval_x
-        from ..identity import crop_to_id_input
         e = F.normalize(idnet(crop_to_id_input(out, gcfg.margin)), dim=1)
         G.train()
         ev = {"cos_own": float((e * eval_own).sum(1).mean()),
@@ -389,9 +458,71 @@ def train(config: Mapping[str, Any]) -> dict:
         ev["structure"] = float(L.structure_l1(raw, eval_x, feat_w))
         return ev, (raw, mask, out)
 
+    if n_val:
+        from ..evaluate_video import VERIFY_THRESHOLD
+
+        val_idx = np.sort(np.random.default_rng(VAL_SEED).choice(
+            held.n, size=min(int(cfg["val_size"]), held.n), replace=False))
+        val_tgt_idx, _ = held.targets(val_idx, np.random.default_rng(VAL_SEED + 1), True)
+        val_labels = torch.as_tensor(held.labels, device=device)
+
+    @torch.no_grad()
+    def validate() -> dict:
+        """G_out on the held-out DevTrain people's probes (target: another image of the person):
+        mean cosine to the probe's own descriptor, fraction verified (cosine >= VERIFY_THRESHOLD),
+        rank-1 against a gallery of all their other faces (clean probes: the reference), and
+        the detector's 5-point displacement in % of inter-ocular distance."""
+        G_out.eval()
+        embs, lm = [], 0.0
+        for i in range(0, len(val_idx), 32):
+            j = val_idx[i:i + 32]
+            x = held.images(j)
+            raw, mask = G_out(x, held.desc[torch.as_tensor(val_tgt_idx[i:i + 32], device=device)])
+            out = mask * raw + (1 - mask) * x
+            embs.append(F.normalize(idnet(crop_to_id_input(out, gcfg.margin)), dim=1))
+            if kpnet is not None:
+                lm += float(LM.landmark_loss(kpnet, out, x)) * len(j)
+        G.train()
+        e = torch.cat(embs)
+        vi = torch.as_tensor(val_idx, device=device)
+        own = held.desc[vi]
+        cos = (e * own).sum(1)
+
+        def rank1(probe):
+            sims = probe @ held.desc.T
+            sims[torch.arange(len(vi), device=device), vi] = -2.0  # not its own image
+            return float((val_labels[sims.argmax(1)] == val_labels[vi]).float().mean())
+
+        v = {"cos": float(cos.mean()), "verified": float((cos >= VERIFY_THRESHOLD).float().mean()),
+             "rank1": rank1(e), "rank1_clean": rank1(own), "n": len(val_idx)}
+        if kpnet is not None:
+            v["landmarks_pct"] = 100.0 * lm / len(val_idx)
+        return v
+
+    def select(v: dict) -> None:
+        """Keep best_generator.pt: the lowest validation cosine whose landmarks are in bounds."""
+        nonlocal best, val_step
+        val_step = step
+        ok = v.get("landmarks_pct", 0.0) <= cfg["select_max_landmarks"]
+        if ok and (best is None or v["cos"] < best["cos"]):
+            best = {"step": step, **v}
+            save_generator(run_dir / "best_generator.pt", G_out,
+                           meta({**{f"val_{k}": x for k, x in v.items()}, "val_people": n_val,
+                                 "val_fingerprint": held.fingerprint,
+                                 "selected_by": f"lowest val cos with landmarks <= "
+                                                f"{cfg['select_max_landmarks']}% IOD, ema {ema}"}))
+        rec = {"kind": "val", "step": step, "t": round(elapsed(), 1), **v, "best_step": best and best["step"]}
+        log_f.write(json.dumps(rec) + "\n")
+        log_f.flush()
+        logger.info("validation step %d %s (best: step %s)", step,
+                    " ".join(f"{k}={x:.4f}" for k, x in v.items() if isinstance(x, float)),
+                    best and best["step"])
+
     last_metrics: dict = {}
     G.train()
     D.train()
+    if n_val and val_step != step:
+        select(validate())  # the starting weights are a candidate too
     running: dict[str, float] = {}
     n_run = 0
     while step < cfg["steps"] and not stop["flag"]:
@@ -460,6 +591,12 @@ def train(config: Mapping[str, Any]) -> dict:
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
         opt_g.step()
+        if G_ema is not None:
+            with torch.no_grad():
+                for pe, p in zip(G_ema.parameters(), G.parameters()):
+                    pe.lerp_(p, 1.0 - ema)
+                for be, b in zip(G_ema.buffers(), G.buffers()):
+                    be.copy_(b)
         if use_adv:
             for p in D.parameters():
                 p.requires_grad_(True)
@@ -495,6 +632,8 @@ def train(config: Mapping[str, Any]) -> dict:
             log_f.flush()
             last_metrics.update({f"heldout_{k}": v for k, v in ev.items()})
             logger.info("held-out step %d %s", step, ev)
+        if n_val and step % cfg["val_every"] == 0:
+            select(validate())
         if step % cfg["sample_every"] == 0:
             _, (hraw, hmask, hout) = evaluate_held()
             k = min(8, len(x), len(eval_x))
@@ -511,7 +650,7 @@ def train(config: Mapping[str, Any]) -> dict:
     for s, h in old_handlers.items():
         signal.signal(s, h)
     return {"step": step, "run_dir": str(run_dir), "generator": str(run_dir / "generator.pt"),
-            "elapsed_s": round(elapsed(), 1), "last": last_metrics}
+            "elapsed_s": round(elapsed(), 1), "last": last_metrics, "best": best}
 
 
 def export_train_state(last_pt: os.PathLike, dst: os.PathLike) -> Path:
@@ -520,7 +659,7 @@ def export_train_state(last_pt: os.PathLike, dst: os.PathLike) -> Path:
     moments, no RNG). Resume from it with ``"init_from": dst`` (optimisers restart)."""
     st = torch.load(last_pt, map_location="cpu", weights_only=True)
     half = {n: {k: v.half() if v.is_floating_point() else v for k, v in st[n].items()}
-            for n in ("G", "D", "D_eye") if n in st}
+            for n in ("G", "G_ema", "D", "D_eye") if n in st}
     out = {"format": "deid-train-state", "version": 1, **half, "step": int(st["step"]),
            "elapsed_s": float(st.get("elapsed_s", 0.0)), "config": st.get("config", "")}
     dst = Path(dst)
