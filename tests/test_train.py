@@ -361,6 +361,10 @@ def test_train_validates_on_held_out_people_and_keeps_the_best(tmp_path, cache_d
     assert best.meta["steps"] == low["step"] and best.meta["val_cos"] == pytest.approx(low["cos"])
     assert best.meta["val_people"] == 2 and best.meta["val_fingerprint"] == va["fingerprint"]
     assert load_generator(run / "generator.pt").meta["train_fingerprint"] == tr["fingerprint"]
+    state = torch.load(run / "best_state.pt", weights_only=True)  # restartable from the best point
+    assert state["step"] == low["step"] and {"G", "G_ema", "D"} <= set(state)
+    ref = best.state_dict()
+    assert all(torch.equal(state["G_ema"][n].float(), ref[n].float()) for n in ref)
     # generator.pt is the moving average (saved fp16), which differs from the trained weights
     st = torch.load(run / "last.pt", weights_only=True)
     exported = torch.load(run / "generator.pt", weights_only=True)["state_dict"]

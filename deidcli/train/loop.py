@@ -2,7 +2,9 @@
 
 Run directory ``<runs_dir>/<name>/``:
     last.pt          full training state (G, D, both optimisers, step, RNG, config), atomic
-    generator.pt     the generator alone (deid-generator checkpoint, fp16), atomic
+    generator.pt     the generator alone (deid-generator checkpoint, fp16; with ema: the average), atomic
+    best_generator.pt, best_state.pt   with val_people: the generator of the best validation
+                     and the compact state (export_train_state's layout) at it
     log.jsonl        one JSON object per logged step ({"kind": "train"|"eval", ...})
     samples/step_XXXXXXX.png   rows: input / raw / mask / blended (8 train faces + 8 held-out)
     config.json      the resolved config
@@ -511,6 +513,15 @@ def train(config: Mapping[str, Any]) -> dict:
                                  "val_fingerprint": held.fingerprint,
                                  "selected_by": f"lowest val cos with landmarks <= "
                                                 f"{cfg['select_max_landmarks']}% IOD, ema {ema}"}))
+            # and the networks as they are at it (compact, as export_train_state), so a run that
+            # goes on and diverges can be restarted from its best point with init_from
+            nets = {"G": G.state_dict(), "D": D.state_dict()}
+            if G_ema is not None:
+                nets["G_ema"] = G_ema.state_dict()
+            if D_eye is not None:
+                nets["D_eye"] = D_eye.state_dict()
+            _atomic_torch_save(_compact({**nets, "step": step, "elapsed_s": elapsed(),
+                                         "config": json.dumps(cfg)}), run_dir / "best_state.pt")
         rec = {"kind": "val", "step": step, "t": round(elapsed(), 1), **v, "best_step": best and best["step"]}
         log_f.write(json.dumps(rec) + "\n")
         log_f.flush()
@@ -657,12 +668,15 @@ def export_train_state(last_pt: os.PathLike, dst: os.PathLike) -> Path:
     """Compact, committable training state from a run's last.pt: the G and D weights (and the eye
     discriminator's, when trained) in fp16, the step count, elapsed time and config (no optimiser
     moments, no RNG). Resume from it with ``"init_from": dst`` (optimisers restart)."""
-    st = torch.load(last_pt, map_location="cpu", weights_only=True)
-    half = {n: {k: v.half() if v.is_floating_point() else v for k, v in st[n].items()}
-            for n in ("G", "G_ema", "D", "D_eye") if n in st}
-    out = {"format": "deid-train-state", "version": 1, **half, "step": int(st["step"]),
-           "elapsed_s": float(st.get("elapsed_s", 0.0)), "config": st.get("config", "")}
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_torch_save(out, dst)
+    _atomic_torch_save(_compact(torch.load(last_pt, map_location="cpu", weights_only=True)), dst)
     return dst
+
+
+def _compact(st: Mapping) -> dict:
+    """The committable part of a training state: networks in fp16, step, elapsed time, config."""
+    half = {n: {k: v.detach().half() if v.is_floating_point() else v for k, v in st[n].items()}
+            for n in ("G", "G_ema", "D", "D_eye") if n in st}
+    return {"format": "deid-train-state", "version": 1, **half, "step": int(st["step"]),
+            "elapsed_s": float(st.get("elapsed_s", 0.0)), "config": st.get("config", "")}
