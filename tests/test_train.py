@@ -376,3 +376,7 @@ def test_train_validates_on_held_out_people_and_keeps_the_best(tmp_path, cache_d
     vals = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in vals if r["kind"] == "val"] == [0, 2, 4, 6]
     assert s2["best"]["cos"] <= low["cos"]
+    # a validation more than val_stop above the best stops the run with an error naming the way back
+    with pytest.raises(DeidError, match=r"training diverged: .* at step 8, .*best_state\.pt"):
+        train({**cfg, "steps": 20, "val_stop": -1.0})
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 8  # saved where it stopped

@@ -112,6 +112,9 @@ DEFAULTS: dict[str, Any] = {
     "val_size": 256,  # validation probes (faces of the held-out people); the gallery is all their faces
     "select_max_landmarks": 3.0,  # best_generator.pt: the lowest validation cosine among
     # validations whose landmark displacement (% inter-ocular) is at most this
+    "val_stop": 0.2,  # stop (error, exit 1) when a validation cosine exceeds the best one by more
+    # than this: the run has diverged (session 18: 0.106 -> 0.785 within 500 steps; between
+    # healthy validations it moved by < 0.02). None: never
     "log_every": 10,
     "sample_every": 200,
     "eval_every": 100,
@@ -501,8 +504,11 @@ def train(config: Mapping[str, Any]) -> dict:
             v["landmarks_pct"] = 100.0 * lm / len(val_idx)
         return v
 
+    diverged = {}
+
     def select(v: dict) -> None:
-        """Keep best_generator.pt: the lowest validation cosine whose landmarks are in bounds."""
+        """Keep best_generator.pt: the lowest validation cosine whose landmarks are in bounds;
+        flag a divergence (val_stop)."""
         nonlocal best, val_step
         val_step = step
         ok = v.get("landmarks_pct", 0.0) <= cfg["select_max_landmarks"]
@@ -528,6 +534,9 @@ def train(config: Mapping[str, Any]) -> dict:
         logger.info("validation step %d %s (best: step %s)", step,
                     " ".join(f"{k}={x:.4f}" for k, x in v.items() if isinstance(x, float)),
                     best and best["step"])
+        if cfg["val_stop"] is not None and best is not None and v["cos"] > best["cos"] + cfg["val_stop"]:
+            diverged.update(step=step, cos=v["cos"])
+            stop["flag"] = True
 
     last_metrics: dict = {}
     G.train()
@@ -660,6 +669,13 @@ def train(config: Mapping[str, Any]) -> dict:
     log_f.close()
     for s, h in old_handlers.items():
         signal.signal(s, h)
+    if diverged:
+        raise DeidError(
+            f"training diverged: validation cosine {diverged['cos']:.3f} at step {diverged['step']}, "
+            f"more than val_stop {cfg['val_stop']} above the best, {best['cos']:.3f} at step {best['step']}; "
+            f"{run_dir / 'best_generator.pt'} holds that one"
+            + (f"; restart from it with a new --name and --set init_from='\"{run_dir / 'best_state.pt'}\"'"
+               if (run_dir / "best_state.pt").exists() else ""))
     return {"step": step, "run_dir": str(run_dir), "generator": str(run_dir / "generator.pt"),
             "elapsed_s": round(elapsed(), 1), "last": last_metrics, "best": best}
 
