@@ -464,12 +464,13 @@ def train(config: Mapping[str, Any]) -> dict:
         return ev, (raw, mask, out)
 
     if n_val:
+        from ..evaluate import rank1
         from ..evaluate_video import VERIFY_THRESHOLD
 
         val_idx = np.sort(np.random.default_rng(VAL_SEED).choice(
             held.n, size=min(int(cfg["val_size"]), held.n), replace=False))
         val_tgt_idx, _ = held.targets(val_idx, np.random.default_rng(VAL_SEED + 1), True)
-        val_labels = torch.as_tensor(held.labels, device=device)
+        val_gallery = held.desc.cpu().numpy()
 
     @torch.no_grad()
     def validate() -> dict:
@@ -488,18 +489,12 @@ def train(config: Mapping[str, Any]) -> dict:
             if kpnet is not None:
                 lm += float(LM.landmark_loss(kpnet, out, x)) * len(j)
         G.train()
-        e = torch.cat(embs)
-        vi = torch.as_tensor(val_idx, device=device)
-        own = held.desc[vi]
+        e = torch.cat(embs).cpu().numpy()
+        own = val_gallery[val_idx]
         cos = (e * own).sum(1)
-
-        def rank1(probe):
-            sims = probe @ held.desc.T
-            sims[torch.arange(len(vi), device=device), vi] = -2.0  # not its own image
-            return float((val_labels[sims.argmax(1)] == val_labels[vi]).float().mean())
-
-        v = {"cos": float(cos.mean()), "verified": float((cos >= VERIFY_THRESHOLD).float().mean()),
-             "rank1": rank1(e), "rank1_clean": rank1(own), "n": len(val_idx)}
+        v = {"cos": float(cos.mean()), "verified": float((cos >= VERIFY_THRESHOLD).mean()),
+             "rank1": rank1(e, val_gallery, held.labels, val_idx),
+             "rank1_clean": rank1(own, val_gallery, held.labels, val_idx), "n": len(val_idx)}
         if kpnet is not None:
             v["landmarks_pct"] = 100.0 * lm / len(val_idx)
         return v
