@@ -429,15 +429,23 @@ def train(config: Mapping[str, Any]) -> dict:
         m.update(extra or {})
         return m
 
-    def save():
-        state = {"G": G.state_dict(), "D": D.state_dict(), "opt_g": opt_g.state_dict(),
-                 "opt_d": opt_d.state_dict(), "step": step, "elapsed_s": elapsed(),
-                 "gen": gen.get_state(), "rng": json.dumps(rng.bit_generator.state),
-                 "torch_rng": torch.get_rng_state(), "config": json.dumps(cfg)}
-        if D_eye is not None:
-            state.update(D_eye=D_eye.state_dict(), opt_de=opt_de.state_dict())
+    def networks() -> dict:
+        """The weights of every network trained (the part of a state _compact keeps), with the
+        step, elapsed time and config."""
+        nets = {"G": G.state_dict(), "D": D.state_dict(), "step": step, "elapsed_s": elapsed(),
+                "config": json.dumps(cfg)}
         if G_ema is not None:
-            state["G_ema"] = G_ema.state_dict()
+            nets["G_ema"] = G_ema.state_dict()
+        if D_eye is not None:
+            nets["D_eye"] = D_eye.state_dict()
+        return nets
+
+    def save():
+        state = {**networks(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+                 "gen": gen.get_state(), "rng": json.dumps(rng.bit_generator.state),
+                 "torch_rng": torch.get_rng_state()}
+        if D_eye is not None:
+            state["opt_de"] = opt_de.state_dict()
         if best is not None:
             state["best"] = json.dumps(best)
         state["val_step"] = val_step
@@ -516,13 +524,7 @@ def train(config: Mapping[str, Any]) -> dict:
                                                 f"{cfg['select_max_landmarks']}% IOD, ema {ema}"}))
             # and the networks as they are at it (compact, as export_train_state), so a run that
             # goes on and diverges can be restarted from its best point with init_from
-            nets = {"G": G.state_dict(), "D": D.state_dict()}
-            if G_ema is not None:
-                nets["G_ema"] = G_ema.state_dict()
-            if D_eye is not None:
-                nets["D_eye"] = D_eye.state_dict()
-            _atomic_torch_save(_compact({**nets, "step": step, "elapsed_s": elapsed(),
-                                         "config": json.dumps(cfg)}), run_dir / "best_state.pt")
+            _atomic_torch_save(_compact(networks()), run_dir / "best_state.pt")
         rec = {"kind": "val", "step": step, "t": round(elapsed(), 1), **v, "best_step": best and best["step"]}
         log_f.write(json.dumps(rec) + "\n")
         log_f.flush()
