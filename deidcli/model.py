@@ -202,6 +202,64 @@ class Generator(nn.Module):
         return raw, mask
 
 
+class SubPixelDeconv(nn.Module):
+    """A bias-free 1x1 conv (cin -> 4 * cout) followed by PixelShuffle(2), as the one layer it
+    equals: ConvTranspose2d(cin, cout, kernel 2, stride 2), whose output pixel (2y + i, 2x + j)
+    of channel c is input pixel (y, x) times the 1x1 weights of conv channel 4c + 2i + j. The same
+    sums (over cin) in the same order, so ONNX Runtime gives the same result to the bit, without
+    DepthToSpace, which on the CPU took about as long as the conv itself (see for_export)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        cout4, cin, kh, kw = conv.weight.shape
+        assert (kh, kw) == (1, 1) and cout4 % 4 == 0 and conv.bias is None, (conv.weight.shape, conv.bias)
+        self.deconv = nn.ConvTranspose2d(cin, cout4 // 4, 2, 2, bias=False)
+        with torch.no_grad():  # (4c + 2i + j, k) -> (k, c, i, j)
+            w = conv.weight[:, :, 0, 0].reshape(cout4 // 4, 2, 2, cin).permute(3, 0, 1, 2)
+            self.deconv.weight.copy_(w.to(self.deconv.weight.dtype))
+        self.deconv.to(conv.weight.device, conv.weight.dtype)
+
+    def forward(self, x):
+        return self.deconv(x)
+
+
+class HeadAsDeconv(nn.Module):
+    """A 3x3 stride-1 conv (padding 1, with bias) as the transposed conv it equals (kernel flipped,
+    in/out swapped): the same function (to float rounding, ~5e-7). For ONNX Runtime on the CPU,
+    where a Conv with few output channels (the generator's head: 4) is computed in its blocked
+    NCHWc layout padded to 16 channels (AVX-512), between two layout reorders at full
+    resolution; ConvTranspose stays in NCHW (see for_export)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        assert conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1), conv
+        assert conv.groups == 1 and conv.dilation == (1, 1) and conv.bias is not None, conv
+        self.deconv = nn.ConvTranspose2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=True)
+        with torch.no_grad():
+            self.deconv.weight.copy_(conv.weight.flip(2, 3).transpose(0, 1))
+            self.deconv.bias.copy_(conv.bias)
+        self.deconv.to(conv.weight.device, conv.weight.dtype)
+
+    def forward(self, x):
+        return self.deconv(x)
+
+
+def for_export(generator: "Generator") -> "Generator":
+    """A copy of ``generator`` (eval mode) that computes the same function with each decoder
+    block's 1x1 conv + PixelShuffle(2) as one transposed conv (:class:`SubPixelDeconv`): the
+    module deid exports to ONNX Runtime on the CPU. There, with the shipped 128 generator, batch 32,
+    one thread, the DepthToSpace ops took 16% of the network's time and the layout reorders around
+    them more (examples/bench_generator_backends.py). ``generator`` is not changed."""
+    import copy
+
+    g = copy.deepcopy(generator).eval()
+    for blk in g.up:
+        blk.expand = SubPixelDeconv(blk.expand)
+        blk.shuffle = nn.Identity()
+    g.head = HeadAsDeconv(g.head)
+    return g
+
+
 class Discriminator(nn.Module):
     """Patch discriminator (LSGAN / hinge): (B, 3, S, S) in [-1, 1] -> (B, 1, S/8, S/8) logits."""
 

@@ -139,6 +139,30 @@ def test_identity_differentiable():
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
+def test_export_module_is_the_same_function():
+    """for_export (what the CPU backend exports) swaps 1x1 conv + PixelShuffle, and the 3x3 head,
+    for transposed convs: same outputs, every sub-pixel (the ICNR init makes the 4 sub-pixels equal, so the
+    weights are scrambled first, or a wrong sub-pixel order would pass), source left as it was."""
+    from deidcli.model import HeadAsDeconv, SubPixelDeconv, for_export
+
+    torch.manual_seed(0)
+    gen = Generator({"size": 64}).eval()
+    with torch.no_grad():
+        for p in gen.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    exp = for_export(gen)
+    assert all(isinstance(b.expand, SubPixelDeconv) for b in exp.up) and isinstance(exp.head, HeadAsDeconv)
+    assert all(isinstance(b.expand, torch.nn.Conv2d) for b in gen.up)  # the source is not changed
+    assert isinstance(gen.head, torch.nn.Conv2d)
+    x, d = torch.rand(3, 3, 64, 64) * 2 - 1, torch.nn.functional.normalize(torch.randn(3, 128), dim=1)
+    with torch.no_grad():
+        (ra, ma), (rb, mb) = gen(x, d), exp(x, d)
+        h = gen.up[0].shuffle(gen.up[0].expand(torch.randn(2, gen.chans[-1], 4, 4)))
+        assert h.std() > 0.1 and h[:, :, 0::2, 0::2].sub(h[:, :, 1::2, 1::2]).abs().max() > 1e-3
+    assert (ra - rb).abs().max() < 1e-5 and (ma - mb).abs().max() < 1e-5
+    assert ra.std() > 0.05
+
+
 def test_generator_backends_agree():
     """The CPU default (the module exported to ONNX Runtime) gives the torch module's output."""
     from deidcli import engine
