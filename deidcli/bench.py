@@ -105,7 +105,7 @@ def _generator_only(opts: dict, n_batches: int = 10) -> dict:
     wall = time.perf_counter() - t
     n = bs * n_batches
     return {"frames": 0, "faces": n, "wall_s": round(wall, 3), "faces_per_s": round(n / wall, 1), "batch_size": bs,
-            "device": rt.device, "dtype": rt.dtype, "backend": runner.backend,
+            "network_batch": runner.network_batch, "device": rt.device, "dtype": rt.dtype, "backend": runner.backend,
             "stages": {"generate": round(wall, 4)}}
 
 
@@ -137,7 +137,10 @@ def to_markdown(result: dict) -> str:
         if "error" in r:
             lines.append(f"| {r['config']} | error: {r['error']} |")
             continue
-        name = r["config"] + (f" (batch {r['batch_size']})" if r["config"] == "generator" else "")
+        name = r["config"]
+        if r["config"] == "generator":
+            nb = r.get("network_batch", r["batch_size"])
+            name += f" (batch {r['batch_size']}" + (f", {nb} per network call)" if nb != r["batch_size"] else ")")
         if r.get("detect_every", 1) > 1:
             name += f" (detect every {r['detect_every']}: {r['frames_not_detected']} frames by tracking)"
         row = [name, r.get("frames") or "-", r["wall_s"], r.get("fps", "-"), r.get("faces_per_s", "-"),

@@ -89,11 +89,13 @@ class GeneratorRunner:
     of what it goes by lies in the eyes; a full second pass fixes that too, but redraws the rest
     of the face once more (lip motion suffers).
 
-    Backend: on CUDA the torch module itself (fp16 when asked); on the CPU the module is
-    exported to ONNX in memory at load time (about 0.3 s) and run by ONNX Runtime, which on
-    this network's small depthwise convolutions is 2-3x faster than torch's CPU kernels
-    (examples/bench_generator_backends.py; outputs agree to ~1e-6). ``backend`` forces one
-    ("torch" or "onnxruntime"); the environment variable DEID_GENERATOR_BACKEND does too.
+    Backend: on CUDA the torch module itself (fp16 when asked), ``batch_size`` faces a call; on
+    the CPU the module is exported to ONNX in memory at load time (about 0.3 s; as
+    model.for_export writes it: the same function with fewer memory passes) and run by ONNX
+    Runtime one face per intra-op thread a call (``network_batch``), about 4x torch's CPU
+    kernels on one thread (examples/bench_generator_backends.py; outputs agree to ~1e-6).
+    ``backend`` forces one ("torch" or "onnxruntime"); the environment variable
+    DEID_GENERATOR_BACKEND does too.
     """
 
     def __init__(self, generator, runtime: Runtime, batch_size: int = 32, backend: Optional[str] = None,
@@ -124,9 +126,10 @@ class GeneratorRunner:
             # stay in the CPU caches (128 crop: ~1 MB a layer), where a batch of 32 streams
             # through memory. Shipped 128 generator, exported module, faces/s at one thread:
             # 217 in runs of 1 face, 190 of 4, 148 of 32; two threads: 256 of 2, 236 of 32.
-            self.ort_batch = threads
+            self.network_batch = threads
             self.generator = None
         else:
+            self.network_batch = batch_size  # faces per network call
             self.generator = generator.to(self.device, self.dtype).eval()
             if self.later is not None:  # on the device once, not per batch
                 self.later = torch.from_numpy(self.later).to(self.device)
@@ -149,7 +152,7 @@ class GeneratorRunner:
         if per_face.min() < 1:
             raise ValueError(f"passes must be >= 1, not {per_face.min()}")
         run = self._run_onnx if self.session is not None else self._run_torch
-        step = self.ort_batch if self.session is not None else self.batch_size
+        step = self.network_batch
         for k in np.unique(per_face):
             idx = np.flatnonzero(per_face == k)
             for j in range(0, len(idx), step):
