@@ -5,7 +5,11 @@
         [--batch-size 32] [--threads 1] [--batches 10]
 
 Prints faces/s for each backend and the largest difference between their outputs (uint8 raw
-image and mask). deid picks onnxruntime on the CPU and torch on CUDA (deidcli/engine.py).
+image and mask). deid picks onnxruntime on the CPU and torch on CUDA (deidcli/engine.py). Each
+backend runs as the pipeline runs it: torch a batch per call, onnxruntime the exported
+``model.for_export`` module one face per intra-op thread per call (``GeneratorRunner.network_batch``).
+To measure another source tree, run the script with ``PYTHONPATH=<tree>`` (else the installed
+``deidcli`` is imported).
 """
 
 import argparse
