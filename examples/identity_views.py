@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def views(img: np.ndarray, kps: np.ndarray) -> dict:
     """112x112 RGB crops of one face: the ArcFace crop and its variants (see the module doc)."""
     import cv2
-    from insightface.utils import face_align
 
-    out = {"std": face_align.norm_crop(img, kps, 112)}
+    from deidcli.align import arcface_crop
+
+    out = {"std": arcface_crop(img, kps)}
     out["flip"] = np.ascontiguousarray(out["std"][:, ::-1])
     c = kps.mean(0)
     for s in (0.8, 1.2):
-        out[f"zoom{s}"] = face_align.norm_crop(img, ((kps - c) * s + c).astype(np.float32), 112)
+        out[f"zoom{s}"] = arcface_crop(img, (kps - c) * s + c)
     out["blur"] = cv2.GaussianBlur(out["std"], (5, 5), 1.2)
     return out
 
@@ -50,7 +50,6 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=5)
     ap.add_argument("--json", help="write the per-face rows here")
     a = ap.parse_args()
-    warnings.simplefilter("ignore", FutureWarning)  # InsightFace on scikit-image 0.26
 
     from deidcli import weights
     from deidcli.engine import IdentityEmbedder
