@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import logging
 import os
 import random
@@ -299,6 +300,8 @@ def train(config: Mapping[str, Any]) -> dict:
     device = torch.device(cfg["device"])
     if device.type == "cpu" and cfg["threads"]:
         torch.set_num_threads(int(cfg["threads"]))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     run_dir = Path(cfg["runs_dir"]) / cfg["name"]
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -441,6 +444,8 @@ def train(config: Mapping[str, Any]) -> dict:
         return nets
 
     def save():
+        if running and not math.isfinite(float(running["loss"])):  # steps not yet logged
+            raise FloatingPointError(f"non-finite loss within steps {step - n_run + 1}-{step}; not saved")
         state = {**networks(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
                  "gen": gen.get_state(), "rng": json.dumps(rng.bit_generator.state),
                  "torch_rng": torch.get_rng_state()}
@@ -540,7 +545,7 @@ def train(config: Mapping[str, Any]) -> dict:
     D.train()
     if n_val and val_step != step:
         select(validate())  # the starting weights are a candidate too
-    running: dict[str, float] = {}
+    running: dict[str, torch.Tensor] = {}
     n_run = 0
     while step < cfg["steps"] and not stop["flag"]:
         if cfg["max_minutes"] and time.time() - t_start > 60 * cfg["max_minutes"]:
@@ -620,23 +625,26 @@ def train(config: Mapping[str, Any]) -> dict:
         if D_eye is not None:
             for p in D_eye.parameters():
                 p.requires_grad_(True)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {step}: "
-                                     f"{ {k: float(v) for k, v in terms.items()} }")
         step += 1
 
-        vals = {k: float(v.detach()) for k, v in terms.items()}
-        vals.update(loss=float(loss.detach()), cos=float(cos.mean()), mask_mean=float(mask.detach().mean()))
+        # the step's figures stay on the device until they are logged: one host sync per
+        # log_every steps instead of one per figure and step (on CUDA the loop then runs ahead)
+        vals = {k: v.detach() for k, v in terms.items()}
+        vals.update(loss=loss.detach(), cos=cos.mean(), mask_mean=mask.detach().mean())
         if use_adv:
-            vals["d_loss"] = float(ld.detach())
+            vals["d_loss"] = ld.detach()
         if D_eye is not None:
-            vals["d_eye_loss"] = float(lde.detach())
+            vals["d_eye_loss"] = lde.detach()
         for k, v in vals.items():
-            running[k] = running.get(k, 0.0) + v
+            running[k] = running[k] + v if k in running else v.double()
         n_run += 1
         if step % cfg["log_every"] == 0 or step == 1:
+            means = {k: float(v) / n_run for k, v in running.items()}
+            if not math.isfinite(means["loss"]):
+                raise FloatingPointError(f"non-finite loss within steps {step - n_run + 1}-{step}: "
+                                         f"{ {k: v for k, v in means.items()} }")
             rec = {"kind": "train", "step": step, "t": round(elapsed(), 1),
-                   **{k: round(v / n_run, 5) for k, v in running.items()}}
+                   **{k: round(v, 5) for k, v in means.items()}}
             log_f.write(json.dumps(rec) + "\n")
             log_f.flush()
             last_metrics = {f"train_{k}": v for k, v in rec.items() if k not in ("kind", "step")}
