@@ -185,6 +185,25 @@ def rank1(probe: np.ndarray, gallery: np.ndarray, labels: np.ndarray, probe_idx:
     return float(np.mean(labels[sim.argmax(1)] == labels[probe_idx]))
 
 
+def openings_on_crops(lo, crops: np.ndarray, crop_kps: np.ndarray) -> np.ndarray:
+    """(N, 2) float: inner-lip and eye opening in IOD (evaluate_video.LipOpening.openings, dlib 68
+    points) of each crop (N, S, S, 3) uint8 RGB, fitted at the given 5 points (N, 5, 2) in crop
+    pixels: the input's points for input and output alike, as evaluate-video does on frames."""
+    return np.array([lo.openings(c, k) for c, k in zip(crops, crop_kps)], dtype=np.float64).reshape(-1, 2)
+
+
+def opening_agreement(a: np.ndarray, b: np.ndarray) -> dict:
+    """Pearson r across faces and mean |difference| (IOD) of the openings of the input (a) and of
+    the output (b), both (N, 2) from :func:`openings_on_crops`."""
+    out = {}
+    for j, key in enumerate(("lips", "eyes")):
+        x, y = a[:, j], b[:, j]
+        ok = x.std() > 0 and y.std() > 0
+        out[f"{key}_r"] = float(np.corrcoef(x, y)[0, 1]) if ok else None
+        out[f"{key}_absdiff_iod"] = float(np.mean(np.abs(x - y)))
+    return out
+
+
 def contact_sheet(inputs: np.ndarray, outputs: np.ndarray, masks: np.ndarray, cols: int = 8) -> np.ndarray:
     """Groups of three rows (input / output / mask), ``cols`` faces per row; (H, W, 3) uint8."""
     rows = []
@@ -219,6 +238,13 @@ def _markdown(rep: dict) -> str:
         row("detection rate on outputs (input ref.)", "det_rate", "{:.1%}", f"{clean['det_rate']:.1%}")
         row("detection rate relative to input (target >= 99%)", "det_rate_rel", "{:.1%}", "100%")
         row("mean detector score", "det_score", "{:.3f}", f"{clean['det_score']:.3f}")
+    if "eyes_r" in clean:  # dlib's 68 points were available
+        row("eye opening r across faces (dlib 68 points; reference: a JPEG q90 copy)", "eyes_r", "{:.3f}",
+            f"{clean['eyes_r']:.3f}")
+        row("eye opening mean abs. difference, IOD", "eyes_absdiff_iod", "{:.4f}", f"{clean['eyes_absdiff_iod']:.4f}")
+        row("inner-lip opening r across faces", "lips_r", "{:.3f}", f"{clean['lips_r']:.3f}")
+        row("inner-lip opening mean abs. difference, IOD", "lips_absdiff_iod", "{:.4f}",
+            f"{clean['lips_absdiff_iod']:.4f}")
     for jname, j in rep.get("judges", {}).items():
         jm, jc = j["methods"], j["clean"]
         for label, key, fmt, ref in (
@@ -321,6 +347,16 @@ def evaluate(weights: Optional[os.PathLike] = None, out_dir: os.PathLike = "out/
 
     clean = identity_metrics(desc[sub])
     clean.pop("cos_to_original_median")
+    from .evaluate_video import _lip_opening
+
+    lo = _lip_opening()  # None without the judge extra: no opening figures
+    crop_kps = data["crop_kps"][sub]
+    open_in = None
+    if lo is not None:  # expression kept: eye and lip opening, the input's vs the output's
+        open_in = openings_on_crops(lo, crops[sub], crop_kps)
+        jpeg = np.stack([cv2.imdecode(cv2.imencode(".jpg", c, [cv2.IMWRITE_JPEG_QUALITY, 90])[1], cv2.IMREAD_UNCHANGED)
+                         for c in crops[sub]])  # the measure's own noise: the same faces, re-compressed
+        clean.update(opening_agreement(open_in, openings_on_crops(lo, jpeg, crop_kps)))
     if clean_det is not None:
         clean.update(det_rate=float(clean_det["found"].mean()),
                      det_score=float(clean_det["score"][clean_det["found"]].mean()))
@@ -374,6 +410,8 @@ def evaluate(weights: Optional[os.PathLike] = None, out_dir: os.PathLike = "out/
                        det_score=float(od["score"][od["found"]].mean()) if od["found"].any() else 0.0,
                        landmark_disp_iod=float(disp.mean()) if len(disp) else None,
                        landmark_disp_iod_median=float(np.median(disp)) if len(disp) else None)
+        if open_in is not None:
+            res.update(opening_agreement(open_in, openings_on_crops(lo, anon, crop_kps)))
         res["seconds"] = round(time.time() - tm, 1)
         report["methods"][method] = res
         for name, (jn, jdesc, jthr, centre) in judged.items():

@@ -144,10 +144,20 @@ MOUTH_MIN_STD = 0.02  # IOD; below it the input mouth is considered still: no co
 LIPS_CROP = 384
 LIPS_PAIRS = ((61, 67), (62, 66), (63, 65))
 
+# Eye opening, from the same dlib fit (no target in issue 4; it shows whether the generated
+# eyes follow the input's blinks and squints, which is expression): mean of the four vertical
+# lid distances (37-41, 38-40 right eye, 43-47, 44-46 left eye; iBUG 300-W layout) / IOD. Its
+# correlation across frames is reported when the input's opening varies by at least
+# EYES_MIN_STD (0.01 IOD: under 1 px of dlib's integer points at IOD 67 px; the 8 clips' inputs
+# vary by 0.017-0.039).
+EYES_PAIRS = ((37, 41), (38, 40), (43, 47), (44, 46))
+EYES_MIN_STD = 0.01
+
 
 class LipOpening:
     """Inner-lip opening of a face, in IOD: ``LipOpening()(image, kps)``; image (H, W, 3) uint8
-    RGB, kps (5, 2) float frame pixels of the face (the input's, for both input and output)."""
+    RGB, kps (5, 2) float frame pixels of the face (the input's, for both input and output).
+    ``openings(image, kps)``: (lips, eyes) in IOD from one dlib fit (EYES_PAIRS)."""
 
     def __init__(self):
         import dlib
@@ -165,12 +175,19 @@ class LipOpening:
         self.iod = float(t[1, 0] - t[0, 0])
 
     def __call__(self, image: np.ndarray, kps: np.ndarray) -> float:
+        return self.openings(image, kps)[0]
+
+    def openings(self, image: np.ndarray, kps: np.ndarray) -> tuple[float, float]:
         from .align import estimate_transform, warp_crop
 
         crop = np.ascontiguousarray(warp_crop(image, estimate_transform(kps, LIPS_CROP, MOUTH_MARGIN), LIPS_CROP))
         shape = self.sp(crop, self.rect)
-        d = [np.hypot(shape.part(a).x - shape.part(b).x, shape.part(a).y - shape.part(b).y) for a, b in LIPS_PAIRS]
-        return float(np.mean(d)) / self.iod
+
+        def mean_dist(pairs):
+            return float(np.mean([np.hypot(shape.part(a).x - shape.part(b).x, shape.part(a).y - shape.part(b).y)
+                                  for a, b in pairs])) / self.iod
+
+        return mean_dist(LIPS_PAIRS), mean_dist(EYES_PAIRS)
 
 
 def _lip_opening() -> Optional[LipOpening]:
@@ -455,6 +472,8 @@ class _Track:
     mouth_out: list = field(default_factory=list)
     lips_in: list = field(default_factory=list)  # inner-lip opening (IOD); empty when not measured
     lips_out: list = field(default_factory=list)
+    eyes_in: list = field(default_factory=list)  # eye opening (IOD), measured with the lips
+    eyes_out: list = field(default_factory=list)
     flicker_in: list = field(default_factory=list)
     flicker_out: list = field(default_factory=list)
     embvar_in: list = field(default_factory=list)
@@ -474,6 +493,9 @@ class _Track:
         lsd = float(np.std(self.lips_in)) if self.lips_in else None
         lcorr = (_pearson(self.lips_in, self.lips_out)
                  if len(self.lips_in) >= MIN_CORR_FRAMES and lsd >= MOUTH_MIN_STD else None)
+        esd = float(np.std(self.eyes_in)) if self.eyes_in else None
+        ecorr = (_pearson(self.eyes_in, self.eyes_out)
+                 if len(self.eyes_in) >= MIN_CORR_FRAMES and esd >= EYES_MIN_STD else None)
         return {
             "track": self.track_id,
             "first_frame": self.frames[0],
@@ -501,6 +523,12 @@ class _Track:
             "lips_out_std": float(np.std(self.lips_out)) if self.lips_out else None,
             "lips_corr": lcorr,
             "lips_corr_ci90": _corr_ci90(self.lips_in, self.lips_out) if lcorr is not None else None,
+            "eyes_in_mean": _mean(self.eyes_in),
+            "eyes_out_mean": _mean(self.eyes_out),
+            "eyes_in_std": esd,
+            "eyes_out_std": float(np.std(self.eyes_out)) if self.eyes_out else None,
+            "eyes_corr": ecorr,
+            "eyes_corr_ci90": _corr_ci90(self.eyes_in, self.eyes_out) if ecorr is not None else None,
             **_judge_summary(self.judge_dist),
         }
 
@@ -624,6 +652,8 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
         if f["lips_in"] is not None:
             tr.lips_in.append(f["lips_in"])
             tr.lips_out.append(f["lips_out"])
+            tr.eyes_in.append(f["eyes_in"])
+            tr.eyes_out.append(f["eyes_out"])
         if f["judge"] is not None:
             tr.judge_dist.append(f["judge"])
         if f["lm"] is not None:
@@ -672,13 +702,15 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
                     kin = dets_in.kps[j]
                     lm = -1.0 if k is None else float(
                         np.mean(np.linalg.norm(dets_out.kps[k] - kin, axis=1)) / _iod(kin) * 100.0)
+                (lips_in, eyes_in), (lips_out, eyes_out) = (
+                    (lips.openings(img_in, face.kps), lips.openings(img_out, face.kps)) if lips
+                    else ((None, None), (None, None)))
                 todo.append({
                     "index": i, "track": face.track_id, "interpolated": bool(face.interpolated),
                     "score": float(face.score),
                     "in112": in112, "out112": out112, "mad": mad, "lm": lm,
                     "mouth_in": mouth(face, img_in, 0), "mouth_out": mouth(face, img_out, 1),
-                    "lips_in": lips(img_in, face.kps) if lips else None,
-                    "lips_out": lips(img_out, face.kps) if lips else None,
+                    "lips_in": lips_in, "lips_out": lips_out, "eyes_in": eyes_in, "eyes_out": eyes_out,
                     "judge": judged(img_in, img_out, face.box) if (judge_net and not face.interpolated
                                                                    and i % judge_every == 0) else None,
                 })
@@ -727,6 +759,8 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
     mouth_corr = (sum(c * w for c, w in corr_tracks) / sum(w for _, w in corr_tracks)) if corr_tracks else None
     lips_tracks = [(t["lips_corr"], t["faces"]) for t in per_track if t["lips_corr"] is not None]
     lips_corr = (sum(c * w for c, w in lips_tracks) / sum(w for _, w in lips_tracks)) if lips_tracks else None
+    eyes_tracks = [(t["eyes_corr"], t["faces"]) for t in per_track if t["eyes_corr"] is not None]
+    eyes_corr = (sum(c * w for c, w in eyes_tracks) / sum(w for _, w in eyes_tracks)) if eyes_tracks else None
     lm_checked = sum(t.lm_checked for t in tracks.values())
     lm = allv("lm_disp")
     res = {
@@ -762,6 +796,7 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
         "landmark_found_frac": (len(lm) / lm_checked) if lm_checked else None,
         "mouth_corr": mouth_corr,
         "lips_corr": lips_corr,
+        "eyes_corr": eyes_corr,
         **_judge_summary(allv("judge_dist")),
         "per_track": per_track,
         "settings": {
@@ -883,7 +918,7 @@ def to_markdown(results) -> str:
         results = [results]
     cols = ["clip", "frames", "faces", "tracks", "unconf.", "small", "exposed frames", "cos mean", "cos max",
             "verified", "flicker in", "flicker out", "ratio", "emb var in", "emb var out",
-            "lm disp %IOD", "lm found", "mouth r", "lips r"]
+            "lm disp %IOD", "lm found", "mouth r", "lips r", "eyes r"]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         out.append("| " + " | ".join([
@@ -892,10 +927,11 @@ def to_markdown(results) -> str:
             _f(r["cos_max"]), _f(r["verified_frac"]), _f(r["flicker_in"], ".2f"), _f(r["flicker_out"], ".2f"),
             _f(r["flicker_ratio"], ".2f"), _f(r["embvar_in"], ".4f"), _f(r["embvar_out"], ".4f"),
             _f(r["landmark_disp_iod_pct"], ".1f"), _f(r["landmark_found_frac"], ".2f"), _f(r["mouth_corr"], ".2f"),
-            _f(r.get("lips_corr"), ".2f"),
+            _f(r.get("lips_corr"), ".2f"), _f(r.get("eyes_corr"), ".2f"),
         ]) + " |")
     tcols = ["clip", "track", "frames", "faces", "interp", "exposed frames", "cos mean", "cos max", "verified",
-             "flicker ratio", "emb var out/in", "lm disp %IOD", "mouth sd in", "mouth r", "lips sd in", "lips r"]
+             "flicker ratio", "emb var out/in", "lm disp %IOD", "mouth sd in", "mouth r", "lips sd in", "lips r",
+             "eyes in/out", "eyes sd in", "eyes r"]
     out += ["", "| " + " | ".join(tcols) + " |", "|" + "---|" * len(tcols)]
     for r in results:
         for t in r["per_track"]:
@@ -906,6 +942,9 @@ def to_markdown(results) -> str:
                 _f(t["verified_frac"]), _f(t["flicker_ratio"], ".2f"), _f(ev, ".2f"),
                 _f(t["landmark_disp_iod_pct"], ".1f"), _f(t["mouth_in_std"], ".3f"), _f(t["mouth_corr"], ".2f"),
                 _f(t.get("lips_in_std"), ".3f"), _f(t.get("lips_corr"), ".2f") + _ci(t.get("lips_corr_ci90")),
+                (f"{_f(t.get('eyes_in_mean'))}/{_f(t.get('eyes_out_mean'))}" if t.get("eyes_in_mean") is not None
+                 else "-"),
+                _f(t.get("eyes_in_std"), ".3f"), _f(t.get("eyes_corr"), ".2f") + _ci(t.get("eyes_corr_ci90")),
             ]) + " |")
     judged = [(r, t) for r in results for t in r["per_track"] if t.get("judge_faces")]
     if judged:
@@ -920,7 +959,9 @@ def to_markdown(results) -> str:
     out += ["", f"Exposed: output face verified as the input person (cosine >= {thr:.4f}, FAR 0.1% on LFW) "
                 f"or unchanged (ArcFace crop MAD < {UNCHANGED_MAD:g}). Flicker: mean |crop(t) - crop(t-1)| "
                 "(0-255) at the input's landmarks; mouth r: jaw-drop proxy, lips r: inner-lip opening (dlib 68 "
-                "points; '-' when not installed or the input's lips barely move), in brackets its 90% "
+                "points; '-' when not installed or the input's lips barely move), eyes: lid opening from the "
+                "same fit (in/out: mean opening in IOD; r: across frames, '-' when the input's eyes barely move; "
+                "no target), in brackets its 90% "
                 "interval over block-bootstrap resamples of the track's frames (1 s blocks); targets: 0 exposed, "
                 "ratio <= 1.3, lips r (or mouth r without dlib) >= 0.9. A clip against its own plain re-encode "
                 "(examples/reencode_floor.sh) gives the noise floor of these figures."]

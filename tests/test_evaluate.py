@@ -97,3 +97,9 @@ def test_dlib_judge_in_evaluate(tmp_path):
     assert j["clean"]["rank1"] > 0.5 and set(j["verification"]) == set(rep["verification"])
     assert j["methods"]["blur"]["cos_to_original"] < j["clean"]["cos_to_original"] == pytest.approx(1.0)
     assert "dlib: rank-1 re-identification" in (tmp_path / "ev" / "report.md").read_text()
+    # expression kept, from dlib's 68 points: eye and lip opening of the output vs the input. The
+    # reference (the same crops JPEG-compressed) agrees closely; blur leaves nothing to fit
+    c, b = rep["clean"], rep["methods"]["blur"]
+    assert c["eyes_r"] > 0.8 and c["lips_r"] > 0.8 and c["eyes_absdiff_iod"] < 0.015, c
+    assert b["eyes_r"] < c["eyes_r"] - 0.2 and b["lips_absdiff_iod"] > 2 * c["lips_absdiff_iod"], b
+    assert "eye opening r across faces" in (tmp_path / "ev" / "report.md").read_text()
