@@ -195,12 +195,12 @@ def openings_on_crops(lo, crops: np.ndarray, crop_kps: np.ndarray) -> np.ndarray
 def opening_agreement(a: np.ndarray, b: np.ndarray) -> dict:
     """Pearson r across faces and mean |difference| (IOD) of the openings of the input (a) and of
     the output (b), both (N, 2) from :func:`openings_on_crops`."""
+    from .evaluate_video import _pearson
+
     out = {}
     for j, key in enumerate(("lips", "eyes")):
-        x, y = a[:, j], b[:, j]
-        ok = x.std() > 0 and y.std() > 0
-        out[f"{key}_r"] = float(np.corrcoef(x, y)[0, 1]) if ok else None
-        out[f"{key}_absdiff_iod"] = float(np.mean(np.abs(x - y)))
+        out[f"{key}_r"] = _pearson(a[:, j], b[:, j])
+        out[f"{key}_absdiff_iod"] = float(np.mean(np.abs(a[:, j] - b[:, j])))
     return out
 
 
