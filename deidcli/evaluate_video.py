@@ -148,8 +148,9 @@ LIPS_PAIRS = ((61, 67), (62, 66), (63, 65))
 # eyes follow the input's blinks and squints, which is expression): mean of the four vertical
 # lid distances (37-41, 38-40 right eye, 43-47, 44-46 left eye; iBUG 300-W layout) / IOD. Its
 # correlation across frames is reported when the input's opening varies by at least
-# EYES_MIN_STD (0.01 IOD: under 1 px of dlib's integer points at IOD 67 px; the 8 clips' inputs
-# vary by 0.017-0.039).
+# EYES_MIN_STD (0.01 IOD: under 1 px of dlib's integer points at IOD 67 px; the tracks of the 8
+# clips in ../shared/videos vary by 0.008-0.057). dlib's lid points jitter by about a pixel, so
+# this floor is lower than the lips': against a plain re-encode 0.58-0.98 per track.
 EYES_PAIRS = ((37, 41), (38, 40), (43, 47), (44, 46))
 EYES_MIN_STD = 0.01
 
