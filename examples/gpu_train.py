@@ -18,7 +18,8 @@ unpacking and the final saves take about 2 minutes more):
 
     run(command="python3 examples/gpu_train.py run --minutes 7", carry=[".kit_train"], timeout_s=600)
 
-`run` decodes the cache into .kit_train/cache/, trains with ``deid train --device cuda`` from
+`run` decodes the cache into --cache-dir (default /tmp/deid_kit_cache: outside .kit_train, which
+the device tool carries whole), trains with ``deid train --device cuda`` from
 the committed state (weights/train_state/last.pt) with the recipe the shipped checkpoint was
 trained with (configs/train_128_branch36500.json) at --batch-size (default 32), and writes to
 $OUT (default out/gpu_train; the device tool brings back 8 files): best_generator.pt (lowest
@@ -96,7 +97,7 @@ def pack(args) -> None:
                     "--python-version", "3.12", "--implementation", "cp",
                     "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux2014_x86_64",
                     "-d", str(KIT), f"insightface=={md.version('insightface')}"], check=True)
-    kit = sum(p.stat().st_size for p in KIT.rglob("*") if p.is_file() and "cache" not in p.parts)
+    kit = sum(p.stat().st_size for p in KIT.rglob("*") if p.is_file())
     tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
     tree = sum((ROOT / f).stat().st_size for f in tracked.decode().split("\0") if f and (ROOT / f).is_file())
     print(f"{dst.name}: {len(blobs)} crops, {out['jpeg'].nbytes / 2**20:.1f} MiB of JPEG at quality "
@@ -165,7 +166,7 @@ def run(args) -> int:
     kit_npz = sorted(KIT.glob(f"{SPLIT}.q*.npz"))
     if not kit_npz:
         sys.exit(f"no {SPLIT}.q*.npz in {KIT}: run `python examples/gpu_train.py pack` first")
-    cache_dir = KIT / "cache"
+    cache_dir = Path(args.cache_dir)
     unpack(kit_npz[-1], cache_dir, args.device)
     say(f"cache decoded in {time.time() - t0:.0f} s")
     subprocess.run([sys.executable, "-c", "import torch; print('torch', torch.__version__, 'cuda', "
@@ -230,6 +231,7 @@ def main(argv=None) -> int:
     r.add_argument("--batch-size", type=int, default=32)
     r.add_argument("--name", default="gpu")
     r.add_argument("--runs-dir", default="/tmp/deid_runs")
+    r.add_argument("--cache-dir", default="/tmp/deid_kit_cache", help="where the decoded cache goes (not in .kit_train)")
     r.add_argument("--out", default=None, help="default $OUT, else out/gpu_train")
     r.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="more `deid train --set`")
     a = ap.parse_args(argv)
