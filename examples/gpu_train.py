@@ -116,7 +116,8 @@ def unpack(kit_npz: Path, cache_dir: Path, device: str = "cpu") -> Path:
     import numpy as np
     import torch
 
-    from deidcli.identity import crop_to_id_input, embed, load_identity_net, to_input
+    from deidcli.evaluate import describe
+    from deidcli.identity import load_identity_net
 
     dst = cache_dir / f"{SPLIT}.npz"
     if dst.exists():
@@ -129,8 +130,7 @@ def unpack(kit_npz: Path, cache_dir: Path, device: str = "cpu") -> Path:
                            for i in range(len(off) - 1)])
     net = load_identity_net(KIT / "models", device=device)
     with torch.no_grad():
-        d["desc"] = torch.cat([embed(net, crop_to_id_input(to_input(d["crops"][i:i + 512]), float(d["margin"])))
-                               for i in range(0, len(d["crops"]), 512)]).numpy().astype(np.float32)
+        d["desc"] = describe(net, d["crops"], float(d["margin"]), device).astype(np.float32)
     d["fingerprint"] = np.array(f"{d['fingerprint']}+jpeg-q{q}")
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp.npz")

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import logging
+import math
 import os
 import random
 import signal
@@ -443,9 +443,16 @@ def train(config: Mapping[str, Any]) -> dict:
             nets["D_eye"] = D_eye.state_dict()
         return nets
 
+    def running_means() -> dict:
+        """Means of the figures since the last log; FloatingPointError if the loss went non-finite
+        (checked here, at log and save time, not per step: that would sync the device every step)."""
+        means = {k: float(v) / n_run for k, v in running.items()}
+        if means and not math.isfinite(means["loss"]):
+            raise FloatingPointError(f"non-finite loss within steps {step - n_run + 1}-{step}: {means}")
+        return means
+
     def save():
-        if running and not math.isfinite(float(running["loss"])):  # steps not yet logged
-            raise FloatingPointError(f"non-finite loss within steps {step - n_run + 1}-{step}; not saved")
+        running_means()  # never save weights that a non-finite step has touched
         state = {**networks(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
                  "gen": gen.get_state(), "rng": json.dumps(rng.bit_generator.state),
                  "torch_rng": torch.get_rng_state()}
@@ -639,10 +646,7 @@ def train(config: Mapping[str, Any]) -> dict:
             running[k] = running[k] + v if k in running else v.double()
         n_run += 1
         if step % cfg["log_every"] == 0 or step == 1:
-            means = {k: float(v) / n_run for k, v in running.items()}
-            if not math.isfinite(means["loss"]):
-                raise FloatingPointError(f"non-finite loss within steps {step - n_run + 1}-{step}: "
-                                         f"{ {k: v for k, v in means.items()} }")
+            means = running_means()
             rec = {"kind": "train", "step": step, "t": round(elapsed(), 1),
                    **{k: round(v, 5) for k, v in means.items()}}
             log_f.write(json.dumps(rec) + "\n")
