@@ -363,6 +363,27 @@ def test_train_validates_on_held_out_people_and_keeps_the_best(tmp_path, cache_d
     assert load_generator(run / "generator.pt").meta["train_fingerprint"] == tr["fingerprint"]
     state = torch.load(run / "best_state.pt", weights_only=True)  # restartable from the best point
     assert state["step"] == low["step"] and {"G", "G_ema", "D"} <= set(state)
+    # with dlib (the test extra), each validation also gives the eye and inner-lip opening
+    # agreement with the probes: the last one's equals evaluate's on the outputs of the weights
+    # it validated (last.pt's moving average, fp32) for those probes and targets
+    assert all({"eyes_r", "lips_r", "eyes_absdiff_iod", "lips_absdiff_iod"} <= set(r) for r in vals)
+    from deidcli.evaluate import opening_agreement, openings_on_crops
+    from deidcli.evaluate_video import _lip_opening
+    from deidcli.model import Generator
+    from deidcli.train.loop import VAL_SEED, _Data
+
+    g = Generator(best.config).eval()
+    g.load_state_dict(torch.load(run / "last.pt", weights_only=True)["G_ema"])
+    idx = np.sort(np.random.default_rng(VAL_SEED).choice(len(va["labels"]), size=min(8, len(va["labels"])), replace=False))
+    tgt, _ = _Data(va, torch.device("cpu")).targets(idx, np.random.default_rng(VAL_SEED + 1), True)
+    x = torch.from_numpy(va["crops"][idx]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        raw, mask = g(x, torch.from_numpy(va["desc"][tgt]))
+    out = ((mask * raw + (1 - mask) * x).clamp(-1, 1) + 1) * 127.5
+    lo = _lip_opening()
+    got = opening_agreement(openings_on_crops(lo, va["crops"][idx], va["crop_kps"][idx]),
+                            openings_on_crops(lo, out.round().byte().permute(0, 2, 3, 1).numpy(), va["crop_kps"][idx]))
+    assert got == pytest.approx({k: vals[-1][k] for k in got}, abs=1e-3)
     ref = best.state_dict()
     assert all(torch.equal(state["G_ema"][n].float(), ref[n].float()) for n in ref)
     # generator.pt is the moving average (saved fp16), which differs from the trained weights

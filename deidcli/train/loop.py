@@ -111,6 +111,9 @@ DEFAULTS: dict[str, Any] = {
     # checkpoint on (split_people); with > 0 training never loads the DevTest people at all
     "val_every": 500,  # steps between validations (and one at the start of every invocation)
     "val_size": 256,  # validation probes (faces of the held-out people); the gallery is all their faces
+    "val_openings": True,  # validation also reports how the outputs' eye and inner-lip opening
+    # follow the probes' (eyes_r, lips_r: evaluate.opening_agreement, dlib 68 points), when the
+    # judge extra (dlib) is installed; figures only, the selection stays on the cosine
     "select_max_landmarks": 3.0,  # best_generator.pt: the lowest validation cosine among
     # validations whose landmark displacement (% inter-ocular) is at most this
     "val_stop": 0.2,  # stop (error, exit 1) when a validation cosine exceeds the best one by more
@@ -209,6 +212,7 @@ class _Data:
         self.crops = torch.from_numpy(d["crops"]).permute(0, 3, 1, 2).contiguous().to(device)
         self.desc = torch.from_numpy(d["desc"]).to(device)
         self.labels = d["labels"]
+        self.kps = d.get("crop_kps")  # (N, 5, 2) float32 crop pixels, when the cache has them
         self.fingerprint = d["fingerprint"]
         self.n = len(self.labels)
         by = {}
@@ -491,21 +495,34 @@ def train(config: Mapping[str, Any]) -> dict:
             held.n, size=min(int(cfg["val_size"]), held.n), replace=False))
         val_tgt_idx, _ = held.targets(val_idx, np.random.default_rng(VAL_SEED + 1), True)
         val_gallery = held.desc.cpu().numpy()
+        lo = None
+        if cfg["val_openings"] and held.kps is not None:
+            from ..evaluate import openings_on_crops
+            from ..evaluate_video import _lip_opening
+
+            lo = _lip_opening()  # None without dlib: no opening figures
+            if lo is not None:
+                val_kps = held.kps[val_idx]
+                val_open_in = openings_on_crops(
+                    lo, held.crops[torch.as_tensor(val_idx, device=device)].permute(0, 2, 3, 1).cpu().numpy(), val_kps)
 
     @torch.no_grad()
     def validate() -> dict:
         """G_out on the held-out DevTrain people's probes (target: another image of the person):
         mean cosine to the probe's own descriptor, fraction verified (cosine >= VERIFY_THRESHOLD),
         rank-1 against a gallery of all their other faces (clean probes: the reference), and
-        the detector's 5-point displacement in % of inter-ocular distance."""
+        the detector's 5-point displacement in % of inter-ocular distance; with dlib, the eye and
+        inner-lip opening agreement (r across faces, mean |difference| in IOD) with the probes."""
         G_out.eval()
-        embs, lm = [], 0.0
+        embs, lm, outs = [], 0.0, []
         for i in range(0, len(val_idx), 32):
             j = val_idx[i:i + 32]
             x = held.images(j)
             raw, mask = G_out(x, held.desc[torch.as_tensor(val_tgt_idx[i:i + 32], device=device)])
             out = mask * raw + (1 - mask) * x
             embs.append(F.normalize(idnet(crop_to_id_input(out, gcfg.margin)), dim=1))
+            if lo is not None:
+                outs.append(((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
             if kpnet is not None:
                 lm += float(LM.landmark_loss(kpnet, out, x)) * len(j)
         G.train()
@@ -517,6 +534,10 @@ def train(config: Mapping[str, Any]) -> dict:
              "rank1_clean": rank1(own, val_gallery, held.labels, val_idx), "n": len(val_idx)}
         if kpnet is not None:
             v["landmarks_pct"] = 100.0 * lm / len(val_idx)
+        if lo is not None:
+            from ..evaluate import opening_agreement, openings_on_crops
+
+            v.update(opening_agreement(val_open_in, openings_on_crops(lo, np.concatenate(outs), val_kps)))
         return v
 
     diverged = {}

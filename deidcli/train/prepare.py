@@ -95,8 +95,9 @@ def prepare_split(split: str, lfw_dir: Optional[Path] = None, cache_dir: Optiona
     """Build (or reuse) the cache file of one split; returns its path."""
     import torch
 
+    from ..evaluate import describe
     from ..faces import Detector
-    from ..identity import crop_to_id_input, embed, load_identity_net, model_file, to_input
+    from ..identity import load_identity_net, model_file
 
     if split not in SPLIT_FILES:
         raise ValueError(f"split must be one of {list(SPLIT_FILES)}")
@@ -144,13 +145,8 @@ def prepare_split(split: str, lfw_dir: Optional[Path] = None, cache_dir: Optiona
         raise RuntimeError(f"no faces found in {split}")
     kept = [r[0] for r in rows]
     crops = np.stack([r[1] for r in rows])
-    net = load_identity_net(models_dir, device=device)
     with torch.no_grad():
-        descs = []
-        for i in range(0, len(crops), 256):
-            x = crop_to_id_input(to_input(crops[i:i + 256]), margin)
-            descs.append(embed(net, x))
-        desc = torch.cat(descs).numpy().astype(np.float32)
+        desc = describe(load_identity_net(models_dir, device=device), crops, margin, device).astype(np.float32)
     labels = np.array([label_of[n.split("/")[0]] for n in kept], dtype=np.int32)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".deid-tmp{os.getpid()}.npz")
