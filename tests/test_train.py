@@ -401,3 +401,19 @@ def test_train_validates_on_held_out_people_and_keeps_the_best(tmp_path, cache_d
     with pytest.raises(DeidError, match=r"training diverged: .* at step 8, .*best_state\.pt"):
         train({**cfg, "steps": 20, "val_stop": -1.0})
     assert torch.load(run / "last.pt", weights_only=True)["step"] == 8  # saved where it stopped
+
+
+def test_config_files_are_valid_training_configs():
+    """Every file in configs/ merges into the loop's DEFAULTS (no unknown or mistyped key), and the
+    structure-loss branch's recipe (weights/MODEL_CARD.md, sessions 20-21) is the shipped step's
+    recipe with only the structure weight (and the name) changed."""
+    from deidcli.train.loop import DEFAULTS, merge
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.glob("*.json"))
+    assert len(files) >= 3
+    cfgs = {f.stem: merge(DEFAULTS, json.loads(f.read_text())) for f in files}
+    a, b = cfgs["train_128_branch36500"], cfgs["train_128_struct"]
+    assert b["weights"]["structure"] == 4.0 and a["weights"]["structure"] == 0.0
+    a["weights"]["structure"] = 4.0
+    assert {k for k in a if a[k] != b[k]} == {"name"}
