@@ -497,7 +497,7 @@ def train(config: Mapping[str, Any]) -> dict:
         val_gallery = held.desc.cpu().numpy()
         lo = None
         if cfg["val_openings"] and held.kps is not None:
-            from ..evaluate import openings_on_crops
+            from ..evaluate import opening_agreement, openings_on_crops
             from ..evaluate_video import _lip_opening
 
             lo = _lip_opening()  # None without dlib: no opening figures
@@ -535,8 +535,6 @@ def train(config: Mapping[str, Any]) -> dict:
         if kpnet is not None:
             v["landmarks_pct"] = 100.0 * lm / len(val_idx)
         if lo is not None:
-            from ..evaluate import opening_agreement, openings_on_crops
-
             v.update(opening_agreement(val_open_in, openings_on_crops(lo, np.concatenate(outs), val_kps)))
         return v
 
