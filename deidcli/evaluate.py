@@ -98,10 +98,7 @@ def generate_on_crops(gen, crops: np.ndarray, desc: np.ndarray, device="cpu",
 
     from .align import match_colour
     from .engine import _compose_passes, eye_pass_weight, further_weights, later_pass_weight
-    from .identity import to_input
-
-    def to_uint8(t):
-        return ((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    from .identity import to_input, to_uint8
 
     later = None
     if first_pass_mouth:
@@ -136,9 +133,10 @@ def describe(net, crops: np.ndarray, margin: float, device="cpu") -> np.ndarray:
     from .identity import crop_to_id_input, embed, to_input
 
     out = []
-    for i in range(0, len(crops), 256):
-        x = crop_to_id_input(to_input(crops[i:i + 256]), margin)
-        out.append(embed(net, x.to(device)))
+    with torch.no_grad():
+        for i in range(0, len(crops), 256):
+            x = crop_to_id_input(to_input(crops[i:i + 256]), margin)
+            out.append(embed(net, x.to(device)))
     return torch.cat(out).numpy()
 
 

@@ -195,6 +195,12 @@ def to_input(crops_uint8: np.ndarray) -> torch.Tensor:
     return (x - 127.5) / 127.5
 
 
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) float in [-1, 1] (any device) -> (B, H, W, 3) uint8 RGB: the inverse of
+    :func:`to_input` (clamped, rounded)."""
+    return ((x.detach().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
 def crop_to_id_input(x: torch.Tensor, margin: float) -> torch.Tensor:
     """Differentiable: (B, 3, S, S) generator crop in [-1, 1] -> (B, 3, 112, 112) ArcFace crop
     (the central :func:`deidcli.align.arcface_box` square, bilinear resize, no warp)."""

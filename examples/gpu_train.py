@@ -114,7 +114,6 @@ def unpack(kit_npz: Path, cache_dir: Path, device: str = "cpu") -> Path:
     went through JPEG, so a checkpoint trained on it says so in meta)."""
     import cv2
     import numpy as np
-    import torch
 
     from deidcli.evaluate import describe
     from deidcli.identity import load_identity_net
@@ -129,8 +128,7 @@ def unpack(kit_npz: Path, cache_dir: Path, device: str = "cpu") -> Path:
     d["crops"] = np.stack([cv2.imdecode(jpeg[off[i]:off[i + 1]], cv2.IMREAD_COLOR)[:, :, ::-1]
                            for i in range(len(off) - 1)])
     net = load_identity_net(KIT / "models", device=device)
-    with torch.no_grad():
-        d["desc"] = describe(net, d["crops"], float(d["margin"]), device).astype(np.float32)
+    d["desc"] = describe(net, d["crops"], float(d["margin"]), device).astype(np.float32)
     d["fingerprint"] = np.array(f"{d['fingerprint']}+jpeg-q{q}")
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp.npz")

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DeidError
+from ..identity import to_uint8
 from ..model import Discriminator, Generator, GeneratorConfig, save_generator
 from . import landmarks as LM
 from . import losses as L
@@ -274,7 +275,7 @@ def _grid(rows: list[torch.Tensor]) -> np.ndarray:
         r = r.detach().float().cpu()
         if r.shape[1] == 1:
             r = r.repeat(1, 3, 1, 1) * 2 - 1
-        r = ((r.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        r = to_uint8(r)
         out.append(np.concatenate(list(r), axis=1))
     return np.concatenate(out, axis=0)
 
@@ -522,7 +523,7 @@ def train(config: Mapping[str, Any]) -> dict:
             out = mask * raw + (1 - mask) * x
             embs.append(F.normalize(idnet(crop_to_id_input(out, gcfg.margin)), dim=1))
             if lo is not None:
-                outs.append(((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+                outs.append(to_uint8(out))
             if kpnet is not None:
                 lm += float(LM.landmark_loss(kpnet, out, x)) * len(j)
         G.train()

@@ -93,8 +93,6 @@ def prepare_split(split: str, lfw_dir: Optional[Path] = None, cache_dir: Optiona
                   limit_people: Optional[int] = None, device: str = "cpu",
                   workers: int = 2, force: bool = False) -> Path:
     """Build (or reuse) the cache file of one split; returns its path."""
-    import torch
-
     from ..evaluate import describe
     from ..faces import Detector
     from ..identity import load_identity_net, model_file
@@ -145,8 +143,7 @@ def prepare_split(split: str, lfw_dir: Optional[Path] = None, cache_dir: Optiona
         raise RuntimeError(f"no faces found in {split}")
     kept = [r[0] for r in rows]
     crops = np.stack([r[1] for r in rows])
-    with torch.no_grad():
-        desc = describe(load_identity_net(models_dir, device=device), crops, margin, device).astype(np.float32)
+    desc = describe(load_identity_net(models_dir, device=device), crops, margin, device).astype(np.float32)
     labels = np.array([label_of[n.split("/")[0]] for n in kept], dtype=np.int32)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".deid-tmp{os.getpid()}.npz")
