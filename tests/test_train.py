@@ -203,13 +203,14 @@ def test_landmark_net_matches_detector(cache_dir):
 
 
 def test_train_landmark_loss(tmp_path, cache_dir):
-    """weights.landmarks (and .mouth, .structure, .eye_adv) > 0 train with those losses and log them
+    """weights.landmarks (and .mouth, .structure, .eye_adv, .eye_rep) > 0 train with those losses and log them
     (train and held-out); the eye discriminator is saved with the run and resumed."""
     from deidcli.train.loop import train
 
     cfg = _cfg(tmp_path, cache_dir, 2)
     cfg.update(name="lm")
-    cfg["weights"] = {**cfg["weights"], "landmarks": 1.0, "mouth": 1.0, "structure": 1.0, "eye_adv": 1.0}
+    cfg["weights"] = {**cfg["weights"], "landmarks": 1.0, "mouth": 1.0, "structure": 1.0, "eye_adv": 1.0,
+                      "eye_rep": 1.0}
     run = Path(train(cfg)["run_dir"])
     st = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     assert "D_eye" in st and "opt_de" in st
@@ -218,7 +219,8 @@ def test_train_landmark_loss(tmp_path, cache_dir):
     tr = [r for r in rec if r["kind"] == "train"]
     ev = [r for r in rec if r["kind"] == "eval"]
     assert len(tr) == 3 and all(np.isfinite(r[k]) and r[k] > 0 for r in tr
-                                for k in ("landmarks", "mouth", "structure", "eye_adv", "d_eye_loss"))
+                                for k in ("landmarks", "mouth", "structure", "eye_adv", "d_eye_loss", "eye_rep"))
+    assert all(-1 <= r["eye_cos"] <= 1 for r in tr)
     assert ev and np.isfinite(ev[-1]["landmarks"]) and ev[-1]["mouth"] > 0 and ev[-1]["structure"] > 0
 
 
@@ -289,6 +291,41 @@ def test_structure_loss_sees_eyes_and_mouth_edges(cache_dir):
     assert s_smudge > 0.02
     assert float(L.structure_l1(tinted, x, w)) < 0.2 * s_smudge
     assert float(L.structure_l1(cheek, x, w)) == 0
+
+
+def test_eye_repeller_sees_only_the_eye_band(cache_dir):
+    """weights.eye_rep: the descriptor is taken of the input with only its eye band from the
+    output. Output = input gives the photo's own descriptor (cosine near 1); another person's
+    eyes in the band lower the cosine clearly, but less than that person's whole face does; the
+    gradient reaches the output's pixels in the band and nowhere else."""
+    import torch
+
+    from deidcli.engine import eye_pass_weight
+    from deidcli.identity import load_identity_net
+    from deidcli.train import losses as L
+    from deidcli.train.prepare import load_split
+
+    d = load_split(sorted(Path(cache_dir).glob("lfw_test_*.npz"))[0])
+    S, m = int(d["size"]), float(d["margin"])
+    names = np.asarray(d["names"])
+    i = np.array([int(np.flatnonzero(names == n)[0]) for n in np.unique(names)])  # one face each
+    j = np.roll(i, 1)  # someone else's face for each
+    assert (names[i] != names[j]).all()
+    x = torch.from_numpy(d["crops"][i]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    other = torch.from_numpy(d["crops"][j]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    own = torch.from_numpy(d["desc"][i])
+    net = load_identity_net(MODELS)
+    band = torch.from_numpy(eye_pass_weight(S, m))
+    _, cos_same = L.eye_repeller(net, x, x, band, own, m)
+    assert float(cos_same.min()) > 0.9
+    out = other.clone().requires_grad_(True)
+    rep, cos_eyes = L.eye_repeller(net, out, x, band, own, m)
+    _, cos_face = L.eye_repeller(net, other, x, torch.ones_like(band), own, m)
+    assert float((cos_same - cos_eyes).mean()) > 0.1
+    assert float(cos_eyes.mean()) > float(cos_face.mean()) + 0.1
+    rep.backward()
+    g = out.grad.abs().sum((0, 1))
+    assert float(g[band[0, 0] == 0].max()) == 0 and float(g[band[0, 0] > 0.5].mean()) > 0
 
 
 def test_losses_basic():

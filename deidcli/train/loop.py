@@ -81,6 +81,8 @@ DEFAULTS: dict[str, Any] = {
         # the input's (lip motion; `deid evaluate-video` lips r)
         "structure": 0.0,  # L.structure_l1: luminance edges of the raw output's eyes, brows and
         # mouth vs the input's (open eyes, the lip gap), on the raw so the mask cannot dodge it
+        "eye_rep": 0.0,  # L.eye_repeller: the repeller on the input with the output's eye band
+        # (eyes and brows), so the eyes themselves stop looking like the person's
     },
     "attractor_levels": ["stem", "dw", "b4"],
     "attractor_level_weights": None,
@@ -405,6 +407,9 @@ def train(config: Mapping[str, Any]) -> dict:
     mouth_w = L.mouth_weights(gcfg.size, gcfg.margin).to(device)
     feat_w = L.feature_weights(gcfg.size, gcfg.margin).to(device)
     from ..align import eye_band
+    from ..engine import eye_pass_weight
+
+    eye_w = torch.from_numpy(eye_pass_weight(gcfg.size, gcfg.margin)).to(device)
 
     band = eye_band(gcfg.size, gcfg.margin)
     eval_idx = np.random.default_rng(1234).choice(held.n, size=min(cfg["eval_size"], held.n),
@@ -625,6 +630,11 @@ def train(config: Mapping[str, Any]) -> dict:
             terms["mouth"] = L.mouth_l1(out, x, mouth_w)
         if w.get("structure", 0) > 0:
             terms["structure"] = L.structure_l1(raw, x, feat_w)
+        if w.get("eye_rep", 0) > 0:
+            terms["eye_rep"], eye_cos = L.eye_repeller(idnet, out, x, eye_w, tgt_desc, gcfg.margin,
+                                                       cfg["rep_margin"], gen, cfg["rep_rescale"],
+                                                       data.desc[torch.as_tensor(idx, device=device)],
+                                                       cfg["rep_self"])
         if use_adv:
             for p in D.parameters():
                 p.requires_grad_(False)
@@ -635,7 +645,7 @@ def train(config: Mapping[str, Any]) -> dict:
             terms["eye_adv"] = L.g_adv_loss(D_eye(L.eye_view(eye_src, band)), cfg["gan_loss"])
         ramp = 1.0 if step >= cfg["rep_start"] + cfg["rep_ramp"] else (
             0.0 if step < cfg["rep_start"] else (step - cfg["rep_start"]) / max(cfg["rep_ramp"], 1))
-        scale = {"repeller": ramp}
+        scale = {"repeller": ramp, "eye_rep": ramp}
         loss = sum(w[k] * scale.get(k, 1.0) * v for k, v in terms.items() if w.get(k, 0) > 0)
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
@@ -658,6 +668,8 @@ def train(config: Mapping[str, Any]) -> dict:
         # log_every steps instead of one per figure and step (on CUDA the loop then runs ahead)
         vals = {k: v.detach() for k, v in terms.items()}
         vals.update(loss=loss.detach(), cos=cos.mean(), mask_mean=mask.detach().mean())
+        if "eye_rep" in terms:
+            vals["eye_cos"] = eye_cos.mean()
         if use_adv:
             vals["d_loss"] = ld.detach()
         if D_eye is not None:

@@ -60,6 +60,30 @@ def attractor_repeller(idnet: MobileFaceNet, out: torch.Tensor, ref: torch.Tenso
     return attr, rep, cos.detach()
 
 
+def eye_repeller(idnet: MobileFaceNet, out: torch.Tensor, ref: torch.Tensor, band: torch.Tensor,
+                 target_desc: torch.Tensor, margin: float, rep_margin: float = 0.0,
+                 gen: torch.Generator | None = None, rescale: float = 1.0,
+                 self_desc: torch.Tensor | None = None, self_weight: float = 0.0):
+    """(repeller, cos) of the eye band alone: the identity network's descriptor of the input
+    ``ref`` with its eyes and brows taken from the output ``out`` (``band`` (1, 1, S, S) in
+    [0, 1], e.g. :func:`deidcli.engine.eye_pass_weight`), pushed away from ``target_desc`` (and,
+    with ``self_weight``, from ``self_desc``) as in :func:`attractor_repeller`.
+
+    Why: the whole-face repeller can be met by changing the rest of the face while the eyes keep
+    their owner's shape; an independent recognizer (dlib) reads identity mostly from the eye band
+    (on the sharp frontal clips, pasting the input's eyes into any output gives 100% same person).
+    With the rest of the face held at the input, the only way to lower this cosine is eyes and
+    brows that no longer look like the person's."""
+    comp = band * out + (1 - band) * ref
+    x = crop_to_id_input(comp, margin)
+    e = F.normalize(idnet(robust_view(x, gen, rescale) if gen is not None and rescale < 1 else x), dim=1)
+    cos = (e * target_desc).sum(1)
+    rep = F.relu(cos - rep_margin).mean()
+    if self_desc is not None and self_weight > 0:
+        rep = rep + self_weight * F.relu((e * self_desc).sum(1) - rep_margin).mean()
+    return rep, cos.detach()
+
+
 def robust_view(x: torch.Tensor, gen: torch.Generator, rescale: float) -> torch.Tensor:
     """(B, 3, 112, 112): resized to a random side in [rescale*112, 112] and back (antialiased),
     shifted by up to 2 px; the whole batch shares one draw."""
