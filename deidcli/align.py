@@ -66,13 +66,14 @@ def mouth_box(size: int = CROP_SIZE, margin: float = CROP_MARGIN, soften: int = 
                            float(t[4, 0]) + 0.25 * iod, y_line + 0.55 * iod), soften)
 
 
-def eye_boxes(size: int = CROP_SIZE, margin: float = CROP_MARGIN, soften: int = 1) -> np.ndarray:
+def eye_boxes(size: int = CROP_SIZE, margin: float = CROP_MARGIN, soften: int = 1, top: float = 0.5) -> np.ndarray:
     """(2, size, size) float32 in [0, 1]: 1 over each eye of an aligned crop with its brow (the
-    :func:`crop_template` eye +-0.35 inter-ocular distances across, from 0.5 above its centre to
-    0.2 below), box-blurred by ``soften`` px."""
+    :func:`crop_template` eye +-0.35 inter-ocular distances across, from ``top`` (0.5) above its
+    centre to 0.2 below; ``top`` 0.25 leaves the brow out: lids and iris only), box-blurred by
+    ``soften`` px."""
     t = crop_template(size, margin)
     iod = float(abs(t[1, 0] - t[0, 0]))
-    return np.stack([soft_box(size, (float(x) - 0.35 * iod, float(y) - 0.5 * iod,
+    return np.stack([soft_box(size, (float(x) - 0.35 * iod, float(y) - top * iod,
                                      float(x) + 0.35 * iod, float(y) + 0.2 * iod), soften) for x, y in t[:2]])
 
 

@@ -278,6 +278,11 @@ def test_structure_loss_sees_eyes_and_mouth_edges(cache_dir):
         assert w[0, 0, y - iod // 3, x] > 0
     nx, ny = t[2]
     assert w[0, 0, ny, nx] == 0  # nose tip
+    lids = L.feature_weights(S, m, brows=False)  # structure_brows false: lids and iris, no brows
+    assert abs(float(lids.sum()) - 1) < 1e-5
+    for x, y in t[:2]:
+        assert lids[0, 0, y, x] > 0 and lids[0, 0, y - iod // 8, x] > 0
+        assert w[0, 0, y - iod // 2, x] > 0 and lids[0, 0, y - iod // 2, x] == 0
     x = torch.from_numpy(d["crops"][:8]).permute(0, 3, 1, 2).float() / 127.5 - 1
     assert float(L.structure_l1(x, x, w)) == 0
     (ex, ey) = t[0]

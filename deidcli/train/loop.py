@@ -84,6 +84,7 @@ DEFAULTS: dict[str, Any] = {
         "eye_rep": 0.0,  # L.eye_repeller: the repeller on the input with the output's eye band
         # (eyes and brows), so the eyes themselves stop looking like the person's
     },
+    "structure_brows": True,  # the structure loss's eye boxes include the brows (False: lids only)
     "attractor_levels": ["stem", "dw", "b4"],
     "attractor_level_weights": None,
     "losses_on_raw": True,  # attractor and gradient L1 on the raw output (not the blend), so
@@ -405,7 +406,7 @@ def train(config: Mapping[str, Any]) -> dict:
     w = cfg["weights"]
     levels = cfg["attractor_levels"]
     mouth_w = L.mouth_weights(gcfg.size, gcfg.margin).to(device)
-    feat_w = L.feature_weights(gcfg.size, gcfg.margin).to(device)
+    feat_w = L.feature_weights(gcfg.size, gcfg.margin, brows=cfg["structure_brows"]).to(device)
     from ..align import eye_band
     from ..engine import eye_pass_weight
 

@@ -143,15 +143,18 @@ def mouth_l1(out: torch.Tensor, ref: torch.Tensor, weights: torch.Tensor) -> tor
     return pix + gx + gy
 
 
-def feature_weights(size: int, margin: float, soften: int = 5) -> torch.Tensor:
+def feature_weights(size: int, margin: float, soften: int = 5, brows: bool = True) -> torch.Tensor:
     """(1, 1, size, size) float32 weight map of the eyes, brows and mouth of an aligned crop,
     summing to 1 (each of the three regions a third).
 
     The eyes with their brows of :func:`deidcli.align.eye_boxes` and the mouth of
-    :func:`mouth_weights`, box-blurred by ``soften`` px."""
+    :func:`mouth_weights`, box-blurred by ``soften`` px. ``brows=False``: the eye boxes stop
+    0.25 inter-ocular distances above the eye (lids and iris, not the brow), because the brows'
+    shape is identity (pasting a person's brows into an output lets dlib re-identify it) while
+    the eyes' state is expression."""
     from ..align import eye_boxes
 
-    m = torch.from_numpy(eye_boxes(size, margin, soften))[:, None]
+    m = torch.from_numpy(eye_boxes(size, margin, soften, top=0.5 if brows else 0.25))[:, None]
     m = m / m.sum((2, 3), keepdim=True)
     return (m.sum(0, keepdim=True) + mouth_weights(size, margin, soften)) / 3.0
 
