@@ -125,3 +125,40 @@ def test_before_after_example_alternates_two_trees(tmp_path):
     assert "| median |" in p.stdout
     bad = subprocess.run([sys.executable, str(script), str(tmp_path / "nope")], capture_output=True, text=True)
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "not found" in bad.stderr
+
+
+def test_eye_leak_screen_pastes_the_input_parts_and_judges_them(tmp_path):
+    """examples/eye_leak.py (the quick dlib screen of checkpoints, weights/MODEL_CARD.md): on
+    lp_d12's real frames with the shipped generator, one row for the output and one per pasted
+    part of the input; the input's brows pasted back bring dlib's distance to the input down (they
+    carry identity). The composites themselves: with the output equal to the input each one is the
+    input; the lid and brow boxes cover the eyes' lids and the brows, not each other's centres."""
+    import importlib.util
+    from pathlib import Path
+
+    import pytest
+
+    pytest.importorskip("dlib", reason="judge extra not installed (pip install 'deid[judge]')")
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("eye_leak", root / "examples" / "eye_leak.py")
+    el = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(el)
+
+    from deidcli.align import crop_template
+
+    crops = el.clip_crops(VIDEOS / "lp_d12.mp4", 40, 128, 0.2, MODELS).astype(np.float32)
+    assert len(crops) >= 4
+    for what, img in el.composites(crops, crops, 128, 0.2).items():
+        assert np.abs(img - crops).max() < 1e-3, what
+    rb = el.region_boxes(128, 0.2)
+    for (x, y), lid, brow in zip(np.round(crop_template(128, 0.2)[:2]).astype(int), rb["lids"], rb["brows"]):
+        assert lid[0] <= x < lid[2] and lid[1] <= y < lid[3] and not brow[1] <= y < brow[3]
+        assert brow[3] <= lid[1] + 1
+    out = tmp_path / "leak.json"
+    assert el.main([str(root / "weights" / "deid_generator_128.pt"), "--clips", "lp_d12", "--every", "40",
+                    "--regions", "--json", str(out)]) == 0
+    rows = {r["image"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"output", "input brows", "input lids", "input lids at 1/4", "input lids at 1/8",
+                         "input lids' row profile"}
+    assert all(r["faces"] == len(crops) and 0 <= r["dlib_same"] <= 1 and r["step"] == 36500 for r in rows.values())
+    assert rows["input brows"]["dlib_dist"] < rows["output"]["dlib_dist"] - 0.03
