@@ -52,12 +52,19 @@ def attractor_repeller(idnet: MobileFaceNet, out: torch.Tensor, ref: torch.Tenso
         out_maps = idnet.feature_maps(x_out, levels)
         emb = idnet(robust_view(x_out, gen, rescale))
     attr = sum(wi * F.l1_loss(a, b) for wi, a, b in zip(w, out_maps, ref_maps)) / sum(w)
+    rep, cos = _repel(emb, target_desc, rep_margin, self_desc, self_weight)
+    return attr, rep, cos
+
+
+def _repel(emb: torch.Tensor, target_desc: torch.Tensor, rep_margin: float,
+           self_desc: torch.Tensor | None, self_weight: float):
+    """(repeller, detached per-sample cosine to ``target_desc``) of raw embeddings ``emb``."""
     e = F.normalize(emb, dim=1)
     cos = (e * target_desc).sum(1)
     rep = F.relu(cos - rep_margin).mean()
     if self_desc is not None and self_weight > 0:
         rep = rep + self_weight * F.relu((e * self_desc).sum(1) - rep_margin).mean()
-    return attr, rep, cos.detach()
+    return rep, cos.detach()
 
 
 def eye_repeller(idnet: MobileFaceNet, out: torch.Tensor, ref: torch.Tensor, band: torch.Tensor,
@@ -74,14 +81,9 @@ def eye_repeller(idnet: MobileFaceNet, out: torch.Tensor, ref: torch.Tensor, ban
     (on the sharp frontal clips, pasting the input's eyes into any output gives 100% same person).
     With the rest of the face held at the input, the only way to lower this cosine is eyes and
     brows that no longer look like the person's."""
-    comp = band * out + (1 - band) * ref
-    x = crop_to_id_input(comp, margin)
-    e = F.normalize(idnet(robust_view(x, gen, rescale) if gen is not None and rescale < 1 else x), dim=1)
-    cos = (e * target_desc).sum(1)
-    rep = F.relu(cos - rep_margin).mean()
-    if self_desc is not None and self_weight > 0:
-        rep = rep + self_weight * F.relu((e * self_desc).sum(1) - rep_margin).mean()
-    return rep, cos.detach()
+    x = crop_to_id_input(band * out + (1 - band) * ref, margin)
+    emb = idnet(robust_view(x, gen, rescale) if gen is not None and rescale < 1 else x)
+    return _repel(emb, target_desc, rep_margin, self_desc, self_weight)
 
 
 def robust_view(x: torch.Tensor, gen: torch.Generator, rescale: float) -> torch.Tensor:
