@@ -12,10 +12,13 @@ pipeline fixes one per track) with colours matched. Per checkpoint and clip it p
 fraction of faces dlib calls the input's person (descriptor distance < 0.6, on the crops: no
 paste-back, no identity check, no tracking), the mean distance and MobileFaceNet's cosine.
 
-This is a proxy of `deid evaluate-video --judge dlib` (about 1.5 min instead of 15 for the two
-clips) that ranks checkpoints the same way on them (weights/MODEL_CARD.md, Schedule: step 36,500
-24% / 8% here against 32% / 8% in the video evaluation, the structure-loss branch's 42,078 38% / 27%
-against 72% / 22%); a checkpoint that it passes still needs the video evaluation.
+It is not a substitute for `deid evaluate-video --judge dlib` (the pipeline on the two clips,
+`/tmp`-scripted as anonymize + evaluate-video, takes about 3 minutes): dlib's chip of a crop sees
+no hair, ears or head outline, which the video keeps unchanged and dlib uses. It ordered steps
+36,500 and 42,078 as the video does (24% / 8% here against 32% / 8% there; 38% / 27% against
+72% / 22%), but gave 11% / 3% to a checkpoint that measured 32% / 14% on video
+(weights/MODEL_CARD.md, Schedule, session 22). Use it to compare parts of the face (--regions)
+and to reject checkpoints, not to accept them.
 
 ``--regions`` also pastes parts of the *input* into each output: its brows, its lids and iris,
 the lids at 1/4 and 1/8 resolution (the output's fine detail with the input's coarse
