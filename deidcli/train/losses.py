@@ -77,10 +77,10 @@ def eye_repeller(idnet: MobileFaceNet, out: torch.Tensor, ref: torch.Tensor, ban
     with ``self_weight``, from ``self_desc``) as in :func:`attractor_repeller`.
 
     Why: the whole-face repeller can be met by changing the rest of the face while the eyes keep
-    their owner's shape; an independent recognizer (dlib) reads identity mostly from the eye band
-    (on the sharp frontal clips, pasting the input's eyes into any output gives 100% same person).
-    With the rest of the face held at the input, the only way to lower this cosine is eyes and
-    brows that no longer look like the person's."""
+    their owner's shape, and an independent recognizer (dlib) reads much of the identity from the
+    eye band (on lp_d13's crops the input's brows or lids pasted into an output bring it back).
+    Measured (weights/MODEL_CARD.md, Schedule, session 22): it lowers this network's eye-band
+    cosine, not dlib's, and smudges the eyes again; off by default (``weights.eye_rep`` 0)."""
     x = crop_to_id_input(band * out + (1 - band) * ref, margin)
     emb = idnet(robust_view(x, gen, rescale) if gen is not None and rescale < 1 else x)
     return _repel(emb, target_desc, rep_margin, self_desc, self_weight)
@@ -151,9 +151,9 @@ def feature_weights(size: int, margin: float, soften: int = 5, brows: bool = Tru
 
     The eyes with their brows of :func:`deidcli.align.eye_boxes` and the mouth of
     :func:`mouth_weights`, box-blurred by ``soften`` px. ``brows=False``: the eye boxes stop
-    0.25 inter-ocular distances above the eye (lids and iris, not the brow), because the brows'
-    shape is identity (pasting a person's brows into an output lets dlib re-identify it) while
-    the eyes' state is expression."""
+    0.25 inter-ocular distances above the eye (lids and iris, not the brow): the brows' shape is
+    identity (pasting a person's brows into an output lets dlib re-identify it). Measured: the
+    lids carry it too, so this alone does not stop the leak (weights/MODEL_CARD.md, session 22)."""
     from ..align import eye_boxes
 
     m = torch.from_numpy(eye_boxes(size, margin, soften, top=0.5 if brows else 0.25))[:, None]
