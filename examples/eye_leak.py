@@ -45,23 +45,20 @@ VIDEOS = ROOT.parent / "shared" / "videos"
 
 def clip_crops(path: Path, every: int, size: int, margin: float, models_dir) -> np.ndarray:
     """(N, size, size, 3) uint8 RGB: the largest face of every ``every``-th frame, aligned."""
-    import av
-
     from deidcli import weights
     from deidcli.align import estimate_transform, warp_crop
+    from deidcli.evaluate_video import upright_frames
     from deidcli.faces import Detector
 
     det = Detector(weights.model_path("det_scrfd_2.5g_kps.onnx", models_dir), det_thresh=0.5, det_size=640)
     crops = []
-    with av.open(str(path)) as c:
-        for i, frame in enumerate(c.decode(video=0)):
-            if i % every:
-                continue
-            img = frame.to_ndarray(format="rgb24")
-            d = det.detect(img)
-            if len(d.boxes):
-                j = int(np.argmax(d.boxes[:, 2] - d.boxes[:, 0]))
-                crops.append(warp_crop(img, estimate_transform(d.kps[j], size, margin), size))
+    for i, (img, _) in enumerate(upright_frames(path)):  # the pipeline's decoding and rotation
+        if i % every:
+            continue
+        d = det.detect(img)
+        if len(d.boxes):
+            j = int(np.argmax(d.boxes[:, 2] - d.boxes[:, 0]))
+            crops.append(warp_crop(img, estimate_transform(d.kps[j], size, margin), size))
     if not crops:
         raise SystemExit(f"no face found in {path}")
     return np.stack(crops)

@@ -410,7 +410,7 @@ def train(config: Mapping[str, Any]) -> dict:
     from ..align import eye_band
     from ..engine import eye_pass_weight
 
-    eye_w = torch.from_numpy(eye_pass_weight(gcfg.size, gcfg.margin)).to(device)
+    eye_w = torch.from_numpy(eye_pass_weight(gcfg.size, gcfg.margin)).to(device) if w.get("eye_rep", 0) > 0 else None
 
     band = eye_band(gcfg.size, gcfg.margin)
     eval_idx = np.random.default_rng(1234).choice(held.n, size=min(cfg["eval_size"], held.n),
