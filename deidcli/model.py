@@ -281,6 +281,35 @@ class Discriminator(nn.Module):
         return self.net(x)
 
 
+class FeatureDiscriminator(nn.Module):
+    """Discriminator heads on a frozen network's feature maps (after Sauer et al., "Projected
+    GANs Converge Faster", NeurIPS 2021): one small conv head per map, each giving patch logits.
+
+    ``maps``: one (channels, side) per input map, e.g. MobileFaceNet's
+    ``identity.FEATURE_LEVELS`` entries; maps larger than 28 px are strided down to about 28 px
+    first. forward(list of (B, C_i, H_i, W_i)) -> list of (B, 1, h_i, w_i) logits.
+    Why: a patch discriminator on pixels, trained alongside the generator on 2 CPU cores, tells
+    real eyes from the generator's on barely more than chance (weights/MODEL_CARD.md, "How weak
+    the discriminators are"); features of a network already trained on faces make the same
+    distinction learnable in far fewer steps, and the training loop computes these maps anyway
+    for the attractor."""
+
+    def __init__(self, maps, channels: int = 64, spectral: bool = True):
+        super().__init__()
+        sn = nn.utils.spectral_norm if spectral else (lambda m: m)
+        self.heads = nn.ModuleList()
+        for cin, side in maps:
+            stride = max(1, int(side) // 28)
+            self.heads.append(nn.Sequential(
+                sn(nn.Conv2d(int(cin), channels, 3, stride, 1)), nn.LeakyReLU(0.2, inplace=True),
+                sn(nn.Conv2d(channels, channels, 3, 1, 1)), nn.LeakyReLU(0.2, inplace=True),
+                sn(nn.Conv2d(channels, 1, 1))))
+
+    def forward(self, maps) -> list:
+        assert len(maps) == len(self.heads), (len(maps), len(self.heads))
+        return [h(m) for h, m in zip(self.heads, maps)]
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 

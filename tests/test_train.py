@@ -203,23 +203,31 @@ def test_landmark_net_matches_detector(cache_dir):
 
 
 def test_train_landmark_loss(tmp_path, cache_dir):
-    """weights.landmarks (and .mouth, .structure, .eye_adv, .eye_rep) > 0 train with those losses and log them
-    (train and held-out); the eye discriminator is saved with the run and resumed."""
+    """weights.landmarks (and .mouth, .structure, .eye_adv, .eye_rep, .feat_adv) > 0 train with those losses
+    and log them (train and held-out); the eye and feature discriminators are saved with the run,
+    resumed, and kept by the compact state."""
+    from deidcli.train.loop import export_train_state
     from deidcli.train.loop import train
 
     cfg = _cfg(tmp_path, cache_dir, 2)
     cfg.update(name="lm")
     cfg["weights"] = {**cfg["weights"], "landmarks": 1.0, "mouth": 1.0, "structure": 1.0, "eye_adv": 1.0,
-                      "eye_rep": 1.0}
+                      "eye_rep": 1.0, "feat_adv": 1.0}
     run = Path(train(cfg)["run_dir"])
     st = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
-    assert "D_eye" in st and "opt_de" in st
+    assert "D_eye" in st and "opt_de" in st and "D_feat" in st and "opt_df" in st
+    d_feat = {k: v.clone() for k, v in st["D_feat"].items()}
     assert train({**cfg, "steps": 3, "eye_adv_on_raw": True})["step"] == 3  # resumes G, D and the eye D
+    st = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert any(not torch.equal(d_feat[k], v) for k, v in st["D_feat"].items())  # the feature D trains
+    compact = torch.load(export_train_state(run / "last.pt", tmp_path / "c.pt"), weights_only=True)
+    assert set(compact["D_feat"]) == set(st["D_feat"])
     rec = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     tr = [r for r in rec if r["kind"] == "train"]
     ev = [r for r in rec if r["kind"] == "eval"]
     assert len(tr) == 3 and all(np.isfinite(r[k]) and r[k] > 0 for r in tr
-                                for k in ("landmarks", "mouth", "structure", "eye_adv", "d_eye_loss", "eye_rep"))
+                                for k in ("landmarks", "mouth", "structure", "eye_adv", "d_eye_loss", "eye_rep",
+                                          "feat_adv", "d_feat_loss"))
     assert all(-1 <= r["eye_cos"] <= 1 for r in tr)
     assert ev and np.isfinite(ev[-1]["landmarks"]) and ev[-1]["mouth"] > 0 and ev[-1]["structure"] > 0
 

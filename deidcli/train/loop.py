@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..errors import DeidError
 from ..identity import to_uint8
-from ..model import Discriminator, Generator, GeneratorConfig, save_generator
+from ..model import Discriminator, FeatureDiscriminator, Generator, GeneratorConfig, save_generator
 from . import landmarks as LM
 from . import losses as L
 from .prepare import REPO_ROOT, load_split, prepare_split
@@ -54,6 +54,8 @@ DEFAULTS: dict[str, Any] = {
     "discriminator": {"channels": 32, "n_layers": 3, "spectral": True},
     "eye_discriminator": {"channels": 32, "n_layers": 3, "spectral": False},  # used when
     # weights.eye_adv > 0: a second patch discriminator on the eye band (L.eye_view)
+    "feat_discriminator": {"channels": 64, "spectral": True},  # used when weights.feat_adv > 0:
+    # model.FeatureDiscriminator heads on the identity network's maps of the attractor levels
     "eye_adv_on_raw": False,  # the eye discriminator judges the raw output's eyes, not the
     # blend's (on the blend the generator can meet it by opening its mask over the input's eyes)
     "gan_loss": "lsgan",
@@ -81,6 +83,8 @@ DEFAULTS: dict[str, Any] = {
         # the input's (lip motion; `deid evaluate-video` lips r)
         "structure": 0.0,  # L.structure_l1: luminance edges of the raw output's eyes, brows and
         # mouth vs the input's (open eyes, the lip gap), on the raw so the mask cannot dodge it
+        "feat_adv": 0.0,  # adversarial term of the feature discriminator: heads on the identity
+        # network's attractor-level maps of the raw output vs the input's (a projected GAN)
         "eye_rep": 0.0,  # L.eye_repeller: the repeller on the input with the output's eye band
         # (eyes and brows), so the eyes themselves stop looking like the person's
     },
@@ -351,6 +355,13 @@ def train(config: Mapping[str, Any]) -> dict:
     if cfg["weights"].get("eye_adv", 0) > 0:
         D_eye = Discriminator(**cfg["eye_discriminator"]).to(device)
         opt_de = torch.optim.Adam(D_eye.parameters(), lr=cfg["lr_d"], betas=tuple(cfg["betas"]))
+    D_feat = opt_df = None
+    if cfg["weights"].get("feat_adv", 0) > 0:
+        from ..identity import FEATURE_LEVELS
+
+        D_feat = FeatureDiscriminator([FEATURE_LEVELS[n] for n in cfg["attractor_levels"]],
+                                      **cfg["feat_discriminator"]).to(device)
+        opt_df = torch.optim.Adam(D_feat.parameters(), lr=cfg["lr_d"], betas=tuple(cfg["betas"]))
     ema = float(cfg["ema"] or 0.0)
     if not 0.0 <= ema < 1.0:
         raise DeidError(f"ema {ema}: a decay in [0, 1) (0: off)")
@@ -373,6 +384,9 @@ def train(config: Mapping[str, Any]) -> dict:
             if D_eye is not None and "D_eye" in st:
                 D_eye.load_state_dict(st["D_eye"])
                 opt_de.load_state_dict(st["opt_de"])
+            if D_feat is not None and "D_feat" in st:
+                D_feat.load_state_dict(st["D_feat"])
+                opt_df.load_state_dict(st["opt_df"])
         except (RuntimeError, ValueError) as e:  # shapes or keys of another architecture
             why = "; ".join(x.strip().rstrip(":.") for x in str(e).splitlines()[:2])
             raise DeidError(f"{last_path}: does not fit the networks of this config ({why}); "
@@ -392,6 +406,9 @@ def train(config: Mapping[str, Any]) -> dict:
         if D_eye is not None and "D_eye" in st:
             D_eye.load_state_dict({k: v.float() if v.is_floating_point() else v
                                    for k, v in st["D_eye"].items()})
+        if D_feat is not None and "D_feat" in st:
+            D_feat.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                    for k, v in st["D_feat"].items()})
         step, elapsed_before = int(st.get("step", 0)), float(st.get("elapsed_s", 0.0))
         if "G_ema" in st:
             ema_from = {k: v.float() if v.is_floating_point() else v for k, v in st["G_ema"].items()}
@@ -452,6 +469,8 @@ def train(config: Mapping[str, Any]) -> dict:
             nets["G_ema"] = G_ema.state_dict()
         if D_eye is not None:
             nets["D_eye"] = D_eye.state_dict()
+        if D_feat is not None:
+            nets["D_feat"] = D_feat.state_dict()
         return nets
 
     def running_means() -> dict:
@@ -469,6 +488,8 @@ def train(config: Mapping[str, Any]) -> dict:
                  "torch_rng": torch.get_rng_state()}
         if D_eye is not None:
             state["opt_de"] = opt_de.state_dict()
+        if D_feat is not None:
+            state["opt_df"] = opt_df.state_dict()
         if best is not None:
             state["best"] = json.dumps(best)
         state["val_step"] = val_step
@@ -611,12 +632,16 @@ def train(config: Mapping[str, Any]) -> dict:
             lde.backward()
             opt_de.step()
         # generator
-        attr, rep, cos = L.attractor_repeller(idnet, out, x, tgt_desc, levels, gcfg.margin,
-                                              cfg["rep_margin"], cfg["attractor_level_weights"],
-                                              gen, cfg["rep_rescale"],
-                                              raw if cfg["losses_on_raw"] else None,
-                                              data.desc[torch.as_tensor(idx, device=device)],
-                                              cfg["rep_self"])
+        attr, rep, cos, (out_maps, ref_maps) = L.attractor_repeller(
+            idnet, out, x, tgt_desc, levels, gcfg.margin, cfg["rep_margin"],
+            cfg["attractor_level_weights"], gen, cfg["rep_rescale"],
+            raw if cfg["losses_on_raw"] else None, data.desc[torch.as_tensor(idx, device=device)],
+            cfg["rep_self"], return_maps=True)
+        if D_feat is not None:  # its real and fake are the maps the attractor just compared
+            opt_df.zero_grad(set_to_none=True)
+            ldf = L.d_loss_multi(D_feat(ref_maps), D_feat([m.detach() for m in out_maps]), cfg["gan_loss"])
+            ldf.backward()
+            opt_df.step()
         terms = {
             "attractor": attr, "repeller": rep,
             "raw_l1": F.l1_loss(raw, x), "blend_l1": F.l1_loss(out, x),
@@ -644,6 +669,10 @@ def train(config: Mapping[str, Any]) -> dict:
             for p in D_eye.parameters():
                 p.requires_grad_(False)
             terms["eye_adv"] = L.g_adv_loss(D_eye(L.eye_view(eye_src, band)), cfg["gan_loss"])
+        if D_feat is not None:
+            for p in D_feat.parameters():
+                p.requires_grad_(False)
+            terms["feat_adv"] = L.g_adv_loss_multi(D_feat(out_maps), cfg["gan_loss"])
         ramp = 1.0 if step >= cfg["rep_start"] + cfg["rep_ramp"] else (
             0.0 if step < cfg["rep_start"] else (step - cfg["rep_start"]) / max(cfg["rep_ramp"], 1))
         scale = {"repeller": ramp, "eye_rep": ramp}
@@ -663,6 +692,9 @@ def train(config: Mapping[str, Any]) -> dict:
         if D_eye is not None:
             for p in D_eye.parameters():
                 p.requires_grad_(True)
+        if D_feat is not None:
+            for p in D_feat.parameters():
+                p.requires_grad_(True)
         step += 1
 
         # the step's figures stay on the device until they are logged: one host sync per
@@ -675,6 +707,8 @@ def train(config: Mapping[str, Any]) -> dict:
             vals["d_loss"] = ld.detach()
         if D_eye is not None:
             vals["d_eye_loss"] = lde.detach()
+        if D_feat is not None:
+            vals["d_feat_loss"] = ldf.detach()
         for k, v in vals.items():
             running[k] = running[k] + v if k in running else v.double()
         n_run += 1
@@ -735,6 +769,6 @@ def export_train_state(last_pt: os.PathLike, dst: os.PathLike) -> Path:
 def _compact(st: Mapping) -> dict:
     """The committable part of a training state: networks in fp16, step, elapsed time, config."""
     half = {n: {k: v.detach().half() if v.is_floating_point() else v for k, v in st[n].items()}
-            for n in ("G", "G_ema", "D", "D_eye") if n in st}
+            for n in ("G", "G_ema", "D", "D_eye", "D_feat") if n in st}
     return {"format": "deid-train-state", "version": 1, **half, "step": int(st["step"]),
             "elapsed_s": float(st.get("elapsed_s", 0.0)), "config": st.get("config", "")}

@@ -19,8 +19,11 @@ def attractor_repeller(idnet: MobileFaceNet, out: torch.Tensor, ref: torch.Tenso
                        rep_margin: float = 0.0, level_weights: Sequence[float] | None = None,
                        gen: torch.Generator | None = None, rescale: float = 1.0,
                        attr_src: torch.Tensor | None = None,
-                       self_desc: torch.Tensor | None = None, self_weight: float = 0.0):
-    """(attractor, repeller, cos) for generator output ``out`` vs the input ``ref``.
+                       self_desc: torch.Tensor | None = None, self_weight: float = 0.0,
+                       return_maps: bool = False):
+    """(attractor, repeller, cos) for generator output ``out`` vs the input ``ref``; with
+    ``return_maps`` also (out_maps, ref_maps), the feature maps the attractor compared (out's with
+    gradient, ref's without), for :class:`deidcli.model.FeatureDiscriminator`.
 
     attractor: mean over ``levels`` of the L1 distance between the identity network's
         feature maps of out and ref (keeps pose, expression, illumination);
@@ -53,6 +56,8 @@ def attractor_repeller(idnet: MobileFaceNet, out: torch.Tensor, ref: torch.Tenso
         emb = idnet(robust_view(x_out, gen, rescale))
     attr = sum(wi * F.l1_loss(a, b) for wi, a, b in zip(w, out_maps, ref_maps)) / sum(w)
     rep, cos = _repel(emb, target_desc, rep_margin, self_desc, self_weight)
+    if return_maps:
+        return attr, rep, cos, (out_maps, ref_maps)
     return attr, rep, cos
 
 
@@ -207,6 +212,16 @@ def d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: str) -> t
     if kind == "hinge":
         return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
     raise ValueError(f"unknown GAN loss {kind!r}")
+
+
+def d_loss_multi(real: Sequence[torch.Tensor], fake: Sequence[torch.Tensor], kind: str) -> torch.Tensor:
+    """:func:`d_loss` averaged over the heads of a multi-head discriminator."""
+    return sum(d_loss(r, f, kind) for r, f in zip(real, fake)) / len(real)
+
+
+def g_adv_loss_multi(fake: Sequence[torch.Tensor], kind: str) -> torch.Tensor:
+    """:func:`g_adv_loss` averaged over the heads of a multi-head discriminator."""
+    return sum(g_adv_loss(f, kind) for f in fake) / len(fake)
 
 
 def g_adv_loss(fake_logits: torch.Tensor, kind: str) -> torch.Tensor:
