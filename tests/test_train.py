@@ -107,6 +107,15 @@ def test_resume_takes_the_runs_own_config(tmp_path, cache_dir):
     assert again["max_minutes"] is None  # where and how long: this invocation's
     assert load_config(None, {**where, "weights": {"adv": 0.5}})["weights"]["eye_adv"] == 1.0
     assert train(again)["step"] == 3
+    # a learning rate given on resuming is used, not the one in the saved optimiser state
+    last = Path(cfg["runs_dir"]) / "again" / "last.pt"
+    g3 = torch.load(last, weights_only=True)["G"]
+    assert train({**again, "steps": 4, "lr_g": 0.0})["step"] == 4
+    g4 = torch.load(last, weights_only=True)["G"]
+    assert all(torch.equal(g3[k], g4[k]) for k in g3)
+    assert train({**again, "steps": 5})["step"] == 5
+    g5 = torch.load(last, weights_only=True)["G"]
+    assert any(not torch.equal(g4[k], g5[k]) for k in g4 if g4[k].is_floating_point())
     with pytest.raises(DeidError, match="does not fit the networks"):
         train(load_config(None, {**where, "discriminator": {"channels": 16}}))
     res = CliRunner().invoke(cli, ["train", "--name", "again", "--runs-dir", cfg["runs_dir"],

@@ -387,6 +387,11 @@ def train(config: Mapping[str, Any]) -> dict:
             if D_feat is not None and "D_feat" in st:
                 D_feat.load_state_dict(st["D_feat"])
                 opt_df.load_state_dict(st["opt_df"])
+            # an optimiser's state dict carries its learning rate: the config's (a --set lr_g
+            # given on resuming) wins, as for every other setting
+            for opt, lr in ((opt_g, cfg["lr_g"]), (opt_d, cfg["lr_d"]), (opt_de, cfg["lr_d"]), (opt_df, cfg["lr_d"])):
+                for group in (opt.param_groups if opt is not None else ()):
+                    group["lr"] = float(lr)
         except (RuntimeError, ValueError) as e:  # shapes or keys of another architecture
             why = "; ".join(x.strip().rstrip(":.") for x in str(e).splitlines()[:2])
             raise DeidError(f"{last_path}: does not fit the networks of this config ({why}); "
