@@ -24,8 +24,13 @@ and no loss asks it to find the output real. Read ``scrfd`` as the less partial 
 Controls (``--control``, no checkpoint): the outputs replaced by the photos with their eye boxes
 Gaussian-blurred (sigma 2 px: "smeared eyes"), by JPEG quality-50 copies, or by exact copies
 (AUC 0.5 by construction: the probe cannot invent a difference). Takes 2-3 minutes per
-checkpoint and feature space on 2 cores. A lower AUC means outputs harder to tell from photos
-by this probe, not natural faces: look at the faces too.
+checkpoint and feature space on 2 cores.
+
+Measured (2026-11-30, weights/MODEL_CARD.md, Schedule, session 23), AUC MobileFaceNet / SCRFD:
+shipped step 36,500 0.820 / 0.611; eye-blurred photos 0.995 / 0.919; JPEG-50 photos 0.896 / 0.832.
+A JPEG copy looks natural and the generator's faces do not, yet the probe tells the JPEG copies
+apart more easily: it sees low-level statistics (recompression, blur), not what makes a face
+look edited. A high AUC flags smears and artefacts; a lower one does not certify natural faces.
 """
 
 from __future__ import annotations
@@ -68,6 +73,8 @@ class Features:
             from deidcli.train.landmarks import OnnxGraph
 
             self.net = OnnxGraph(Path(_models_dir()) / "det_scrfd_2.5g_kps.onnx")
+            if not any(SCRFD_MAP in outs for _, _, outs, _ in self.net.nodes):
+                raise SystemExit(f"det_scrfd_2.5g_kps.onnx has no tensor {SCRFD_MAP!r}: not the graph this probe was written for")
             self.net.output_names = [SCRFD_MAP]
 
     def __call__(self, crops: np.ndarray, batch: int = 32):
