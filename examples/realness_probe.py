@@ -161,9 +161,8 @@ def outputs(weights: str, crops: np.ndarray, desc: np.ndarray) -> tuple[np.ndarr
 
 
 def probe(real_tr, fake_tr, real_te, fake_te, features: Features, steps: int) -> dict:
-    fr, ff = features(real_tr), features(fake_tr)
-    head = fit(fr, ff, steps)
-    return score(head, features(real_te), features(fake_te))
+    """Fit on the training crops, score on the test crops (uint8 crops, paired real and fake)."""
+    return score(fit(features(real_tr), features(fake_tr), steps), features(real_te), features(fake_te))
 
 
 def main(argv=None) -> int:
@@ -179,6 +178,10 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if not a.weights and not a.control:
         ap.error("give checkpoints or --control")
+    bad = [c for c in a.control if c not in CONTROLS] + [k for k in a.features.split(",") if k not in FEATURES]
+    if bad:
+        ap.error(f"unknown control or feature space {bad[0]!r} (controls: {', '.join(CONTROLS)}; "
+                 f"features: {', '.join(FEATURES)})")
     if not Path(a.cache).is_file():
         print(f"error: {a.cache} not found (run `deid prepare`)", file=sys.stderr)
         return 2
@@ -197,6 +200,7 @@ def main(argv=None) -> int:
     itr = np.sort(np.random.default_rng(0).choice(len(tr["crops"]), min(a.train_faces, len(tr["crops"])), replace=False))
     real_tr, real_te = tr["crops"][itr], va["crops"]
     feats = [Features(k, d["margin"]) for k in a.features.split(",")]
+    real = {f.kind: (f(real_tr), f(real_te)) for f in feats}  # the photos' maps, once per space
     rows = []
     jobs = [("control", c) for c in a.control] + [("weights", w) for w in a.weights]
     for what, x in jobs:
@@ -208,7 +212,8 @@ def main(argv=None) -> int:
             fake_tr, step = outputs(x, real_tr, tr["desc"][itr])
             fake_te, _ = outputs(x, real_te, va["desc"])
         for f in feats:
-            r = {what: x, "step": step, "features": f.kind, **probe(real_tr, fake_tr, real_te, fake_te, f, a.steps),
+            fr, fr_te = real[f.kind]
+            r = {what: x, "step": step, "features": f.kind, **score(fit(fr, f(fake_tr), a.steps), fr_te, f(fake_te)),
                  "train_faces": len(itr), "seconds": round(time.time() - t0)}
             rows.append(r)
             print(json.dumps(r), flush=True)
