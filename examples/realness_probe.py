@@ -209,8 +209,8 @@ def main(argv=None) -> int:
             fake_tr, fake_te, step = (control(x, real_tr, d["size"], d["margin"]),
                                       control(x, real_te, d["size"], d["margin"]), None)
         else:
-            fake_tr, step = outputs(x, real_tr, tr["desc"][itr])
-            fake_te, _ = outputs(x, real_te, va["desc"])
+            fake, step = outputs(x, np.concatenate([real_tr, real_te]), np.concatenate([tr["desc"][itr], va["desc"]]))
+            fake_tr, fake_te = fake[:len(real_tr)], fake[len(real_tr):]  # one load, one pass over both
         for f in feats:
             fr, fr_te = real[f.kind]
             r = {what: x, "step": step, "features": f.kind, **score(fit(fr, f(fake_tr), a.steps), fr_te, f(fake_te)),

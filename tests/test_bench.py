@@ -165,7 +165,7 @@ def test_eye_leak_screen_pastes_the_input_parts_and_judges_them(tmp_path):
 
 
 def test_realness_probe_tells_smeared_eyes_and_not_copies(tmp_path):
-    """examples/realness_probe.py (weights/MODEL_CARD.md, Known failure modes): on real LFW crops,
+    """examples/realness_probe.py (weights/MODEL_CARD.md, Schedule, session 23): on real LFW crops,
     held-out faces, exact copies as "outputs" give AUC 0.5 (the probe cannot invent a difference),
     copies with the eyes blurred are told apart, in both feature spaces; and a checkpoint's
     outputs are the pipeline's (blended, colours matched) faces of the right shape."""
