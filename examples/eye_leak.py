@@ -22,8 +22,10 @@ and to reject checkpoints, not to accept them.
 
 ``--regions`` also pastes parts of the *input* into each output: its brows, its lids and iris,
 the lids at 1/4 and 1/8 resolution (the output's fine detail with the input's coarse
-luminance), and the lids' vertical luminance profile alone (each row's mean across the eye,
-minus its mean: how open the eye is, without the lid contour). How much each raises dlib's
+luminance), the lids' vertical luminance profile alone (each row's mean across the eye,
+minus its mean: how open the eye is, without the lid contour), and the lids' fine detail alone
+(the input minus its 1/2 or 1/4 resolution copy, over the output's coarser picture: what
+sharpening the output's eyes with the input's own lashes and lid lines would let through). How much each raises dlib's
 figure says how much identity that part carries: what a loss that keeps it from the input lets
 through. Needs ``pip install 'deid[judge]'`` (dlib).
 """
@@ -109,6 +111,12 @@ def composites(out: np.ndarray, inp: np.ndarray, size: int, margin: float) -> di
         p = (inp[:, y0:y1, x0:x1] @ lum).mean(2) - (out[:, y0:y1, x0:x1] @ lum).mean(2)  # (N, rows)
         y[:, y0:y1, x0:x1] += (p - p.mean(1, keepdims=True))[:, :, None, None]
     res["input lids' row profile"] = y
+    for f in (2, 4):
+        d = (inp - _lowpass(inp, f)) - (out - _lowpass(out, f))
+        y = out.copy()
+        for x0, y0, x1, y1 in rb["lids"]:
+            y[:, y0:y1, x0:x1] += d[:, y0:y1, x0:x1]
+        res[f"input lids' detail finer than 1/{f}"] = y
     return res
 
 
@@ -153,7 +161,7 @@ def main(argv=None) -> int:
                  "dlib_same": float(np.mean(dist < DLIB_SAME_DISTANCE)), "dlib_dist": float(dist.mean()),
                  "cos": float((describe(net, img8, margin) * own).sum(1).mean())}
             rows.append(r)
-            print(f"{stem:10s} {r['faces']:4d} {str(step):>7s} {what:24s} dlib same {100 * r['dlib_same']:5.1f}%"
+            print(f"{stem:10s} {r['faces']:4d} {str(step):>7s} {what:34s} dlib same {100 * r['dlib_same']:5.1f}%"
                   f"  distance {r['dlib_dist']:.3f}  cos {r['cos']:+.3f}", flush=True)
 
         for w, g in gens:

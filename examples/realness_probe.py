@@ -2,8 +2,9 @@
 """How far are a generator's faces from real ones? A realness probe, as a number.
 
     DEID_MODELS_DIR=../shared/models python examples/realness_probe.py W [W ...]
-        [--features mfn,scrfd] [--train-faces 2000] [--steps 1500] [--threads 2] [--json F]
+        [--features mfn,scrfd,eyes] [--train-faces 2000] [--steps 1500] [--threads 2] [--json F]
     python examples/realness_probe.py --control blur-eyes   (or jpeg, copy)
+    python examples/realness_probe.py W --saved-discriminators weights/train_state/last.pt
 
 For each checkpoint W, the faces `deid anonymize` would paste back (one pass, blended, colours
 matched) are made from the LFW DevTrain crops of `deid prepare` (``cache/lfw_train_128_m0.2.npz``).
@@ -20,14 +21,25 @@ a discriminator on these very maps), so a generator can learn to satisfy it with
 natural. ``scrfd`` is deid's detector's stride-8 backbone map (32 x 32 x 48 of the crop resized to
 256 px); the landmark loss back-propagates through that backbone, but only to move the 5 points,
 and no loss asks it to find the output real. Read ``scrfd`` as the less partial of the two.
+``eyes`` is no frozen network: the pixels of the eye band (align.eye_band, 64 x 32 at the 128
+crop, eyes and brows), judged by a discriminator of the training's own design
+(model.Discriminator, 48 channels, as configs/train_128.json) trained from scratch: what a
+fresh adversary of the generator's loop would learn to see there, given ``--steps`` steps.
 
 Controls (``--control``, no checkpoint): the outputs replaced by the photos with their eye boxes
 Gaussian-blurred (sigma 2 px: "smeared eyes"), by JPEG quality-50 copies, or by exact copies
 (AUC 0.5 by construction: the probe cannot invent a difference). Takes 2-3 minutes per
 checkpoint and feature space on 2 cores.
 
+``--saved-discriminators STATE`` trains nothing: it scores the same test faces with the
+discriminators a training state saved (``D``, and ``D_eye`` when there is one, as the loop
+built them from the state's config): does the generator's own adversary still tell its faces
+from photos?
+
 Measured (2026-11-30, weights/MODEL_CARD.md, Schedule, session 23), AUC MobileFaceNet / SCRFD:
 shipped step 36,500 0.820 / 0.611; eye-blurred photos 0.995 / 0.919; JPEG-50 photos 0.896 / 0.832.
+Session 24, ``eyes``: shipped 0.916 (0.969 with all 8,374 training faces), eye-blurred 0.999,
+JPEG-50 1.000, copies 0.5; the shipped state's own ``D`` 0.943, ``D_eye`` 0.513.
 A JPEG copy looks natural and the generator's faces do not, yet the probe tells the JPEG copies
 apart more easily: it sees low-level statistics (recompression, blur), not what makes a face
 look edited. A high AUC flags smears and artefacts; a lower one does not certify natural faces.
@@ -47,7 +59,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 CACHE = ROOT / "cache" / "lfw_train_128_m0.2.npz"
-FEATURES = ("mfn", "scrfd")
+FEATURES = ("mfn", "scrfd", "eyes")
 CONTROLS = ("blur-eyes", "jpeg", "copy")
 SCRFD_MAP = "339"  # the SCRFD-2.5G graph's last stride-8 backbone activation (48 channels)
 
@@ -65,7 +77,9 @@ class Features:
         if kind not in FEATURES:
             raise SystemExit(f"--features: {kind!r} is not one of {', '.join(FEATURES)}")
         self.kind, self.margin, self.torch = kind, margin, torch
-        if kind == "mfn":
+        if kind == "eyes":
+            self.net = None
+        elif kind == "mfn":
             from deidcli.identity import load_identity_net
 
             self.net = load_identity_net(_models_dir()).eval()
@@ -86,7 +100,12 @@ class Features:
         with torch.no_grad():
             for i in range(0, len(crops), batch):
                 x = to_input(crops[i:i + batch])
-                if self.kind == "mfn":
+                if self.kind == "eyes":  # the band's pixels in [-1, 1]
+                    from deidcli.align import eye_band
+
+                    x0, y0, x1, y1 = eye_band(crops.shape[1], self.margin)
+                    f = x[:, :, y0:y1, x0:x1]
+                elif self.kind == "mfn":
                     f = self.net.feature_maps(crop_to_id_input(x, self.margin), ["b4"])[0]
                 else:  # InsightFace's normalisation, (RGB - 127.5) / 128
                     f = self.net(F.interpolate(x, size=(256, 256), mode="bilinear", align_corners=False)
@@ -95,15 +114,22 @@ class Features:
         return torch.cat(out)
 
 
-def fit(real, fake, steps: int = 1500, batch: int = 32, seed: int = 0):
+def fit(real, fake, steps: int = 1500, batch: int = 32, seed: int = 0, pixels: bool = False):
     """A head (3x3 conv, 64 channels, LeakyReLU, 1x1 conv, mean over positions) trained with
-    logistic loss on paired (real, fake) feature maps (N, C, h, w); returns the head."""
+    logistic loss on paired (real, fake) feature maps (N, C, h, w); returns the head. ``pixels``:
+    the maps are images, and the head is the training's patch discriminator (model.Discriminator,
+    48 channels, no spectral norm), from scratch."""
     import torch
     import torch.nn.functional as F
     from torch import nn
 
     torch.manual_seed(seed)
-    head = nn.Sequential(nn.Conv2d(real.shape[1], 64, 3, 1, 1), nn.LeakyReLU(0.2), nn.Conv2d(64, 1, 1))
+    if pixels:
+        from deidcli.model import Discriminator
+
+        head = Discriminator(48, 3, spectral=False)
+    else:
+        head = nn.Sequential(nn.Conv2d(real.shape[1], 64, 3, 1, 1), nn.LeakyReLU(0.2), nn.Conv2d(64, 1, 1))
     opt = torch.optim.Adam(head.parameters(), 1e-3)
     g = torch.Generator().manual_seed(seed)
     y = torch.cat([torch.ones(batch), torch.zeros(batch)])
@@ -160,9 +186,44 @@ def outputs(weights: str, crops: np.ndarray, desc: np.ndarray) -> tuple[np.ndarr
     return generate_on_crops(g, crops, desc, "cpu", passes=1, colour_match=True)[0], g.meta.get("steps")
 
 
+def saved_discriminators(state: str, real: np.ndarray, fake: np.ndarray) -> dict:
+    """{name: score} of the discriminators in a training state (``D``, ``D_eye``) on uint8 test
+    crops, real and fake (no training): each built as the loop builds it from the state's config,
+    ``D_eye`` judging losses.eye_view of the eye band."""
+    import json as _json
+
+    import torch
+
+    from deidcli.align import eye_band
+    from deidcli.identity import to_input
+    from deidcli.model import Discriminator
+    from deidcli.train import losses as L
+    from deidcli.train.loop import DEFAULTS, merge
+
+    st = torch.load(state, map_location="cpu", weights_only=True)
+    cfg = merge(DEFAULTS, _json.loads(st["config"]) if st.get("config") else {})
+    band = eye_band(real.shape[1], float(cfg["generator"]["margin"]))
+    out = {}
+    for name, key, view in (("D", "discriminator", lambda x: x), ("D_eye", "eye_discriminator",
+                                                                   lambda x: L.eye_view(x, band))):
+        if name not in st:
+            continue
+        net = Discriminator(**cfg[key])
+        net.load_state_dict(st[name])
+        net.eval()
+
+        class Head(torch.nn.Module):  # score() averages the logits over positions
+            def forward(self, x, net=net, view=view):
+                return net(view(x))
+
+        out[name] = score(Head(), to_input(real), to_input(fake))
+    return out
+
+
 def probe(real_tr, fake_tr, real_te, fake_te, features: Features, steps: int) -> dict:
     """Fit on the training crops, score on the test crops (uint8 crops, paired real and fake)."""
-    return score(fit(features(real_tr), features(fake_tr), steps), features(real_te), features(fake_te))
+    return score(fit(features(real_tr), features(fake_tr), steps, pixels=features.kind == "eyes"),
+                 features(real_te), features(fake_te))
 
 
 def main(argv=None) -> int:
@@ -175,6 +236,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default=str(CACHE))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--saved-discriminators", metavar="STATE",
+                    help="instead of training probes, score the discriminators saved in this training state")
     a = ap.parse_args(argv)
     if not a.weights and not a.control:
         ap.error("give checkpoints or --control")
@@ -185,10 +248,12 @@ def main(argv=None) -> int:
     if not Path(a.cache).is_file():
         print(f"error: {a.cache} not found (run `deid prepare`)", file=sys.stderr)
         return 2
-    for w in a.weights:
+    for w in a.weights + ([a.saved_discriminators] if a.saved_discriminators else []):
         if not Path(w).is_file():
             print(f"error: {w} not found", file=sys.stderr)
             return 2
+    if a.saved_discriminators and (len(a.weights) != 1 or a.control):
+        ap.error("--saved-discriminators takes exactly one checkpoint and no --control")
     import torch
 
     from deidcli.train.loop import split_people
@@ -197,6 +262,15 @@ def main(argv=None) -> int:
     torch.set_num_threads(max(1, a.threads))
     d = load_split(Path(a.cache))
     tr, va = split_people(d, 200)
+    if a.saved_discriminators:
+        fake, step = outputs(a.weights[0], va["crops"], va["desc"])
+        rows = [{"weights": a.weights[0], "step": step, "state": a.saved_discriminators, "discriminator": k, **v}
+                for k, v in saved_discriminators(a.saved_discriminators, va["crops"], fake).items()]
+        for r in rows:
+            print(json.dumps(r), flush=True)
+        if a.json:
+            Path(a.json).write_text(json.dumps(rows, indent=1) + "\n")
+        return 0
     itr = np.sort(np.random.default_rng(0).choice(len(tr["crops"]), min(a.train_faces, len(tr["crops"])), replace=False))
     real_tr, real_te = tr["crops"][itr], va["crops"]
     feats = [Features(k, d["margin"]) for k in a.features.split(",")]
@@ -213,7 +287,7 @@ def main(argv=None) -> int:
             fake_tr, fake_te = fake[:len(real_tr)], fake[len(real_tr):]  # one load, one pass over both
         for f in feats:
             fr, fr_te = real[f.kind]
-            r = {what: x, "step": step, "features": f.kind, **score(fit(fr, f(fake_tr), a.steps), fr_te, f(fake_te)),
+            r = {what: x, "step": step, "features": f.kind, **score(fit(fr, f(fake_tr), a.steps, pixels=f.kind == "eyes"), fr_te, f(fake_te)),
                  "train_faces": len(itr), "seconds": round(time.time() - t0)}
             rows.append(r)
             print(json.dumps(r), flush=True)
