@@ -25,9 +25,9 @@ the lids at 1/4 and 1/8 resolution (the output's fine detail with the input's co
 luminance), the lids' vertical luminance profile alone (each row's mean across the eye,
 minus its mean: how open the eye is, without the lid contour), and the lids' fine detail alone
 (the input minus its 1/2 or 1/4 resolution copy, over the output's coarser picture: what
-sharpening the output's eyes with the input's own lashes and lid lines would let through). How much each raises dlib's
-figure says how much identity that part carries: what a loss that keeps it from the input lets
-through. Needs ``pip install 'deid[judge]'`` (dlib).
+sharpening the output's eyes with the input's own lashes and lid lines would let through).
+How much each raises dlib's figure says how much identity that part carries: what a loss that
+keeps it from the input lets through. Needs ``pip install 'deid[judge]'`` (dlib).
 """
 
 from __future__ import annotations

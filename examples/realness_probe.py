@@ -96,14 +96,14 @@ class Features:
 
         from deidcli.identity import crop_to_id_input, to_input
 
+        from deidcli.align import eye_band
+
         torch, out = self.torch, []
+        x0, y0, x1, y1 = eye_band(crops.shape[1], self.margin)
         with torch.no_grad():
             for i in range(0, len(crops), batch):
                 x = to_input(crops[i:i + batch])
                 if self.kind == "eyes":  # the band's pixels in [-1, 1]
-                    from deidcli.align import eye_band
-
-                    x0, y0, x1, y1 = eye_band(crops.shape[1], self.margin)
                     f = x[:, :, y0:y1, x0:x1]
                 elif self.kind == "mfn":
                     f = self.net.feature_maps(crop_to_id_input(x, self.margin), ["b4"])[0]
@@ -189,7 +189,8 @@ def outputs(weights: str, crops: np.ndarray, desc: np.ndarray) -> tuple[np.ndarr
 def saved_discriminators(state: str, real: np.ndarray, fake: np.ndarray) -> dict:
     """{name: score} of the discriminators in a training state (``D``, ``D_eye``) on uint8 test
     crops, real and fake (no training): each built as the loop builds it from the state's config,
-    ``D_eye`` judging losses.eye_view of the eye band."""
+    ``D_eye`` judging losses.eye_view of the eye band. Read AUC and pair: "acc" thresholds at
+    logit 0, which an LSGAN discriminator (targets 1 and 0) does not centre on."""
     import json as _json
 
     import torch
@@ -211,12 +212,7 @@ def saved_discriminators(state: str, real: np.ndarray, fake: np.ndarray) -> dict
         net = Discriminator(**cfg[key])
         net.load_state_dict(st[name])
         net.eval()
-
-        class Head(torch.nn.Module):  # score() averages the logits over positions
-            def forward(self, x, net=net, view=view):
-                return net(view(x))
-
-        out[name] = score(Head(), to_input(real), to_input(fake))
+        out[name] = score(lambda x, net=net, view=view: net(view(x)), to_input(real), to_input(fake))
     return out
 
 
