@@ -77,6 +77,7 @@ class Features:
         if kind not in FEATURES:
             raise SystemExit(f"--features: {kind!r} is not one of {', '.join(FEATURES)}")
         self.kind, self.margin, self.torch = kind, margin, torch
+        self.pixels = kind == "eyes"  # images, not a frozen network's maps: fit() uses a discriminator
         if kind == "eyes":
             self.net = None
         elif kind == "mfn":
@@ -218,7 +219,7 @@ def saved_discriminators(state: str, real: np.ndarray, fake: np.ndarray) -> dict
 
 def probe(real_tr, fake_tr, real_te, fake_te, features: Features, steps: int) -> dict:
     """Fit on the training crops, score on the test crops (uint8 crops, paired real and fake)."""
-    return score(fit(features(real_tr), features(fake_tr), steps, pixels=features.kind == "eyes"),
+    return score(fit(features(real_tr), features(fake_tr), steps, pixels=features.pixels),
                  features(real_te), features(fake_te))
 
 
@@ -264,9 +265,7 @@ def main(argv=None) -> int:
                 for k, v in saved_discriminators(a.saved_discriminators, va["crops"], fake).items()]
         for r in rows:
             print(json.dumps(r), flush=True)
-        if a.json:
-            Path(a.json).write_text(json.dumps(rows, indent=1) + "\n")
-        return 0
+        return _write_json(a.json, rows)
     itr = np.sort(np.random.default_rng(0).choice(len(tr["crops"]), min(a.train_faces, len(tr["crops"])), replace=False))
     real_tr, real_te = tr["crops"][itr], va["crops"]
     feats = [Features(k, d["margin"]) for k in a.features.split(",")]
@@ -283,12 +282,17 @@ def main(argv=None) -> int:
             fake_tr, fake_te = fake[:len(real_tr)], fake[len(real_tr):]  # one load, one pass over both
         for f in feats:
             fr, fr_te = real[f.kind]
-            r = {what: x, "step": step, "features": f.kind, **score(fit(fr, f(fake_tr), a.steps, pixels=f.kind == "eyes"), fr_te, f(fake_te)),
+            r = {what: x, "step": step, "features": f.kind, **score(fit(fr, f(fake_tr), a.steps, pixels=f.pixels), fr_te, f(fake_te)),
                  "train_faces": len(itr), "seconds": round(time.time() - t0)}
             rows.append(r)
             print(json.dumps(r), flush=True)
-    if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=1) + "\n")
+    return _write_json(a.json, rows)
+
+
+def _write_json(path, rows) -> int:
+    """Write the rows to ``path`` when one was given; main's exit status."""
+    if path:
+        Path(path).write_text(json.dumps(rows, indent=1) + "\n")
     return 0
 
 
