@@ -262,6 +262,90 @@ def for_export(generator: "Generator") -> "Generator":
     return g
 
 
+def widen_state_dict(state: Mapping[str, torch.Tensor], old: Union[GeneratorConfig, Mapping[str, Any]],
+                     new: Union[GeneratorConfig, Mapping[str, Any]], noise: float = 0.0,
+                     seed: int = 0) -> dict:
+    """The weights of a wider generator (``new``: more channels per level) that computes the same
+    function as ``state`` (a ``Generator(old)`` state dict), after Chen, Goodfellow & Shlens,
+    "Net2Net" (ICLR 2016): new channel ``j`` of a level with ``c`` old channels copies old channel
+    ``j % c``; weights reading a widened level are divided by the widening factor, so the copies
+    sum to the old contribution; InstanceNorm sees identical statistics on identical copies.
+    Copies would stay identical under training, so every weight tensor of a widened layer gets
+    Gaussian noise of ``noise`` times its own standard deviation (0: the function exactly).
+
+    Only the channel counts may differ (``base_channels`` / ``max_channels``), each level's new
+    count a multiple of its old one. Why: a generator trained for many steps can be given more
+    capacity without starting again (weights/MODEL_CARD.md, Schedule, session 25)."""
+    a = old if isinstance(old, GeneratorConfig) else GeneratorConfig.from_dict(old)
+    b = new if isinstance(new, GeneratorConfig) else GeneratorConfig.from_dict(new)
+    same = {f.name for f in fields(GeneratorConfig)} - {"base_channels", "max_channels"}
+    diff = sorted(k for k in same if getattr(a, k) != getattr(b, k))
+    if diff:
+        raise ValueError(f"widening changes only channel counts; these differ too: {diff}")
+    ga, gb = Generator(a), Generator(b)
+    ca, cb = ga.chans, gb.chans
+    if any(y < x or y % x for x, y in zip(ca, cb)):
+        raise ValueError(f"each level's channels must be a multiple of the old: {ca} -> {cb}")
+    n = len(ca) - 1
+    maps = [torch.arange(y) % x for x, y in zip(ca, cb)]
+    level = {"stem": 0, **{f"down.{i}": i + 1 for i in range(n)},
+             **{f"up.{k}": n - 1 - k for k in range(n)}}
+
+    def idx(lv, sub=1):  # index into the old axis for each new position (sub-pixel groups kept)
+        m = maps[lv]
+        return (m[:, None] * sub + torch.arange(sub)).reshape(-1) if sub > 1 else m
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, new_t in gb.state_dict().items():
+        w = state[key].float()
+        mod, name = key.rsplit(".", 1)
+        lo = li = None  # levels of the output and the input axis
+        sub_o, halves = 1, False
+        top = ".".join(mod.split(".")[:2])
+        if mod.startswith("stem."):
+            lo = 0
+        elif mod.startswith("down."):
+            i = int(mod.split(".")[1])
+            lo, li = (i, None) if mod.endswith(".dw") else (i + 1, i if mod.endswith(".pw") else None)
+        elif mod == "id_proj":
+            lo = n
+        elif mod.startswith("fuse.") or mod.startswith("mid."):
+            lo = n
+            li = n if name == "weight" and w.ndim == 4 else None
+        elif mod.startswith("up."):
+            lv = level[top]
+            if mod.endswith(".expand"):
+                lo, li, sub_o = lv, lv + 1, 4
+            elif mod.endswith(".film"):
+                lo, halves = lv, True
+            else:  # the residual block: depthwise, pointwise and norms of this level
+                lo = lv
+                li = lv if mod.endswith(".pw") or (w.ndim == 4 and w.shape[1] > 1) else None
+        elif mod == "head":
+            li = 0
+        else:
+            raise ValueError(f"widen_state_dict: no rule for {key}")
+        if lo is not None and w.shape[0] != new_t.shape[0]:
+            if halves:
+                h = w.shape[0] // 2
+                w = torch.cat([w[:h][idx(lo)], w[h:][idx(lo)]])
+            else:
+                w = w[idx(lo, sub_o)]
+        if li is not None and w.ndim >= 2 and w.shape[1] != new_t.shape[1]:
+            if mod == "fuse.0":  # [bottleneck features, tiled descriptor projection]
+                h = w.shape[1] // 2
+                w = torch.cat([w[:, :h][:, maps[n]], w[:, h:][:, maps[n]]], 1) / (cb[n] // ca[n])
+            else:
+                w = w[:, idx(li)] / (cb[li] // ca[li])
+        if tuple(w.shape) != tuple(new_t.shape):
+            raise ValueError(f"widen_state_dict: {key} {tuple(w.shape)} != {tuple(new_t.shape)}")
+        if noise > 0 and w.is_floating_point() and tuple(state[key].shape) != tuple(w.shape) and w.numel() > 1:
+            w = w + noise * w.std() * torch.randn(w.shape, generator=gen)
+        out[key] = w.to(new_t.dtype)
+    return out
+
+
 class Discriminator(nn.Module):
     """Patch discriminator (LSGAN / hinge): (B, 3, S, S) in [-1, 1] -> (B, 1, S/8, S/8) logits."""
 

@@ -21,7 +21,9 @@ unpacking and the final saves take about 2 minutes more):
 `run` decodes the cache into --cache-dir (default /tmp/deid_kit_cache: outside .kit_train, which
 the device tool carries whole), trains with ``deid train --device cuda`` from
 the committed state (weights/train_state/last.pt) with the recipe the shipped checkpoint was
-trained with (configs/train_128_branch36500.json) at --batch-size (default 32), and writes to
+trained with (configs/train_128_branch36500.json; another with --config: with
+configs/train_128_wide.json the generator has twice the channels at 128, 64 and 32 px and starts
+from the shipped one widened, the same function at step 0) at --batch-size (default 32), and writes to
 $OUT (default out/gpu_train; the device tool brings back 8 files): best_generator.pt (lowest
 validation cosine with landmarks in bounds), generator.pt and state.pt (the last step: the
 generator, and the compact state to go on from with init_from), best_state.pt, log.jsonl,
@@ -177,7 +179,7 @@ def run(args) -> int:
         minutes = (deadline - time.time()) / 60
         if minutes < 0.5:
             break
-        cmd = [sys.executable, "-m", "deidcli.cli", "train", "--config", str(CONFIG), "--name", name,
+        cmd = [sys.executable, "-m", "deidcli.cli", "train", "--config", str(args.config), "--name", name,
                "--device", args.device, "--runs-dir", str(runs), "--cache-dir", str(cache_dir),
                "--models-dir", str(KIT / "models"), "--max-minutes", f"{minutes:.2f}",
                "--set", f"batch_size={args.batch_size}", "--set", f"init_from={json.dumps(start)}",
@@ -227,6 +229,9 @@ def main(argv=None) -> int:
     r.add_argument("--minutes", type=float, default=7.0, help="wall time for everything, training the most of it")
     r.add_argument("--device", default="cuda")
     r.add_argument("--batch-size", type=int, default=32)
+    r.add_argument("--config", default=str(CONFIG),
+                   help="training recipe; a generator with more channels than the committed state's starts "
+                        "from it widened (configs/train_128_wide.json)")
     r.add_argument("--name", default="gpu")
     r.add_argument("--runs-dir", default="/tmp/deid_runs")
     r.add_argument("--cache-dir", default="/tmp/deid_kit_cache", help="where the decoded cache goes (not in .kit_train)")

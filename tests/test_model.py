@@ -187,3 +187,34 @@ def test_generator_backends_agree():
     assert empty[0].shape == (0, 128, 128, 3) and empty[1].shape == (0, 128, 128)
     with pytest.raises(ValueError):
         engine.GeneratorRunner(gen, rt, backend="tensorrt")
+
+
+@pytest.mark.parametrize("res_conv", ["ds", "full"])
+def test_widened_generator_is_the_same_function(res_conv):
+    """model.widen_state_dict (Net2Net): more channels per level, the same outputs (weights
+    scrambled first, so that a wrong copy or a missing division shows); noise moves them a little;
+    other changes, or counts that are not multiples, are refused."""
+    from deidcli.model import widen_state_dict
+
+    torch.manual_seed(0)
+    old = {"size": 64, "base_channels": 8, "max_channels": 32, "res_conv": res_conv, "final_res": True}
+    g = Generator(old).eval()
+    with torch.no_grad():
+        for p in g.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    new = {**old, "base_channels": 16, "max_channels": 64}
+    w = Generator(new).eval()
+    assert w.chans == [16, 32, 64, 64] and g.chans == [8, 16, 32, 32]
+    w.load_state_dict(widen_state_dict(g.state_dict(), old, new))
+    x, d = torch.rand(3, 3, 64, 64) * 2 - 1, _desc(3)
+    with torch.no_grad():
+        (ra, ma), (rb, mb) = g(x, d), w(x, d)
+        assert ra.std() > 0.05 and ma.std() > 0.01
+        assert (ra - rb).abs().max() < 1e-4 and (ma - mb).abs().max() < 1e-4
+        w.load_state_dict(widen_state_dict(g.state_dict(), old, new, noise=0.01))
+        rc, _ = w(x, d)
+        assert 1e-4 < (ra - rc).abs().mean() < 0.05
+    with pytest.raises(ValueError, match="multiple"):
+        widen_state_dict(g.state_dict(), old, {**old, "base_channels": 12})
+    with pytest.raises(ValueError, match="film"):
+        widen_state_dict(g.state_dict(), old, {**new, "film": False})

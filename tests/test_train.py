@@ -82,6 +82,25 @@ def test_train_smoke_and_resume(tmp_path, cache_dir):
     cfg = _cfg(tmp_path, cache_dir, 6)
     cfg.update(name="from_state", init_from=str(small))
     assert train(cfg)["step"] == 6
+    # a wider generator starts from the state's, widened: step 0's outputs are the state's
+    from deidcli.errors import DeidError
+    from deidcli.model import Generator
+
+    wide = _cfg(tmp_path, cache_dir, 7)
+    wide.update(name="wider", init_from=str(small), init_widen_noise=0.0, lr_g=0.0)
+    wide["generator"] = {**wide["generator"], "base_channels": 16, "max_channels": 64}
+    assert train(wide)["step"] == 7
+    gw = load_generator(Path(wide["runs_dir"]) / "wider" / "generator.pt")
+    assert gw.chans == [16, 32, 64, 64]
+    g0 = Generator(_cfg(tmp_path, cache_dir, 0)["generator"]).eval()
+    g0.load_state_dict({k: v.float() for k, v in torch.load(small, weights_only=True)["G"].items()})
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    dsc = torch.nn.functional.normalize(torch.randn(2, 128), dim=1)
+    with torch.no_grad():  # lr_g 0: the saved wide generator is the widened state (fp16 round trip)
+        assert (g0(x, dsc)[0] - gw.float()(x, dsc)[0]).abs().max() < 2e-2
+    bad = {**wide, "name": "bad", "generator": {**wide["generator"], "base_channels": 12}}
+    with pytest.raises(DeidError, match="does not fit this config"):
+        train(bad)
 
 
 def test_resume_takes_the_runs_own_config(tmp_path, cache_dir):

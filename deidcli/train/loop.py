@@ -104,7 +104,12 @@ DEFAULTS: dict[str, Any] = {
                 "brightness": 0.1, "contrast": 0.15, "saturation": 0.15},
     "input_noise": {"sigma": 0.02, "jpeg_like_blur": 0.3},
     "init_from": None,  # compact state (export_train_state) to start from when no last.pt exists:
-    # G and D weights and the step count; optimisers and RNG start fresh
+    # G and D weights and the step count; optimisers and RNG start fresh. A generator config
+    # with more channels per level than the state's starts from the state's generator widened
+    # (model.widen_state_dict, Net2Net: the same function at step 0)
+    "init_widen_noise": 0.01,  # ... plus Gaussian noise of this times each widened tensor's std,
+    # so the copied channels can grow apart (0.01, shipped generator 16 -> 32 base channels, 64
+    # DevTest faces: the blend moves 0.15 grey levels on average, 1.8 at the 99th percentile)
     "multi_image": True,  # target descriptor from another image of the same person
     "second_pass": 0.0,  # fraction of samples whose generator input is its own blended output
     # (no gradient through that first pass), blended back over it, as `anonymize --passes 2` and
@@ -407,7 +412,8 @@ def train(config: Mapping[str, Any]) -> dict:
         logger.info("resumed from %s at step %d", last_path, step)
     elif cfg["init_from"]:
         st = torch.load(cfg["init_from"], map_location="cpu", weights_only=True)
-        G.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in st["G"].items()})
+        g_from = _g_init(st, gcfg, cfg)
+        G.load_state_dict(g_from(st["G"]))
         D.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in st["D"].items()})
         if D_eye is not None and "D_eye" in st:
             D_eye.load_state_dict({k: v.float() if v.is_floating_point() else v
@@ -417,7 +423,7 @@ def train(config: Mapping[str, Any]) -> dict:
                                     for k, v in st["D_feat"].items()})
         step, elapsed_before = int(st.get("step", 0)), float(st.get("elapsed_s", 0.0))
         if "G_ema" in st:
-            ema_from = {k: v.float() if v.is_floating_point() else v for k, v in st["G_ema"].items()}
+            ema_from = g_from(st["G_ema"])
         logger.info("initialised from %s (step %d; fresh optimisers)", cfg["init_from"], step)
     if ema:
         G_ema = copy.deepcopy(G).requires_grad_(False)
@@ -760,6 +766,29 @@ def train(config: Mapping[str, Any]) -> dict:
                if (run_dir / "best_state.pt").exists() else ""))
     return {"step": step, "run_dir": str(run_dir), "generator": str(run_dir / "generator.pt"),
             "elapsed_s": round(elapsed(), 1), "last": last_metrics, "best": best}
+
+
+def _g_init(st: Mapping, gcfg: GeneratorConfig, cfg: Mapping):
+    """How init_from's generator weights become this run's: as saved (in fp32), or, when this
+    config's generator has more channels per level than the state's and is otherwise the same,
+    widened (model.widen_state_dict: the same function, plus ``init_widen_noise`` to let the
+    copies grow apart)."""
+    def plain(sd):
+        return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+    saved = json.loads(st["config"]).get("generator") if st.get("config") else None
+    if saved is None or GeneratorConfig.from_dict(saved) == gcfg:
+        return plain
+    from ..model import widen_state_dict
+
+    try:
+        widen_state_dict(plain(st["G"]), saved, gcfg)
+    except ValueError as e:
+        raise DeidError(f"{cfg['init_from']}: its generator ({saved}) does not fit this config's "
+                        f"({gcfg.to_dict()}): {e}") from e
+    logger.info("widening the generator of %s: %s -> %s (noise %g)", cfg["init_from"],
+                Generator(saved).chans, Generator(gcfg).chans, cfg["init_widen_noise"])
+    return lambda sd: widen_state_dict(plain(sd), saved, gcfg, noise=cfg["init_widen_noise"], seed=cfg["seed"])
 
 
 def export_train_state(last_pt: os.PathLike, dst: os.PathLike) -> Path:
