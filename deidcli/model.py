@@ -288,8 +288,6 @@ def widen_state_dict(state: Mapping[str, torch.Tensor], old: Union[GeneratorConf
         raise ValueError(f"each level's channels must be a multiple of the old: {ca} -> {cb}")
     n = len(ca) - 1
     maps = [torch.arange(y) % x for x, y in zip(ca, cb)]
-    level = {"stem": 0, **{f"down.{i}": i + 1 for i in range(n)},
-             **{f"up.{k}": n - 1 - k for k in range(n)}}
 
     def idx(lv, sub=1):  # index into the old axis for each new position (sub-pixel groups kept)
         m = maps[lv]
@@ -302,7 +300,6 @@ def widen_state_dict(state: Mapping[str, torch.Tensor], old: Union[GeneratorConf
         mod, name = key.rsplit(".", 1)
         lo = li = None  # levels of the output and the input axis
         sub_o, halves = 1, False
-        top = ".".join(mod.split(".")[:2])
         if mod.startswith("stem."):
             lo = 0
         elif mod.startswith("down."):
@@ -314,14 +311,14 @@ def widen_state_dict(state: Mapping[str, torch.Tensor], old: Union[GeneratorConf
             lo = n
             li = n if name == "weight" and w.ndim == 4 else None
         elif mod.startswith("up."):
-            lv = level[top]
+            lv = n - 1 - int(mod.split(".")[1])  # up.0 is the coarsest decoder level
             if mod.endswith(".expand"):
                 lo, li, sub_o = lv, lv + 1, 4
             elif mod.endswith(".film"):
                 lo, halves = lv, True
             else:  # the residual block: depthwise, pointwise and norms of this level
                 lo = lv
-                li = lv if mod.endswith(".pw") or (w.ndim == 4 and w.shape[1] > 1) else None
+                li = lv if w.ndim == 4 and w.shape[1] > 1 else None  # not the depthwise convs
         elif mod == "head":
             li = 0
         else:

@@ -781,14 +781,16 @@ def _g_init(st: Mapping, gcfg: GeneratorConfig, cfg: Mapping):
         return plain
     from ..model import widen_state_dict
 
-    try:
-        widen_state_dict(plain(st["G"]), saved, gcfg)
-    except ValueError as e:
-        raise DeidError(f"{cfg['init_from']}: its generator ({saved}) does not fit this config's "
-                        f"({gcfg.to_dict()}): {e}") from e
-    logger.info("widening the generator of %s: %s -> %s (noise %g)", cfg["init_from"],
+    def widened(sd):
+        try:
+            return widen_state_dict(plain(sd), saved, gcfg, noise=cfg["init_widen_noise"], seed=cfg["seed"])
+        except ValueError as e:
+            raise DeidError(f"{cfg['init_from']}: its generator ({saved}) does not fit this config's "
+                            f"({gcfg.to_dict()}): {e}") from e
+
+    logger.info("widening the generator of %s: %s -> %s channels (noise %g)", cfg["init_from"],
                 Generator(saved).chans, Generator(gcfg).chans, cfg["init_widen_noise"])
-    return lambda sd: widen_state_dict(plain(sd), saved, gcfg, noise=cfg["init_widen_noise"], seed=cfg["seed"])
+    return widened
 
 
 def export_train_state(last_pt: os.PathLike, dst: os.PathLike) -> Path:
