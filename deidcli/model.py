@@ -77,6 +77,12 @@ class GeneratorConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def chans(self) -> list:
+        """Channels per level, full resolution first, the bottleneck last."""
+        n = int(round(math.log2(self.size / self.bottleneck)))
+        return [min(self.base_channels * 2 ** i, self.max_channels) for i in range(n + 1)]
+
 
 def _act():
     return nn.LeakyReLU(0.2, inplace=True)
@@ -161,8 +167,8 @@ class Generator(nn.Module):
         cfg = config if isinstance(config, GeneratorConfig) else GeneratorConfig.from_dict(config)
         self.cfg = cfg
         self.config = cfg.to_dict()  # plain dict: size, margin, id_dim, ... (pipeline reads it)
-        n_down = int(round(math.log2(cfg.size / cfg.bottleneck)))
-        chans = [min(cfg.base_channels * 2 ** i, cfg.max_channels) for i in range(n_down + 1)]
+        chans = cfg.chans
+        n_down = len(chans) - 1
         self.chans = chans
         self.stem = nn.Sequential(nn.Conv2d(3, chans[0], 3, 1, 1, bias=False),
                                   nn.InstanceNorm2d(chans[0], affine=True), _act())
@@ -262,6 +268,22 @@ def for_export(generator: "Generator") -> "Generator":
     return g
 
 
+def widening(old: Union[GeneratorConfig, Mapping[str, Any]],
+             new: Union[GeneratorConfig, Mapping[str, Any]]) -> tuple[list, list]:
+    """The channels per level of generators ``old`` and ``new`` when ``new`` is a widening of
+    ``old`` (widen_state_dict); ValueError, saying why, when it is not."""
+    a = old if isinstance(old, GeneratorConfig) else GeneratorConfig.from_dict(old)
+    b = new if isinstance(new, GeneratorConfig) else GeneratorConfig.from_dict(new)
+    same = {f.name for f in fields(GeneratorConfig)} - {"base_channels", "max_channels"}
+    diff = sorted(k for k in same if getattr(a, k) != getattr(b, k))
+    if diff:
+        raise ValueError(f"widening changes only channel counts; these differ too: {diff}")
+    ca, cb = a.chans, b.chans
+    if any(y < x or y % x for x, y in zip(ca, cb)):
+        raise ValueError(f"each level's channels must be a multiple of the old: {ca} -> {cb}")
+    return ca, cb
+
+
 def widen_state_dict(state: Mapping[str, torch.Tensor], old: Union[GeneratorConfig, Mapping[str, Any]],
                      new: Union[GeneratorConfig, Mapping[str, Any]], noise: float = 0.0,
                      seed: int = 0) -> dict:
@@ -276,16 +298,8 @@ def widen_state_dict(state: Mapping[str, torch.Tensor], old: Union[GeneratorConf
     Only the channel counts may differ (``base_channels`` / ``max_channels``), each level's new
     count a multiple of its old one. Why: a generator trained for many steps can be given more
     capacity without starting again (weights/MODEL_CARD.md, Schedule, session 25)."""
-    a = old if isinstance(old, GeneratorConfig) else GeneratorConfig.from_dict(old)
-    b = new if isinstance(new, GeneratorConfig) else GeneratorConfig.from_dict(new)
-    same = {f.name for f in fields(GeneratorConfig)} - {"base_channels", "max_channels"}
-    diff = sorted(k for k in same if getattr(a, k) != getattr(b, k))
-    if diff:
-        raise ValueError(f"widening changes only channel counts; these differ too: {diff}")
-    ga, gb = Generator(a), Generator(b)
-    ca, cb = ga.chans, gb.chans
-    if any(y < x or y % x for x, y in zip(ca, cb)):
-        raise ValueError(f"each level's channels must be a multiple of the old: {ca} -> {cb}")
+    ca, cb = widening(old, new)
+    gb = Generator(new if isinstance(new, GeneratorConfig) else GeneratorConfig.from_dict(new))
     n = len(ca) - 1
     maps = [torch.arange(y) % x for x, y in zip(ca, cb)]
 

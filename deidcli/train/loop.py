@@ -779,18 +779,16 @@ def _g_init(st: Mapping, gcfg: GeneratorConfig, cfg: Mapping):
     saved = json.loads(st["config"]).get("generator") if st.get("config") else None
     if saved is None or GeneratorConfig.from_dict(saved) == gcfg:
         return plain
-    from ..model import widen_state_dict
+    from ..model import widen_state_dict, widening
 
-    def widened(sd):
-        try:
-            return widen_state_dict(plain(sd), saved, gcfg, noise=cfg["init_widen_noise"], seed=cfg["seed"])
-        except ValueError as e:
-            raise DeidError(f"{cfg['init_from']}: its generator ({saved}) does not fit this config's "
-                            f"({gcfg.to_dict()}): {e}") from e
-
+    try:
+        ca, cb = widening(saved, gcfg)
+    except ValueError as e:
+        raise DeidError(f"{cfg['init_from']}: its generator ({saved}) does not fit this config's "
+                        f"({gcfg.to_dict()}): {e}") from e
     logger.info("widening the generator of %s: %s -> %s channels (noise %g)", cfg["init_from"],
-                Generator(saved).chans, Generator(gcfg).chans, cfg["init_widen_noise"])
-    return widened
+                ca, cb, cfg["init_widen_noise"])
+    return lambda sd: widen_state_dict(plain(sd), saved, gcfg, noise=cfg["init_widen_noise"], seed=cfg["seed"])
 
 
 def export_train_state(last_pt: os.PathLike, dst: os.PathLike) -> Path:
