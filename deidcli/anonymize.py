@@ -35,6 +35,10 @@ MAX_PENDING_FRAMES = 64
 FIRST_BATCH_DIVISOR = 4
 #: Faces of a new track averaged into its fixed identity descriptor.
 DESCRIPTOR_FACES = 5
+#: The identity check compares a generated face with the input face of its own frame too; that
+#: input's embedding is reused for the track's next OWN_EVERY - 1 faces (a face turns little in a
+#: few frames, and the comparison with the track's descriptor is made for every face anyway).
+OWN_EVERY = 4
 #: --keep-detail pastes the generated face's change at this many times the generator's crop size
 #: (256 px for the 128 px generator): the frame keeps only what is finer than that. The ArcFace
 #: square an identity network sees at 112 px spans 183 px of a 256 crop, so what is kept lies
@@ -47,7 +51,7 @@ DETAIL_SCALE = 2
 
 def new_check_stats() -> dict:
     """Counters of the identity check for one file (see Pipeline._check_identity)."""
-    return {"checked": 0, "regenerated": 0, "fallback": 0, "own_colours": 0, "cos_max": -1.0}
+    return {"checked": 0, "regenerated": 0, "fallback": 0, "cos_max": -1.0}
 
 
 class PassLevels:
@@ -73,6 +77,7 @@ class PassLevels:
         self._left: dict = {}  # track -> faces it may still be generated at the raised count
         self.peak: dict = {}  # track -> highest count it was raised to
         self.faces_raised = 0  # faces generated above base by the hold (regenerations not counted)
+        self.own: dict = {}  # track -> [faces left to reuse it, the input face's embedding] (OWN_EVERY)
 
     def get(self, track) -> int:
         """Current count of ``track`` (no face is counted)."""
@@ -142,15 +147,29 @@ class FileResult:
     faces_regenerated: int = 0
     faces_blurred_fallback: int = 0
     faces_held_passes: int = 0  # faces generated above --passes because their track was raised (--pass-hold)
-    faces_own_colours: int = 0  # faces regenerated with the generator's own colours: matched, still too close at --max-passes
     check_cos_max: Optional[float] = None
     track_passes: dict = field(default_factory=dict)  # track -> highest passes it was raised to, where above --passes
+    # generate: the path each face took (routing.py): "generated", or the fallback's reason (small,
+    # turned, dark, check), and the same by face height ("<48", "48-96", "96-192", ">=192" px)
+    face_paths: dict = field(default_factory=dict)
+    faces_by_size: dict = field(default_factory=dict)
+
+    def add_route_stats(self, router) -> None:
+        if router is None:
+            return
+        self.face_paths = {p: n for p, n in sorted(router.totals().items())}
+        from .routing import SIZE_BINS, size_bin
+
+        by: dict = {size_bin(h): {} for h in (0, *SIZE_BINS)}  # in order of size
+        for path, bins in router.counts.items():
+            for b, n in bins.items():
+                by[b][path] = n
+        self.faces_by_size = {b: dict(sorted(v.items())) for b, v in by.items() if v}
 
     def add_check_stats(self, stats: dict, passes: "PassLevels") -> None:
         self.faces_checked += stats["checked"]
         self.faces_regenerated += stats["regenerated"]
         self.faces_blurred_fallback += stats["fallback"]
-        self.faces_own_colours += stats["own_colours"]
         self.faces_held_passes += passes.faces_raised
         if stats["checked"]:
             self.check_cos_max = round(max(stats["cos_max"], self.check_cos_max or -1.0), 4)
@@ -219,13 +238,15 @@ class Pipeline:
 
     # -- rendering -------------------------------------------------------------------------
     def render(self, items: Sequence[tuple[np.ndarray, Sequence]], descriptors: dict,
-               stages: Stages = NULL, passes: Optional[PassLevels] = None, stats: Optional[dict] = None) -> list[list]:
+               stages: Stages = NULL, passes: Optional[PassLevels] = None, stats: Optional[dict] = None,
+               router=None) -> list[list]:
         """Anonymize a batch of frames in place.
 
         items: (image (H, W, 3) uint8 RGB, faces) pairs; faces have track_id, box, kps, interpolated.
         descriptors: track_id -> (D,) float32, filled in here for tracks seen for the first time.
         passes: generator passes per track, raised here by the identity check (one per video).
         stats: identity-check counters (see new_check_stats), updated here.
+        router: which faces are generated and which get the fallback (routing.Router, one per video).
         Returns, per item, the list of touched rectangles.
 
         With ``generate`` this is :meth:`generate` then :meth:`finish`, which process_frames runs
@@ -238,58 +259,76 @@ class Pipeline:
             with stages("blend"):
                 return [apply_classic(img, faces, o.method, o.margin) for img, faces in items]
         passes = self.new_pass_levels() if passes is None else passes
-        return self.finish(items, self.generate(items, descriptors, stages, passes), stages, passes, stats)
+        router = self.new_router() if router is None else router
+        return self.finish(items, self.generate(items, descriptors, stages, passes, router), stages, passes, stats,
+                           router)
 
     def generate(self, items: Sequence[tuple[np.ndarray, Sequence]], descriptors: dict, stages: Stages = NULL,
-                 passes: Optional[PassLevels] = None) -> Optional["_Generated"]:
-        """First half of :meth:`render` (method generate): describe new tracks, align every face
-        of ``items`` and run the generator at its track's pass count. Reads the images, changes
-        nothing in them. None when there is no face."""
+                 passes: Optional[PassLevels] = None, router=None) -> Optional["_Generated"]:
+        """First half of :meth:`render` (method generate): align every face of ``items``, decide
+        which the generator draws (``router``, routing.py; the others get the fallback in
+        :meth:`finish`), describe their new tracks and run the generator at each face's pass
+        count. Reads the images, changes nothing in them. None when there is no face."""
         from .align import estimate_transform, feather, warp_crop
+        from .routing import face_height, lightness, yaw
 
         passes = self.new_pass_levels() if passes is None else passes
-        with stages("identity"):
-            self._describe_new_tracks(items, descriptors)
+        router = self.new_router() if router is None else router
         S, margin = self.runner.size, self.runner.margin
-        jobs, crops, desc = [], [], []
+        jobs, crops, held = [], [], []
         with stages("align"):
             for i, (img, faces) in enumerate(items):
                 for f in faces:
                     M = estimate_transform(f.kps, S, margin)
+                    crop = warp_crop(img, M, S)
+                    path = router.decide(f.track_id, face_height(f.box), yaw(f.kps), lightness(crop))
+                    if path != "generated":
+                        held.append((i, f, path))
+                        continue
                     jobs.append((i, M, f))
-                    crops.append(warp_crop(img, M, S))
-                    desc.append(descriptors[f.track_id])
-        if not jobs:
+                    crops.append(crop)
+        if not jobs and not held:
             return None
-        crops, desc = np.stack(crops), np.stack(desc).astype(np.float32)
+        with stages("identity"):  # only the tracks the generator draws need a descriptor
+            self._describe_new_tracks([(img, [f for j, _, f in jobs if j == i]) for i, (img, _) in enumerate(items)],
+                                      descriptors)
         tracks = [f.track_id for _, _, f in jobs]
-        levels = np.array([passes.take(t) for t in tracks], np.int64)
+        desc = np.stack([descriptors[t] for t in tracks]).astype(np.float32) if jobs else np.zeros((0, 128), np.float32)
+        crops = np.stack(crops) if jobs else np.zeros((0, S, S, 3), np.uint8)
+        levels = np.array([min(passes.take(t), router.passes_for(face_height(f.box)))
+                           for t, (_, _, f) in zip(tracks, jobs)], np.int64)
         with stages("generate"):
             raw, mask = self.runner.run(crops, desc, levels)
-        return _Generated(jobs, crops, desc, tracks, levels, raw, [feather(m, S) for m in mask], [None] * len(jobs))
+        return _Generated(jobs, crops, desc, tracks, levels, raw, [feather(m, S) for m in mask], [None] * len(jobs),
+                          held)
 
     def finish(self, items: Sequence[tuple[np.ndarray, Sequence]], gen: Optional["_Generated"],
-               stages: Stages = NULL, passes: Optional[PassLevels] = None, stats: Optional[dict] = None) -> list[list]:
+               stages: Stages = NULL, passes: Optional[PassLevels] = None, stats: Optional[dict] = None,
+               router=None) -> list[list]:
         """Second half of :meth:`render`: the identity check (``--identity-check``) on ``gen``
-        (from :meth:`generate` on the same ``items``), then paste every face into its image.
+        (from :meth:`generate` on the same ``items``), then paste every generated face into its
+        image, then give the others the fallback (last, so that nothing is pasted over it).
         Returns, per item, the list of touched rectangles."""
         from .align import paste, put_region
         from .methods import apply_classic
+        from .routing import face_height
 
         o = self.options
         passes = self.new_pass_levels() if passes is None else passes
         stats = new_check_stats() if stats is None else stats
+        router = self.new_router() if router is None else router
         rects: list[list] = [[] for _ in items]
         if gen is None:
             return rects
         fallback = np.zeros(len(gen.jobs), bool)
-        if o.identity_check:
-            fallback = self._check_identity(gen, passes, stats, stages, items)
+        if o.identity_check and len(gen.jobs):
+            fallback = self._check_identity(gen, passes, stats, stages, items, router)
+        covered = list(gen.held) + [(i, f, "check") for j, (i, _, f) in enumerate(gen.jobs) if fallback[j]]
         with stages("blend"):
             for j, ((i, M, f), r, m) in enumerate(zip(gen.jobs, gen.raw, gen.masks)):
                 if fallback[j]:
-                    rects[i].extend(apply_classic(items[i][0], [f], "blur", o.margin))
                     continue
+                router.count("generated", face_height(f.box))
                 region = gen.regions[j]
                 if region is not None and not any(_overlap(region[0], b) for b in rects[i]):
                     # what the check embedded, computed on this frame as it still is here
@@ -298,38 +337,49 @@ class Pipeline:
                     box = paste(items[i][0], r, m, M, self.detail)
                 if box is not None:
                     rects[i].append(box)
+            for i, f, path in covered:
+                router.count(path, face_height(f.box))
+                rects[i].extend(apply_classic(items[i][0], [f], o.fallback, o.margin))
         return rects
+
+    def new_router(self):
+        """Per-file routing state (routing.Router): which faces are generated, which get the fallback."""
+        from .routing import new_router
+
+        return new_router(self.options)
 
     def new_pass_levels(self) -> PassLevels:
         """Per-file pass counts: ``--passes``, raised by the identity check for ``--pass-hold`` faces."""
         return PassLevels(self.options.passes, self.options.pass_hold)
 
     def _check_identity(self, gen: "_Generated", passes: PassLevels, stats: dict, stages: Stages,
-                        items: Sequence[tuple[np.ndarray, Sequence]]) -> np.ndarray:
+                        items: Sequence[tuple[np.ndarray, Sequence]], router) -> np.ndarray:
         """The identity check (``--identity-check``): embed every generated face as it will be
         pasted (feathered mask; with ``--keep-detail``, the ArcFace crop of the frame as the paste
         will leave it, align.pasted_region + region_arcface, since the frame's own finer detail stays) and compare
         it with its track's descriptor and with the input face of the same frame (a pose far from
         the track's first faces can be closer to the input than to the descriptor). A face whose
         higher cosine is >= ``check_thresh`` is generated again with one more pass, up to
-        ``max_passes``, and its track keeps the higher count for the next ``pass_hold`` of its
-        faces (0: for good; see PassLevels). A face still too close after
-        ``max_passes`` is generated once more at ``max_passes`` with the generator's own colours
-        (``--colour-match`` gives it the input's, which the identity network partly recognises),
-        and blurred if that is still too close. A face generated with fewer passes than its track has
+        ``max_passes`` (``small_max_passes`` for a face under routing.LARGE_FACE px), and its track
+        keeps the higher count for the next ``pass_hold`` of its faces (0: for good; see
+        PassLevels). A face still too close after its most passes gets the fallback (blur), and so
+        do its track's next ``pass_hold`` faces (routing.Router.failed_check): more passes are what
+        draw masks on a face. A face generated with fewer passes than its track has
         reached meanwhile (the batch was generated while an earlier one was checked) is generated
         again at the track's count first. Updates ``gen`` in place; returns the faces to blur
         (bool per face)."""
         from .align import feather
 
+        from .routing import face_height
+
         o = self.options
         S = self.runner.size
         crops, desc, tracks, levels, raw, masks = gen.crops, gen.desc, gen.tracks, gen.levels, gen.raw, gen.masks
+        most = np.array([router.passes_for(face_height(f.box)) for _, _, f in gen.jobs], np.int64)
         fallback = np.zeros(len(crops), bool)
-        plain = np.zeros(len(crops), bool)  # regenerated with the generator's own colours
-        behind = np.flatnonzero([passes.get(t) > lv for t, lv in zip(tracks, levels)])
+        behind = np.flatnonzero([min(passes.get(t), m) > lv for t, lv, m in zip(tracks, levels, most)])
         if len(behind):
-            levels[behind] = [passes.get(tracks[j]) for j in behind]  # not counted: no check asked for it
+            levels[behind] = [min(passes.get(tracks[j]), most[j]) for j in behind]  # not counted: no check asked
             with stages("generate"):
                 r, m = self.runner.run(crops[behind], desc[behind], levels[behind])
             for j, rj, mj in zip(behind, r, m):
@@ -347,12 +397,12 @@ class Pipeline:
                 return self.embedder.embed_check([region_arcface(frames[j], gen.regions[j], gen.jobs[j][2].kps)
                                                   for j in idx])
             with stages("identity"):
-                own = self.embedder.embed_check([arcface_crop(frames[j], gen.jobs[j][2].kps) for j in todo])
+                own = self._own_embeddings(gen, passes, lambda j: arcface_crop(frames[j], gen.jobs[j][2].kps))
         else:
             def seen(idx):
                 return self._embed_squares(_blend_crops(crops[idx], raw[idx], [masks[j] for j in idx]))
             with stages("identity"):
-                own = self._embed_squares(crops)
+                own = self._own_embeddings(gen, passes, None)
         while len(todo):
             with stages("identity"):
                 emb = seen(todo)
@@ -362,26 +412,50 @@ class Pipeline:
             todo = todo[cos >= o.check_thresh]
             if not len(todo):
                 break
-            top = levels[todo] >= o.max_passes
-            retry = todo[top & ~plain[todo]] if self.runner.colour_match else todo[:0]
-            fallback[np.setdiff1d(todo[top], retry)] = True
+            top = levels[todo] >= most[todo]
+            fallback[todo[top]] = True
+            for j in todo[top]:
+                router.failed_check(tracks[j])
             up = todo[~top]
             levels[up] += 1
             stats["regenerated"] += len(up)
             for j in up:
                 passes.raise_to(tracks[j], int(levels[j]))
-            plain[retry] = True
-            stats["own_colours"] += len(retry)
-            todo = np.concatenate([up, retry])
+            todo = up
             if not len(todo):
                 break
             with stages("generate"):
-                r, m = self.runner.run(crops[todo], desc[todo], levels[todo], colour_match=~plain[todo])
+                r, m = self.runner.run(crops[todo], desc[todo], levels[todo])
             for j, rj, mj in zip(todo, r, m):
                 masks[j] = feather(mj, S)
                 raw[j] = rj
         stats["fallback"] += int(fallback.sum())
         return fallback
+
+    def _own_embeddings(self, gen: "_Generated", passes: PassLevels, crop112) -> np.ndarray:
+        """(N, D) embeddings of the input faces of ``gen`` for the identity check: computed for a
+        track's face every OWN_EVERY faces, the last one reused in between (``passes.own``).
+        ``crop112(j)``: face j's 112 px input crop, or None for the generator crops' squares."""
+        out = np.zeros((len(gen.jobs), gen.desc.shape[1]), np.float32)
+        fresh: list = []
+        source: list = []  # per face: index into fresh, or the cached embedding
+        for j, t in enumerate(gen.tracks):
+            c = passes.own.get(t)
+            if c is None or c[0] <= 0:
+                passes.own[t] = c = [OWN_EVERY - 1, len(fresh)]  # filled in below
+                fresh.append(j)
+            else:
+                c[0] -= 1
+            source.append(c[1])
+        if fresh:
+            emb = (self.embedder.embed_check([crop112(j) for j in fresh]) if crop112 is not None
+                   else self._embed_squares(gen.crops[fresh]))
+        for j, src in enumerate(source):
+            out[j] = emb[src] if isinstance(src, int) else src
+        for c in passes.own.values():
+            if isinstance(c[1], int):
+                c[1] = emb[c[1]]
+        return out
 
     def _embed_squares(self, crops: np.ndarray) -> np.ndarray:
         """Identity descriptors (N, D) of generator crops (N, S, S, 3) uint8: their ArcFace square
@@ -467,6 +541,7 @@ class Pipeline:
             tracked = prefetch(tracked, QUEUE_FRAMES, "deid-detect")
         descriptors: dict = {}
         passes = self.new_pass_levels()
+        router = self.new_router()
         check = new_check_stats()
         generate = self.options.method == "generate"
         batch_faces = self.options.batch_size if generate else 1
@@ -491,7 +566,7 @@ class Pipeline:
         def generated() -> Iterator[tuple[list, list, Optional[_Generated]]]:
             for batch in batches():
                 imgs = [(vf.image, faces) for vf, faces in batch]
-                yield batch, imgs, self.generate(imgs, descriptors, stages, passes)
+                yield batch, imgs, self.generate(imgs, descriptors, stages, passes, router)
 
         if generate:
             work = prefetch(generated(), 1, "deid-generate") if threads else generated()
@@ -502,7 +577,7 @@ class Pipeline:
                 # Rendered in place: nothing reads a frame's decoded picture afterwards (the writer
                 # takes the pixels outside the touched rectangles from the decoded planes).
                 if generate:
-                    rects = self.finish(imgs, gen, stages, passes, check)
+                    rects = self.finish(imgs, gen, stages, passes, check, router)
                 else:
                     rects = self.render([(vf.image, faces) for vf, faces in batch], descriptors, stages)
                 for (vf, faces), r in zip(batch, rects):
@@ -513,6 +588,7 @@ class Pipeline:
                     result.frames_interpolated += n_interp > 0
                     yield vf, vf.image, r
             result.add_check_stats(check, passes)
+            result.add_route_stats(router)
         finally:
             for it in (work, tracked):
                 if hasattr(it, "close"):
@@ -529,8 +605,10 @@ class Pipeline:
         out = img.copy()
         passes = self.new_pass_levels()
         check = new_check_stats()
-        self.render([(out, faces)], {}, NULL, passes, check)
+        router = self.new_router()
+        self.render([(out, faces)], {}, NULL, passes, check, router)
         result.add_check_stats(check, passes)
+        result.add_route_stats(router)
         result.frames = 1
         result.faces_anonymized = len(faces)
         result.tracks = len({f.track_id for f in faces})
@@ -544,7 +622,8 @@ class _Generated:
     crops; desc (N, D) float32 track descriptors; tracks[j] track id; levels (N,) int64 passes
     run; raw (N, S, S, 3) uint8 RGB; masks[j] (S, S) float32 in [0, 1], feathered; regions[j]
     None or align.pasted_region of the face's current raw and mask on its frame as it was before
-    any face of the batch was pasted (set by the identity check, which embeds that)."""
+    any face of the batch was pasted (set by the identity check, which embeds that). held: the
+    faces not generated, (item index, face, reason) each (routing.py), given the fallback."""
 
     jobs: list
     crops: np.ndarray
@@ -554,6 +633,7 @@ class _Generated:
     raw: np.ndarray
     masks: list
     regions: list
+    held: list = field(default_factory=list)
 
 
 def _overlap(a: Sequence[int], b: Sequence[int]) -> bool:

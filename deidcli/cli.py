@@ -17,7 +17,7 @@ import click
 
 from . import __version__
 from .errors import EXIT_FAILED, EXIT_MODELS, EXIT_OK, DeidError, Interrupted, ModelError
-from .options import AUDIO_MODES, CHECK_PRECISIONS, DETECTOR_PRECISIONS, METHODS, PASS_HOLD, PIPE_FORMATS
+from .options import AUDIO_MODES, CHECK_PRECISIONS, DETECTOR_PRECISIONS, FALLBACKS, METHODS, PASS_HOLD, PIPE_FORMATS
 
 log = logging.getLogger("deidcli")
 
@@ -110,8 +110,9 @@ def _generator_options(f):
         click.option("--identity-check/--no-identity-check", default=True,
                      help="generate: embed every generated face with the identity network; a face still close to "
                           "the person (--check-thresh) is generated again with one more pass (and its track's next "
-                          "--pass-hold faces too), up to --max-passes, then once more with the generator's own "
-                          "colours, then blurred. Counted in the report."),
+                          "--pass-hold faces too), up to --max-passes (--small-max-passes for faces under 96 px), "
+                          "then the face gets the --fallback, and so do its track's next --pass-hold faces. "
+                          "Counted in the report."),
         click.option("--check-thresh", type=click.FloatRange(-1, 1), default=0.25,
                      help="Cosine to the person's descriptor at which the identity check acts "
                           "(the identity network verifies a match at 0.335, FAR 0.1% on LFW)."),
@@ -121,11 +122,25 @@ def _generator_options(f):
                           "fp32 on CUDA; int8 asked on CUDA, or unavailable, runs fp32 with a warning. Reported "
                           "as check_precision."),
         click.option("--max-passes", type=click.IntRange(1, 8), default=4,
-                     help="Most passes the identity check may use before it blurs a face."),
+                     help="Most passes the identity check may use before it gives a face the --fallback."),
+        click.option("--small-max-passes", type=click.IntRange(1, 8), default=2, show_default=True,
+                     help="generate: most passes for faces under 96 px high: repeated passes draw masks on "
+                          "small faces."),
+        click.option("--fallback", type=click.Choice(FALLBACKS), default="blur", show_default=True,
+                     help="generate: what a face the generator does not draw gets (too small, turned away, too "
+                          "dark, or still the person after its passes)."),
+        click.option("--min-generate", type=click.IntRange(min=0), default=40, show_default=True,
+                     help="generate: faces less than this many pixels high get the --fallback (0: generate all)."),
+        click.option("--max-yaw", type=click.FloatRange(min=0), default=0.6, show_default=True,
+                     help="generate: faces turned further than this (the nose's offset from between the eyes, "
+                          "in eye distances: 0 frontal, 1 profile) get the --fallback."),
+        click.option("--min-light", type=click.FloatRange(min=0), default=20.0, show_default=True,
+                     help="generate: faces darker than this (mean CIELAB L*, 0-255) get the --fallback."),
         click.option("--colour-match/--no-colour-match", default=True,
-                     help="generate: give each generated face the colour statistics (CIELAB mean and spread "
-                          "under the mask) of the face it replaces: the input's skin tone and lighting, with "
-                          "the generator's shapes."),
+                     help="generate: feed each face to the generator in the colours it was trained on, and give "
+                          "the generated face the colours of the face it replaces: its chroma, its lightness "
+                          "range and level of detail, with the generator's shapes (no colour the input face "
+                          "does not have)."),
         click.option("--first-pass-mouth/--every-pass-mouth", default=True,
                      help="generate: passes after the first (--passes, or raised by the identity check) leave "
                           "the mouth as the first pass drew it, which keeps lip motion; --every-pass-mouth "
@@ -199,7 +214,7 @@ def _generator_options(f):
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
 @click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv for debug).")
 def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, identity_check, check_thresh,
-              check_precision, max_passes, colour_match, first_pass_mouth, eye_pass, keep_detail, pass_hold,
+              check_precision, max_passes, small_max_passes, fallback, min_generate, max_yaw, min_light, colour_match, first_pass_mouth, eye_pass, keep_detail, pass_hold,
               margin, det_thresh, keep_thresh, det_size, min_face,
               detector, detector_precision, detect_every,
               max_gap, smooth, codec, crf, preset, audio, keep_metadata, overwrite, dry_run, shard, models_dir, as_json,
@@ -223,7 +238,8 @@ def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, ident
             method=method, weights=weights, device=device, fp16=fp16, batch_size=batch_size, margin=margin,
             passes=passes, identity_check=identity_check, check_thresh=check_thresh,
             check_precision=check_precision, max_passes=max_passes, colour_match=colour_match,
-            first_pass_mouth=first_pass_mouth, eye_pass=eye_pass, keep_detail=keep_detail, pass_hold=pass_hold,
+            small_max_passes=small_max_passes, fallback=fallback, min_generate=min_generate, max_yaw=max_yaw,
+            min_light=min_light, first_pass_mouth=first_pass_mouth, eye_pass=eye_pass, keep_detail=keep_detail, pass_hold=pass_hold,
             models_dir=models_dir, overwrite=overwrite, dry_run=dry_run, shard=shard,
             detect=DetectOptions(det_thresh=det_thresh, det_size=det_size, min_face=min_face, detector=detector,
                                  detect_every=detect_every, precision=detector_precision),
@@ -362,7 +378,7 @@ def models_download(ctx, names, dest):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON here.")
 def bench(clip, configs, weights, device, fp16, batch_size, passes, identity_check, check_thresh, check_precision,
-          max_passes, colour_match, first_pass_mouth, eye_pass, keep_detail, pass_hold, codec, preset, crf,
+          max_passes, small_max_passes, fallback, min_generate, max_yaw, min_light, colour_match, first_pass_mouth, eye_pass, keep_detail, pass_hold, codec, preset, crf,
           detect_every,
           detector_precision, json_path):
     """Throughput of deid on CLIP, per stage, next to a plain re-encode and blur.
@@ -377,6 +393,8 @@ def bench(clip, configs, weights, device, fp16, batch_size, passes, identity_che
     opts = {"device": device, "fp16": fp16, "batch_size": batch_size, "passes": passes,
             "identity_check": identity_check, "check_thresh": check_thresh, "check_precision": check_precision,
             "max_passes": max_passes, "colour_match": colour_match, "first_pass_mouth": first_pass_mouth,
+            "small_max_passes": small_max_passes, "fallback": fallback, "min_generate": min_generate,
+            "max_yaw": max_yaw, "min_light": min_light,
             "eye_pass": eye_pass, "keep_detail": keep_detail, "pass_hold": pass_hold,
             "weights": str(weights) if weights else None,
             "encode": {"codec": codec, "preset": preset, "crf": crf}, "detect": {"detect_every": detect_every,

@@ -74,8 +74,10 @@ class GeneratorRunner:
     pass, -0.043 after two; pixels changed 3.6 -> 5.3 grey levels). The k passes are returned
     as one equivalent (raw, mask) pair: mask = 1 - prod(1 - m_i) and raw such that
     ``mask * raw + (1 - mask) * crop`` is the k-th blended crop; with one pass this is the
-    generator's own raw and mask. With ``colour_match`` the returned raw has the input crop's
-    colour statistics under the mask (align.match_colour; `deid anonymize` default).
+    generator's own raw and mask. With ``colour_match`` (`deid anonymize` default) each crop is fed
+    to the generator in the colours it was trained on (align.normalise_tone) and the returned raw
+    has the input crop's colours: its chroma and lightness range, at its level of detail
+    (align.match_colour).
 
     With ``first_pass_mouth`` (default) the passes after the first leave the mouth
     (align.mouth_box, softened) as the first pass drew it: each pass smudges the lips a little
@@ -153,12 +155,19 @@ class GeneratorRunner:
             raise ValueError(f"passes must be >= 1, not {per_face.min()}")
         run = self._run_onnx if self.session is not None else self._run_torch
         step = self.network_batch
+        match = np.broadcast_to(np.asarray(self.colour_match if colour_match is None else colour_match, bool), (n,))
+        fed = crops
+        if match.any():  # the generator sees each face in the colours it was trained on
+            from .align import normalise_tone
+
+            fed = crops.copy()
+            for j in np.flatnonzero(match):
+                fed[j] = normalise_tone(crops[j])
         for k in np.unique(per_face):
             idx = np.flatnonzero(per_face == k)
             for j in range(0, len(idx), step):
                 sel = idx[j:j + step]
-                raw[sel], mask[sel] = run(crops[sel], desc[sel], int(k))
-        match = np.broadcast_to(np.asarray(self.colour_match if colour_match is None else colour_match, bool), (n,))
+                raw[sel], mask[sel] = run(fed[sel], desc[sel], int(k))
         if match.any():
             from .align import match_colour
 

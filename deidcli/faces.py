@@ -391,12 +391,40 @@ class _Track:
         return self.box + self.velocity * (index - self.last)
 
 
+@dataclass
+class _Tentative:
+    """Detections below the start threshold linked over frames: not a track (yet). Its frames are
+    held back so that, if one of its detections reaches the threshold, the new track covers them
+    all (a face fading in, or sharpening, is anonymized from its first detection on)."""
+
+    obs: list  # (frame, box (4,) float64, kps (5, 2) float64, score), oldest first
+    velocity: np.ndarray = field(default_factory=lambda: np.zeros(4))
+
+    @property
+    def last(self) -> int:
+        return self.obs[-1][0]
+
+    def predict(self, index: int) -> np.ndarray:
+        return self.obs[-1][1] + self.velocity * (index - self.last)
+
+    def add(self, index: int, box: np.ndarray, kps: np.ndarray, score: float) -> None:
+        self.velocity = (box - self.obs[-1][1]) / (index - self.last)
+        self.obs.append((index, box, kps, score))
+
+
 class Tracker:
     """Links per-frame detections into tracks, fills short gaps, smooths landmarks.
 
     options: iou_thresh (minimum IoU between a track's predicted box and a detection),
     max_gap (frames a track may miss and still be filled), smooth (One-Euro strength,
     0 = off). fps: frame rate, for the smoothing filter (DEFAULT_FPS when None).
+
+    Two thresholds (``start_thresh``): a detection below it only continues a track, or links up
+    with other weak detections of the frames before into a tentative track; when a tentative
+    track meets a detection at ``start_thresh`` it becomes a track that reaches back over all its
+    weak detections (``options.reach_back`` frames at most), so a face that fades in, comes into
+    focus or turns towards the camera is covered from its first detection, the first frame of a
+    video included. A tentative track that never reaches the threshold covers nothing.
 
     Association: each live track predicts its box at the new frame (constant velocity);
     scipy's linear_sum_assignment pairs tracks and detections on cost 1 - IoU, or, for
@@ -405,7 +433,7 @@ class Tracker:
     detections start new tracks; a track unseen for more than max_gap frames ends, and
     nothing is invented after its last detection.
 
-    Memory: the buffer holds at most max_gap + 1 frames of detections.
+    Memory: the buffer holds at most max(max_gap, reach_back) + 1 frames of detections.
     """
 
     def __init__(self, options: TrackOptions, fps: Optional[float] = None, start_thresh: float = 0.0):
@@ -418,12 +446,15 @@ class Tracker:
             raise ValueError(f"iou_thresh must be in [0, 1], not {options.iou_thresh}")
         if options.smooth < 0:
             raise ValueError(f"smooth must be >= 0, not {options.smooth}")
+        if options.reach_back < 0:
+            raise ValueError(f"reach_back must be >= 0, not {options.reach_back}")
         if fps is not None and not fps > 0:
             raise ValueError(f"fps must be > 0, not {fps}")
         self.options = options
         self.start_thresh = float(start_thresh)
         self.fps = float(fps) if fps else DEFAULT_FPS
         self._live: list[_Track] = []  # tracks that may still be continued
+        self._tentative: list[_Tentative] = []  # weak detections that may still start a track
         self._frames: dict[int, list[_Obs]] = {}  # pushed, not yet final
         self._filters: dict[int, OneEuroFilter] = {}
         self._ended: dict[int, int] = {}  # track id -> last frame, for ended tracks
@@ -435,8 +466,9 @@ class Tracker:
         self.n_frames = 0  # frames returned
         self.n_faces = 0  # faces returned
         self.max_buffered = 0  # most frames held at once
-        self.n_weak_dropped = 0  # detections below start_thresh that matched no track
-        self.n_weak_kept = 0  # detections below start_thresh that continued a track
+        self.n_weak_dropped = 0  # detections below start_thresh that ended in no track
+        self.n_weak_kept = 0  # detections below start_thresh that continued or started a track
+        self.n_reached_back = 0  # of those, faces covered by a track that reached back to them
         self.n_predicted = 0  # faces held over undetected frames at a track's start or end
         self._undetected: set[int] = set()  # buffered frames the detector did not look at
 
@@ -471,37 +503,68 @@ class Tracker:
         self._frames[index] = obs
         self.max_buffered = max(self.max_buffered, len(self._frames))
 
-        matches, unmatched = self._associate(index, dets)
+        matches, unmatched = self._associate(index, dets, self._live, range(len(dets)))
         for track, j in matches:
             self._continue(track, index, dets.boxes[j], dets.kps[j], float(dets.scores[j]))
             self.n_weak_kept += int(dets.scores[j] < self.start_thresh)
-        weak = [j for j in unmatched if dets.scores[j] < self.start_thresh]
-        self.n_weak_dropped += len(weak)
-        for j in (j for j in unmatched if dets.scores[j] >= self.start_thresh):
-            track = _Track(
-                self.n_tracks, index, dets.boxes[j].astype(np.float64),
-                dets.kps[j].astype(np.float64),
-            )
-            self.n_tracks += 1
-            self._live.append(track)
-            f = index - 1
-            while f in self._undetected:  # extend back over the frames nobody looked at
-                self._frames[f].append(_Obs(track.track_id, track.box.copy(), track.kps.copy(), 0.0, True))
-                self.n_predicted += 1
-                f -= 1
-            self._add(index, track, float(dets.scores[j]), interpolated=False)
+        grown, unmatched = self._associate(index, dets, self._tentative, unmatched)
+        for tent, j in grown:
+            box, kps = dets.boxes[j].astype(np.float64), dets.kps[j].astype(np.float64)
+            tent.add(index, box, kps, float(dets.scores[j]))
+            if dets.scores[j] >= self.start_thresh:  # the face is confirmed: a track from its first sighting
+                self._tentative.remove(tent)
+                self._promote(tent)
+        for j in unmatched:
+            box, kps = dets.boxes[j].astype(np.float64), dets.kps[j].astype(np.float64)
+            if dets.scores[j] < self.start_thresh:
+                self._tentative.append(_Tentative([(index, box, kps, float(dets.scores[j]))]))
+            else:
+                self._promote(_Tentative([(index, box, kps, float(dets.scores[j]))]))
 
-        # Tracks that can no longer be continued at index + 1 (gap > max_gap) end here.
+        # Tracks that can no longer be continued at index + 1 (gap > max_gap) end here; so do
+        # tentative ones, and the weak detections older than reach_back are let go.
         for track in [t for t in self._live if index - t.last >= self.options.max_gap + 1]:
             self._end(track)
-        # Frames up to the oldest live track's last detection can no longer change.
-        horizon = min([index] + [t.last for t in self._live])
+        for tent in list(self._tentative):
+            if index - tent.last >= self.options.max_gap + 1:
+                self._tentative.remove(tent)
+                self.n_weak_dropped += len(tent.obs)
+                continue
+            old = sum(1 for o in tent.obs if o[0] <= index - self.options.reach_back)
+            if old:
+                self.n_weak_dropped += old
+                del tent.obs[:old]
+                if not tent.obs:
+                    self._tentative.remove(tent)
+        # Frames up to the oldest live track's last detection, and before the oldest tentative
+        # detection, can no longer change.
+        horizon = min([index] + [t.last for t in self._live] + [t.obs[0][0] - 1 for t in self._tentative])
         return self._finalize(horizon)
+
+    def _promote(self, tent: _Tentative) -> None:
+        """Start a track from ``tent``'s detections (the last at start_thresh or above)."""
+        first, box, kps, score = tent.obs[0]
+        track = _Track(self.n_tracks, first, box.copy(), kps.copy())
+        self.n_tracks += 1
+        self._live.append(track)
+        f = first - 1
+        while f in self._undetected:  # extend back over the frames nobody looked at
+            self._frames[f].append(_Obs(track.track_id, track.box.copy(), track.kps.copy(), 0.0, True))
+            self.n_predicted += 1
+            f -= 1
+        self._add(first, track, score, interpolated=False)
+        for f, box, kps, score in tent.obs[1:]:
+            self._continue(track, f, box, kps, score)
+        weak = len(tent.obs) - 1
+        self.n_weak_kept += weak
+        self.n_reached_back += weak
 
     def flush(self) -> list[tuple[int, list[Face]]]:
         """End of stream: every frame not yet returned, in order. Tracks end here."""
         for track in list(self._live):
             self._end(track)
+        self.n_weak_dropped += sum(len(t.obs) for t in self._tentative)
+        self._tentative.clear()
         return self._finalize(self._next - 1)
 
     def _end(self, track: _Track) -> None:
@@ -525,13 +588,15 @@ class Tracker:
 
     # -- internals ---------------------------------------------------------------------
 
-    def _associate(self, index: int, dets: Detections):
-        """Pairs (track, detection index) and the unmatched detection indices."""
-        n = len(dets)
-        if not self._live or n == 0:
-            return [], list(range(n))
-        pred = np.stack([t.predict(index) for t in self._live])  # (T, 4)
-        boxes = dets.boxes.astype(np.float64)
+    def _associate(self, index: int, dets: Detections, tracks: Sequence, among: Sequence[int]):
+        """Pairs (track, detection index) of ``tracks`` (live or tentative) and the detections
+        ``among`` (indices into ``dets``), and the indices of ``among`` left unmatched."""
+        among = list(among)
+        n = len(among)
+        if not tracks or n == 0:
+            return [], among
+        pred = np.stack([t.predict(index) for t in tracks])  # (T, 4)
+        boxes = dets.boxes[among].astype(np.float64)
         iou = box_iou(pred, boxes)  # (T, N)
         size_p = _box_size(pred)[:, None]
         size_d = _box_size(boxes)[None, :]
@@ -546,9 +611,9 @@ class Tracker:
         from scipy.optimize import linear_sum_assignment
 
         rows, cols = linear_sum_assignment(cost)
-        matches = [(self._live[r], c) for r, c in zip(rows, cols) if cost[r, c] < _INFEASIBLE]
+        matches = [(tracks[r], among[c]) for r, c in zip(rows, cols) if cost[r, c] < _INFEASIBLE]
         matched = {c for _, c in matches}
-        return matches, [j for j in range(n) if j not in matched]
+        return matches, [j for j in among if j not in matched]
 
     def _continue(self, track: _Track, index: int, box, kps, score: float):
         box = np.asarray(box, dtype=np.float64)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 METHODS = ("generate", "blur", "pixelate", "solid")
+FALLBACKS = ("blur", "pixelate", "solid")  # what --method generate gives a face it does not draw
 AUDIO_MODES = ("copy", "aac", "none")
 DETECTOR_PRECISIONS = ("auto", "fp32", "int8")  # auto: int8 on the CPU execution provider, fp32 on CUDA
 CHECK_PRECISIONS = ("auto", "fp32", "int8")  # the identity check's embedder, the same way
@@ -43,6 +44,7 @@ class TrackOptions:
     iou_thresh: float = 0.2  # minimum IoU to continue a track
     keep_thresh: float = 0.3  # detector score that keeps an existing track going (new tracks need det_thresh)
     max_gap: int = 8  # frames a track may miss and still be filled by interpolation
+    reach_back: int = 30  # frames a new track reaches back over detections below det_thresh (>= keep_thresh)
     smooth: float = 1.0  # landmark smoothing strength (0 = off); One-Euro filter min cutoff scale
 
 
@@ -64,6 +66,11 @@ class AnonymizeOptions:
     keep_detail: bool = True  # paste the generated face's change, so the frame keeps detail finer than the crop
     pass_hold: int = PASS_HOLD  # faces a track stays at passes raised by the check before each step down to `passes` (0: for good)
     margin: float = 0.25  # extra margin around the face box for blur/pixelate/solid, fraction of size
+    fallback: str = "blur"  # generate: what a face the generator does not draw gets (blur | pixelate | solid)
+    min_generate: int = 40  # generate: faces less than this many px high get the fallback (routing.py)
+    max_yaw: float = 0.6  # generate: faces turned further (routing.yaw, eye distances) get the fallback
+    min_light: float = 20.0  # generate: faces darker than this (mean CIELAB L*, 0-255) get the fallback
+    small_max_passes: int = 2  # generate: most passes for faces under routing.LARGE_FACE px before the fallback
     models_dir: Optional[Path] = None  # first place to look for model files
     overwrite: bool = False  # replace existing outputs (folder runs skip them otherwise)
     dry_run: bool = False  # only list what would be done (no model loaded, nothing written)
@@ -85,6 +92,12 @@ class AnonymizeOptions:
             raise ValueError(f"passes must be between 1 and max_passes = {self.max_passes}, not {self.passes}")
         if self.pass_hold < 0:
             raise ValueError(f"pass_hold must be >= 0, not {self.pass_hold}")
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {FALLBACKS}, not {self.fallback!r}")
+        if self.min_generate < 0 or self.min_light < 0 or self.max_yaw < 0:
+            raise ValueError("min_generate, max_yaw and min_light must be >= 0")
+        if self.small_max_passes < 1:
+            raise ValueError(f"small_max_passes must be >= 1, not {self.small_max_passes}")
         if self.check_precision not in CHECK_PRECISIONS:
             raise ValueError(f"check precision must be one of {CHECK_PRECISIONS}, not {self.check_precision!r}")
         if not -1.0 <= self.check_thresh <= 1.0:

@@ -46,14 +46,17 @@ def dets_of(faces: list, scores=None) -> Detections:
 def run(tracker: Tracker, frames: list[Detections]) -> list[tuple[int, list[Face]]]:
     """Push every frame, flush, and check each frame comes back exactly once, in order."""
     out = []
+    o = tracker.options
+    # The tracker lags by at most max_gap frames, or reach_back while weak detections may still
+    # start a track (only with a start threshold).
+    lag = max(o.max_gap + 1, o.reach_back) if tracker.start_thresh > 0 else o.max_gap
     for i, d in enumerate(frames):
         got = tracker.push(i, d)
-        # The tracker lags by at most max_gap frames.
-        assert out + got == [] or (out + got)[-1][0] >= i - tracker.options.max_gap
+        assert out + got == [] or (out + got)[-1][0] >= i - lag
         out += got
     out += tracker.flush()
     assert [i for i, _ in out] == list(range(len(frames)))
-    assert tracker.max_buffered <= tracker.options.max_gap + 1
+    assert tracker.max_buffered <= lag + 1
     return out
 
 
@@ -454,6 +457,39 @@ def test_weak_detections_continue_tracks_but_never_start_them():
     t2 = Tracker(opts, start_thresh=0.5)
     strong = [d.select(d.scores >= 0.5) for d in frames]
     assert sum(len(f) for _, f in run(t2, strong)) < 30
+
+
+def test_new_track_reaches_back_over_weak_detections_first_frame_included():
+    """A face that fades in (scores below det_thresh for its first 12 frames, frame 0 included)
+    is covered from frame 0 once a detection reaches det_thresh; a weak face that never does is
+    never output; beyond reach_back the oldest weak frames are let go (the buffer stays bounded)."""
+    def fade(n_weak, n=30, blip=False):
+        frames = []
+        for i in range(n):
+            faces, scores = [face_at(100 + 2 * i, 100)], [0.35 if i < n_weak else 0.9]
+            if blip:  # a weak thing that never reaches det_thresh, all along
+                faces.append(face_at(500, 400))
+                scores.append(0.33)
+            frames.append(dets_of(faces, np.array(scores)))
+        return frames
+
+    opts = TrackOptions(smooth=0.0, max_gap=4, reach_back=20)
+    t = Tracker(opts, start_thresh=0.5)
+    tracks = by_track(run(t, fade(12, blip=True)))
+    assert list(tracks) == [0] and [i for i, _ in tracks[0]] == list(range(30))
+    assert not any(f.interpolated for _, f in tracks[0])
+    assert t.n_reached_back == 12 and t.n_weak_kept == 12 and t.n_weak_dropped == 30  # the blip
+    a = tracks[0][0][1]
+    assert np.allclose(a.box, face_at(100, 100)[0])  # frame 0 at the weak detection's own box
+    # weak for longer than reach_back: only the last reach_back weak frames are covered
+    t = Tracker(opts, start_thresh=0.5)
+    tracks = by_track(run(t, fade(26, n=40)))
+    assert [i for i, _ in tracks[0]] == list(range(26 - 20, 40))
+    assert t.n_reached_back == 20 and t.n_weak_dropped == 6
+    # reach_back 0: the old behaviour (a track starts at its first strong detection)
+    t = Tracker(TrackOptions(smooth=0.0, max_gap=4, reach_back=0), start_thresh=0.5)
+    tracks = by_track(run(t, fade(12)))
+    assert [i for i, _ in tracks[0]] == list(range(12, 30))
 
 
 # --------------------------------------------------------------------------------------
