@@ -17,6 +17,8 @@ identity network without another warp.
 
 from __future__ import annotations
 
+import functools
+
 import cv2
 import numpy as np
 from insightface.utils import face_align
@@ -183,9 +185,9 @@ DETAIL_RATIO = 1.15
 DETAIL_SIGMAS = (0.6, 0.9, 1.2, 1.6, 2.0, 2.6, 3.2, 4.0)
 
 
-def _detail(L: np.ndarray, region: np.ndarray) -> float:
-    """Mean |Laplacian| of a lightness image (S, S) float32 over ``region`` (S, S) bool."""
-    return float(np.abs(cv2.Laplacian(L, cv2.CV_32F, ksize=3))[region].mean())
+def _detail(L: np.ndarray, size: int) -> float:
+    """Mean |Laplacian| of a lightness image (S, S) float32 over the face ellipse."""
+    return float(cv2.mean(np.abs(cv2.Laplacian(L, cv2.CV_32F, ksize=3)), mask=_face_u8(size))[0])
 
 
 def match_colour(raw: np.ndarray, crop: np.ndarray, mask: np.ndarray, min_weight: float = 1.0,
@@ -235,15 +237,21 @@ def match_colour(raw: np.ndarray, crop: np.ndarray, mask: np.ndarray, min_weight
     k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
     lo = cv2.erode(Lc, k).astype(np.float32) - ENVELOPE_SLACK
     hi = cv2.dilate(Lc, k).astype(np.float32) + ENVELOPE_SLACK
-    face = face_ellipse_mask(size)
-    budget = DETAIL_RATIO * _detail(Lc.astype(np.float32), face)
-    if _detail(L, face) > budget:
+    budget = DETAIL_RATIO * _detail(Lc.astype(np.float32), size)
+    if _detail(L, size) > budget:
         scale = size / 128.0
-        for sigma in DETAIL_SIGMAS:
-            soft = cv2.GaussianBlur(L, (0, 0), sigma * scale, borderType=cv2.BORDER_REPLICATE)
-            if _detail(soft, face) <= budget:
-                break
-        L = soft
+
+        def soften(k):
+            return cv2.GaussianBlur(L, (0, 0), DETAIL_SIGMAS[k] * scale, borderType=cv2.BORDER_REPLICATE)
+
+        lo_k, hi_k = 0, len(DETAIL_SIGMAS) - 1  # the least sigma that does it (detail falls with sigma)
+        while lo_k < hi_k:
+            mid = (lo_k + hi_k) // 2
+            if _detail(soften(mid), size) <= budget:
+                hi_k = mid
+            else:
+                lo_k = mid + 1
+        L = soften(lo_k)
     out = np.empty_like(lab_crop)
     out[..., 0] = np.clip(np.rint(np.minimum(np.maximum(L, lo), hi)), 0, 255)
     sigma = max(0.5, size * CHROMA_SIGMA)
@@ -257,12 +265,21 @@ def match_colour(raw: np.ndarray, crop: np.ndarray, mask: np.ndarray, min_weight
 #: (L* mean 128 +- 22, spread 45 +- 10; a* 140 +- 5, spread 6 +- 2; b* 145 +- 7, spread 7 +- 3).
 TRAINED_MEAN_RANGE = ((84.0, 172.0), (129.0, 151.0), (132.0, 158.0))
 TRAINED_STD_RANGE = ((25.0, 65.0), (2.0, 10.5), (1.0, 13.5))
+_MEAN_LO, _MEAN_HI = np.asarray(TRAINED_MEAN_RANGE, np.float32).T
+_STD_LO, _STD_HI = np.asarray(TRAINED_STD_RANGE, np.float32).T
 
 
+@functools.lru_cache(maxsize=8)
 def face_ellipse_mask(size: int = CROP_SIZE) -> np.ndarray:
-    """(S, S) bool: the face (brows to chin, cheek to cheek) in a generator crop of ``size``."""
+    """(S, S) bool: the face (brows to chin, cheek to cheek) in a generator crop of ``size``
+    (cached: do not write into it)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     return ((xx - 0.5 * size) / (0.30 * size)) ** 2 + ((yy - 0.55 * size) / (0.39 * size)) ** 2 < 1.0
+
+
+@functools.lru_cache(maxsize=8)
+def _face_u8(size: int) -> np.ndarray:
+    return face_ellipse_mask(size).astype(np.uint8)
 
 
 def normalise_tone(crop: np.ndarray) -> np.ndarray:
@@ -273,11 +290,11 @@ def normalise_tone(crop: np.ndarray) -> np.ndarray:
     returned unchanged. :func:`match_colour` gives the result the input's own colours back."""
     size = crop.shape[0]
     lab = cv2.cvtColor(crop, cv2.COLOR_RGB2LAB)
-    v = lab[face_ellipse_mask(size)].astype(np.float32)
-    m, sd = v.mean(0), v.std(0) + 1e-3
-    tm = np.clip(m, *np.asarray(TRAINED_MEAN_RANGE, np.float32).T)
-    ts = np.clip(sd, *np.asarray(TRAINED_STD_RANGE, np.float32).T)
-    if np.allclose(tm, m) and np.allclose(ts, sd):
+    m, sd = cv2.meanStdDev(lab, mask=_face_u8(size))
+    m, sd = m[:, 0].astype(np.float32), sd[:, 0].astype(np.float32) + 1e-3
+    tm = np.minimum(np.maximum(m, _MEAN_LO), _MEAN_HI)
+    ts = np.minimum(np.maximum(sd, _STD_LO), _STD_HI)
+    if not (np.abs(tm - m).max() > 1e-3 or np.abs(ts - sd).max() > 1e-3):
         return crop
     x = np.arange(256, dtype=np.float32)[:, None]
     lut = np.clip((x - m) * (ts / sd) + tm, 0, 255).round().astype(np.uint8)[None]  # (1, 256, 3)

@@ -39,6 +39,11 @@ DESCRIPTOR_FACES = 5
 #: input's embedding is reused for the track's next OWN_EVERY - 1 faces (a face turns little in a
 #: few frames, and the comparison with the track's descriptor is made for every face anyway).
 OWN_EVERY = 4
+#: A track whose last CALM_FACES checked faces all came out at least CALM_MARGIN under
+#: --check-thresh is checked on every other face only (until a check comes out closer): most of
+#: the check's cost goes to tracks the generator handles with room to spare.
+CALM_FACES = 8
+CALM_MARGIN = 0.1
 #: --keep-detail pastes the generated face's change at this many times the generator's crop size
 #: (256 px for the 128 px generator): the frame keeps only what is finer than that. The ArcFace
 #: square an identity network sees at 112 px spans 183 px of a 256 crop, so what is kept lies
@@ -51,7 +56,7 @@ DETAIL_SCALE = 2
 
 def new_check_stats() -> dict:
     """Counters of the identity check for one file (see Pipeline._check_identity)."""
-    return {"checked": 0, "regenerated": 0, "fallback": 0, "cos_max": -1.0}
+    return {"checked": 0, "regenerated": 0, "fallback": 0, "skipped": 0, "cos_max": -1.0}
 
 
 class PassLevels:
@@ -78,6 +83,7 @@ class PassLevels:
         self.peak: dict = {}  # track -> highest count it was raised to
         self.faces_raised = 0  # faces generated above base by the hold (regenerations not counted)
         self.own: dict = {}  # track -> [faces left to reuse it, the input face's embedding] (OWN_EVERY)
+        self.calm: dict = {}  # track -> checked faces in a row at least CALM_MARGIN under the threshold
 
     def get(self, track) -> int:
         """Current count of ``track`` (no face is counted)."""
@@ -144,6 +150,7 @@ class FileResult:
     # generated again with more passes because they were still too close to their identity, faces
     # blurred because --max-passes was not enough, and the highest cosine seen by the check
     faces_checked: int = 0
+    faces_check_skipped: int = 0  # faces of calm tracks not checked (every other one; CALM_FACES)
     faces_regenerated: int = 0
     faces_blurred_fallback: int = 0
     faces_held_passes: int = 0  # faces generated above --passes because their track was raised (--pass-hold)
@@ -168,6 +175,7 @@ class FileResult:
 
     def add_check_stats(self, stats: dict, passes: "PassLevels") -> None:
         self.faces_checked += stats["checked"]
+        self.faces_check_skipped += stats["skipped"]
         self.faces_regenerated += stats["regenerated"]
         self.faces_blurred_fallback += stats["fallback"]
         self.faces_held_passes += passes.faces_raised
@@ -386,6 +394,17 @@ class Pipeline:
                 masks[j] = feather(mj, S)
                 raw[j] = rj
         todo = np.arange(len(crops))
+        calm = np.array([passes.calm.get(t, 0) >= CALM_FACES for t in tracks])
+        if calm.any():  # every other face of a calm track (in the batch's order, which is frame order)
+            skip = np.zeros(len(crops), bool)
+            seen_t: dict = {}
+            for j in np.flatnonzero(calm):
+                if j in behind:
+                    continue
+                seen_t[tracks[j]] = k = seen_t.get(tracks[j], passes.calm[tracks[j]]) + 1
+                skip[j] = k % 2 == 1
+            todo = np.flatnonzero(~skip)
+            stats["skipped"] += int(skip.sum())
         if self.detail:
             from .align import arcface_crop, pasted_region, region_arcface
 
@@ -397,18 +416,21 @@ class Pipeline:
                 return self.embedder.embed_check([region_arcface(frames[j], gen.regions[j], gen.jobs[j][2].kps)
                                                   for j in idx])
             with stages("identity"):
-                own = self._own_embeddings(gen, passes, lambda j: arcface_crop(frames[j], gen.jobs[j][2].kps))
+                own = self._own_embeddings(gen, passes, todo, lambda j: arcface_crop(frames[j], gen.jobs[j][2].kps))
         else:
             def seen(idx):
                 return self._embed_squares(_blend_crops(crops[idx], raw[idx], [masks[j] for j in idx]))
             with stages("identity"):
-                own = self._own_embeddings(gen, passes, None)
+                own = self._own_embeddings(gen, passes, todo, None)
         while len(todo):
             with stages("identity"):
                 emb = seen(todo)
                 cos = np.maximum(np.einsum("nd,nd->n", emb, desc[todo]), np.einsum("nd,nd->n", emb, own[todo]))
             stats["checked"] += len(todo)
             stats["cos_max"] = max(stats["cos_max"], float(cos.max()))
+            for j, c in zip(todo, cos):
+                t = tracks[j]
+                passes.calm[t] = passes.calm.get(t, 0) + 1 if c < o.check_thresh - CALM_MARGIN else 0
             todo = todo[cos >= o.check_thresh]
             if not len(todo):
                 break
@@ -432,14 +454,16 @@ class Pipeline:
         stats["fallback"] += int(fallback.sum())
         return fallback
 
-    def _own_embeddings(self, gen: "_Generated", passes: PassLevels, crop112) -> np.ndarray:
-        """(N, D) embeddings of the input faces of ``gen`` for the identity check: computed for a
-        track's face every OWN_EVERY faces, the last one reused in between (``passes.own``).
-        ``crop112(j)``: face j's 112 px input crop, or None for the generator crops' squares."""
+    def _own_embeddings(self, gen: "_Generated", passes: PassLevels, idx: np.ndarray, crop112) -> np.ndarray:
+        """(N, D) embeddings of the input faces of ``gen`` for the identity check, filled in for the
+        faces ``idx`` (the others stay 0): computed for a track's face every OWN_EVERY faces, the
+        last one reused in between (``passes.own``). ``crop112(j)``: face j's 112 px input crop, or
+        None for the generator crops' squares."""
         out = np.zeros((len(gen.jobs), gen.desc.shape[1]), np.float32)
         fresh: list = []
-        source: list = []  # per face: index into fresh, or the cached embedding
-        for j, t in enumerate(gen.tracks):
+        source: list = []  # per face of idx: index into fresh, or the cached embedding
+        for j in idx:
+            t = gen.tracks[j]
             c = passes.own.get(t)
             if c is None or c[0] <= 0:
                 passes.own[t] = c = [OWN_EVERY - 1, len(fresh)]  # filled in below
@@ -450,7 +474,7 @@ class Pipeline:
         if fresh:
             emb = (self.embedder.embed_check([crop112(j) for j in fresh]) if crop112 is not None
                    else self._embed_squares(gen.crops[fresh]))
-        for j, src in enumerate(source):
+        for j, src in zip(idx, source):
             out[j] = emb[src] if isinstance(src, int) else src
         for c in passes.own.values():
             if isinstance(c[1], int):

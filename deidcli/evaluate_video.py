@@ -47,7 +47,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import click
 import numpy as np
@@ -482,6 +482,9 @@ class _Track:
     lm_disp: list = field(default_factory=list)  # % IOD, faces whose output was detected
     lm_checked: int = 0  # faces with a raw input detection
     judge_dist: list = field(default_factory=list)  # --judge: input-output descriptor distances
+    kinds: dict = field(default_factory=dict)  # garish.KINDS -> faces
+    garish: list = field(default_factory=list)  # frame indices of garish faces
+    garish_reasons: dict = field(default_factory=dict)  # garish.REASONS -> faces
     max_score: float = 0.0  # best detector score of the track
     prev: Any = None  # (index, in112 float32, out112 float32, e_in, e_out)
 
@@ -531,7 +534,54 @@ class _Track:
             "eyes_corr": ecorr,
             "eyes_corr_ci90": _corr_ci90(self.eyes_in, self.eyes_out) if ecorr is not None else None,
             **_judge_summary(self.judge_dist),
+            **_garish_summary(self.kinds, self.garish, self.garish_reasons),
         }
+
+
+def _garish_summary(kinds: dict, garish: list, reasons: dict) -> dict:
+    """Garish and fallback figures of a track or a clip (see deidcli/garish.py)."""
+    from .garish import KINDS, REASONS
+
+    n = sum(kinds.values())
+    return {
+        "garish_faces": len(garish),
+        "garish_frac": len(garish) / n if n else None,
+        "garish_frames": sorted(set(garish)),
+        **{f"garish_{r}": int(reasons.get(r, 0)) for r in REASONS},
+        **{f"faces_{k}": int(kinds.get(k, 0)) for k in KINDS},
+        "fallback_frac": (kinds.get("blurred", 0) + kinds.get("pixelated", 0)) / n if n else None,
+    }
+
+
+def _sum_dicts(dicts) -> dict:
+    out: dict = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def _by_size(track_bins: list, names: list) -> dict:
+    """{size bin: {faces, garish, blurred, pixelated, garish_frac, fallback_frac}} over the tracks."""
+    out = {}
+    for name in names:
+        c = _sum_dicts(b[name] for b in track_bins if name in b)
+        n = c.get("faces", 0)
+        out[name] = {"faces": n, "garish": c.get("garish", 0), "blurred": c.get("blurred", 0),
+                     "pixelated": c.get("pixelated", 0),
+                     "garish_frac": c.get("garish", 0) / n if n else None,
+                     "fallback_frac": (c.get("blurred", 0) + c.get("pixelated", 0)) / n if n else None}
+    return out
+
+
+def garish_settings() -> dict:
+    """The garish measure's thresholds (deidcli/garish.py), for the report's settings."""
+    from . import garish as g
+
+    return {k.lower(): getattr(g, k) for k in (
+        "COLOUR_DL", "COLOUR_DAB", "FOREIGN_AB", "FOREIGN_SHARE", "DARK_L", "BRIGHT_L", "MID_L", "BLOTCH_OPEN",
+        "BLOTCH_SHARE", "BLURRED_DETAIL_RATIO", "PIXELATED_BLOCK_SHARE", "FALLBACK_DL", "FALLBACK_DAB",
+        "LOST_MIN_FACE")}
 
 
 def _judge_summary(dist: list) -> dict:
@@ -557,10 +607,12 @@ class _Models:
 
         det_path = weights.model_path("det_scrfd_2.5g_kps.onnx", models_dir)
         # input faces: down to audit_thresh, min_face applies (as in the pipeline);
-        # output faces (landmark check): every face at det_thresh.
+        # output faces: every face down to audit_thresh (a face counts as lost, garish.py, only
+        # when none is found); the landmark check keeps those at det_thresh.
         self.det_in = Detector(det_path, det_thresh=min(det_thresh, audit_thresh), det_size=det_size,
                                min_face=min_face)
-        self.det_out = Detector(det_path, det_thresh=det_thresh, det_size=det_size, min_face=0)
+        self.det_out = Detector(det_path, det_thresh=min(det_thresh, audit_thresh), det_size=det_size,
+                                min_face=0)
         self.embedder = IdentityEmbedder(weights.model_path("rec_mobilefacenet.onnx", models_dir))
 
 
@@ -577,7 +629,8 @@ def _best_iou(box: np.ndarray, boxes: np.ndarray) -> Optional[int]:
 def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir: Optional[os.PathLike] = None,
                    det_thresh: float = 0.5, min_face: int = 0, verify_threshold: Optional[float] = None,
                    strip_png: Optional[os.PathLike] = None, det_size: int = 640,
-                   audit_thresh: float = AUDIT_THRESH, judge: Any = None, judge_every: int = 5) -> dict:
+                   audit_thresh: float = AUDIT_THRESH, judge: Any = None, judge_every: int = 5,
+                   face_hook: Optional[Callable[[dict], None]] = None) -> dict:
     """Measure exposure, identity, temporal stability and perception of ``output_path`` against
     ``input_path`` (see the module docstring). Returns a JSON-serialisable dict; writes a PNG
     strip (input frames above, output below, then the ArcFace crops of their first face) to
@@ -589,11 +642,15 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
     output face, each aligned by the judge itself from the full frame at the input's face box,
     and the fraction below its same-person distance (dlib: 0.6). Raises JudgeUnavailable (exit 3)
     when the judge is not installed.
+
+    ``face_hook``: called with every face of a confirmed-or-not track as it is accounted (a dict:
+    index, track, in112, out112, height, verdict (garish.Verdict), cos); for validation tools.
     """
     from . import video
     from .align import arcface_crop
     from .errors import InputError
     from .faces import Tracker
+    from .garish import assess, box_region, size_bin, size_bin_names
     from .options import TrackOptions
 
     t_start = time.time()
@@ -616,6 +673,8 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
         if strip_png else set()
     strip: dict[int, tuple] = {}
     exposed_crops: list = []  # (track, index, in112, out112, cos): the first few, for the strip
+    garish_crops: list = []  # (track, index, in112, out112, reason): the first few, for the strip
+    bins: dict = {}  # track -> {size bin: {"faces", "garish", "blurred", "pixelated"}}
 
     tracks: dict[int, _Track] = {}
     small_faces = 0
@@ -657,6 +716,25 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
             tr.eyes_out.append(f["eyes_out"])
         if f["judge"] is not None:
             tr.judge_dist.append(f["judge"])
+        v = f["verdict"]
+        tr.kinds[v.kind] = tr.kinds.get(v.kind, 0) + 1
+        b = bins.setdefault(tr.track_id, {}).setdefault(size_bin(f["height"]), dict.fromkeys(
+            ("faces", "garish", "blurred", "pixelated"), 0))
+        b["faces"] += 1
+        b["garish"] += v.garish
+        if v.kind in ("blurred", "pixelated"):
+            b[v.kind] += 1
+        if v.garish:
+            tr.garish.append(i)
+            for r in v.reasons:
+                tr.garish_reasons[r] = tr.garish_reasons.get(r, 0) + 1
+            if (strip_png and tr.max_score >= det_thresh and len(tr.garish) <= 2
+                    and len(garish_crops) < 4 * STRIP_FRAMES):  # 2 a track, bounded
+                garish_crops.append((tr.track_id, i, f["in112"], f["out112"], v.reason))
+        if face_hook is not None:
+            face_hook({"index": i, "track": tr.track_id, "in112": f["in112"], "out112": f["out112"],
+                       "height": f["height"], "verdict": v, "cos": cos, "score": f["score"],
+                       "interpolated": f["interpolated"], "lost": f["lost"], "box": f["box"]})
         if f["lm"] is not None:
             tr.lm_checked += 1
             if f["lm"] >= 0:
@@ -691,25 +769,32 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
         for idx, faces in final:
             i, img_in, img_out, dets_in, dets_out = pending.popleft()
             assert i == idx, (i, idx)
+            lm_out = dets_out.select(dets_out.scores >= det_thresh)  # the landmark check's faces
             boxes = []
             for face in faces:
                 in112 = arcface_crop(img_in, face.kps)
                 out112 = arcface_crop(img_out, face.kps)
                 mad = float(np.mean(np.abs(in112.astype(np.int16) - out112.astype(np.int16))))
-                lm = None
+                lm, lost = None, None
                 j = None if face.interpolated else _best_iou(face.box, dets_in.boxes)
                 if j is not None:
-                    k = _best_iou(dets_in.boxes[j], dets_out.boxes)
+                    k = _best_iou(dets_in.boxes[j], lm_out.boxes)
                     kin = dets_in.kps[j]
                     lm = -1.0 if k is None else float(
-                        np.mean(np.linalg.norm(dets_out.kps[k] - kin, axis=1)) / _iod(kin) * 100.0)
+                        np.mean(np.linalg.norm(lm_out.kps[k] - kin, axis=1)) / _iod(kin) * 100.0)
+                    if dets_in.scores[j] >= det_thresh:  # a confident input face: is there any output one?
+                        lost = _best_iou(dets_in.boxes[j], dets_out.boxes) is None
+                height = float(face.box[3] - face.box[1])
+                verdict = assess(in112, out112, box_region(img_in, face.box), box_region(img_out, face.box),
+                                 mad, UNCHANGED_MAD, lost=lost, height=height)
                 (lips_in, eyes_in), (lips_out, eyes_out) = (
                     (lips.openings(img_in, face.kps), lips.openings(img_out, face.kps)) if lips
                     else ((None, None), (None, None)))
                 todo.append({
                     "index": i, "track": face.track_id, "interpolated": bool(face.interpolated),
                     "score": float(face.score),
-                    "in112": in112, "out112": out112, "mad": mad, "lm": lm,
+                    "in112": in112, "out112": out112, "mad": mad, "lm": lm, "verdict": verdict, "height": height, "lost": lost,
+                    "box": face.box,
                     "mouth_in": mouth(face, img_in, 0), "mouth_out": mouth(face, img_out, 1),
                     "lips_in": lips_in, "lips_out": lips_out, "eyes_in": eyes_in, "eyes_out": eyes_out,
                     "judge": judged(img_in, img_out, face.box) if (judge_net and not face.interpolated
@@ -799,9 +884,13 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
         "lips_corr": lips_corr,
         "eyes_corr": eyes_corr,
         **_judge_summary(allv("judge_dist")),
+        **_garish_summary(_sum_dicts(t.kinds for t in tracks.values()), allv("garish"),
+                          _sum_dicts(t.garish_reasons for t in tracks.values())),
+        "garish_by_size": _by_size([bins.get(k, {}) for k in tracks], size_bin_names()),
         "per_track": per_track,
         "settings": {
             "verify_threshold": thr, "unchanged_mad": UNCHANGED_MAD, "det_thresh": det_thresh,
+            "garish": garish_settings(),
             "audit_thresh": audit_thresh,
             "det_size": det_size, "min_face": min_face, "match_iou": MATCH_IOU,
             "detector": "det_scrfd_2.5g_kps.onnx", "identity": "rec_mobilefacenet.onnx",
@@ -818,7 +907,8 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
         "lips_corr_ge_0.9": None if lips_corr is None else lips_corr >= TARGET_MOUTH_CORR,
     }
     if strip_png:
-        _write_strip(Path(strip_png), strip, exposed_crops, set(tracks), f"{input_path.name} vs {output_path.name}")
+        _write_strip(Path(strip_png), strip, exposed_crops, set(tracks), f"{input_path.name} vs {output_path.name}",
+                     garish=garish_crops)
         res["strip"] = str(strip_png)
     return res
 
@@ -836,10 +926,12 @@ def _thumb(img: np.ndarray) -> np.ndarray:
     return cv2.resize(img, (_TILE_W, max(1, round(h * _TILE_W / w))), interpolation=cv2.INTER_AREA)
 
 
-def _write_strip(path: Path, strip: dict, exposed: list, confirmed: set, title: str) -> None:
+def _write_strip(path: Path, strip: dict, exposed: list, confirmed: set, title: str,
+                 garish: Sequence = ()) -> None:
     """Rows: input frames, output frames (face boxes: green anonymized, red exposed, grey
     unconfirmed), the input and output ArcFace crops of the first face of each frame with their
-    cosine; then, if any, the input and output crops of the first exposed faces."""
+    cosine; then, if any, the input and output crops of the first exposed faces, and of the first
+    garish faces (``garish``: (track, index, in112, out112, reason)) labelled with the reason."""
     import cv2
 
     from .video import write_image
@@ -859,7 +951,10 @@ def _write_strip(path: Path, strip: dict, exposed: list, confirmed: set, title: 
             rows[0][:, x:x + _TILE_W] = cv2.resize(a, (_TILE_W, _TILE_W), interpolation=cv2.INTER_CUBIC)
             rows[1][:, x:x + _TILE_W] = cv2.resize(b, (_TILE_W, _TILE_W), interpolation=cv2.INTER_CUBIC)
             label(rows[0], x, f"frame {i}")
-            label(rows[1], x, f"cos {cos:.2f}{' EXPOSED' if exp else ''}", (255, 0, 0) if exp else (255, 255, 0))
+            if isinstance(cos, str):  # a garish face: its reason
+                label(rows[1], x, f"GARISH {cos}", (255, 160, 0))
+            else:
+                label(rows[1], x, f"cos {cos:.2f}{' EXPOSED' if exp else ''}", (255, 0, 0) if exp else (255, 255, 0))
         return rows
 
     idx = sorted(strip)[:STRIP_FRAMES]
@@ -888,6 +983,17 @@ def _write_strip(path: Path, strip: dict, exposed: list, confirmed: set, title: 
         label(head2, 0, f"first exposed faces ({len(exp)} shown of the first ones found): input, output",
               (255, 80, 80))
         parts += [head2] + face_rows(exp)
+    seen: dict = {}  # the first garish face of each track first, then the second ones
+    ranked = []
+    for n, (t, i, a, b, reason) in enumerate(g for g in garish if g[0] in confirmed):
+        seen[t] = seen.get(t, 0) + 1
+        ranked.append((seen[t], n, (i, a, b, reason, False)))
+    gar = [g for _, _, g in sorted(ranked, key=lambda x: x[:2])]
+    if gar:
+        head3 = np.zeros((20, W, 3), np.uint8)
+        label(head3, 0, f"first garish faces ({min(len(gar), STRIP_FRAMES)} shown, reason under each): "
+                        "input, output", (255, 160, 0))
+        parts += [head3] + face_rows(gar)
     head = np.zeros((20, W, 3), np.uint8)
     label(head, 0, f"{title}  ({caption})", (255, 255, 255))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -906,6 +1012,12 @@ def _ci(v: Optional[list]) -> str:
     return "" if not v else f" ({v[0]:.2f}-{v[1]:.2f})"
 
 
+def _garish_cell(r: dict) -> str:
+    if r.get("garish_frac") is None:
+        return "-"
+    return f"{r['garish_faces']} ({100 * r['garish_frac']:.1f}%)"
+
+
 def _frames_list(v: list, limit: int = 12) -> str:
     if not v:
         return "0"
@@ -919,7 +1031,8 @@ def to_markdown(results) -> str:
         results = [results]
     cols = ["clip", "frames", "faces", "tracks", "unconf.", "small", "exposed frames", "cos mean", "cos max",
             "verified", "flicker in", "flicker out", "ratio", "emb var in", "emb var out",
-            "lm disp %IOD", "lm found", "mouth r", "lips r", "eyes r"]
+            "lm disp %IOD", "lm found", "mouth r", "lips r", "eyes r", "garish", "colour/blotch/lost",
+            "generated", "blurred", "pixelated"]
     out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
         out.append("| " + " | ".join([
@@ -928,11 +1041,13 @@ def to_markdown(results) -> str:
             _f(r["cos_max"]), _f(r["verified_frac"]), _f(r["flicker_in"], ".2f"), _f(r["flicker_out"], ".2f"),
             _f(r["flicker_ratio"], ".2f"), _f(r["embvar_in"], ".4f"), _f(r["embvar_out"], ".4f"),
             _f(r["landmark_disp_iod_pct"], ".1f"), _f(r["landmark_found_frac"], ".2f"), _f(r["mouth_corr"], ".2f"),
-            _f(r.get("lips_corr"), ".2f"), _f(r.get("eyes_corr"), ".2f"),
+            _f(r.get("lips_corr"), ".2f"), _f(r.get("eyes_corr"), ".2f"), _garish_cell(r),
+            "/".join(str(r.get(f"garish_{k}", 0)) for k in ("colour", "blotch", "lost")),
+            str(r.get("faces_generated", "-")), str(r.get("faces_blurred", "-")), str(r.get("faces_pixelated", "-")),
         ]) + " |")
     tcols = ["clip", "track", "frames", "faces", "interp", "exposed frames", "cos mean", "cos max", "verified",
              "flicker ratio", "emb var out/in", "lm disp %IOD", "mouth sd in", "mouth r", "lips sd in", "lips r",
-             "eyes in/out", "eyes sd in", "eyes r"]
+             "eyes in/out", "eyes sd in", "eyes r", "garish", "blurred", "pixelated"]
     out += ["", "| " + " | ".join(tcols) + " |", "|" + "---|" * len(tcols)]
     for r in results:
         for t in r["per_track"]:
@@ -946,7 +1061,17 @@ def to_markdown(results) -> str:
                 (f"{_f(t.get('eyes_in_mean'))}/{_f(t.get('eyes_out_mean'))}" if t.get("eyes_in_mean") is not None
                  else "-"),
                 _f(t.get("eyes_in_std"), ".3f"), _f(t.get("eyes_corr"), ".2f") + _ci(t.get("eyes_corr_ci90")),
+                _garish_cell(t), str(t.get("faces_blurred", "-")), str(t.get("faces_pixelated", "-")),
             ]) + " |")
+    sized = [r for r in results if r.get("garish_by_size")]
+    if sized:
+        names = list(sized[0]["garish_by_size"])
+        out += ["", "| clip | " + " | ".join(f"{b} px: faces, garish, fallback" for b in names) + " |",
+                "|" + "---|" * (len(names) + 1)]
+        for r in sized:
+            out.append(f"| {Path(r['input']).name} | " + " | ".join(
+                "-" if not c["faces"] else f"{c['faces']}, {100 * c['garish_frac']:.1f}%, {100 * c['fallback_frac']:.1f}%"
+                for c in r["garish_by_size"].values()) + " |")
     judged = [(r, t) for r in results for t in r["per_track"] if t.get("judge_faces")]
     if judged:
         from .judges import DLIB_SAME_DISTANCE
@@ -965,7 +1090,13 @@ def to_markdown(results) -> str:
                 "no target), in brackets its 90% "
                 "interval over block-bootstrap resamples of the track's frames (1 s blocks); targets: 0 exposed, "
                 "ratio <= 1.3, lips r (or mouth r without dlib) >= 0.9. A clip against its own plain re-encode "
-                "(examples/reencode_floor.sh) gives the noise floor of these figures."]
+                "(examples/reencode_floor.sh) gives the noise floor of these figures.",
+            "", "Garish (faces, % of the faces; deidcli/garish.py): a generated output face whose colours are not "
+                "the input face's (colour: CIELAB mean shift, or (a*, b*) the input face does not have, like a "
+                "yellow-green nose), with black or white blotches where the input is mid-grey (blotch), or that "
+                "the detector no longer finds (lost, faces >= 40 px). Blurred / pixelated: faces the anonymizer "
+                "obscured with its fallback methods (low fine detail, resp. block edges, colour kept), not "
+                "judged garish; by size: box height bins, fallback = blurred + pixelated."]
     return "\n".join(out) + "\n"
 
 

@@ -10,6 +10,7 @@ from conftest import decode_rgb, frame_pts
 from test_cli import run
 
 from deidcli import engine
+from deidcli.anonymize import CALM_FACES
 from deidcli.model import Generator
 
 
@@ -143,7 +144,10 @@ def test_identity_check_regenerates_then_blurs(clips, tmp_path):
     assert max(np.abs(x.astype(int) - y).mean() for x, y in zip(a, b)) < 0.05
 
     never = _report((src, tmp_path / "never.mp4", "--check-thresh", "1"))
-    assert never["faces_checked"] == never["faces_anonymized"] > 0
+    # calm tracks (CALM_FACES checks in a row well under the threshold) are checked every other face
+    n = never["faces_anonymized"]
+    assert never["faces_checked"] + never["faces_check_skipped"] == n > 0
+    assert 0 < never["faces_check_skipped"] <= (n - CALM_FACES) // 2 + 1
     assert never["faces_regenerated"] == never["faces_blurred_fallback"] == 0
     assert never["face_paths"] == {"generated": never["faces_anonymized"]}
     assert never["track_passes"] == {}

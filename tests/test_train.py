@@ -495,3 +495,157 @@ def test_config_files_are_valid_training_configs():
     assert b["weights"]["structure"] == 4.0 and a["weights"]["structure"] == 0.0
     a["weights"]["structure"] = 4.0
     assert {k for k in a if a[k] != b[k]} == {"name"}
+
+
+# ------------------------------------------------------------------ in-the-wild degradations
+
+OPS = ("occlusion", "colour_cast", "low_light", "blur", "motion_blur", "downscale", "noise", "jpeg")
+
+
+@pytest.fixture(scope="module")
+def crops128(tmp_path_factory):
+    """Real aligned 128 px LFW crops (the first 6 DevTrain people), (N, 3, 128, 128) in [-1, 1]."""
+    from deidcli.train.prepare import load_split, prepare_split
+
+    d = load_split(prepare_split("train", cache_dir=tmp_path_factory.mktemp("cache128"), size=128,
+                                 margin=0.2, limit_people=6))
+    return torch.from_numpy(d["crops"]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _only(op, **kw):
+    """degrade's arguments for ``op`` alone, on every sample."""
+    return {"p": 1.0, **{o: 1.0 if o == op else 0.0 for o in OPS}, **kw}
+
+
+def _hf(x):
+    """Per-sample mean |Laplacian| (fine detail energy)."""
+    k = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]]).expand(3, 1, 3, 3)
+    return torch.nn.functional.conv2d(x, k, groups=3).abs().mean((1, 2, 3))
+
+
+def test_degrade_shape_range_determinism_and_off(crops128):
+    from deidcli.train import losses as L
+
+    x = crops128
+    y, ops = L.degrade(x, torch.Generator().manual_seed(3), p=1.0, return_ops=True)
+    assert y.shape == x.shape and y.dtype == x.dtype and y.min() >= -1 and y.max() <= 1
+    assert all(1 <= len(o) <= 3 for o in ops) and not torch.equal(y, x)
+    assert all(list(o) == [n for n in L.DEGRADATIONS if n in o] for o in ops)  # applied in order
+    assert torch.equal(y, L.degrade(x, torch.Generator().manual_seed(3), p=1.0))  # deterministic
+    assert not torch.equal(y, L.degrade(x, torch.Generator().manual_seed(4), p=1.0))
+    one = L.degrade(x, torch.Generator().manual_seed(3), p=1.0, max_ops=1, return_ops=True)[1]
+    assert all(len(o) == 1 for o in one)
+    # every op on every sample still keeps shape and range
+    z = L.degrade(x, torch.Generator().manual_seed(5), **{**_only(None), **{o: 1.0 for o in OPS}, "max_ops": 8})
+    assert z.shape == x.shape and z.min() >= -1 and z.max() <= 1 and torch.isfinite(z).all()
+    # p 0 (the shipped recipe) is the identity and draws nothing from the generator
+    g = torch.Generator().manual_seed(7)
+    st = g.get_state()
+    assert L.degrade(x, g, p=0.0) is x and torch.equal(g.get_state(), st)
+    # partly on: the others are left exactly as they were
+    y, ops = L.degrade(x, torch.Generator().manual_seed(0), p=0.5, return_ops=True)
+    clean = [i for i, o in enumerate(ops) if not o]
+    assert clean and len(clean) < len(x) and torch.equal(y[clean], x[clean])
+
+
+def test_degrade_each_does_what_it_says(crops128):
+    from deidcli.align import crop_template
+    from deidcli.train import losses as L
+
+    x = crops128
+    n, s = x.shape[0], x.shape[-1]
+
+    def run(op, seed=0, **kw):
+        y, ops = L.degrade(x, torch.Generator().manual_seed(seed), return_ops=True, **_only(op, **kw))
+        assert all(o == [op] for o in ops)
+        return y
+
+    hf = _hf(x)
+    assert (_hf(run("downscale")) < 0.9 * hf).all()  # faces of 24-64 px: crops of 44-116 px
+    assert (_hf(run("downscale", face_px=[24, 24])) < 0.5 * hf).all()
+    assert (_hf(run("blur")) < 0.8 * hf).all() and (_hf(run("motion_blur")) < 0.8 * hf).all()
+    noisy = run("noise")
+    assert (_hf(noisy) > 1.2 * hf).all() and ((noisy - x).mean((1, 2, 3)).abs() < 0.02).all()
+    assert (run("low_light").mean((1, 2, 3)) < x.mean((1, 2, 3)) - 0.1).all()
+
+    def ratio(t, a, b):
+        t = (t + 1) / 2
+        return t[:, a].mean((1, 2)) / t[:, b].mean((1, 2)).clamp(min=1e-3)
+
+    assert (ratio(run("colour_cast", cast_gains=[[1.0, 0.3, 0.3]]), 0, 1) > 1.25 * ratio(x, 0, 1)).all()
+    assert (ratio(run("colour_cast", cast_gains=[[0.3, 0.45, 1.0]]), 2, 1) > 1.25 * ratio(x, 2, 1)).all()
+    assert (ratio(run("colour_cast", cast_gains=[[0.35, 1.0, 0.4]]), 1, 0) > 1.25 * ratio(x, 1, 0)).all()
+
+    # JPEG: 8x8 blockiness (the steps across the block grid's columns, at whichever offset it
+    # was drawn, against the mean step) ...
+    def blockiness(t):
+        d = (t[..., :, 1:] - t[..., :, :-1]).abs().mean((1, 2))  # (N, S-1) per column step
+        per = torch.stack([d[:, ph::8].mean(1) for ph in range(8)], 1)  # (N, 8) per grid phase
+        return per.max(1).values / per.mean(1)
+
+    assert (blockiness(run("jpeg", jpeg_quality=[20, 30])) > blockiness(x) + 0.2).all()
+
+    # ... and the fine detail gone: the high frequencies (u + v >= 6) of the blocks' DCT
+    def fine(t):
+        c = L._dct8(t.device)
+        blk = t.mean(1).reshape(n, s // 8, 8, s // 8, 8).permute(0, 1, 3, 2, 4)
+        hi = (torch.arange(8)[:, None] + torch.arange(8)[None, :]) >= 6
+        return ((c @ blk @ c.T) ** 2)[..., hi].mean((1, 2, 3))
+
+    z = (x + 1) / 2
+    assert (fine(L.jpeg_approx(z, 25)) < 0.5 * fine(z)).all()
+    # and the torch approximation is close to a real JPEG (cv2) at the same quality
+    import cv2
+
+    u8 = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for q in (20, 40, 60):
+        ours = (L.jpeg_approx(torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255, q) * 255).permute(0, 2, 3, 1).numpy()
+        real = np.stack([cv2.imdecode(cv2.imencode(".jpg", im[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, q])[1],
+                                      cv2.IMREAD_COLOR)[:, :, ::-1] for im in u8]).astype(np.float32)
+        err_real = np.abs(real - u8).mean()
+        assert np.abs(ours - real).mean() < 0.4 * err_real, q
+
+    # occlusion: one rectangle of 10-30% of the crop, nothing changed outside it, covering at
+    # most one of the eyes and the mouth
+    t = crop_template(s, 0.2)
+    kp = [t[0], t[1], (t[3] + t[4]) / 2]
+    covers = []
+    for seed in range(4):
+        oc = run("occlusion", seed=seed)
+        for i in range(n):
+            ch = (oc[i] != x[i]).any(0)
+            ys, xs = torch.nonzero(ch, as_tuple=True)
+            y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+            area = (y1 - y0) * (x1 - x0) / s / s
+            assert 0.09 <= area <= 0.31 and float(ch[y0:y1, x0:x1].float().mean()) > 0.9
+            covers.append(sum(x0 <= px < x1 and y0 <= py < y1 for px, py in kp))
+    assert np.mean(np.array(covers) <= 1) >= 0.8
+
+
+def test_wild_config_is_the_shipped_recipe_with_degradations():
+    """configs/train_128_wild.json: the recipe of the shipped state (train_128_branch36500.json),
+    started from that state, with the degradations on; off in DEFAULTS (shipped recipe unchanged)."""
+    from deidcli.train.loop import DEFAULTS, merge
+
+    root = Path(__file__).resolve().parents[1]
+    load = lambda n: merge(DEFAULTS, json.loads((root / "configs" / f"{n}.json").read_text()))  # noqa: E731
+    wild, shipped = load("train_128_wild"), load("train_128_branch36500")
+    assert DEFAULTS["degrade"]["p"] == 0.0 and shipped["degrade"]["p"] == 0.0
+    assert wild["degrade"]["p"] == 0.5 and wild["init_from"] == "weights/train_state/last.pt"
+    assert (root / wild["init_from"]).is_file()
+    assert {k for k in wild if wild[k] != shipped[k]} == {"name", "init_from", "degrade"}
+    st = torch.load(root / wild["init_from"], map_location="cpu", weights_only=True)
+    saved = merge(DEFAULTS, {k: v for k, v in json.loads(st["config"]).items() if k in DEFAULTS})
+    assert {k for k in saved if saved[k] != shipped[k]} <= {"name", "runs_dir"}
+
+
+def test_train_with_degradations(tmp_path, cache_dir):
+    from deidcli.train.loop import train
+
+    cfg = _cfg(tmp_path, cache_dir, 2)
+    cfg.update(name="wild", degrade={"p": 1.0})
+    s = train(cfg)
+    run = Path(s["run_dir"])
+    recs = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert s["step"] == 2 and all(np.isfinite(r["loss"]) for r in recs if r["kind"] == "train")
+    assert json.loads((run / "config.json").read_text())["degrade"]["p"] == 1.0

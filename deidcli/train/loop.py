@@ -103,6 +103,23 @@ DEFAULTS: dict[str, Any] = {
     "augment": {"flip": 0.5, "rotate_deg": 5.0, "scale": 0.05, "translate": 0.03,
                 "brightness": 0.1, "contrast": 0.15, "saturation": 0.15},
     "input_noise": {"sigma": 0.02, "jpeg_like_blur": 0.3},
+    "degrade": {  # L.degrade: in-the-wild degradations of the augmented crop, which is then the
+        # generator's input and the reference of every loss (see the loop). p 0: off, the shipped
+        # recipe (no draws from the generator's RNG either); configs/train_128_wild.json: 0.5
+        "p": 0.0,  # fraction of samples degraded; each degraded one gets 1 to max_ops of:
+        "max_ops": 3,
+        "occlusion": 0.15, "colour_cast": 0.15, "low_light": 0.2, "blur": 0.2,
+        "motion_blur": 0.1, "downscale": 0.45, "noise": 0.2, "jpeg": 0.3,  # ... each this often
+        "face_px": [24, 64], "face_frac": 0.55,  # downscale: the face to this many px (it spans
+        # face_frac of the crop), and back up
+        "blur_sigma": [0.5, 2.5], "box_blur": 0.3, "motion_px": [5, 13],
+        "jpeg_quality": [20, 60],
+        "ev": [0.5, 2.5], "black_lift": [0.0, 0.05], "dark_noise": [0.008, 0.03],
+        "noise_sigma": [0.01, 0.05], "chroma_noise": 0.5,
+        "cast_gains": [[1.0, 0.3, 0.3], [0.3, 0.45, 1.0], [0.35, 1.0, 0.4]],  # red, blue, green
+        "cast_strength": [0.5, 1.0], "cast_lift": [0.0, 0.08],
+        "occlusion_area": [0.1, 0.3],
+    },
     "init_from": None,  # compact state (export_train_state) to start from when no last.pt exists:
     # G and D weights and the step count; optimisers and RNG start fresh. A generator config
     # with more channels per level than the state's starts from the state's generator widened
@@ -619,6 +636,16 @@ def train(config: Mapping[str, Any]) -> dict:
         idx = rng.integers(0, data.n, size=cfg["batch_size"])
         _, tgt_desc = data.targets(idx, rng, cfg["multi_image"])
         x = L.augment(data.images(idx), gen, **cfg["augment"])
+        if cfg["degrade"]["p"] > 0:
+            # In-the-wild conditions (small, blurred, compressed, dark, coloured, noisy, occluded)
+            # go into x itself, so the degraded crop is both what the generator is given and what
+            # every term compares with: the attractor's identity-network maps, the pixel, gradient
+            # and colour L1s, the landmarks, the discriminators' real samples, the blend's base.
+            # The generator is thus asked for a face consistent with the degraded input (as blurred,
+            # as dark, as red, the occluder kept), which is what blends into such a frame, never to
+            # hallucinate sharp detail that a 24 px face does not hold. The repeller still pushes
+            # from the clean descriptors (the person's identity, not the degraded photo's).
+            x = L.degrade(x, gen, margin=gcfg.margin, **cfg["degrade"])
         base = x  # what the output is blended over: the crop, or its first pass
         if cfg["second_pass"] > 0:
             sel = torch.as_tensor(rng.random(len(idx)) < cfg["second_pass"], device=device)

@@ -285,3 +285,252 @@ def input_noise(x: torch.Tensor, gen: torch.Generator, sigma: float = 0.02,
     if sigma > 0:
         y = y + sigma * torch.randn(x.shape, generator=gen).to(x.device)
     return y.clamp(-1, 1)
+
+
+# ------------------------------------------------------------------ in-the-wild degradations
+
+#: The degradations of :func:`degrade`, in the order they are applied to a sample: the scene
+#: (something in front of the face, the light's colour and level), the optics (defocus, motion),
+#: then the sensor (a small face covers few pixels; noise and compression act at that
+#: resolution, and the pipeline's crop upscales it all to the crop size).
+DEGRADATIONS = ("occlusion", "colour_cast", "low_light", "blur", "motion_blur", "downscale",
+                "noise", "jpeg")
+
+# IJG (libjpeg) base quantisation tables, quality 50
+_JPEG_LUMA = (16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55,
+              14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62,
+              18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+              49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99)
+_JPEG_CHROMA = (17, 18, 24, 47, 99, 99, 99, 99, 18, 21, 26, 66, 99, 99, 99, 99,
+                24, 26, 56, 99, 99, 99, 99, 99, 47, 66, 99, 99, 99, 99, 99, 99) + (99,) * 32
+
+
+def _jpeg_table(base: Sequence[int], quality: float, device) -> torch.Tensor:
+    q = min(max(float(quality), 1.0), 100.0)
+    s = 5000.0 / q if q < 50 else 200.0 - 2.0 * q
+    t = torch.floor((torch.tensor(base, dtype=torch.float32) * s + 50.0) / 100.0).clamp(1, 255)
+    return t.view(8, 8).to(device)
+
+
+def _dct8(device) -> torch.Tensor:
+    """The orthonormal 8-point DCT-II matrix (rows: frequencies)."""
+    n = torch.arange(8, dtype=torch.float64)
+    c = torch.cos(math.pi * (2 * n[None, :] + 1) * n[:, None] / 16) * math.sqrt(2 / 8)
+    c[0] /= math.sqrt(2)
+    return c.float().to(device)
+
+
+def _dct_quantise(p: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W), H and W multiples of 8, level-shifted 0-255 values: each 8x8 block's DCT
+    coefficients rounded to multiples of ``table``, transformed back."""
+    n, _, h, w = p.shape
+    c = _dct8(p.device)
+    blk = p.reshape(n, h // 8, 8, w // 8, 8).permute(0, 1, 3, 2, 4)
+    coef = c @ blk @ c.T
+    coef = torch.round(coef / table) * table
+    blk = c.T @ coef @ c
+    return blk.permute(0, 1, 3, 2, 4).reshape(n, 1, h, w)
+
+
+def jpeg_approx(z: torch.Tensor, quality: float, offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """Baseline JPEG of ``z`` (N, 3, H, W) RGB in [0, 1] at IJG ``quality``, in torch: YCbCr,
+    4:2:0 chroma, 8x8 block DCT quantised with the scaled standard tables, back (chroma
+    upsampled bilinearly, as libjpeg's fancy upsampling), rounded to 8 bits. ``offset`` (dx, dy)
+    shifts the block grid (a face crop is not aligned with its frame's blocks). No entropy
+    coding (lossless) and no exact libjpeg rounding: close to cv2's JPEG at the same quality
+    (tests/test_train.py compares them), deterministic, and without torchvision."""
+    n, _, h, w = z.shape
+    v = z.clamp(0, 1) * 255.0
+    r, g, b = v[:, 0:1], v[:, 1:2], v[:, 2:3]
+    y = 0.299 * r + 0.587 * g + 0.114 * b - 128.0
+    cb = -0.168736 * r - 0.331264 * g + 0.5 * b
+    cr = 0.5 * r - 0.418688 * g - 0.081312 * b
+    dx, dy = int(offset[0]) % 8, int(offset[1]) % 8
+    hp, wp = -(-(h + dy) // 16) * 16, -(-(w + dx) // 16) * 16
+    pad = (dx, wp - w - dx, dy, hp - h - dy)
+    ycc = F.pad(torch.cat([y, cb, cr], 1), pad, mode="replicate")
+    y = _dct_quantise(ycc[:, 0:1], _jpeg_table(_JPEG_LUMA, quality, z.device))
+    ch = F.avg_pool2d(ycc[:, 1:3], 2)
+    ch = _dct_quantise(ch.reshape(-1, 1, hp // 2, wp // 2), _jpeg_table(_JPEG_CHROMA, quality, z.device))
+    ch = F.interpolate(ch.reshape(n, 2, hp // 2, wp // 2), size=(hp, wp), mode="bilinear", align_corners=False)
+    y = y[..., dy:dy + h, dx:dx + w] + 128.0
+    cb, cr = ch[:, 0:1, dy:dy + h, dx:dx + w], ch[:, 1:2, dy:dy + h, dx:dx + w]
+    rgb = torch.cat([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], 1)
+    return torch.round(rgb.clamp(0, 255)) / 255.0
+
+
+def _to_linear(z: torch.Tensor) -> torch.Tensor:
+    return torch.where(z <= 0.04045, z / 12.92, ((z.clamp(min=0) + 0.055) / 1.055) ** 2.4)
+
+
+def _to_srgb(z: torch.Tensor) -> torch.Tensor:
+    z = z.clamp(0, 1)
+    return torch.where(z <= 0.0031308, 12.92 * z, 1.055 * z.clamp(min=1e-8) ** (1 / 2.4) - 0.055)
+
+
+def _filter(z: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``z`` (1, C, H, W) convolved with the 2-D kernel ``k`` (kh, kw; odd sides), reflected edges."""
+    kh, kw = k.shape
+    c = z.shape[1]
+    zp = F.pad(z, (kw // 2, kw // 2, kh // 2, kh // 2), mode="reflect")
+    return F.conv2d(zp, k.to(z)[None, None].expand(c, 1, kh, kw), groups=c)
+
+
+def degrade(x: torch.Tensor, gen: torch.Generator, p: float = 0.5, max_ops: int = 3,
+            downscale: float = 0.45, blur: float = 0.2, motion_blur: float = 0.1, jpeg: float = 0.3,
+            low_light: float = 0.2, colour_cast: float = 0.15, noise: float = 0.2,
+            occlusion: float = 0.15, face_px: Sequence[float] = (24, 64), face_frac: float = 0.55,
+            blur_sigma: Sequence[float] = (0.5, 2.5), box_blur: float = 0.3,
+            motion_px: Sequence[float] = (5, 13), jpeg_quality: Sequence[float] = (20, 60),
+            ev: Sequence[float] = (0.5, 2.5), black_lift: Sequence[float] = (0.0, 0.05),
+            dark_noise: Sequence[float] = (0.008, 0.03), noise_sigma: Sequence[float] = (0.01, 0.05),
+            chroma_noise: float = 0.5,
+            cast_gains: Sequence[Sequence[float]] = ((1.0, 0.3, 0.3), (0.3, 0.45, 1.0), (0.35, 1.0, 0.4)),
+            cast_strength: Sequence[float] = (0.5, 1.0), cast_lift: Sequence[float] = (0.0, 0.08),
+            occlusion_area: Sequence[float] = (0.1, 0.3), margin: float = 0.2,
+            return_ops: bool = False):
+    """In-the-wild degradations of aligned crops ``x`` (B, 3, S, S) in [-1, 1], per sample;
+    same shape, dtype and range. Deterministic given ``gen``'s state; ``p`` <= 0 returns ``x``
+    itself without drawing from ``gen``.
+
+    Each sample is degraded with probability ``p``; a degraded sample gets each of
+    :data:`DEGRADATIONS` with its own probability (the argument of that name), at most
+    ``max_ops`` of them (a random subset of those drawn) and at least one (drawn in proportion to
+    the probabilities), applied in the order of DEGRADATIONS:
+
+    occlusion: a rectangle of ``occlusion_area`` of the crop (aspect 1:2 to 2:1), placed so that
+        it covers at most one of the eyes and the mouth of the crop template (of 8 draws, the
+        first that does, else the one covering fewest), filled with a flat random colour or, half
+        the time, with a patch of another sample of the batch (skin, hair, background);
+    colour_cast: stage light, the sRGB channels times one of ``cast_gains`` mixed with 1 by a
+        strength in ``cast_strength``, plus a lift of ``cast_lift`` times the gains (as the
+        stress set's red / blue / green, deidcli/research/stress.py);
+    low_light: ``ev`` stops less light (in linear light), a black level of ``black_lift`` added
+        and sensor noise of ``dark_noise`` (luma; chroma ``chroma_noise`` of it), the noise added
+        at the capture resolution (see downscale);
+    blur: Gaussian of sigma in ``blur_sigma`` px, or (``box_blur`` of the time) the box of the
+        same variance (odd width);
+    motion_blur: an anti-aliased line kernel ``motion_px`` long at a random angle;
+    downscale: a face of ``face_px`` pixels: the crop (whose face spans ``face_frac`` of it)
+        resized to face_px / face_frac px (area or antialiased bilinear), and after the noise and
+        JPEG (which a camera adds at that resolution) back up bilinearly, as the pipeline
+        upscales a small face's crop;
+    noise: Gaussian sensor noise of ``noise_sigma`` (luma; chroma ``chroma_noise`` of it);
+    jpeg: :func:`jpeg_approx` at a quality in ``jpeg_quality``, its block grid at a random offset.
+
+    Sigmas, lifts and gains are in [0, 1] units of the 8-bit range. ``return_ops``: also the
+    names applied to each sample (a list of B lists)."""
+    b, s_in = x.shape[0], x.shape[-1]
+    probs = torch.tensor([float(v) for v in (occlusion, colour_cast, low_light, blur, motion_blur,
+                                             downscale, noise, jpeg)]).clamp(0, 1)
+    if p <= 0 or b == 0 or float(probs.sum()) <= 0:
+        return (x, [[] for _ in range(b)]) if return_ops else x
+    dev = x.device
+
+    def u(r) -> float:
+        lo, hi = float(r[0]), float(r[1])
+        return lo + (hi - lo) * float(torch.rand((), generator=gen))
+
+    def coin(q) -> bool:
+        return float(torch.rand((), generator=gen)) < q
+
+    def randint(n) -> int:
+        return int(torch.randint(0, n, (), generator=gen))
+
+    on = torch.rand((b,), generator=gen) < p
+    drawn = torch.rand((b, len(probs)), generator=gen) < probs
+    rank = torch.where(drawn, torch.rand((b, len(probs)), generator=gen), torch.full((b, len(probs)), 2.0))
+    one = torch.multinomial(probs.expand(b, -1), 1, generator=gen)[:, 0]
+    ops: list[list[str]] = []
+    for i in range(b):
+        if not bool(on[i]):
+            ops.append([])
+            continue
+        if not bool(drawn[i].any()):
+            keep = [int(one[i])]
+        else:
+            keep = [int(k) for k in torch.argsort(rank[i])[:max(int(max_ops), 1)] if bool(drawn[i, k])]
+        ops.append([DEGRADATIONS[k] for k in sorted(keep)])
+
+    src = (x.detach() + 1) / 2
+    out = src.clone()
+    kp = None
+    for i in range(b):
+        todo = ops[i]
+        if not todo:
+            continue
+        z = src[i:i + 1].clone()
+        sigma_l = 0.0  # sensor noise (luma) to add at the capture resolution
+        if "occlusion" in todo:
+            if kp is None:
+                from ..align import crop_template
+
+                t = crop_template(s_in, margin)
+                kp = [tuple(t[0]), tuple(t[1]), tuple((t[3] + t[4]) / 2)]  # eyes, mouth
+            area = u(occlusion_area) * s_in * s_in
+            aspect = math.exp(u((math.log(0.5), math.log(2.0))))
+            rw = min(max(int(round(math.sqrt(area * aspect))), 2), s_in)
+            rh = min(max(int(round(math.sqrt(area / aspect))), 2), s_in)
+            best = None
+            for _ in range(8):
+                x0, y0 = randint(s_in - rw + 1), randint(s_in - rh + 1)
+                covered = sum(x0 <= px < x0 + rw and y0 <= py < y0 + rh for px, py in kp)
+                if best is None or covered < best[0]:
+                    best = (covered, x0, y0)
+                if covered <= 1:
+                    break
+            _, x0, y0 = best
+            if b > 1 and coin(0.5):
+                j = (i + 1 + randint(b - 1)) % b
+                sx, sy = randint(s_in - rw + 1), randint(s_in - rh + 1)
+                fill = src[j:j + 1, :, sy:sy + rh, sx:sx + rw]
+            else:
+                fill = torch.rand((1, 3, 1, 1), generator=gen).to(z)
+            z[:, :, y0:y0 + rh, x0:x0 + rw] = fill
+        if "colour_cast" in todo:
+            g = torch.tensor([float(v) for v in cast_gains[randint(len(cast_gains))]]).view(1, 3, 1, 1).to(z)
+            t = u(cast_strength)
+            z = z * (1 + t * (g - 1)) + t * u(cast_lift) * g
+        if "low_light" in todo:
+            z = _to_srgb(_to_linear(z.clamp(0, 1)) * 2.0 ** -u(ev)) + u(black_lift)
+            sigma_l = u(dark_noise)
+        if "blur" in todo:
+            sg = u(blur_sigma)
+            if coin(box_blur):
+                wd = 2 * int(round((math.sqrt(12 * sg * sg + 1) - 1) / 2)) + 1
+                k1 = torch.full((wd,), 1.0 / wd)
+            else:
+                r = int(math.ceil(3 * sg))
+                k1 = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / sg) ** 2)
+                k1 = k1 / k1.sum()
+            z = _filter(_filter(z, k1[None, :]), k1[:, None])
+        if "motion_blur" in todo:
+            ln, th = u(motion_px), u((0.0, math.pi))
+            r = int(math.ceil(ln / 2))
+            c = torch.arange(-r, r + 1, dtype=torch.float32)
+            yy, xx = torch.meshgrid(c, c, indexing="ij")
+            along = xx * math.cos(th) + yy * math.sin(th)
+            perp = -xx * math.sin(th) + yy * math.cos(th)
+            k2 = (1 - perp.abs()).clamp(min=0) * (ln / 2 + 0.5 - along.abs()).clamp(0, 1)
+            z = _filter(z, k2 / k2.sum())
+        small = None
+        if "downscale" in todo:
+            side = int(round(u(face_px) / face_frac))
+            area_mode = coin(0.5)
+            if side < s_in:
+                small = side
+                z = (F.interpolate(z, size=(side, side), mode="area") if area_mode else
+                     F.interpolate(z, size=(side, side), mode="bilinear", antialias=True, align_corners=False))
+        if "noise" in todo:
+            sigma_l = math.hypot(sigma_l, u(noise_sigma))
+        if sigma_l > 0:
+            h, w = z.shape[-2:]
+            z = z + sigma_l * (torch.randn((1, 1, h, w), generator=gen)
+                               + chroma_noise * torch.randn((1, 3, h, w), generator=gen)).to(z)
+        if "jpeg" in todo:
+            z = jpeg_approx(z, int(round(u(jpeg_quality))), (randint(8), randint(8)))
+        if small is not None:
+            z = F.interpolate(z.clamp(0, 1), size=(s_in, s_in), mode="bilinear", align_corners=False)
+        out[i] = z[0].clamp(0, 1)
+    y = (out * 2 - 1).to(x.dtype).contiguous()
+    return (y, ops) if return_ops else y
