@@ -536,7 +536,8 @@ def test_degrade_shape_range_determinism_and_off(crops128):
     one = L.degrade(x, torch.Generator().manual_seed(3), p=1.0, max_ops=1, return_ops=True)[1]
     assert all(len(o) == 1 for o in one)
     # every op on every sample still keeps shape and range
-    z = L.degrade(x, torch.Generator().manual_seed(5), **{**_only(None), **{o: 1.0 for o in OPS}, "max_ops": 8})
+    every = {**_only(None), **{o: 1.0 for o in OPS}, "max_ops": 8}
+    z = L.degrade(x, torch.Generator().manual_seed(5), **every)
     assert z.shape == x.shape and z.min() >= -1 and z.max() <= 1 and torch.isfinite(z).all()
     # p 0 (the shipped recipe) is the identity and draws nothing from the generator
     g = torch.Generator().manual_seed(7)
@@ -599,16 +600,17 @@ def test_degrade_each_does_what_it_says(crops128):
 
     u8 = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     for q in (20, 40, 60):
-        ours = (L.jpeg_approx(torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255, q) * 255).permute(0, 2, 3, 1).numpy()
-        real = np.stack([cv2.imdecode(cv2.imencode(".jpg", im[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, q])[1],
-                                      cv2.IMREAD_COLOR)[:, :, ::-1] for im in u8]).astype(np.float32)
+        ours = L.jpeg_approx(torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255, q)
+        ours = (ours * 255).permute(0, 2, 3, 1).numpy()
+        enc = [cv2.imencode(".jpg", im[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, q])[1] for im in u8]
+        real = np.stack([cv2.imdecode(e, cv2.IMREAD_COLOR)[:, :, ::-1] for e in enc]).astype(float)
         err_real = np.abs(real - u8).mean()
         assert np.abs(ours - real).mean() < 0.4 * err_real, q
 
     # occlusion: one rectangle of 10-30% of the crop, nothing changed outside it, covering at
     # most one of the eyes and the mouth
     t = crop_template(s, 0.2)
-    kp = [t[0], t[1], (t[3] + t[4]) / 2]
+    kp = [t[0], t[1], (t[3] + t[4]) / 2]  # eye centres and the mouth's
     covers = []
     for seed in range(4):
         oc = run("occlusion", seed=seed)
@@ -619,7 +621,7 @@ def test_degrade_each_does_what_it_says(crops128):
             area = (y1 - y0) * (x1 - x0) / s / s
             assert 0.09 <= area <= 0.31 and float(ch[y0:y1, x0:x1].float().mean()) > 0.9
             covers.append(sum(x0 <= px < x1 and y0 <= py < y1 for px, py in kp))
-    assert np.mean(np.array(covers) <= 1) >= 0.8
+    assert np.mean(np.array(covers) <= 1) >= 0.9
 
 
 def test_wild_config_is_the_shipped_recipe_with_degradations():

@@ -376,6 +376,13 @@ def _filter(z: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return F.conv2d(zp, k.to(z)[None, None].expand(c, 1, kh, kw), groups=c)
 
 
+def _overlap(box, rect) -> float:
+    """The fraction of ``box`` (x0, y0, x1, y1) inside ``rect`` (x0, y0, x1, y1)."""
+    w = max(0.0, min(box[2], rect[2]) - max(box[0], rect[0]))
+    h = max(0.0, min(box[3], rect[3]) - max(box[1], rect[1]))
+    return w * h / max((box[2] - box[0]) * (box[3] - box[1]), 1e-9)
+
+
 def degrade(x: torch.Tensor, gen: torch.Generator, p: float = 0.5, max_ops: int = 3,
             downscale: float = 0.45, blur: float = 0.2, motion_blur: float = 0.1, jpeg: float = 0.3,
             low_light: float = 0.2, colour_cast: float = 0.15, noise: float = 0.2,
@@ -399,9 +406,11 @@ def degrade(x: torch.Tensor, gen: torch.Generator, p: float = 0.5, max_ops: int 
     the probabilities), applied in the order of DEGRADATIONS:
 
     occlusion: a rectangle of ``occlusion_area`` of the crop (aspect 1:2 to 2:1), placed so that
-        it covers at most one of the eyes and the mouth of the crop template (of 8 draws, the
-        first that does, else the one covering fewest), filled with a flat random colour or, half
-        the time, with a patch of another sample of the batch (skin, hair, background);
+        it covers at most one of the eyes and the mouth of the crop template (> 30% of a box of
+        0.7 x 0.4 inter-ocular distances around an eye, or around the mouth's corners; of 16
+        draws, the first that does, else the one covering fewest), filled with a flat random
+        colour or, half the time, with a patch of another sample of the batch (skin, hair,
+        background);
     colour_cast: stage light, the sRGB channels times one of ``cast_gains`` mixed with 1 by a
         strength in ``cast_strength``, plus a lift of ``cast_lift`` times the gains (as the
         stress set's red / blue / green, deidcli/research/stress.py);
@@ -462,19 +471,22 @@ def degrade(x: torch.Tensor, gen: torch.Generator, p: float = 0.5, max_ops: int 
         z = src[i:i + 1].clone()
         sigma_l = 0.0  # sensor noise (luma) to add at the capture resolution
         if "occlusion" in todo:
-            if kp is None:
+            if kp is None:  # boxes (x0, y0, x1, y1) of the eyes and the mouth of the template
                 from ..align import crop_template
 
-                t = crop_template(s_in, margin)
-                kp = [tuple(t[0]), tuple(t[1]), tuple((t[3] + t[4]) / 2)]  # eyes, mouth
+                t = crop_template(s_in, margin).astype(float)
+                iod = float(t[1, 0] - t[0, 0])
+                ex, ey, my = 0.35 * iod, 0.2 * iod, (t[3, 1] + t[4, 1]) / 2
+                kp = [(e[0] - ex, e[1] - ey, e[0] + ex, e[1] + ey) for e in t[:2]]
+                kp.append((t[3, 0] - 0.1 * iod, my - ey, t[4, 0] + 0.1 * iod, my + ey))
             area = u(occlusion_area) * s_in * s_in
             aspect = math.exp(u((math.log(0.5), math.log(2.0))))
             rw = min(max(int(round(math.sqrt(area * aspect))), 2), s_in)
             rh = min(max(int(round(math.sqrt(area / aspect))), 2), s_in)
             best = None
-            for _ in range(8):
+            for _ in range(16):
                 x0, y0 = randint(s_in - rw + 1), randint(s_in - rh + 1)
-                covered = sum(x0 <= px < x0 + rw and y0 <= py < y0 + rh for px, py in kp)
+                covered = sum(_overlap(bx, (x0, y0, x0 + rw, y0 + rh)) > 0.3 for bx in kp)
                 if best is None or covered < best[0]:
                     best = (covered, x0, y0)
                 if covered <= 1:
