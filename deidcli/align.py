@@ -174,7 +174,8 @@ def feather(mask: np.ndarray, size: int) -> np.ndarray:
 CHROMA_SIGMA = 1.0 / 32
 #: match_colour: generated lightness is kept within the input's own local range (the darkest and
 #: brightest input pixel within ENVELOPE_RADIUS of the crop size, 6 px at 128) widened by
-#: ENVELOPE_SLACK L* units (of 255): no black or white blotch where the input face is mid-grey.
+#: ENVELOPE_SLACK L* units (of 255), or half the input face's lightness spread where that is less
+#: (a hazy or flat face): no black or white blotch where the input face is mid-grey.
 ENVELOPE_RADIUS = 1.0 / 21
 ENVELOPE_SLACK = 16.0
 #: match_colour: the generated lightness is low-passed (the least of DETAIL_SIGMAS, px at the 128
@@ -231,12 +232,15 @@ def match_colour(raw: np.ndarray, crop: np.ndarray, mask: np.ndarray, min_weight
         lut = np.clip((v - ma) * g + mb, 0, 255).round().astype(np.uint8)[None]  # (1, 256, 3)
         return cv2.cvtColor(cv2.LUT(lab_raw, lut), cv2.COLOR_LAB2RGB)
     size = raw.shape[0]
-    L = (lab_raw[..., 0].astype(np.float32) - ma[0]) * g[0] + mb[0]
+    # the lightness gain may go down to 0.2: normalise_tone stretched a flat (hazy, dark) face's
+    # contrast for the generator, and this takes the stretch back
+    L = (lab_raw[..., 0].astype(np.float32) - ma[0]) * float(np.clip(sb[0] / sa[0], 0.2, 2.0)) + mb[0]
     Lc = lab_crop[..., 0]
     r = max(1, int(round(size * ENVELOPE_RADIUS)))
     k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
-    lo = cv2.erode(Lc, k).astype(np.float32) - ENVELOPE_SLACK
-    hi = cv2.dilate(Lc, k).astype(np.float32) + ENVELOPE_SLACK
+    slack = min(ENVELOPE_SLACK, max(4.0, 0.5 * float(sb[0])))
+    lo = cv2.erode(Lc, k).astype(np.float32) - slack
+    hi = cv2.dilate(Lc, k).astype(np.float32) + slack
     budget = DETAIL_RATIO * _detail(Lc.astype(np.float32), size)
     if _detail(L, size) > budget:
         scale = size / 128.0

@@ -278,7 +278,7 @@ class Pipeline:
         :meth:`finish`), describe their new tracks and run the generator at each face's pass
         count. Reads the images, changes nothing in them. None when there is no face."""
         from .align import estimate_transform, feather, warp_crop
-        from .routing import face_height, lightness, yaw
+        from .routing import face_height, measure, yaw
 
         passes = self.new_pass_levels() if passes is None else passes
         router = self.new_router() if router is None else router
@@ -289,7 +289,8 @@ class Pipeline:
                 for f in faces:
                     M = estimate_transform(f.kps, S, margin)
                     crop = warp_crop(img, M, S)
-                    path = router.decide(f.track_id, face_height(f.box), yaw(f.kps), lightness(crop))
+                    light, sharp = measure(crop)
+                    path = router.decide(f.track_id, face_height(f.box), yaw(f.kps), light, sharp)
                     if path != "generated":
                         held.append((i, f, path))
                         continue

@@ -136,6 +136,9 @@ def _generator_options(f):
                           "in eye distances: 0 frontal, 1 profile) get the --fallback."),
         click.option("--min-light", type=click.FloatRange(min=0), default=20.0, show_default=True,
                      help="generate: faces darker than this (mean CIELAB L*, 0-255) get the --fallback."),
+        click.option("--soft-fraction", type=click.FloatRange(min=0), default=0.6, show_default=True,
+                     help="generate: faces less sharp than this share of a sharp face of their size (motion "
+                          "blur, defocus) get the --fallback (0: generate them)."),
         click.option("--colour-match/--no-colour-match", default=True,
                      help="generate: feed each face to the generator in the colours it was trained on, and give "
                           "the generated face the colours of the face it replaces: its chroma, its lightness "
@@ -214,7 +217,8 @@ def _generator_options(f):
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
 @click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv for debug).")
 def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, identity_check, check_thresh,
-              check_precision, max_passes, small_max_passes, fallback, min_generate, max_yaw, min_light, colour_match, first_pass_mouth, eye_pass, keep_detail, pass_hold,
+              check_precision, max_passes, small_max_passes, fallback, min_generate, max_yaw, min_light, soft_fraction,
+              colour_match, first_pass_mouth, eye_pass, keep_detail, pass_hold,
               margin, det_thresh, keep_thresh, det_size, min_face,
               detector, detector_precision, detect_every,
               max_gap, smooth, codec, crf, preset, audio, keep_metadata, overwrite, dry_run, shard, models_dir, as_json,
@@ -239,7 +243,8 @@ def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, ident
             passes=passes, identity_check=identity_check, check_thresh=check_thresh,
             check_precision=check_precision, max_passes=max_passes, colour_match=colour_match,
             small_max_passes=small_max_passes, fallback=fallback, min_generate=min_generate, max_yaw=max_yaw,
-            min_light=min_light, first_pass_mouth=first_pass_mouth, eye_pass=eye_pass, keep_detail=keep_detail, pass_hold=pass_hold,
+            min_light=min_light, soft_fraction=soft_fraction, first_pass_mouth=first_pass_mouth, eye_pass=eye_pass,
+            keep_detail=keep_detail, pass_hold=pass_hold,
             models_dir=models_dir, overwrite=overwrite, dry_run=dry_run, shard=shard,
             detect=DetectOptions(det_thresh=det_thresh, det_size=det_size, min_face=min_face, detector=detector,
                                  detect_every=detect_every, precision=detector_precision),
@@ -378,7 +383,8 @@ def models_download(ctx, names, dest):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON here.")
 def bench(clip, configs, weights, device, fp16, batch_size, passes, identity_check, check_thresh, check_precision,
-          max_passes, small_max_passes, fallback, min_generate, max_yaw, min_light, colour_match, first_pass_mouth, eye_pass, keep_detail, pass_hold, codec, preset, crf,
+          max_passes, small_max_passes, fallback, min_generate, max_yaw, min_light, soft_fraction, colour_match,
+          first_pass_mouth, eye_pass, keep_detail, pass_hold, codec, preset, crf,
           detect_every,
           detector_precision, json_path):
     """Throughput of deid on CLIP, per stage, next to a plain re-encode and blur.
@@ -394,7 +400,7 @@ def bench(clip, configs, weights, device, fp16, batch_size, passes, identity_che
             "identity_check": identity_check, "check_thresh": check_thresh, "check_precision": check_precision,
             "max_passes": max_passes, "colour_match": colour_match, "first_pass_mouth": first_pass_mouth,
             "small_max_passes": small_max_passes, "fallback": fallback, "min_generate": min_generate,
-            "max_yaw": max_yaw, "min_light": min_light,
+            "max_yaw": max_yaw, "min_light": min_light, "soft_fraction": soft_fraction,
             "eye_pass": eye_pass, "keep_detail": keep_detail, "pass_hold": pass_hold,
             "weights": str(weights) if weights else None,
             "encode": {"codec": codec, "preset": preset, "crf": crf}, "detect": {"detect_every": detect_every,

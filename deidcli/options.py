@@ -70,6 +70,7 @@ class AnonymizeOptions:
     min_generate: int = 40  # generate: faces less than this many px high get the fallback (routing.py)
     max_yaw: float = 0.6  # generate: faces turned further (routing.yaw, eye distances) get the fallback
     min_light: float = 20.0  # generate: faces darker than this (mean CIELAB L*, 0-255) get the fallback
+    soft_fraction: float = 0.6  # generate: faces less sharp than this share of a sharp face of their size get the fallback
     small_max_passes: int = 2  # generate: most passes for faces under routing.LARGE_FACE px before the fallback
     models_dir: Optional[Path] = None  # first place to look for model files
     overwrite: bool = False  # replace existing outputs (folder runs skip them otherwise)
@@ -94,8 +95,8 @@ class AnonymizeOptions:
             raise ValueError(f"pass_hold must be >= 0, not {self.pass_hold}")
         if self.fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}, not {self.fallback!r}")
-        if self.min_generate < 0 or self.min_light < 0 or self.max_yaw < 0:
-            raise ValueError("min_generate, max_yaw and min_light must be >= 0")
+        if self.min_generate < 0 or self.min_light < 0 or self.max_yaw < 0 or self.soft_fraction < 0:
+            raise ValueError("min_generate, max_yaw, min_light and soft_fraction must be >= 0")
         if self.small_max_passes < 1:
             raise ValueError(f"small_max_passes must be >= 1, not {self.small_max_passes}")
         if self.check_precision not in CHECK_PRECISIONS:
