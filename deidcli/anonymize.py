@@ -35,10 +35,6 @@ MAX_PENDING_FRAMES = 64
 FIRST_BATCH_DIVISOR = 4
 #: Faces of a new track averaged into its fixed identity descriptor.
 DESCRIPTOR_FACES = 5
-#: The identity check compares a generated face with the input face of its own frame too; that
-#: input's embedding is reused for the track's next OWN_EVERY - 1 faces (a face turns little in a
-#: few frames, and the comparison with the track's descriptor is made for every face anyway).
-OWN_EVERY = 4
 #: A track whose last CALM_FACES checked faces all came out at least CALM_MARGIN under
 #: --check-thresh is checked on every other face only (until a check comes out closer): most of
 #: the check's cost goes to tracks the generator handles with room to spare.
@@ -82,7 +78,6 @@ class PassLevels:
         self._left: dict = {}  # track -> faces it may still be generated at the raised count
         self.peak: dict = {}  # track -> highest count it was raised to
         self.faces_raised = 0  # faces generated above base by the hold (regenerations not counted)
-        self.own: dict = {}  # track -> [faces left to reuse it, the input face's embedding] (OWN_EVERY)
         self.calm: dict = {}  # track -> checked faces in a row at least CALM_MARGIN under the threshold
 
     def get(self, track) -> int:
@@ -417,12 +412,12 @@ class Pipeline:
                 return self.embedder.embed_check([region_arcface(frames[j], gen.regions[j], gen.jobs[j][2].kps)
                                                   for j in idx])
             with stages("identity"):
-                own = self._own_embeddings(gen, passes, todo, lambda j: arcface_crop(frames[j], gen.jobs[j][2].kps))
+                own = self._own_embeddings(gen, todo, lambda j: arcface_crop(frames[j], gen.jobs[j][2].kps))
         else:
             def seen(idx):
                 return self._embed_squares(_blend_crops(crops[idx], raw[idx], [masks[j] for j in idx]))
             with stages("identity"):
-                own = self._own_embeddings(gen, passes, todo, None)
+                own = self._own_embeddings(gen, todo, None)
         while len(todo):
             with stages("identity"):
                 emb = seen(todo)
@@ -455,31 +450,16 @@ class Pipeline:
         stats["fallback"] += int(fallback.sum())
         return fallback
 
-    def _own_embeddings(self, gen: "_Generated", passes: PassLevels, idx: np.ndarray, crop112) -> np.ndarray:
+    def _own_embeddings(self, gen: "_Generated", idx: np.ndarray, crop112) -> np.ndarray:
         """(N, D) embeddings of the input faces of ``gen`` for the identity check, filled in for the
-        faces ``idx`` (the others stay 0): computed for a track's face every OWN_EVERY faces, the
-        last one reused in between (``passes.own``). ``crop112(j)``: face j's 112 px input crop, or
-        None for the generator crops' squares."""
+        faces ``idx`` (the others stay 0). Each face's own frame: reusing a track's embedding of a
+        few frames before let faces through where the expression changes fast (stress set, lp_d6
+        in a 3x3 mosaic: frames 1-3 compared with frame 0's face, verified at cosine 0.34-0.52).
+        ``crop112(j)``: face j's 112 px input crop, or None for the generator crops' squares."""
         out = np.zeros((len(gen.jobs), gen.desc.shape[1]), np.float32)
-        fresh: list = []
-        source: list = []  # per face of idx: index into fresh, or the cached embedding
-        for j in idx:
-            t = gen.tracks[j]
-            c = passes.own.get(t)
-            if c is None or c[0] <= 0:
-                passes.own[t] = c = [OWN_EVERY - 1, len(fresh)]  # filled in below
-                fresh.append(j)
-            else:
-                c[0] -= 1
-            source.append(c[1])
-        if fresh:
-            emb = (self.embedder.embed_check([crop112(j) for j in fresh]) if crop112 is not None
-                   else self._embed_squares(gen.crops[fresh]))
-        for j, src in zip(idx, source):
-            out[j] = emb[src] if isinstance(src, int) else src
-        for c in passes.own.values():
-            if isinstance(c[1], int):
-                c[1] = emb[c[1]]
+        if len(idx):
+            out[idx] = (self.embedder.embed_check([crop112(j) for j in idx]) if crop112 is not None
+                        else self._embed_squares(gen.crops[idx]))
         return out
 
     def _embed_squares(self, crops: np.ndarray) -> np.ndarray:
