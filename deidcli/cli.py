@@ -136,7 +136,7 @@ def _generator_options(f):
                           "in eye distances: 0 frontal, 1 profile) get the --fallback."),
         click.option("--min-light", type=click.FloatRange(min=0), default=20.0, show_default=True,
                      help="generate: faces darker than this (mean CIELAB L*, 0-255) get the --fallback."),
-        click.option("--soft-fraction", type=click.FloatRange(min=0), default=0.6, show_default=True,
+        click.option("--soft-fraction", type=click.FloatRange(min=0), default=0.5, show_default=True,
                      help="generate: faces less sharp than this share of a sharp face of their size (motion "
                           "blur, defocus) get the --fallback (0: generate them)."),
         click.option("--colour-match/--no-colour-match", default=True,

@@ -46,10 +46,13 @@ SIZE_BINS = (48, 96, 192)
 HYSTERESIS = 0.1
 PATHS = ("generated", "small", "turned", "soft", "dark", "check")
 #: expected_sharpness: a sharp face of height h px has sharpness about SHARP_AT_45 + SHARP_SLOPE *
-#: (h - 45) in its 128 px crop (fitted by eye to the upper half of the stress set's clean 3x3 and
-#: 4x4 mosaic faces, 32-175 px: small faces are upscaled into the crop and so softer).
+#: (h - 45) in its 128 px crop, at most SHARP_MAX (fitted by eye to the upper half of the stress
+#: set's clean 3x3 and 4x4 mosaic faces, 32-175 px: small faces are upscaled into the crop and so
+#: softer; larger ones are scaled down to it, and a soft source stays soft: ghost_2person's
+#: 135-245 px faces measure 5.3-7.1, lp_d13's 516-541 px ones 15-17).
 SHARP_AT_45 = 4.0
 SHARP_SLOPE = 0.06
+SHARP_MAX = 9.0
 
 
 def size_bin(height: float) -> str:
@@ -95,7 +98,7 @@ def measure(crop: np.ndarray) -> tuple[float, float]:
 
 def expected_sharpness(height: float) -> float:
     """Sharpness (:func:`measure`) of a sharp face of this height (px)."""
-    return SHARP_AT_45 + SHARP_SLOPE * max(float(height) - 45.0, 0.0)
+    return min(SHARP_AT_45 + SHARP_SLOPE * max(float(height) - 45.0, 0.0), SHARP_MAX)
 
 
 class Router:

@@ -61,8 +61,8 @@ def test_router_decides_with_hysteresis_and_holds_after_a_failed_check():
     assert r.decide(1, 42, 0, 100) == "small" and r.decide(1, 44.5, 0, 100) == "generated"
     assert r.decide(2, 37, 0, 100) == "generated" and r.decide(2, 35.9, 0, 100) == "small"
     assert r.decide(3, 100, 0.7, 100) == "turned" and r.decide(4, 100, 0.1, 10) == "dark"
-    r.soft_fraction = 0.6  # a sharp 170 px face is about 11.5 sharp: under 6.9 it is too soft to draw on
-    assert r.decide(6, 170, 0.1, 100, sharp=5.0) == "soft" and r.decide(7, 170, 0.1, 100, sharp=10.0) == "generated"
+    r.soft_fraction = 0.5  # a sharp face of 128 px or more is about 9 sharp: under 4.5 it is too soft to draw on
+    assert r.decide(6, 400, 0.1, 100, sharp=4.0) == "soft" and r.decide(7, 400, 0.1, 100, sharp=5.0) == "generated"
     assert r.passes_for(95) == 2 and r.passes_for(96) == 4
     r.failed_check(5)
     assert [r.decide(5, 100, 0, 100) for _ in range(4)] == ["check"] * 3 + ["generated"]

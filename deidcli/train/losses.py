@@ -434,7 +434,6 @@ def degrade(x: torch.Tensor, gen: torch.Generator, p: float = 0.5, max_ops: int 
                                              downscale, noise, jpeg)]).clamp(0, 1)
     if p <= 0 or b == 0 or float(probs.sum()) <= 0:
         return (x, [[] for _ in range(b)]) if return_ops else x
-    dev = x.device
 
     def u(r) -> float:
         lo, hi = float(r[0]), float(r[1])
