@@ -136,9 +136,10 @@ def _generator_options(f):
                           "in eye distances: 0 frontal, 1 profile) get the --fallback."),
         click.option("--min-light", type=click.FloatRange(min=0), default=20.0, show_default=True,
                      help="generate: faces darker than this (mean CIELAB L*, 0-255) get the --fallback."),
-        click.option("--soft-fraction", type=click.FloatRange(min=0), default=0.5, show_default=True,
+        click.option("--soft-fraction", type=click.FloatRange(min=0), default=0.0, show_default=True,
                      help="generate: faces less sharp than this share of a sharp face of their size (motion "
-                          "blur, defocus) get the --fallback (0: generate them)."),
+                          "blur, defocus) get the --fallback (0, the default: generate them; 0.5 blurred half "
+                          "of a motion-blurred 3x3 mosaic's faces and made its measures worse)."),
         click.option("--colour-match/--no-colour-match", default=True,
                      help="generate: feed each face to the generator in the colours it was trained on, and give "
                           "the generated face the colours of the face it replaces: its chroma, its lightness "

@@ -90,13 +90,14 @@ def generate_on_crops(gen, crops: np.ndarray, desc: np.ndarray, device="cpu",
                       eye_pass: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(blended uint8 (N,S,S,3), mask float32 (N,S,S)) from the generator on uint8 crops;
     ``passes`` > 1 applies it again to its own blended output (mask: 1 - prod(1 - m_i)), as
-    ``deid anonymize --passes`` does; ``colour_match`` gives the combined raw output the input's
-    colour statistics first (align.match_colour), as ``deid anonymize`` does by default;
+    ``deid anonymize --passes`` does; ``colour_match`` feeds each crop in the colours the generator was trained on
+    (align.normalise_tone) and gives the combined raw output the input's colours (align.match_colour),
+    as ``deid anonymize`` does by default;
     ``first_pass_mouth``: passes after the first leave the mouth alone; ``eye_pass``: one run more,
     on the eye band only (engine.GeneratorRunner)."""
     import torch
 
-    from .align import match_colour
+    from .align import match_colour, normalise_tone
     from .engine import _compose_passes, eye_pass_weight, further_weights, later_pass_weight
     from .identity import to_input, to_uint8
 
@@ -111,7 +112,8 @@ def generate_on_crops(gen, crops: np.ndarray, desc: np.ndarray, device="cpu",
     with torch.no_grad():
         for i in range(0, len(crops), batch_size):
             c = crops[i:i + batch_size]
-            x = to_input(c).to(device)
+            # as GeneratorRunner: with colour matching each face is fed in the colours it was trained on
+            x = to_input(np.stack([normalise_tone(ci) for ci in c]) if colour_match else c).to(device)
             d = torch.from_numpy(desc[i:i + batch_size]).to(device)
             raw, m = gen(x, d)
             if further:  # one equivalent (raw, mask) pair, as GeneratorRunner returns

@@ -70,7 +70,7 @@ class AnonymizeOptions:
     min_generate: int = 40  # generate: faces less than this many px high get the fallback (routing.py)
     max_yaw: float = 0.6  # generate: faces turned further (routing.yaw, eye distances) get the fallback
     min_light: float = 20.0  # generate: faces darker than this (mean CIELAB L*, 0-255) get the fallback
-    soft_fraction: float = 0.5  # generate: faces less sharp than this share of a sharp face of their size get the fallback
+    soft_fraction: float = 0.0  # generate: faces less sharp than this share of a sharp face of their size get the fallback (0: off)
     small_max_passes: int = 2  # generate: most passes for faces under routing.LARGE_FACE px before the fallback
     models_dir: Optional[Path] = None  # first place to look for model files
     overwrite: bool = False  # replace existing outputs (folder runs skip them otherwise)
