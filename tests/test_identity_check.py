@@ -274,6 +274,7 @@ def test_finish_writes_what_the_check_saw(check_thresh):
     from conftest import MODELS, VIDEOS
     from deidcli.align import paste
     from deidcli.anonymize import Pipeline, new_check_stats
+    from deidcli.methods import apply_classic
     from deidcli.options import AnonymizeOptions
 
     p = Pipeline(AnonymizeOptions(models_dir=MODELS, check_thresh=check_thresh, batch_size=8))
@@ -288,13 +289,26 @@ def test_finish_writes_what_the_check_saw(check_thresh):
     items[0][1].append(shifted)
     descriptors, passes, stats = {}, p.new_pass_levels(), new_check_stats()
     got = [(im.copy(), faces) for im, faces in items]
+    seen = {}
+    check = p._check_identity
+
+    def spy(*a, **k):  # which faces the check gave the fallback
+        seen["fallback"] = check(*a, **k)
+        return seen["fallback"]
+
+    p._check_identity = spy
     gen = p.generate(got, descriptors, passes=passes)
     rects = p.finish(got, gen, passes=passes, stats=stats)
     assert stats["checked"] >= 9 and (stats["regenerated"] > 0) == (check_thresh == 0.0)
-    assert stats["fallback"] == 0
+    fallback = seen["fallback"]
+    assert stats["fallback"] == fallback.sum() and (check_thresh == 0.0 or not fallback.any())
     want = [im.copy() for im, _ in items]
-    for (i, M, f), r, m in zip(gen.jobs, gen.raw, gen.masks):
-        paste(want[i], r, m, M, p.detail)
+    for (i, M, f), r, m, fb in zip(gen.jobs, gen.raw, gen.masks, fallback):
+        if not fb:
+            paste(want[i], r, m, M, p.detail)
+    for (i, M, f), fb in zip(gen.jobs, fallback):  # the fallback last: nothing is pasted over it
+        if fb:
+            apply_classic(want[i], [f], "blur", p.options.margin)
     for (g, _), w in zip(got, want):
         np.testing.assert_array_equal(g, w)
     assert len(rects[0]) == 3 and rects[0][0][0] < rects[0][2][2] and rects[0][2][0] < rects[0][0][2]
