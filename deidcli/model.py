@@ -297,7 +297,7 @@ def widen_state_dict(state: Mapping[str, torch.Tensor], old: Union[GeneratorConf
 
     Only the channel counts may differ (``base_channels`` / ``max_channels``), each level's new
     count a multiple of its old one. Why: a generator trained for many steps can be given more
-    capacity without starting again (weights/MODEL_CARD.md, Schedule, session 25)."""
+    capacity without starting again (weights/MODEL_CARD.md, Schedule, 2026-12-01)."""
     ca, cb = widening(old, new)
     gb = Generator(new if isinstance(new, GeneratorConfig) else GeneratorConfig.from_dict(new))
     n = len(ca) - 1
@@ -386,7 +386,7 @@ class FeatureDiscriminator(nn.Module):
     Why: a patch discriminator on pixels, trained alongside the generator on 2 CPU cores, tells
     real eyes from the generator's on barely more than chance (weights/MODEL_CARD.md, "How weak
     the discriminators are"), and the training loop computes these maps anyway for the attractor.
-    Measured (MODEL_CARD, Schedule, session 23): with the shipped generator frozen, on MobileFaceNet's
+    Measured (MODEL_CARD, Schedule, 2026-11-30): with the shipped generator frozen, on MobileFaceNet's
     stem, dw and b4 maps, it tells outputs from photos on 63% of held-out faces after 200 steps
     (the pixel eye discriminator: 56% after 300); a 3,600-step branch with it did not change the
     eyes. Off by default (``weights.feat_adv`` 0)."""

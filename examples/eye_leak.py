@@ -17,7 +17,7 @@ It is not a substitute for `deid evaluate-video --judge dlib` (the pipeline on t
 no hair, ears or head outline, which the video keeps unchanged and dlib uses. It ordered steps
 36,500 and 42,078 as the video does (24% / 8% here against 32% / 8% there; 38% / 27% against
 72% / 22%), but gave 11% / 3% to a checkpoint that measured 32% / 14% on video
-(weights/MODEL_CARD.md, Schedule, session 22). Use it to compare parts of the face (--regions)
+(weights/MODEL_CARD.md, Schedule, 2026-11-30). Use it to compare parts of the face (--regions)
 and to reject checkpoints, not to accept them.
 
 ``--regions`` also pastes parts of the *input* into each output: its brows, its lids and iris,

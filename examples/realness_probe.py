@@ -36,9 +36,9 @@ discriminators a training state saved (``D``, and ``D_eye`` when there is one, a
 built them from the state's config): does the generator's own adversary still tell its faces
 from photos?
 
-Measured (2026-11-30, weights/MODEL_CARD.md, Schedule, session 23), AUC MobileFaceNet / SCRFD:
+Measured (2026-11-30, weights/MODEL_CARD.md, Schedule), AUC MobileFaceNet / SCRFD:
 shipped step 36,500 0.820 / 0.611; eye-blurred photos 0.995 / 0.919; JPEG-50 photos 0.896 / 0.832.
-Session 24, ``eyes``: shipped 0.916 (0.969 with all 8,374 training faces), eye-blurred 0.999,
+2026-11-30, ``eyes``: shipped 0.916 (0.969 with all 8,374 training faces), eye-blurred 0.999,
 JPEG-50 1.000, copies 0.5; the shipped state's own ``D`` 0.943, ``D_eye`` 0.513.
 A JPEG copy looks natural and the generator's faces do not, yet the probe tells the JPEG copies
 apart more easily: it sees low-level statistics (recompression, blur), not what makes a face

@@ -166,12 +166,12 @@ def test_eye_leak_screen_pastes_the_input_parts_and_judges_them(tmp_path):
 
 
 def test_realness_probe_tells_smeared_eyes_and_not_copies(tmp_path):
-    """examples/realness_probe.py (weights/MODEL_CARD.md, Schedule, session 23): on real LFW crops,
+    """examples/realness_probe.py (weights/MODEL_CARD.md, Schedule, 2026-11-30): on real LFW crops,
     held-out faces, exact copies as "outputs" give AUC 0.5 (the probe cannot invent a difference),
     copies with the eyes blurred are told apart, in every feature space (``eyes``: a
     discriminator trained from scratch on the eye band's pixels); a checkpoint's outputs are the
     pipeline's (blended, colours matched) faces of the right shape; and the shipped training
-    state's saved discriminator ranks photos above them (session 24: AUC 0.94 on the validation
+    state's saved discriminator ranks photos above them (2026-11-30: AUC 0.94 on the validation
     people) while it scores copies as ties."""
     import importlib.util
     from pathlib import Path

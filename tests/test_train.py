@@ -483,7 +483,7 @@ def test_train_validates_on_held_out_people_and_keeps_the_best(tmp_path, cache_d
 
 def test_config_files_are_valid_training_configs():
     """Every file in configs/ merges into the loop's DEFAULTS (no unknown or mistyped key), and the
-    structure-loss branch's recipe (weights/MODEL_CARD.md, sessions 20-21) is the shipped step's
+    structure-loss branch's recipe (weights/MODEL_CARD.md, 2026-11-30) is the shipped step's
     recipe with only the structure weight (and the name) changed."""
     from deidcli.train.loop import DEFAULTS, merge
 

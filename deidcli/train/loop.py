@@ -148,7 +148,7 @@ DEFAULTS: dict[str, Any] = {
     "select_max_landmarks": 3.0,  # best_generator.pt: the lowest validation cosine among
     # validations whose landmark displacement (% inter-ocular) is at most this
     "val_stop": 0.2,  # stop (error, exit 1) when a validation cosine exceeds the best one by more
-    # than this: the run has diverged (session 18: 0.106 -> 0.785 within 500 steps; between
+    # than this: the run has diverged (2026-11-30: 0.106 -> 0.785 within 500 steps; between
     # healthy validations it moved by < 0.02). None: never
     "log_every": 10,
     "sample_every": 200,

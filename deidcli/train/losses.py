@@ -84,7 +84,7 @@ def eye_repeller(idnet: MobileFaceNet, out: torch.Tensor, ref: torch.Tensor, ban
     Why: the whole-face repeller can be met by changing the rest of the face while the eyes keep
     their owner's shape, and an independent recognizer (dlib) reads much of the identity from the
     eye band (on lp_d13's crops the input's brows or lids pasted into an output bring it back).
-    Measured (weights/MODEL_CARD.md, Schedule, session 22): it lowers this network's eye-band
+    Measured (weights/MODEL_CARD.md, Schedule, 2026-11-30): it lowers this network's eye-band
     cosine, not dlib's, and smudges the eyes again; off by default (``weights.eye_rep`` 0)."""
     x = crop_to_id_input(band * out + (1 - band) * ref, margin)
     emb = idnet(robust_view(x, gen, rescale) if gen is not None and rescale < 1 else x)
@@ -158,7 +158,7 @@ def feature_weights(size: int, margin: float, soften: int = 5, brows: bool = Tru
     :func:`mouth_weights`, box-blurred by ``soften`` px. ``brows=False``: the eye boxes stop
     0.25 inter-ocular distances above the eye (lids and iris, not the brow): the brows' shape is
     identity (pasting a person's brows into an output lets dlib re-identify it). Measured: the
-    lids carry it too, so this alone does not stop the leak (weights/MODEL_CARD.md, session 22)."""
+    lids carry it too, so this alone does not stop the leak (weights/MODEL_CARD.md, 2026-11-30)."""
     from ..align import eye_boxes
 
     m = torch.from_numpy(eye_boxes(size, margin, soften, top=0.5 if brows else 0.25))[:, None]
