@@ -186,7 +186,7 @@ DETAIL_RATIO = 1.15
 DETAIL_SIGMAS = (0.6, 0.9, 1.2, 1.6, 2.0, 2.6, 3.2, 4.0)
 
 
-def _detail(L: np.ndarray, size: int) -> float:
+def detail(L: np.ndarray, size: int) -> float:
     """Mean |Laplacian| of a lightness image (S, S) float32 over the face ellipse."""
     return float(cv2.mean(np.abs(cv2.Laplacian(L, cv2.CV_32F, ksize=3)), mask=_face_u8(size))[0])
 
@@ -241,8 +241,8 @@ def match_colour(raw: np.ndarray, crop: np.ndarray, mask: np.ndarray, min_weight
     slack = min(ENVELOPE_SLACK, max(4.0, 0.5 * float(sb[0])))
     lo = cv2.erode(Lc, k).astype(np.float32) - slack
     hi = cv2.dilate(Lc, k).astype(np.float32) + slack
-    budget = DETAIL_RATIO * _detail(Lc.astype(np.float32), size)
-    if _detail(L, size) > budget:
+    budget = DETAIL_RATIO * detail(Lc.astype(np.float32), size)
+    if detail(L, size) > budget:
         scale = size / 128.0
 
         def soften(k):
@@ -251,7 +251,7 @@ def match_colour(raw: np.ndarray, crop: np.ndarray, mask: np.ndarray, min_weight
         lo_k, hi_k = 0, len(DETAIL_SIGMAS) - 1  # the least sigma that does it (detail falls with sigma)
         while lo_k < hi_k:
             mid = (lo_k + hi_k) // 2
-            if _detail(soften(mid), size) <= budget:
+            if detail(soften(mid), size) <= budget:
                 hi_k = mid
             else:
                 lo_k = mid + 1

@@ -284,7 +284,7 @@ class Pipeline:
                 for f in faces:
                     M = estimate_transform(f.kps, S, margin)
                     crop = warp_crop(img, M, S)
-                    light, sharp = measure(crop)
+                    light, sharp = measure(crop, sharpness=router.soft_fraction > 0)
                     path = router.decide(f.track_id, face_height(f.box), yaw(f.kps), light, sharp)
                     if path != "generated":
                         held.append((i, f, path))
@@ -293,9 +293,11 @@ class Pipeline:
                     crops.append(crop)
         if not jobs and not held:
             return None
+        drawn: list[list] = [[] for _ in items]  # per item, the faces the generator draws
+        for i, _, f in jobs:
+            drawn[i].append(f)
         with stages("identity"):  # only the tracks the generator draws need a descriptor
-            self._describe_new_tracks([(img, [f for j, _, f in jobs if j == i]) for i, (img, _) in enumerate(items)],
-                                      descriptors)
+            self._describe_new_tracks([(img, fs) for (img, _), fs in zip(items, drawn)], descriptors)
         tracks = [f.track_id for _, _, f in jobs]
         desc = np.stack([descriptors[t] for t in tracks]).astype(np.float32) if jobs else np.zeros((0, 128), np.float32)
         crops = np.stack(crops) if jobs else np.zeros((0, S, S, 3), np.uint8)

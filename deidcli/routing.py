@@ -80,21 +80,22 @@ def yaw(kps: np.ndarray) -> float:
     return abs(float(np.dot(nose - (le + re) / 2, d / iod))) / iod
 
 
-def measure(crop: np.ndarray) -> tuple[float, float]:
+def measure(crop: np.ndarray, sharpness: bool = True) -> tuple[float, float]:
     """(lightness, sharpness) of a generator crop's face ellipse: mean CIELAB L* (0-255), and
-    10 x mean |Laplacian| of L* over its standard deviation (contrast-free: haze and low light
-    change it little, blur a lot; at the 128 px crop a clean 45 px face is about 4, a clean
-    170 px one 11-16, the same faces with 13 px of motion blur 1.7 and 5-5.5)."""
+    10 x mean |Laplacian| of L* (align.detail) over its standard deviation (contrast-free: haze
+    and low light change it little, blur a lot; at the 128 px crop a clean 45 px face is about 4,
+    a clean 170 px one 11-16, the same faces with 13 px of motion blur 1.7 and 5-5.5). Without
+    ``sharpness`` (the soft path off) the second value is inf and not computed."""
     import cv2
 
-    from .align import _face_u8
+    from .align import _face_u8, detail
 
     size = crop.shape[0]
     L = cv2.cvtColor(crop, cv2.COLOR_RGB2LAB)[..., 0].astype(np.float32)
-    mask = _face_u8(size)
-    mean, std = cv2.meanStdDev(L, mask=mask)
-    lap = float(cv2.mean(np.abs(cv2.Laplacian(L, cv2.CV_32F, ksize=3)), mask=mask)[0])
-    return float(mean[0, 0]), 10.0 * lap / max(float(std[0, 0]), 1.0)
+    mean, std = cv2.meanStdDev(L, mask=_face_u8(size))
+    if not sharpness:
+        return float(mean[0, 0]), float("inf")
+    return float(mean[0, 0]), 10.0 * detail(L, size) / max(float(std[0, 0]), 1.0)
 
 
 def expected_sharpness(height: float) -> float:
