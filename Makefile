@@ -3,9 +3,14 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 SHARED ?= $(abspath ../shared)
+# The team's ../shared/models is the fast path. Without it, deid fetches the model files it needs
+# on first use into ~/.cache/deid, from $$DEID_MODELS_URL/<name> when that is set (a mirror).
+ifneq ($(wildcard $(SHARED)/models),)
 export DEID_MODELS_DIR ?= $(SHARED)/models
-DEMO_IN  ?= $(SHARED)/videos/ghost_2person.mp4
-DEMO_OUT ?= out/ghost_2person.deid.mp4
+endif
+# The bundled input: made by `deid demo-clip` from a public-domain photo inside scikit-image.
+DEMO_IN  ?= out/demo_in.mp4
+DEMO_OUT ?= out/demo_out.mp4
 DEMO_METHOD ?= generate
 
 .PHONY: install test demo clean
@@ -35,7 +40,10 @@ install: $(VENV)/.deid
 test: install
 	$(BIN)/python -m pytest -q
 
-demo: install
+out/demo_in.mp4: | $(VENV)/.deid
+	$(BIN)/deid demo-clip $@
+
+demo: install $(DEMO_IN)
 	$(BIN)/deid anonymize "$(DEMO_IN)" "$(DEMO_OUT)" --method $(DEMO_METHOD) --overwrite
 	@echo "wrote $(DEMO_OUT)"
 

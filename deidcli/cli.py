@@ -337,7 +337,7 @@ def models(ctx, models_dir, as_json):
     for name in weights.REGISTRY:
         st = weights.status(name, models_dir)
         rows.append({"name": name, "found": str(st.path) if st.path else None, "verified": st.verified,
-                     "searched": [str(d) for d in st.searched], "source": st.model.url,
+                     "searched": [str(d) for d in st.searched], "source": weights.source_url(name),
                      "licence": st.model.licence, "purpose": st.model.purpose})
     gen = weights.DEFAULT_GENERATOR
     if as_json:
@@ -358,7 +358,8 @@ def models(ctx, models_dir, as_json):
               help="Where to save (default: the cache, $XDG_CACHE_HOME/deid).")
 @click.pass_context
 def models_download(ctx, names, dest):
-    """Fetch missing or corrupt model files from their public sources (verified before use)."""
+    """Fetch missing or corrupt model files (SHA-256 verified) from their sources, or from the mirror
+    $DEID_MODELS_URL/<name> when set."""
     from . import weights
 
     try:
@@ -419,7 +420,7 @@ def _register_optional() -> None:
     module level there is added. Those modules import torch only when a command runs."""
     import importlib
 
-    for mod in ("deidcli.train.commands", "deidcli.evaluate_video", "deidcli.doctor"):
+    for mod in ("deidcli.train.commands", "deidcli.evaluate_video", "deidcli.doctor", "deidcli.demo"):
         try:
             m = importlib.import_module(mod)
         except ImportError as e:

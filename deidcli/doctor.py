@@ -72,7 +72,7 @@ def _minimums() -> dict[str, str]:
     import importlib.metadata as md
 
     try:
-        reqs = md.requires("deid") or []
+        reqs = md.requires("deid-video") or []  # the distribution name (the module is deidcli)
     except md.PackageNotFoundError:
         return dict(_FALLBACK_MINIMUMS)
     out = {}

@@ -8,7 +8,7 @@ threshold on clean pairsDevTest, rank-1, cosine).
 ``dlib``: dlib's ResNet face-recognition model v1 (128-d, trained by Davis King on ~3M faces of
 other datasets; CC0) with its own 5-point shape predictor and face-chip alignment (150x150,
 padding 0.25): nothing of deid's alignment or identity network is shared beyond the crop.
-Install with ``pip install 'deid[judge]'`` (packages ``dlib-bin`` and ``face_recognition_models``;
+Install with ``pip install 'deid-video[judge]'`` (packages ``dlib-bin`` and ``face_recognition_models``;
 the weights come inside the package, no download at run time).
 """
 
@@ -38,7 +38,7 @@ def _dlib_models() -> Path:
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
         raise JudgeUnavailable("judge 'dlib' needs the packages dlib-bin and face_recognition_models "
-                               "(pip install 'deid[judge]')")
+                               "(pip install 'deid-video[judge]')")
     return Path(list(spec.submodule_search_locations)[0]) / "models"
 
 
@@ -60,7 +60,7 @@ class DlibJudge:
             import dlib
         except ImportError as e:
             raise JudgeUnavailable("judge 'dlib' needs the packages dlib-bin and face_recognition_models "
-                                   "(pip install 'deid[judge]')") from e
+                                   "(pip install 'deid-video[judge]')") from e
         d = _dlib_models()
         self._dlib = dlib
         self.rec = dlib.face_recognition_model_v1(str(d / "dlib_face_recognition_resnet_model_v1.dat"))

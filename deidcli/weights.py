@@ -2,15 +2,19 @@
 
 Search order for a file: ``--models-dir``, then ``$DEID_MODELS_DIR``, then the cache
 ``$XDG_CACHE_HOME/deid`` (default ``~/.cache/deid``). Every load verifies the SHA-256
-(cached per path/size/mtime within a process). ``download()`` fetches into the cache
+(cached per path/size/mtime within a process). A file found nowhere is fetched on first use
+(``model_path``), unless ``$DEID_OFFLINE`` is set. ``download()`` fetches into the cache
 through a temporary file that is verified and then renamed; nothing is ever written
-into site-packages or the repository.
+into site-packages or the repository. ``$DEID_MODELS_URL`` points every download at a
+mirror holding the files under their registry names (``$DEID_MODELS_URL/<name>``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import sys
 import tempfile
 import urllib.request
 from dataclasses import dataclass
@@ -20,6 +24,10 @@ from typing import Callable, Iterable, Optional
 from .errors import ModelError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+MIRROR_ENV = "DEID_MODELS_URL"  # base URL of a mirror: files come from $DEID_MODELS_URL/<name>
+OFFLINE_ENV = "DEID_OFFLINE"  # set (1, yes, true): no fetch on first use; a missing file: an error
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -129,15 +137,44 @@ def status(name: str, models_dir: Optional[os.PathLike] = None) -> ModelStatus:
     return ModelStatus(model, dirs, None, None)
 
 
-def model_path(name: str, models_dir: Optional[os.PathLike] = None) -> Path:
-    """Path of a verified model file; ModelError naming the file, where it was looked for and how
-    to get it otherwise."""
+def source_url(name: str) -> str:
+    """Where ``name`` is downloaded from: ``$DEID_MODELS_URL/<name>`` when set, else the registry's
+    URL."""
+    model = _get(name)
+    base = os.environ.get(MIRROR_ENV, "").strip()
+    return f"{base.rstrip('/')}/{model.name}" if base else model.url
+
+
+def offline() -> bool:
+    """True when ``$DEID_OFFLINE`` forbids fetching missing files on first use."""
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def model_path(name: str, models_dir: Optional[os.PathLike] = None,
+               fetch: Optional[bool] = None) -> Path:
+    """Path of a verified model file. A file found nowhere is downloaded into the cache first
+    (``fetch``; default: unless ``$DEID_OFFLINE`` is set). ModelError naming the file, where it
+    was looked for and how to get it otherwise."""
     st = status(name, models_dir)
     where = ", ".join(str(d) for d in st.searched)
+    if st.path is None and (not offline() if fetch is None else fetch):
+        _log.warning("model file %s not found (looked in: %s): fetching it from %s (first use; "
+                     "%s=1 turns this off)", name, where, source_url(name), OFFLINE_ENV)
+        try:
+            got = download([name], models_dir=models_dir)
+        except ModelError as e:
+            raise ModelError(f"{e}; set {MIRROR_ENV} to a mirror, or DEID_MODELS_DIR / "
+                             f"--models-dir to a folder holding {name}, or run `deid models "
+                             "download` where the network reaches it") from None
+        for path in got:  # none when another process saved it in the meantime
+            _log.warning("%s: SHA-256 verified, saved to %s", name, path)
+        st = status(name, models_dir)
     if st.path is None:
+        off = f" ({OFFLINE_ENV} is set: no download on first use)" if offline() else ""
         raise ModelError(
-            f"model file {name} not found (looked in: {where}); run `deid models download` "
-            f"or set DEID_MODELS_DIR / --models-dir to a folder holding it (source: {st.model.url})"
+            f"model file {name} not found (looked in: {where}){off}; run `deid models download` "
+            "or set DEID_MODELS_DIR / --models-dir to a folder holding it "
+            f"(source: {source_url(name)})"
         )
     if not st.verified:
         raise ModelError(
@@ -159,14 +196,17 @@ def download(
     dest: Optional[Path] = None,
     models_dir: Optional[os.PathLike] = None,
     urls: Optional[dict[str, str]] = None,
-    log: Callable[[str], None] = lambda s: None,
+    log: Callable[[str], None] = _log.info,
     timeout: float = 60.0,
+    progress: Optional[bool] = None,
 ) -> list[Path]:
     """Fetch model files that are missing or corrupt into ``dest`` (default: the cache).
 
     Each file goes to a temporary file in ``dest``, is checked against its SHA-256, and is
-    renamed into place only then. ``urls`` overrides the source URL per name (mirrors, tests).
-    Returns the paths written. Raises ModelError if a download fails or does not verify.
+    renamed into place only then. Sources: ``urls`` per name (tests), else :func:`source_url`
+    (``$DEID_MODELS_URL`` or the registry). ``progress``: a byte progress bar on stderr
+    (default: only when stderr is a terminal). Returns the paths written. Raises ModelError
+    (one line) if a download fails or does not verify; nothing is left behind then.
     """
     dest = Path(dest) if dest else cache_dir()
     written = []
@@ -176,33 +216,63 @@ def download(
         if st.ok:
             log(f"{name}: present at {st.path}")
             continue
-        url = (urls or {}).get(name, model.url)
-        dest.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=dest)
+        url = (urls or {}).get(name) or source_url(name)
+        log(f"{name}: downloading {url}")
         try:
-            h = hashlib.sha256()
-            log(f"{name}: downloading {url}")
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-                for chunk in iter(lambda: resp.read(1 << 20), b""):
-                    h.update(chunk)
-                    out.write(chunk)
-            if h.hexdigest() != model.sha256:
+            dest.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=dest)
+        except OSError as e:
+            raise ModelError(f"cannot write {name} into {dest}: {e.strerror or e}") from None
+        try:
+            digest = _fetch(url, fd, timeout, name, progress)
+            if digest != model.sha256:
                 raise ModelError(
                     f"download of {name} from {url} does not verify "
-                    f"(SHA-256 {h.hexdigest()[:12]}..., expected {model.sha256[:12]}...)"
+                    f"(SHA-256 {digest[:12]}..., expected {model.sha256[:12]}...)"
                 )
             final = dest / name
             os.replace(tmp, final)
             written.append(final)
-            log(f"{name}: saved to {final}")
+            log(f"{name}: SHA-256 verified, saved to {final}")
         except ModelError:
             raise
         except Exception as e:  # network errors, HTTP errors, disk errors
-            raise ModelError(f"download of {name} from {url} failed: {e}") from None
+            raise ModelError(f"download of {name} from {url} failed: {_reason(e)}") from None
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return written
+
+
+def _fetch(url: str, fd: int, timeout: float, name: str, progress: Optional[bool]) -> str:
+    """Stream ``url`` into the open file ``fd`` (closed here); returns the SHA-256 of the bytes."""
+    from tqdm import tqdm
+
+    h = hashlib.sha256()
+    req = urllib.request.Request(url, headers={"User-Agent": "deid-video"})
+    with os.fdopen(fd, "wb") as out, urllib.request.urlopen(req, timeout=timeout) as resp:
+        total = int(resp.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, desc=name, unit="B", unit_scale=True, unit_divisor=1024,
+                  file=sys.stderr, disable=None if progress is None else not progress,
+                  leave=False) as bar:
+            for chunk in iter(lambda: resp.read(1 << 20), b""):
+                h.update(chunk)
+                out.write(chunk)
+                bar.update(len(chunk))
+    return h.hexdigest()
+
+
+def _reason(e: Exception) -> str:
+    """One line for a download failure: the HTTP status, the socket error, or the OS error."""
+    import urllib.error
+
+    if isinstance(e, urllib.error.HTTPError):
+        return f"HTTP {e.code} {e.reason}"
+    if isinstance(e, urllib.error.URLError):
+        e = e.reason if isinstance(e.reason, Exception) else Exception(str(e.reason))
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 # --- the generator checkpoint shipped with deid (trained by this project) -------------------

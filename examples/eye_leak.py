@@ -27,7 +27,7 @@ minus its mean: how open the eye is, without the lid contour), and the lids' fin
 (the input minus its 1/2 or 1/4 resolution copy, over the output's coarser picture: what
 sharpening the output's eyes with the input's own lashes and lid lines would let through).
 How much each raises dlib's figure says how much identity that part carries: what a loss that
-keeps it from the input lets through. Needs ``pip install 'deid[judge]'`` (dlib).
+keeps it from the input lets through. Needs ``pip install 'deid-video[judge]'`` (dlib).
 """
 
 from __future__ import annotations

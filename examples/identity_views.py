@@ -12,7 +12,7 @@ hair and outline in the crop) and in (1.2), and blurred. dlib's descriptor dista
 independent judge of `deid evaluate-video --judge dlib`; < 0.6 = same person) is taken on the
 same face. Prints, per view, the mean cosine over all faces, over those dlib still calls the same
 person and over the others, and its correlation with -distance: whether a check on that view
-would single out the faces dlib re-identifies. Needs ``pip install 'deid[judge]'`` (dlib).
+would single out the faces dlib re-identifies. Needs ``pip install 'deid-video[judge]'`` (dlib).
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ LFW = SHARED / "data" / "lfw"
 def pytest_configure(config):
     if MODELS.is_dir():
         os.environ.setdefault("DEID_MODELS_DIR", str(MODELS))
+    # no model fetched on first use behind a test's back: a missing file stays an error (exit 3);
+    # tests/test_weights.py turns fetching on against its own loopback server
+    os.environ.setdefault("DEID_OFFLINE", "1")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -33,6 +36,38 @@ def shared():
     if not VIDEOS.is_dir():
         pytest.skip("../shared/videos not present")
     return SHARED
+
+
+@pytest.fixture
+def serve():
+    """serve(root) -> (base URL, paths requested so far): a real HTTP server on 127.0.0.1 (a free
+    port) serving the folder ``root`` until the test ends; a mirror for DEID_MODELS_URL."""
+    import functools
+    import http.server
+    import threading
+
+    servers = []
+
+    def start(root: Path):
+        got = []
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                got.append(self.path)
+                super().do_GET()
+
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return f"http://127.0.0.1:{srv.server_address[1]}", got
+
+    yield start
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
 
 
 def cut_clip(src: Path, dst: Path, seconds: float, audio: bool = True) -> Path:

@@ -138,7 +138,7 @@ def test_eye_leak_screen_pastes_the_input_parts_and_judges_them(tmp_path):
 
     import pytest
 
-    pytest.importorskip("dlib", reason="judge extra not installed (pip install 'deid[judge]')")
+    pytest.importorskip("dlib", reason="judge extra not installed (pip install 'deid-video[judge]')")
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("eye_leak", root / "examples" / "eye_leak.py")
     el = importlib.util.module_from_spec(spec)

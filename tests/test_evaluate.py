@@ -66,7 +66,7 @@ def test_evaluate_tiny(tmp_path):
 def test_dlib_judge_in_evaluate(tmp_path):
     """The independent judge (dlib ResNet, not trained with by deid) tells DevTest people apart on
     deid's own crops, and evaluate() reports its metrics beside MobileFaceNet's."""
-    pytest.importorskip("dlib", reason="judge extra not installed (pip install 'deid[judge]')")
+    pytest.importorskip("dlib", reason="judge extra not installed (pip install 'deid-video[judge]')")
     import torch
 
     from deidcli.align import arcface_box

@@ -111,7 +111,7 @@ def test_jaw_drop_follows_a_real_mouth(shared):
 
 def test_lip_opening_follows_a_real_mouth(shared):
     """The inner-lip measure (dlib 68 points) on the same lp_d6 frames: 27 lips closed, 56 wide open."""
-    pytest.importorskip("dlib", reason="judge extra not installed (pip install 'deid[judge]')")
+    pytest.importorskip("dlib", reason="judge extra not installed (pip install 'deid-video[judge]')")
     from deidcli import weights
     from deidcli.evaluate_video import LipOpening, upright_frames
     from deidcli.faces import Detector
@@ -129,7 +129,7 @@ def test_lip_opening_follows_a_real_mouth(shared):
 def test_eye_opening_follows_a_real_blink(shared):
     """The eye measure (lids, from the same dlib fit) on retalk_face4: open at frame 70, shut in the
     blink at frame 76 (0.14 and 0.03 IOD when written; the lips there: 0.11 and 0.04)."""
-    pytest.importorskip("dlib", reason="judge extra not installed (pip install 'deid[judge]')")
+    pytest.importorskip("dlib", reason="judge extra not installed (pip install 'deid-video[judge]')")
     from deidcli import weights
     from deidcli.evaluate_video import LipOpening, upright_frames
     from deidcli.faces import Detector
@@ -243,7 +243,7 @@ def test_judge_sees_the_spliced_frames(two, blurred, tmp_path):
     clip with frames 5..7 left as they were, dlib calls exactly those 3 faces of each track the
     same person (distance < 0.6) and the blurred ones not; every 4th frame of the clip against
     itself: all the same person. Through the command line, the markdown has the judge's table."""
-    pytest.importorskip("dlib", reason="judge extra not installed (pip install 'deid[judge]')")
+    pytest.importorskip("dlib", reason="judge extra not installed (pip install 'deid-video[judge]')")
     from click.testing import CliRunner
 
     from deidcli.evaluate_video import evaluate_video, evaluate_video_command

@@ -126,7 +126,7 @@ def train_command(config_path, name, device, steps, max_minutes, runs_dir, cache
 @click.option("--limit", type=int, default=None, help="Evaluate on at most this many test faces.")
 @click.option("--judge", "judges", multiple=True, type=click.Choice(["dlib"]),
               help="Also measure identity with this independent recognition network (deid was not "
-                   "trained with it; needs pip install 'deid[judge]'). Repeatable.")
+                   "trained with it; needs pip install 'deid-video[judge]'). Repeatable.")
 @click.option("--colour-match/--no-colour-match", default=True,
               help="generate: give the generated face the input's colour statistics, as `deid anonymize` does "
                    "by default (--no-colour-match: the generator's own colours).")
