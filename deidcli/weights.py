@@ -231,6 +231,7 @@ def download(
                     f"(SHA-256 {digest[:12]}..., expected {model.sha256[:12]}...)"
                 )
             final = dest / name
+            os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep the cache from other users
             os.replace(tmp, final)
             written.append(final)
             log(f"{name}: SHA-256 verified, saved to {final}")

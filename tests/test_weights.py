@@ -24,6 +24,7 @@ def clean_env(monkeypatch, tmp_path):
     return tmp_path
 
 
+@needs_shared
 def test_registry_matches_shared_checksums():
     sums = dict(line.split()[::-1] for line in (SHARED_MODELS / "SHA256SUMS").read_text().splitlines() if line.strip())
     assert set(weights.REGISTRY) == set(sums)
@@ -123,6 +124,7 @@ def test_first_use_fetches_from_the_mirror(online, monkeypatch, serve, caplog):
     assert path == online / SMALL and got == [f"/{SMALL}"]
     assert hashlib.sha256(path.read_bytes()).hexdigest() == weights.REGISTRY[SMALL].sha256
     assert [p.name for p in online.iterdir()] == [SMALL]  # no temporary file left
+    assert path.stat().st_mode & 0o777 == 0o644
     assert f"fetching it from {base}/{SMALL}" in caplog.text and "SHA-256 verified" in caplog.text
     assert weights.model_path(SMALL) == path and got == [f"/{SMALL}"]  # cached: fetched once
 
