@@ -94,75 +94,53 @@ class _RichProgress:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, "-V", "--version", prog_name="deid")
 def cli():
-    """deid: replace the identity of every face in videos and images, keep what the face does."""
+    """deid: replace the identity of every face in videos and images, keep what the face does.
+
+    Start with `deid anonymize IN OUT`; `deid doctor` checks the installation. The manual is
+    README.md, with details in docs/.
+    """
 
 
 def _generator_options(f):
     """--weights/--device/--fp16/--batch-size, shared by `anonymize` and `bench`."""
     for opt in reversed((
         click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                     help="Generator checkpoint (default: the one shipped in weights/)."),
+                     help="Generator checkpoint (default: shipped)."),
         click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N."),
-        click.option("--fp16", is_flag=True, help="Half precision generator on CUDA (ignored with a warning on CPU)."),
+        click.option("--fp16", is_flag=True, help="Half-precision generator on CUDA."),
         click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Faces per generator batch."),
         click.option("--passes", type=click.IntRange(1, 8), default=1,
-                     help="generate: generator passes per face; each one moves the face further from the person."),
+                     help="Generator passes per face."),
         click.option("--identity-check/--no-identity-check", default=True,
-                     help="generate: embed every generated face with the identity network; a face still close to "
-                          "the person (--check-thresh) is generated again with one more pass (and its track's next "
-                          "--pass-hold faces too), up to --max-passes (--small-max-passes for faces under 96 px), "
-                          "then the face gets the --fallback, and so do its track's next --pass-hold faces. "
-                          "Counted in the report."),
+                     help="Redo or blur faces still like the person."),
         click.option("--check-thresh", type=click.FloatRange(-1, 1), default=0.25,
-                     help="Cosine to the person's descriptor at which the identity check acts "
-                          "(the identity network verifies a match at 0.335, FAR 0.1% on LFW)."),
+                     help="Cosine at which the identity check acts."),
         click.option("--check-precision", type=click.Choice(CHECK_PRECISIONS), default="auto",
-                     help="Identity check arithmetic: auto is int8 (statically quantized at load from the fp32 "
-                          "model, ~2x faster; the descriptors given to the generator stay fp32) on the CPU and "
-                          "fp32 on CUDA; int8 asked on CUDA, or unavailable, runs fp32 with a warning. Reported "
-                          "as check_precision."),
+                     help="Identity check arithmetic (auto: CPU int8)."),
         click.option("--max-passes", type=click.IntRange(1, 8), default=4,
-                     help="Most passes the identity check may use before it gives a face the --fallback."),
+                     help="Most passes before the fallback (96 px up)."),
         click.option("--small-max-passes", type=click.IntRange(1, 8), default=2, show_default=True,
-                     help="generate: most passes for faces under 96 px high: repeated passes draw masks on "
-                          "small faces."),
+                     help="Most passes for faces under 96 px."),
         click.option("--fallback", type=click.Choice(FALLBACKS), default="blur", show_default=True,
-                     help="generate: what a face the generator does not draw gets (too small, turned away, too "
-                          "dark, or still the person after its passes)."),
+                     help="What faces not generated get."),
         click.option("--min-generate", type=click.IntRange(min=0), default=40, show_default=True,
-                     help="generate: faces less than this many pixels high get the --fallback (0: generate all)."),
+                     help="Smaller faces (px high) get the fallback."),
         click.option("--max-yaw", type=click.FloatRange(min=0), default=0.6, show_default=True,
-                     help="generate: faces turned further than this (the nose's offset from between the eyes, "
-                          "in eye distances: 0 frontal, 1 profile) get the --fallback."),
+                     help="Faces turned further get the fallback."),
         click.option("--min-light", type=click.FloatRange(min=0), default=20.0, show_default=True,
-                     help="generate: faces darker than this (mean CIELAB L*, 0-255) get the --fallback."),
+                     help="Darker faces (CIELAB L*) get the fallback."),
         click.option("--soft-fraction", type=click.FloatRange(min=0), default=0.0, show_default=True,
-                     help="generate: faces less sharp than this share of a sharp face of their size (motion "
-                          "blur, defocus) get the --fallback (0, the default: generate them; 0.5 blurred half "
-                          "of a motion-blurred 3x3 mosaic's faces and made its measures worse)."),
+                     help="Softer faces get the fallback (0: off)."),
         click.option("--colour-match/--no-colour-match", default=True,
-                     help="generate: feed each face to the generator in the colours it was trained on, and give "
-                          "the generated face the colours of the face it replaces: its chroma, its lightness "
-                          "range and level of detail, with the generator's shapes (no colour the input face "
-                          "does not have)."),
+                     help="Give generated faces the input's colours."),
         click.option("--first-pass-mouth/--every-pass-mouth", default=True,
-                     help="generate: passes after the first (--passes, or raised by the identity check) leave "
-                          "the mouth as the first pass drew it, which keeps lip motion; --every-pass-mouth "
-                          "lets every pass redraw it."),
+                     help="Later passes keep the first pass's mouth."),
         click.option("--eye-pass/--no-eye-pass", default=False,
-                     help="generate: after its passes, every face gets one generator run more whose change is "
-                          "limited to the eyes and brows, where an independent recognizer still finds the "
-                          "person after one pass; the mouth, nose and jaw stay as drawn."),
+                     help="One more generator run on eyes and brows."),
         click.option("--keep-detail/--no-keep-detail", default=True,
-                     help="generate: paste the generated face as a change to the frame (the generated crop "
-                          "minus the input's crop, upscaled), so a face larger than the generator's crop "
-                          "keeps the frame's finer detail (skin, lashes, lip edges) instead of being "
-                          "replaced by the upscaled, softer crop; the same face at the crop's resolution."),
+                     help="Keep the frame's fine detail in big faces."),
         click.option("--pass-hold", type=click.IntRange(min=0), default=PASS_HOLD, show_default=True,
-                     help="Faces a track stays at the passes the identity check raised it to before it "
-                          "steps down one pass (then one per this many faces, to --passes; raised again "
-                          "where the check asks); 0 keeps them for the rest of the track. Reported as "
-                          "faces_held_passes."),
+                     help="Faces a track keeps raised passes (0: all)."),
     )):
         f = opt(f)
     return f
@@ -173,50 +151,44 @@ def _generator_options(f):
 @click.argument("src", type=click.Path(exists=True, readable=False, allow_dash=True, path_type=Path))
 @click.argument("dst", type=click.Path(allow_dash=True, path_type=Path))
 @click.option("--method", type=click.Choice(METHODS), default="generate",
-              help="generate: learned face replacement; blur/pixelate/solid: classic obscuring of the face ellipse.")
+              help="Learned faces, or classic obscuring.")
 @_generator_options
 @click.option("--margin", type=click.FloatRange(min=0), default=0.25,
-              help="blur/pixelate/solid: ellipse margin around the face box (fraction).")
-@click.option("--det-thresh", type=click.FloatRange(0, 1), default=0.5, help="Face detector score threshold.")
+              help="Margin around the face box (fraction).")
+@click.option("--det-thresh", type=click.FloatRange(0, 1), default=0.5, help="Detector score that starts a track.")
 @click.option("--det-size", type=click.IntRange(min=32), default=640, help="Detector input size (multiple of 32).")
 @click.option("--keep-thresh", type=click.FloatRange(0, 1), default=0.3,
-              help="Lower score that keeps an already tracked face anonymized (new faces need --det-thresh).")
+              help="Lower score that keeps a track going.")
 @click.option("--min-face", type=click.IntRange(min=0), default=0,
-              help="Ignore faces smaller than this many pixels (counted in the report).")
+              help="Ignore smaller faces (px).")
 @click.option("--detector", default="det_scrfd_2.5g_kps.onnx", help="Detector model file (see `deid models`).")
 @click.option("--detector-precision", type=click.Choice(DETECTOR_PRECISIONS), default="auto",
-              help="Face detector arithmetic: auto is int8 (statically quantized at load from the fp32 model, "
-                   "~2x faster) on the CPU and fp32 on CUDA; int8 asked on CUDA, or unavailable, runs fp32 "
-                   "with a warning. Reported as detector_precision.")
+              help="Detector arithmetic (auto: CPU int8).")
 @click.option("--detect-every", type=click.IntRange(min=1), default=1,
-              help="Opt-in speed/coverage trade: run the detector on every Nth frame only; tracks cover the "
-                   "frames between (interpolated, or held at a track's start and end; counted in the report). "
-                   "A face that appears and leaves between two detected frames is missed. At most --max-gap + 1.")
+              help="Detect on every Nth frame only (faster).")
 @click.option("--max-gap", type=click.IntRange(min=0), default=8,
-              help="Frames a tracked face may be missed by the detector and still be anonymized (interpolated).")
-@click.option("--smooth", type=click.FloatRange(min=0), default=1.0, help="Landmark smoothing strength (0: off).")
-@click.option("--codec", default="libx264", help="Video encoder (libx264, libx265, h264_nvenc, ...).")
+              help="Frames a tracked face may be missed.")
+@click.option("--smooth", type=click.FloatRange(min=0), default=1.0, help="Landmark smoothing (0: off).")
+@click.option("--codec", default="libx264", help="Video encoder (libx265, h264_nvenc, ...).")
 @click.option("--crf", type=click.IntRange(0, 63), default=18, help="Encoder quality (lower is better).")
 @click.option("--preset", default="medium", help="Encoder speed preset.")
 @click.option("--audio", type=click.Choice(AUDIO_MODES), default="copy",
-              help="copy: audio packets unchanged; aac: re-encode; none: drop.")
-@click.option("--keep-metadata", is_flag=True, help="Copy container tags (GPS, dates, ...); off by default.")
+              help="Copy, re-encode (aac) or drop (none).")
+@click.option("--keep-metadata", is_flag=True, help="Copy tags (GPS, dates, ...): not private.")
 @click.option("--format", "out_format", type=click.Choice(PIPE_FORMATS), default=None,
-              help="Container written to stdout when DST is - (default: matroska); files follow their extension.")
-@click.option("--overwrite", is_flag=True, help="Replace existing outputs (otherwise they are skipped).")
+              help="Container when DST is - (matroska).")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs (else skip).")
 @click.option("--dry-run", is_flag=True,
-              help="Only list what would be done with each input (process, overwrite, skip and why); "
-                   "loads no model, writes nothing.")
+              help="List what would be done; write nothing.")
 @click.option("--shard", metavar="I/N", callback=_shard_option, default=None,
-              help="Process only shard I of N (0-based: 0..N-1), chosen by a stable hash of each input's path "
-                   "relative to SRC.")
+              help="Only shard I of N (0-based) of the inputs.")
 @click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder searched first for model files.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report on stdout.")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write the JSON report to this file (atomically), whatever the outcome, interrupted too.")
+              help="Also write the JSON report to FILE.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
-@click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv for debug).")
+@click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv: debug).")
 def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, identity_check, check_thresh,
               check_precision, max_passes, small_max_passes, fallback, min_generate, max_yaw, min_light, soft_fraction,
               colour_match, first_pass_mouth, eye_pass, keep_detail, pass_hold,
@@ -231,6 +203,8 @@ def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, ident
     A folder is processed recursively and mirrored into DST; existing outputs are skipped
     unless --overwrite. Exit codes: 0 ok, 1 some input failed, 2 usage, 3 models, 130/143
     interrupted by SIGINT/SIGTERM (partial output removed, report written; rerun to resume).
+
+    Each option in depth: docs/options.md.
     """
     _setup_logging(quiet, verbose)
     if as_json and str(dst) == "-":
@@ -323,7 +297,9 @@ def _finish(as_json: bool, report_path, obj: dict, code: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON on stdout.")
 @click.pass_context
 def models(ctx, models_dir, as_json):
-    """List every model file deid uses, where it was looked for and found, and whether it verifies.
+    """List the model files: where found, whether they verify.
+
+    Every model file deid uses, where it was looked for and found, and whether its SHA-256 verifies.
 
     Exit code 3 if any file is missing or does not verify.
     """
@@ -358,8 +334,10 @@ def models(ctx, models_dir, as_json):
               help="Where to save (default: the cache, $XDG_CACHE_HOME/deid).")
 @click.pass_context
 def models_download(ctx, names, dest):
-    """Fetch missing or corrupt model files (SHA-256 verified) from their sources, or from the mirror
-    $DEID_MODELS_URL/<name> when set."""
+    """Fetch missing or corrupt model files (SHA-256 verified).
+
+    From their sources, or from the mirror $DEID_MODELS_URL/<name> when set.
+    """
     from . import weights
 
     try:
@@ -379,9 +357,9 @@ def models_download(ctx, names, dest):
 @click.option("--preset", default="medium", help="Encoder speed preset.")
 @click.option("--crf", type=click.IntRange(0, 63), default=18, help="Encoder quality.")
 @click.option("--detect-every", type=click.IntRange(1, 9), default=1,
-              help="blur/generate: run the detector on every Nth frame only (see `anonymize --detect-every`).")
+              help="Detect on every Nth frame only.")
 @click.option("--detector-precision", type=click.Choice(DETECTOR_PRECISIONS), default="auto",
-              help="blur/generate: detector arithmetic (see `anonymize --detector-precision`).")
+              help="Detector arithmetic (auto: CPU int8).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON here.")
 def bench(clip, configs, weights, device, fp16, batch_size, passes, identity_check, check_thresh, check_precision,
@@ -389,7 +367,9 @@ def bench(clip, configs, weights, device, fp16, batch_size, passes, identity_che
           first_pass_mouth, eye_pass, keep_detail, pass_hold, codec, preset, crf,
           detect_every,
           detector_precision, json_path):
-    """Throughput of deid on CLIP, per stage, next to a plain re-encode and blur.
+    """Frames/s on CLIP per stage, next to a plain re-encode.
+
+    Throughput of deid on CLIP, per stage, next to a plain re-encode and blur.
 
     Prints a markdown table on stdout. Each configuration runs in its own process (its peak
     memory is its own).
