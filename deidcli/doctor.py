@@ -231,7 +231,13 @@ def check_models(models_dir: Optional[os.PathLike] = None) -> list[Check]:
         required = name in REQUIRED_MODELS
         label = f"model {name}"
         use = st.model.purpose
-        if st.path is None:
+        if st.path is None and not weights.offline():  # fetched on first use
+            out.append(Check("models", label, WARN if required else INFO,
+                             f"not found; fetched on first use from {weights.source_url(name)}; "
+                             f"{'required' if required else 'optional'}: {use}",
+                             "run `deid models download` now if this machine will be offline, or set "
+                             "DEID_MODELS_URL to a mirror" if required else None))
+        elif st.path is None:
             out.append(Check("models", label, FAIL if required else WARN,
                              f"not found; {'required' if required else 'optional'}: {use}",
                              "run `deid models download`, or set DEID_MODELS_DIR (or --models-dir) to a folder "

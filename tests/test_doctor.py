@@ -88,6 +88,21 @@ def test_no_models_anywhere_is_exit_3_with_the_fix(tmp_path):
     assert str(empty_opt) in path and str(empty_env) in path and "xdg" in path
 
 
+def test_no_models_but_fetched_on_first_use_is_a_warning(tmp_path, monkeypatch):
+    """Where deid may fetch (DEID_OFFLINE unset), a missing model is a warning naming the source."""
+    (tmp_path / "env_models").mkdir()
+    monkeypatch.delenv("DEID_OFFLINE")
+    monkeypatch.setenv("DEID_MODELS_URL", "http://127.0.0.1:9/mirror")
+    p = doctor(models_env=tmp_path / "env_models", tmp_path=tmp_path)
+    for name in REQUIRED:
+        (ln,) = lines(p, f"model {name}")
+        assert ln.startswith("WARN ") and f"fetched on first use from http://127.0.0.1:9/mirror/{name}" in ln
+    (opt,) = lines(p, "model rec_mobilefacenet.pt")
+    assert opt.startswith("INFO ")
+    assert not any(ln.startswith("FAIL ") and "model " in ln for ln in p.stdout.splitlines())
+    assert p.returncode != 3, p.stdout
+
+
 def test_corrupt_model_is_reported(shared_models, tmp_path):
     d = tmp_path / "models"
     d.mkdir()
