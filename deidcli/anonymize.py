@@ -40,6 +40,11 @@ DESCRIPTOR_FACES = 5
 #: the check's cost goes to tracks the generator handles with room to spare.
 CALM_FACES = 8
 CALM_MARGIN = 0.1
+#: The identity check also fails a face whose output ArcFace crop differs from the input's by less
+#: than this mean absolute difference (0-255): a generated face so faint that the paste left the
+#: face nearly as it was (flat, hazy faces under tone matching), which deid evaluate-video counts
+#: as unchanged below 2.0.
+CHECK_MIN_CHANGE = 2.2
 #: --keep-detail pastes the generated face's change at this many times the generator's crop size
 #: (256 px for the 128 px generator): the frame keeps only what is finer than that. The ArcFace
 #: square an identity network sees at 112 px spans 183 px of a 256 crop, so what is kept lies
@@ -52,7 +57,7 @@ DETAIL_SCALE = 2
 
 def new_check_stats() -> dict:
     """Counters of the identity check for one file (see Pipeline._check_identity)."""
-    return {"checked": 0, "regenerated": 0, "fallback": 0, "skipped": 0, "cos_max": -1.0}
+    return {"checked": 0, "regenerated": 0, "fallback": 0, "skipped": 0, "faint": 0, "cos_max": -1.0}
 
 
 class PassLevels:
@@ -146,6 +151,7 @@ class FileResult:
     # blurred because --max-passes was not enough, and the highest cosine seen by the check
     faces_checked: int = 0
     faces_check_skipped: int = 0  # faces of calm tracks not checked (every other one; CALM_FACES)
+    faces_check_faint: int = 0  # checked faces that failed for changing too little (CHECK_MIN_CHANGE)
     faces_regenerated: int = 0
     faces_blurred_fallback: int = 0
     faces_held_passes: int = 0  # faces generated above --passes because their track was raised (--pass-hold)
@@ -171,6 +177,7 @@ class FileResult:
     def add_check_stats(self, stats: dict, passes: "PassLevels") -> None:
         self.faces_checked += stats["checked"]
         self.faces_check_skipped += stats["skipped"]
+        self.faces_check_faint += stats["faint"]
         self.faces_regenerated += stats["regenerated"]
         self.faces_blurred_fallback += stats["fallback"]
         self.faces_held_passes += passes.faces_raised
@@ -365,7 +372,8 @@ class Pipeline:
         will leave it, align.pasted_region + region_arcface, since the frame's own finer detail stays) and compare
         it with its track's descriptor and with the input face of the same frame (a pose far from
         the track's first faces can be closer to the input than to the descriptor). A face whose
-        higher cosine is >= ``check_thresh`` is generated again with one more pass, up to
+        higher cosine is >= ``check_thresh``, or whose ArcFace crop differs from the input's by less
+        than :data:`CHECK_MIN_CHANGE` (a faint face), is generated again with one more pass, up to
         ``max_passes`` (``small_max_passes`` for a face under routing.LARGE_FACE px), and its track
         keeps the higher count for the next ``pass_hold`` of its faces (0: for good; see
         PassLevels). A face still too close after its most passes gets the fallback (blur), and so
@@ -411,25 +419,32 @@ class Pipeline:
             def seen(idx):  # as the output frame will show them; finish writes the same pixels
                 for j in idx:
                     gen.regions[j] = pasted_region(frames[j], raw[j], masks[j], gen.jobs[j][1], self.detail)
-                return self.embedder.embed_check([region_arcface(frames[j], gen.regions[j], gen.jobs[j][2].kps)
-                                                  for j in idx])
+                c112 = [region_arcface(frames[j], gen.regions[j], gen.jobs[j][2].kps) for j in idx]
+                return self.embedder.embed_check(c112), np.stack(c112)
             with stages("identity"):
-                own = self._own_embeddings(gen, todo, lambda j: arcface_crop(frames[j], gen.jobs[j][2].kps))
+                own, own112 = self._own_embeddings(gen, todo, lambda j: arcface_crop(frames[j], gen.jobs[j][2].kps))
         else:
+            from .align import arcface_squares
+
             def seen(idx):
-                return self._embed_squares(_blend_crops(crops[idx], raw[idx], [masks[j] for j in idx]))
+                squares = arcface_squares(_blend_crops(crops[idx], raw[idx], [masks[j] for j in idx]), S,
+                                          self.runner.margin)
+                return self.embedder.embed_check(squares), np.stack(squares)
             with stages("identity"):
-                own = self._own_embeddings(gen, todo, None)
+                own, own112 = self._own_embeddings(gen, todo, None)
         while len(todo):
             with stages("identity"):
-                emb = seen(todo)
+                emb, out112 = seen(todo)
                 cos = np.maximum(np.einsum("nd,nd->n", emb, desc[todo]), np.einsum("nd,nd->n", emb, own[todo]))
+                change = np.abs(out112.astype(np.int16) - own112[todo].astype(np.int16)).mean((1, 2, 3))
             stats["checked"] += len(todo)
             stats["cos_max"] = max(stats["cos_max"], float(cos.max()))
-            for j, c in zip(todo, cos):
+            faint = change < CHECK_MIN_CHANGE
+            stats["faint"] += int(faint.sum())
+            for j, c, f in zip(todo, cos, faint):
                 t = tracks[j]
-                passes.calm[t] = passes.calm.get(t, 0) + 1 if c < o.check_thresh - CALM_MARGIN else 0
-            todo = todo[cos >= o.check_thresh]
+                passes.calm[t] = passes.calm.get(t, 0) + 1 if c < o.check_thresh - CALM_MARGIN and not f else 0
+            todo = todo[(cos >= o.check_thresh) | faint]
             if not len(todo):
                 break
             top = levels[todo] >= most[todo]
@@ -452,24 +467,22 @@ class Pipeline:
         stats["fallback"] += int(fallback.sum())
         return fallback
 
-    def _own_embeddings(self, gen: "_Generated", idx: np.ndarray, crop112) -> np.ndarray:
-        """(N, D) embeddings of the input faces of ``gen`` for the identity check, filled in for the
-        faces ``idx`` (the others stay 0). Each face's own frame: reusing a track's embedding of a
+    def _own_embeddings(self, gen: "_Generated", idx: np.ndarray, crop112) -> tuple[np.ndarray, np.ndarray]:
+        """(N, D) embeddings of the input faces of ``gen`` for the identity check and their (N, 112,
+        112, 3) uint8 ArcFace crops, filled in for the faces ``idx`` (the others stay 0). Each face's own frame: reusing a track's embedding of a
         few frames before let faces through where the expression changes fast (stress set, lp_d6
         in a 3x3 mosaic: frames 1-3 compared with frame 0's face, verified at cosine 0.34-0.52).
-        ``crop112(j)``: face j's 112 px input crop, or None for the generator crops' squares."""
-        out = np.zeros((len(gen.jobs), gen.desc.shape[1]), np.float32)
-        if len(idx):
-            out[idx] = (self.embedder.embed_check([crop112(j) for j in idx]) if crop112 is not None
-                        else self._embed_squares(gen.crops[idx]))
-        return out
-
-    def _embed_squares(self, crops: np.ndarray) -> np.ndarray:
-        """Identity descriptors (N, D) of generator crops (N, S, S, 3) uint8: their ArcFace square
-        (align.arcface_squares), resized to 112, as in training."""
+        ``crop112(j)``: face j's 112 px input crop, or None for the generator crops' squares
+        (align.arcface_squares, as in training)."""
         from .align import arcface_squares
 
-        return self.embedder.embed_check(arcface_squares(crops, self.runner.size, self.runner.margin))
+        out = np.zeros((len(gen.jobs), gen.desc.shape[1]), np.float32)
+        c112 = np.zeros((len(gen.jobs), 112, 112, 3), np.uint8)
+        if len(idx):
+            c112[idx] = np.stack([crop112(j) for j in idx] if crop112 is not None
+                                 else arcface_squares(gen.crops[idx], self.runner.size, self.runner.margin))
+            out[idx] = self.embedder.embed_check(list(c112[idx]))
+        return out, c112
 
     def _describe_new_tracks(self, items, descriptors: dict) -> None:
         """Fixed identity descriptor per track: mean embedding of its first (up to 5) detected faces

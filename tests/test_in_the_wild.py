@@ -128,3 +128,39 @@ def test_first_frame_face_below_det_thresh_is_anonymized(shared, tmp_path):
         d = np.abs(outp[k][y0:y1, x0:x1].astype(int) - inp[k][y0:y1, x0:x1]).mean()
         assert d > 4, (k, d)
     assert json.dumps(res)  # the report stays JSON
+
+
+# --- a flat face ------------------------------------------------------------------------------
+
+def test_hazy_face_is_never_left_nearly_unchanged(shared, tmp_path):
+    """Under haze (half the contrast, the stress set's veil) tone matching keeps the generated
+    face in the input's narrow lightness range, and the paste used to differ from the input by
+    less than deid evaluate-video's "unchanged" (ArcFace crop MAD < 2; lp_d12 so: 5 of 12 faces
+    without the identity check's change test). The check fails such a faint face: each face is
+    changed by at least UNCHANGED_MAD in the output."""
+    import av
+
+    from deidcli.align import arcface_crop
+    from deidcli.anonymize import anonymize
+    from deidcli.evaluate_video import UNCHANGED_MAD
+    from deidcli.faces import Detector
+    from deidcli.options import AnonymizeOptions
+    from deidcli.research.stress import apply_condition, fit
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "haze.mp4"
+    with av.open(str(src), "w") as out:
+        vs = out.add_stream("libx264", rate=25, options={"crf": "12"})
+        vs.width, vs.height, vs.pix_fmt = 512, 288, "yuv420p"  # the face ~110 px
+        for img in decode_rgb(VIDEOS / "lp_d12.mp4", 12):
+            img = apply_condition(fit(img, (288, 512)), "haze", rng)
+            out.mux(vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        out.mux(vs.encode(None))
+    res = anonymize(src, tmp_path / "out.mp4", AnonymizeOptions())["files"][0]
+    assert res["faces_anonymized"] == 12 and res["faces_check_faint"] > 0, res
+    det = Detector(VIDEOS.parent / "models" / "det_scrfd_2.5g_kps.onnx", det_thresh=0.5)
+    mads = []
+    for a, b in zip(decode_rgb(src), decode_rgb(tmp_path / "out.mp4")):
+        (kps,) = det.detect(a).kps
+        mads.append(np.abs(arcface_crop(a, kps).astype(int) - arcface_crop(b, kps)).mean())
+    assert len(mads) == 12 and min(mads) >= UNCHANGED_MAD, np.round(mads, 2)
