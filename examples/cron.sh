@@ -2,7 +2,8 @@
 # A cron job for a GPU box: anonymize new uploads, one run at a time, with a time limit.
 #   */10 * * * *  /opt/deid/examples/cron.sh /data/incoming /data/anonymized >>/var/log/deid.log 2>&1
 # - flock: a run that is still going makes the next one exit at once (overlapping runs would be
-#   safe anyway: deid locks each output, see README "Several runs at once", but would compete);
+#   safe anyway: deid locks each output, see docs/pipelines.md "Several runs at once", but would
+#   compete);
 # - timeout sends SIGTERM: deid removes the partial output, writes the report and exits 143
 #   (timeout itself then exits 124); the next run redoes the file. After a kill -9 the next run
 #   removes the dead run's temporary file first;
