@@ -174,7 +174,7 @@ def _generator_options(f):
 @click.option("--preset", default="medium", help="Encoder speed preset.")
 @click.option("--audio", type=click.Choice(AUDIO_MODES), default="copy",
               help="Copy, re-encode (aac) or drop (none).")
-@click.option("--keep-metadata", is_flag=True, help="Copy tags (GPS, dates, ...): not private.")
+@click.option("--keep-metadata", is_flag=True, help="Also copy tags (GPS, dates, devices...).")
 @click.option("--format", "out_format", type=click.Choice(PIPE_FORMATS), default=None,
               help="Container when DST is - (matroska).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (else skip).")
