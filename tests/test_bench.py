@@ -6,8 +6,9 @@ import sys
 from fractions import Fraction
 
 import numpy as np
+import pytest
 
-from conftest import MODELS, VIDEOS, decode_rgb
+from conftest import LFW, MODELS, VIDEOS, decode_rgb
 from deidcli.bench import to_markdown
 
 
@@ -127,6 +128,7 @@ def test_before_after_example_alternates_two_trees(tmp_path):
     assert bad.returncode != 0 and bad.stderr.strip().count("\n") == 0 and "not found" in bad.stderr
 
 
+@pytest.mark.skipif(not VIDEOS.is_dir(), reason="../shared/videos not present")
 def test_eye_leak_screen_pastes_the_input_parts_and_judges_them(tmp_path):
     """examples/eye_leak.py (the quick dlib screen of checkpoints, weights/MODEL_CARD.md): on
     lp_d12's real frames with the shipped generator, one row for the output and one per pasted
@@ -165,6 +167,7 @@ def test_eye_leak_screen_pastes_the_input_parts_and_judges_them(tmp_path):
     assert rows["input brows"]["dlib_dist"] < rows["output"]["dlib_dist"] - 0.03
 
 
+@pytest.mark.skipif(not LFW.is_dir(), reason="../shared/data/lfw not present")
 def test_realness_probe_tells_smeared_eyes_and_not_copies(tmp_path):
     """examples/realness_probe.py (weights/MODEL_CARD.md, Schedule, 2026-11-30): on real LFW crops,
     held-out faces, exact copies as "outputs" give AUC 0.5 (the probe cannot invent a difference),

@@ -399,7 +399,7 @@ def test_detector_missing_model(tmp_path):
     with pytest.raises(ModelError, match="not found"):
         Detector(tmp_path / "nope.onnx")
     with pytest.raises(ValueError):
-        Detector(MODEL if MODEL.is_file() else tmp_path, det_size=100)
+        Detector(MODEL if MODEL.is_file() else Path(__file__), det_size=100)  # det_size: checked before reading
 
 
 @needs_shared
