@@ -138,6 +138,7 @@ class FileResult:
     faces_anonymized: int = 0  # faces anonymized, including those filled by interpolation
     faces_below_min_size: int = 0  # detections ignored because of --min-face
     faces_kept_low_score: int = 0  # detections below --det-thresh (>= --keep-thresh) that continued a track
+    faces_raised_zoomed: int = 0  # detections below --det-thresh that scored above it zoomed (faces.Detector.zoom_score)
     tracks: int = 0
     frames_interpolated: int = 0  # frames in which at least one face was filled by interpolation
     faces_interpolated: int = 0
@@ -224,11 +225,13 @@ class Pipeline:
         providers = engine.onnx_providers(self.runtime)
         d = options.detect
         # The detector reports faces down to keep_thresh; only those >= det_thresh start a track
-        # (see faces.Tracker): real faces whose score sags between frames stay anonymized.
+        # (see faces.Tracker): real faces whose score sags between frames stay anonymized. Those
+        # under det_thresh are looked at again zoomed (Detector.zoom_score): small faces the
+        # frame-sized look scores low in every frame start tracks too.
         self.detector = Detector(weights.model_path(d.detector, options.models_dir),
                                  det_thresh=min(d.det_thresh, options.track.keep_thresh),
                                  det_size=d.det_size, min_face=d.min_face, providers=providers,
-                                 precision=d.precision)
+                                 precision=d.precision, rescore_below=d.det_thresh if d.zoom_weak else 0.0)
         self.runner = None
         self.embedder = None
         self.detail = 0  # align.paste(detail=): DETAIL_SCALE x the generator's crop with --keep-detail
@@ -517,7 +520,7 @@ class Pipeline:
 
         tracker = Tracker(self.options.track, fps=fps, start_thresh=self.options.detect.det_thresh)
         pending: deque = deque()  # decoded frames whose faces are not final yet
-        small0 = self.detector.n_small
+        small0, raised0 = self.detector.n_small, self.detector.n_raised
         every = self.options.detect.detect_every
 
         def take(final):
@@ -546,6 +549,7 @@ class Pipeline:
         result.faces_kept_low_score = tracker.n_weak_kept
         result.faces_predicted = tracker.n_predicted
         result.faces_below_min_size = self.detector.n_small - small0
+        result.faces_raised_zoomed = self.detector.n_raised - raised0
 
     def process_frames(self, frames: Iterator, result: FileResult, fps: Optional[float],
                        stages: Stages = NULL, threads: bool = True) -> Iterator:

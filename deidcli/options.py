@@ -33,6 +33,7 @@ class DetectOptions:
     detector: str = "det_scrfd_2.5g_kps.onnx"  # registry name of the detector model
     detect_every: int = 1  # run the detector on every Nth frame only (opt-in speed/coverage trade; tracks fill the rest)
     precision: str = "auto"  # detector weights/activations: auto (int8 on CPU, fp32 on CUDA) | fp32 | int8
+    zoom_weak: bool = True  # detections under det_thresh are looked at again zoomed (faces.Detector.zoom_score)
 
     def __post_init__(self):
         if self.precision not in DETECTOR_PRECISIONS:

@@ -102,7 +102,7 @@ def test_first_frame_face_below_det_thresh_is_anonymized(shared, tmp_path):
 
     from deidcli.anonymize import anonymize
     from deidcli.faces import Detector
-    from deidcli.options import AnonymizeOptions
+    from deidcli.options import AnonymizeOptions, DetectOptions
 
     frames = decode_rgb(VIDEOS / "sadtalker_WDA_KatieHill_000.mp4", 10)
     sigmas = [15, 13, 11] + [0] * 7  # SCRFD-2.5G scores ~0.4-0.47 blurred so, ~0.64 sharp
@@ -119,8 +119,13 @@ def test_first_frame_face_below_det_thresh_is_anonymized(shared, tmp_path):
     scores = [det.detect(x).scores for x in inp]
     assert all(len(s) == 1 for s in scores)
     assert all(0.3 <= s[0] < 0.5 for s in scores[:3]) and scores[3][0] >= 0.5, scores  # the premise
-    res = anonymize(src, tmp_path / "out.mp4", AnonymizeOptions(method="blur"))["files"][0]
+    # the tracker alone (no zoomed second look at weak detections, see the next test)
+    res = anonymize(src, tmp_path / "out.mp4",
+                    AnonymizeOptions(method="blur", detect=DetectOptions(zoom_weak=False)))["files"][0]
     assert res["faces_anonymized"] == 10 and res["faces_kept_low_score"] == 3 and res["tracks"] == 1
+    # by default the zoomed look scores the blurred face above --det-thresh from frame 0
+    dflt = anonymize(src, tmp_path / "dflt.mp4", AnonymizeOptions(method="blur"))["files"][0]
+    assert dflt["faces_anonymized"] == 10 and dflt["faces_raised_zoomed"] == 3 and dflt["tracks"] == 1
     outp = decode_rgb(tmp_path / "out.mp4")
     box = det.detect(inp[3]).boxes[0].astype(int)
     x0, y0, x1, y1 = box
@@ -164,3 +169,35 @@ def test_hazy_face_is_never_left_nearly_unchanged(shared, tmp_path):
         (kps,) = det.detect(a).kps
         mads.append(np.abs(arcface_crop(a, kps).astype(int) - arcface_crop(b, kps)).mean())
     assert len(mads) == 12 and min(mads) >= UNCHANGED_MAD, np.round(mads, 2)
+
+
+# --- faces the frame-sized look scores low ------------------------------------------------------
+
+def test_zoomed_look_raises_small_faces_and_not_a_hair_tie(shared):
+    """The int8 detector scores small crowd faces under --det-thresh frame after frame (no track
+    would start); looked at again zoomed nearly all score above it. A hair tie on lp_d6's head, a weak
+    detection in a clean clip, stays low zoomed."""
+    from deidcli.faces import Detector
+    from deidcli.research.stress import Crowd, _seed_of
+
+    det = Detector(VIDEOS.parent / "models" / "det_scrfd_2.5g_kps.onnx", det_thresh=0.3, precision="int8")
+    crowd = Crowd(np.random.default_rng(_seed_of("crowd_lfw", 0)), 90)
+    weak = []  # (frame, height, score, zoomed score) of the detections under 0.5
+    for i in range(31):
+        img = next(crowd)
+        if i % 6:
+            continue
+        d = det.detect(img)
+        weak += [(i, float(b[3] - b[1]), float(s), det.zoom_score(img, b)) for b, s in zip(d.boxes, d.scores) if s < 0.5]
+    assert len(weak) >= 8, weak
+    assert sum(z >= 0.5 for *_, z in weak) >= len(weak) - 1, weak  # 13 of 14 (frame 30: a crossing, 0.49 -> 0.35)
+    assert det.n_raised == 0  # detect() itself does not rescore unless asked
+    img = decode_rgb(VIDEOS / "lp_d6.mp4", 61)[60]
+    d = det.detect(img)
+    ties = [(b, s) for b, s in zip(d.boxes, d.scores) if s < 0.5]
+    assert len(ties) == 1 and ties[0][0][1] < 0, d  # the premise: one weak detection, at the top edge
+    assert det.zoom_score(img, ties[0][0]) < 0.3
+    both = Detector(VIDEOS.parent / "models" / "det_scrfd_2.5g_kps.onnx", det_thresh=0.3, precision="int8",
+                    rescore_below=0.5)
+    d2 = both.detect(img)
+    assert both.n_rescored == 1 and both.n_raised == 0 and len(d2) == len(d)
