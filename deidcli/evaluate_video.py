@@ -179,7 +179,7 @@ class LipOpening:
 
         path = _dlib_models() / "shape_predictor_68_face_landmarks.dat"
         if not path.is_file():
-            raise JudgeUnavailable(f"{path} missing (pip install 'deid[judge]')")
+            raise JudgeUnavailable(f"{path} missing (pip install 'deid-video[judge]')")
         self.sp = dlib.shape_predictor(str(path))
         off, side = arcface_box(LIPS_CROP, MOUTH_MARGIN)
         self.rect = dlib.rectangle(*(int(round(v)) for v in (off, off, off + side, off + side)))
@@ -1136,7 +1136,7 @@ def to_markdown(results) -> str:
               help="Folder searched first for model files.")
 @click.option("--judge", type=click.Choice(["dlib"]), default=None,
               help="Also measure identity with a recognition network deid was not trained with (dlib's "
-                   "ResNet, pip install 'deid[judge]'): input-output descriptor distance per face, and "
+                   "ResNet, pip install 'deid-video[judge]'): input-output descriptor distance per face, and "
                    "the fraction it calls the same person (< 0.6).")
 @click.option("--judge-every", type=click.IntRange(min=1), default=5,
               help="--judge: every Nth frame's faces (about 25 ms a face on one core).")
