@@ -68,7 +68,7 @@ class AnonymizeOptions:
     pass_hold: int = PASS_HOLD  # faces a track stays at passes raised by the check before each step down to `passes` (0: for good)
     margin: float = 0.25  # extra margin around the face box for blur/pixelate/solid, fraction of size
     fallback: str = "blur"  # generate: what a face the generator does not draw gets (blur | pixelate | solid)
-    min_generate: int = 40  # generate: faces less than this many px high get the fallback (routing.py)
+    min_generate: int = 40  # generate: faces less than this many px high get the fallback (pipeline/routing.py)
     max_yaw: float = 0.6  # generate: faces turned further (routing.yaw, eye distances) get the fallback
     min_light: float = 20.0  # generate: faces darker than this (mean CIELAB L*, 0-255) get the fallback
     soft_fraction: float = 0.0  # generate: faces less sharp than this share of a sharp face of their size get the fallback (0: off)

@@ -4,10 +4,10 @@ deid ships no quantized model. It derives one in memory when a model loads, from
 file (found and verified as any model file) and the activation ranges shipped in
 ``deidcli/data/<model stem>.calib.json``. Two models have one:
 
-- the SCRFD face detector (``det_scrfd_2.5g_kps``), made by examples/calibrate_detector.py,
+- the SCRFD face detector (``det_scrfd_2.5g_kps``), made by research/calibrate_detector.py,
   used by faces.Detector;
 - the MobileFaceNet identity network (``rec_mobilefacenet``), made by
-  examples/calibrate_identity.py, used by engine.IdentityEmbedder for the identity check only.
+  research/calibrate_identity.py, used by engine.IdentityEmbedder for the identity check only.
 
 Both calibrations use LFW DevTrain people only; the scripts' docstrings have the recipes. Besides
 ONNX Runtime's calibration cache (``ranges``) each JSON records, under ``deid``, the SHA-256 of the
@@ -216,7 +216,7 @@ def int8_session(model_path: Union[str, Path], precision: str, providers: list, 
 
 
 def calibrate(model: Union[str, Path], feeds: list, recipe: dict, exclude=None) -> tuple[dict, dict]:
-    """Measure activation ranges of ``model`` (the examples/calibrate_*.py scripts; not at load).
+    """Measure activation ranges of ``model`` (the research/calibrate_*.py scripts; not at load).
 
     feeds: input dicts ({input name: array}), one per calibration call, so the calibrator holds
     one feed's activations at a time. recipe: the JSON-able quantization recipe (quantize_kwargs);
@@ -279,7 +279,7 @@ def write_calibration(out: Union[str, Path], meta: dict, ranges: dict) -> Path:
 
 
 def add_calibration_options(parser) -> None:
-    """The argparse options the examples/calibrate_*.py scripts share (see :func:`recipe`)."""
+    """The argparse options the research/calibrate_*.py scripts share (see :func:`recipe`)."""
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--method", choices=("MinMax", "Percentile", "Entropy"), default="Percentile")
     parser.add_argument("--percentile", type=float, default=99.999, help="--method Percentile: the percentile kept")

@@ -180,8 +180,8 @@ def aligned_lfw_crops(names):
     import cv2
     import numpy as np
 
-    from deidcli.align import CROP_MARGIN, CROP_SIZE, estimate_transform, warp_crop
-    from deidcli.faces import Detector
+    from deidcli.faces.align import CROP_MARGIN, CROP_SIZE, estimate_transform, warp_crop
+    from deidcli.faces.detect import Detector
 
     if not LFW.is_dir():
         pytest.skip(f"{LFW} not present")

@@ -4,8 +4,8 @@ real frame where what is measured is the look of a face)."""
 import numpy as np
 import pytest
 
-from deidcli import align
-from deidcli.methods import apply_classic, ellipse_mask
+from deidcli.faces.align import ARCFACE_112, arcface_box, arcface_crop, arcface_squares, crop_template, estimate_transform, feather, paste, pasted_arcface, warp_crop
+from deidcli.faces.methods import apply_classic, ellipse_mask
 
 
 class F:
@@ -15,20 +15,20 @@ class F:
 
 
 def test_template_keeps_arcface_inside_central_square():
-    t = align.crop_template(128, 0.2)
-    off, side = align.arcface_box(128, 0.2)
+    t = crop_template(128, 0.2)
+    off, side = arcface_box(128, 0.2)
     # mapping the central square back to 112 gives the ArcFace template exactly
-    np.testing.assert_allclose((t - off) / side * 112, align.ARCFACE_112, atol=1e-3)
+    np.testing.assert_allclose((t - off) / side * 112, ARCFACE_112, atol=1e-3)
 
 
 def test_transform_maps_landmarks_to_template():
     rng = np.random.default_rng(0)
-    t = align.crop_template(128, 0.2)
+    t = crop_template(128, 0.2)
     # a rotated, scaled, shifted copy of the template in a frame
     a, s = np.deg2rad(20), 2.5
     R = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) * s
     kps = (t @ R.T + [300, 200]).astype(np.float32) + rng.normal(0, 0.01, (5, 2)).astype(np.float32)
-    M = align.estimate_transform(kps, 128, 0.2)
+    M = estimate_transform(kps, 128, 0.2)
     back = kps @ M[:, :2].T + M[:, 2]
     np.testing.assert_allclose(back, t, atol=0.1)
 
@@ -37,12 +37,12 @@ def test_paste_changes_only_masked_pixels():
     rng = np.random.default_rng(1)
     img = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
     orig = img.copy()
-    kps = align.crop_template(128, 0.2) * 0.8 + [100, 60]
-    M = align.estimate_transform(kps, 128, 0.2)
+    kps = crop_template(128, 0.2) * 0.8 + [100, 60]
+    M = estimate_transform(kps, 128, 0.2)
     crop = np.full((128, 128, 3), 7, np.uint8)
     mask = np.zeros((128, 128), np.float32)
     mask[40:90, 40:90] = 1
-    box = align.paste(img, crop, align.feather(mask, 128), M)
+    box = paste(img, crop, feather(mask, 128), M)
     changed = np.any(img != orig, axis=2)
     ys, xs = np.nonzero(changed)
     x0, y0, x1, y1 = box
@@ -63,26 +63,28 @@ def test_paste_keeps_the_frames_detail(shared):
     6.30); pasting the change against the frame's own 256 px crop keeps 99% (6.22). At the crop's
     resolution the two pastes are the same face (0.6 grey levels apart, 3.8 from the input);
     outside the mask nothing changes; a crop equal to the frame's own leaves it bit-identical;
-    align.pasted_arcface is what the paste leaves."""
+    pasted_arcface is what the paste leaves."""
     import cv2
 
     from conftest import MODELS, VIDEOS, decode_rgb
-    from deidcli import engine, weights
-    from deidcli.faces import Detector
-    from deidcli.model import load_generator
+    from deidcli import weights
+    from deidcli.generator.embedder import IdentityEmbedder
+    from deidcli.generator.engine import GeneratorRunner, resolve_runtime
+    from deidcli.faces.detect import Detector
+    from deidcli.generator.model import load_generator
 
     img = decode_rgb(VIDEOS / "lp_d13.mp4", 1)[0]
     kps = Detector(MODELS / "det_scrfd_2.5g_kps.onnx").detect(img).kps[0]
-    M = align.estimate_transform(kps, 128, 0.2)
-    crop = align.warp_crop(img, M, 128)
-    desc = engine.IdentityEmbedder(MODELS / "rec_mobilefacenet.onnx", precision="fp32").embed(
-        align.arcface_squares(crop[None]))
+    M = estimate_transform(kps, 128, 0.2)
+    crop = warp_crop(img, M, 128)
+    desc = IdentityEmbedder(MODELS / "rec_mobilefacenet.onnx", precision="fp32").embed(
+        arcface_squares(crop[None]))
     gen = load_generator(weights.generator_path(None), device="cpu")
-    raw, mask = engine.GeneratorRunner(gen, engine.resolve_runtime("cpu"), colour_match=True).run(crop[None], desc)
-    m = align.feather(mask[0], 128)
+    raw, mask = GeneratorRunner(gen, resolve_runtime("cpu"), colour_match=True).run(crop[None], desc)
+    m = feather(mask[0], 128)
     plain, detail = img.copy(), img.copy()
-    align.paste(plain, raw[0], m, M)
-    align.paste(detail, raw[0], m, M, detail=256)
+    paste(plain, raw[0], m, M)
+    paste(detail, raw[0], m, M, detail=256)
 
     full = cv2.warpAffine(m, M, img.shape[1::-1], flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)
 
@@ -95,18 +97,18 @@ def test_paste_keeps_the_frames_detail(shared):
     assert 0.8 * fine(img) < fine(detail) < 1.25 * fine(img), (fine(detail), fine(img))
 
     def at_crop(x):
-        return align.warp_crop(x, M, 128).astype(np.float32)
+        return warp_crop(x, M, 128).astype(np.float32)
 
     assert np.abs(at_crop(detail) - at_crop(plain)).mean() < 1.0, np.abs(at_crop(detail) - at_crop(plain)).mean()
     assert np.abs(at_crop(plain) - at_crop(img)).mean() > 3.0
     assert np.array_equal(detail[full == 0], img[full == 0]) and np.array_equal(plain[full == 0], img[full == 0])
-    M2 = align.estimate_transform(kps, 256, 0.2)
+    M2 = estimate_transform(kps, 256, 0.2)
     same = img.copy()
-    m2 = align.feather(cv2.resize(mask[0], (256, 256)), 256)
-    align.paste(same, align.warp_crop(img, M2, 256), m2, M2, detail=256)
+    m2 = feather(cv2.resize(mask[0], (256, 256)), 256)
+    paste(same, warp_crop(img, M2, 256), m2, M2, detail=256)
     assert np.array_equal(same, img)
     for d, out in ((0, plain), (256, detail)):
-        np.testing.assert_array_equal(align.pasted_arcface(img, raw[0], m, M, kps, d), align.arcface_crop(out, kps))
+        np.testing.assert_array_equal(pasted_arcface(img, raw[0], m, M, kps, d), arcface_crop(out, kps))
 
 
 @pytest.mark.parametrize("method", ["blur", "pixelate", "solid"])

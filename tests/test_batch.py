@@ -1,7 +1,7 @@
 """Batch runs that are safe to automate: failures, signals, kill -9 and resume, concurrent runs,
 full or read-only destinations, --dry-run, --shard, --report.
 
-Unit tests of deidcli/jobs.py first, then the real `deid` command in subprocesses on short clips
+Unit tests of deidcli/pipeline/jobs.py first, then the real `deid` command in subprocesses on short clips
 cut from ../shared/videos (`--method blur`, so each run costs seconds).
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import MODELS, VIDEOS, cut_clip, frame_pts
-from deidcli import jobs
+from deidcli.pipeline import jobs
 from deidcli.errors import InputError, OutputError
 
 DEID = [sys.executable, "-m", "deidcli.cli"]
@@ -96,7 +96,7 @@ def test_shards_partition_a_folder_stably(tmp_path):
         for r in rels:
             (root / r).parent.mkdir(parents=True, exist_ok=True)
             (root / r).write_bytes(b"")
-    from deidcli.anonymize import plan_jobs
+    from deidcli.pipeline.anonymize import plan_jobs
 
     for n in (1, 2, 3, 7):
         per_root = []
@@ -420,7 +420,7 @@ def test_dry_run_lists_the_plan_without_models_or_writes(clips, tmp_path):
             ("b.mp4", "skip", f"in progress in another deid run (pid {os.getpid()})"),
             ("c.mp4", "process", None)]
         imported = {ln.rsplit("|", 1)[-1].strip() for ln in p.stderr.splitlines() if ln.startswith("import time:")}
-        assert "av" in imported or "deidcli.jobs" in imported  # importtime output was read
+        assert "av" in imported or "deidcli.pipeline.jobs" in imported  # importtime output was read
         heavy = {m for m in imported if m.split(".")[0] in ("torch", "onnxruntime", "insightface")}
         assert not heavy, sorted(heavy)[:10]
         p = run("anonymize", src, dst, "--dry-run", "--overwrite", check=0)
@@ -430,7 +430,7 @@ def test_dry_run_lists_the_plan_without_models_or_writes(clips, tmp_path):
                          f"(in progress in another deid run (pid {os.getpid()}))",
                          f"process   {src / 'sub' / 'c.mp4'} -> {dst / 'sub' / 'c.mp4'}"], p.stdout
         # the library call, same promise
-        code = (f"from deidcli.anonymize import anonymize; from deidcli.options import AnonymizeOptions\n"
+        code = (f"from deidcli.pipeline.anonymize import anonymize; from deidcli.options import AnonymizeOptions\n"
                 f"r = anonymize({str(src)!r}, {str(dst)!r}, AnonymizeOptions(dry_run=True))\n"
                 "import json, sys\n"
                 "print(json.dumps([[m for m in ('torch', 'onnxruntime', 'insightface') if m in sys.modules], "

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from conftest import LFW, MODELS, VIDEOS, decode_rgb
-from deidcli.bench import to_markdown
+from deidcli.research.bench import to_markdown
 
 
 def test_bench_command_reports_every_stage(clips, tmp_path):
     import torch
 
-    from deidcli.model import Generator, save_generator
+    from deidcli.generator.model import Generator, save_generator
 
     torch.manual_seed(0)
     ckpt = tmp_path / "g.pt"
@@ -73,7 +73,7 @@ def test_memory_does_not_grow_with_video_length(shared, tmp_path):
     opts = {"detect": {"det_size": 160}, "encode": {"preset": "ultrafast"}}
     rss = {}
     for clip in (short, long):
-        p = subprocess.run([sys.executable, "-m", "deidcli.bench", "blur", str(clip), json.dumps(opts)],
+        p = subprocess.run([sys.executable, "-m", "deidcli.research.bench", "blur", str(clip), json.dumps(opts)],
                            capture_output=True, text=True, timeout=600,
                            env={**__import__("os").environ, "DEID_MODELS_DIR": str(MODELS)})
         assert p.returncode == 0, p.stderr
@@ -102,7 +102,7 @@ def test_markdown_table_names_the_detector_precision():
 
 
 def test_before_after_example_alternates_two_trees(tmp_path):
-    """examples/bench_before_after.py (issue 4's same-day before/after): this tree against itself on
+    """research/bench_before_after.py (issue 4's same-day before/after): this tree against itself on
     a 1 s clip, 2 rounds: a row per round, before and after alternated, frames/s and CPU per frame
     measured (less model loading), and a median row; a missing tree is refused in one line."""
     from pathlib import Path
@@ -111,7 +111,7 @@ def test_before_after_example_alternates_two_trees(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     clip = cut_clip(VIDEOS / "ghost_2person.mp4", tmp_path / "c.mp4", 1.0)
-    script = root / "examples" / "bench_before_after.py"
+    script = root / "research" / "bench_before_after.py"
     p = subprocess.run([sys.executable, str(script), str(root), "--rounds", "2", "--clip", str(clip),
                         "--models-dir", str(MODELS)], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
@@ -130,7 +130,7 @@ def test_before_after_example_alternates_two_trees(tmp_path):
 
 @pytest.mark.skipif(not VIDEOS.is_dir(), reason="../shared/videos not present")
 def test_eye_leak_screen_pastes_the_input_parts_and_judges_them(tmp_path):
-    """examples/eye_leak.py (the quick dlib screen of checkpoints, weights/MODEL_CARD.md): on
+    """research/eye_leak.py (the quick dlib screen of checkpoints, weights/MODEL_CARD.md): on
     lp_d12's real frames with the shipped generator, one row for the output and one per pasted
     part of the input; the input's brows pasted back bring dlib's distance to the input down (they
     carry identity). The composites themselves: with the output equal to the input each one is the
@@ -142,11 +142,11 @@ def test_eye_leak_screen_pastes_the_input_parts_and_judges_them(tmp_path):
 
     pytest.importorskip("dlib", reason="judge extra not installed (pip install 'deid-video[judge]')")
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("eye_leak", root / "examples" / "eye_leak.py")
+    spec = importlib.util.spec_from_file_location("eye_leak", root / "research" / "eye_leak.py")
     el = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(el)
 
-    from deidcli.align import crop_template
+    from deidcli.faces.align import crop_template
 
     crops = el.clip_crops(VIDEOS / "lp_d12.mp4", 40, 128, 0.2, MODELS).astype(np.float32)
     assert len(crops) >= 4
@@ -169,7 +169,7 @@ def test_eye_leak_screen_pastes_the_input_parts_and_judges_them(tmp_path):
 
 @pytest.mark.skipif(not LFW.is_dir(), reason="../shared/data/lfw not present")
 def test_realness_probe_tells_smeared_eyes_and_not_copies(tmp_path):
-    """examples/realness_probe.py (weights/MODEL_CARD.md, Schedule, 2026-11-30): on real LFW crops,
+    """research/realness_probe.py (weights/MODEL_CARD.md, Schedule, 2026-11-30): on real LFW crops,
     held-out faces, exact copies as "outputs" give AUC 0.5 (the probe cannot invent a difference),
     copies with the eyes blurred are told apart, in every feature space (``eyes``: a
     discriminator trained from scratch on the eye band's pixels); a checkpoint's outputs are the
@@ -179,10 +179,10 @@ def test_realness_probe_tells_smeared_eyes_and_not_copies(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    from deidcli.train.prepare import load_split, prepare_split
+    from deidcli.research.train.prepare import load_split, prepare_split
 
     root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("realness_probe", root / "examples" / "realness_probe.py")
+    spec = importlib.util.spec_from_file_location("realness_probe", root / "research" / "realness_probe.py")
     rp = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(rp)
 

@@ -28,16 +28,16 @@ def run(*args, env=None, check=None):
 
 def plain_reencode(src: Path, dst: Path):
     """The floor: the same decode/encode path with no face touched."""
-    from deidcli import video
+    from deidcli.media.transcode import transcode_video
     from deidcli.options import EncodeOptions
 
-    video.transcode_video(src, dst, lambda frames: ((f, f.image, []) for f in frames), EncodeOptions())
+    transcode_video(src, dst, lambda frames: ((f, f.image, []) for f in frames), EncodeOptions())
     return dst
 
 
 def face_boxes(frames, scale=1.6):
     """Face boxes found by the detector on input frames, enlarged by ``scale`` about their centre."""
-    from deidcli.faces import Detector
+    from deidcli.faces.detect import Detector
 
     det = Detector(MODELS / "det_scrfd_2.5g_kps.onnx")
     out = []
@@ -113,7 +113,7 @@ def test_generate_with_a_random_generator(clips, tmp_path):
     """Plumbing of --method generate: a randomly initialised generator saved as a checkpoint."""
     import torch
 
-    from deidcli.model import Generator, save_generator
+    from deidcli.generator.model import Generator, save_generator
 
     torch.manual_seed(0)
     # mask_bias: the mask starts at sigmoid(4) ~ 0.98, i.e. "replace the whole crop"
@@ -204,7 +204,7 @@ def test_vfr_and_rotated_clips(tmp_path, shared):
     with av.open(str(vfr)) as a, av.open(str(out)) as b:
         va, vb = a.streams.video[0], b.streams.video[0]
         assert abs(float(va.duration * va.time_base) - float(vb.duration * vb.time_base)) <= gap
-    from deidcli.video import probe
+    from deidcli.media.probe import probe
 
     assert probe(out).rotation == probe(vfr).rotation != 0
 
@@ -290,9 +290,9 @@ def test_bad_usage_exit_code(tmp_path, shared):
 def test_package_api_is_the_function_even_after_the_submodule_import():
     """`from deidcli import anonymize` (README, examples/api.py) gives the function, also when
     the submodule of the same name was imported first (as the CLI and the tests do)."""
-    code = ("import deidcli.anonymize, inspect; from deidcli import anonymize, AnonymizeOptions; "
-            "from deidcli.anonymize import plan_jobs; assert inspect.isfunction(anonymize), anonymize; "
-            "assert anonymize.__module__ == 'deidcli.anonymize'; print('ok')")
+    code = ("import deidcli.pipeline.anonymize, inspect; from deidcli import anonymize, AnonymizeOptions; "
+            "from deidcli.pipeline.anonymize import plan_jobs; assert inspect.isfunction(anonymize), anonymize; "
+            "assert anonymize.__module__ == 'deidcli.pipeline.anonymize'; print('ok')")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
 

@@ -1,6 +1,6 @@
 """CUDA code paths: the generator in fp16 on the GPU, and `deid anonymize --device cuda --fp16` and
 `deid bench --device cuda --fp16` end to end on real clips. Marked ``cuda``: skipped where torch
-sees no CUDA device (CI and the CPU machines); examples/gpu_check.sh runs them on a GPU machine."""
+sees no CUDA device (CI and the CPU machines); research/gpu_check.sh runs them on a GPU machine."""
 
 import json
 
@@ -16,15 +16,16 @@ pytestmark = pytest.mark.cuda
 def _frame_crops(path, n_frames: int = 6):
     """Generator crops (N, 128, 128, 3) uint8 RGB of every face of the first ``n_frames`` frames of
     ``path``, with their MobileFaceNet descriptors (N, 128) float32."""
-    from deidcli import align, engine
-    from deidcli.faces import Detector
+    from deidcli.faces.align import arcface_squares, estimate_transform, warp_crop
+    from deidcli.generator.embedder import IdentityEmbedder
+    from deidcli.faces.detect import Detector
 
     det = Detector(MODELS / "det_scrfd_2.5g_kps.onnx")
-    crops = [align.warp_crop(img, align.estimate_transform(k, 128, 0.2), 128)
+    crops = [warp_crop(img, estimate_transform(k, 128, 0.2), 128)
              for img in decode_rgb(path, n_frames) for k in det.detect(img).kps]
     crops = np.stack(crops)
-    desc = engine.IdentityEmbedder(MODELS / "rec_mobilefacenet.onnx", precision="fp32").embed(
-        align.arcface_squares(crops))
+    desc = IdentityEmbedder(MODELS / "rec_mobilefacenet.onnx", precision="fp32").embed(
+        arcface_squares(crops))
     return crops, desc
 
 
@@ -32,16 +33,17 @@ def test_fp16_generator_on_cuda_gives_the_cpu_faces(shared):
     """Shipped generator, the faces of ghost_2person's first frames: the CUDA fp16 runner (torch on
     the device) draws the same faces as the CPU default (fp32, ONNX Runtime): at 1 and 3 passes
     within a grey level on average, masks within 0.01; and faces the CPU changes it changes too."""
-    from deidcli import engine, weights
-    from deidcli.model import load_generator
+    from deidcli import weights
+    from deidcli.generator.engine import GeneratorRunner, resolve_runtime
+    from deidcli.generator.model import load_generator
 
     crops, desc = _frame_crops(VIDEOS / "ghost_2person.mp4")
     assert len(crops) >= 10
-    cpu = engine.GeneratorRunner(load_generator(weights.generator_path(None), device="cpu"),
-                                 engine.resolve_runtime("cpu"), colour_match=True)
-    rt = engine.resolve_runtime("cuda", fp16=True)
+    cpu = GeneratorRunner(load_generator(weights.generator_path(None), device="cpu"),
+                                 resolve_runtime("cpu"), colour_match=True)
+    rt = resolve_runtime("cuda", fp16=True)
     assert rt.device == "cuda:0" and rt.dtype == "float16"
-    gpu = engine.GeneratorRunner(load_generator(weights.generator_path(None), device="cpu"), rt, batch_size=4,
+    gpu = GeneratorRunner(load_generator(weights.generator_path(None), device="cpu"), rt, batch_size=4,
                                  colour_match=True)
     assert gpu.backend == "torch" and next(gpu.generator.parameters()).is_cuda
     for passes in (1, 3):

@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import MODELS, frame_pts
-from deidcli.cli import cli
-from deidcli.demo import FPS, SIZE, make_demo_clip
+from deidcli.cli.main import cli
+from deidcli.cli.demo import FPS, SIZE, make_demo_clip
 
 DEID = [sys.executable, "-m", "deidcli.cli"]
 FETCHED = ("det_scrfd_2.5g_kps.onnx", "rec_mobilefacenet.onnx")  # what --method generate loads

@@ -152,7 +152,7 @@ def test_unimportable_package_is_exit_1(shared_models, tmp_path):
 
 
 def test_exit_code_precedence():
-    from deidcli.doctor import FAIL, OK, WARN, Check, exit_code
+    from deidcli.cli.doctor import FAIL, OK, WARN, Check, exit_code
 
     ok = Check("x", "a", OK, "fine")
     warn = Check("x", "b", WARN, "meh", "do this")

@@ -12,7 +12,8 @@ os.environ.setdefault("DEID_MODELS_DIR", str(SHARED / "models"))
 
 
 def test_far_threshold_and_rank1():
-    from deidcli.evaluate import far_threshold, rank1
+    from deidcli.research.measures import far_threshold
+    from deidcli.research.evaluate import rank1
 
     rng = np.random.default_rng(0)
     d = rng.normal(size=(6, 8))
@@ -28,7 +29,7 @@ def test_far_threshold_and_rank1():
 
 
 def test_classic_on_crops_changes_face_only():
-    from deidcli.evaluate import classic_on_crops
+    from deidcli.research.evaluate import classic_on_crops
 
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 255, size=(2, 128, 128, 3), dtype=np.uint8)
@@ -43,9 +44,9 @@ def test_classic_on_crops_changes_face_only():
 def test_evaluate_tiny(tmp_path):
     import torch
 
-    from deidcli.evaluate import evaluate
-    from deidcli.model import Generator, save_generator
-    from deidcli.train.prepare import prepare_split
+    from deidcli.research.evaluate import evaluate
+    from deidcli.generator.model import Generator, save_generator
+    from deidcli.research.train.prepare import prepare_split
 
     torch.manual_seed(0)
     w = save_generator(tmp_path / "g.pt", Generator({"size": 64, "base_channels": 8}), {"steps": 0})
@@ -69,11 +70,11 @@ def test_dlib_judge_in_evaluate(tmp_path):
     pytest.importorskip("dlib", reason="judge extra not installed (pip install 'deid-video[judge]')")
     import torch
 
-    from deidcli.align import arcface_box
-    from deidcli.evaluate import evaluate
-    from deidcli.judges import load_judge, normalise
-    from deidcli.model import Generator, save_generator
-    from deidcli.train.prepare import load_split, prepare_split
+    from deidcli.faces.align import arcface_box
+    from deidcli.research.evaluate import evaluate
+    from deidcli.research.judges import load_judge, normalise
+    from deidcli.generator.model import Generator, save_generator
+    from deidcli.research.train.prepare import load_split, prepare_split
 
     p = prepare_split("test", cache_dir=tmp_path / "cache", size=128, margin=0.2, limit_people=12)
     p = p.rename(p.with_name("lfw_test_128_m0.2.npz"))

@@ -63,8 +63,8 @@ def _synthetic_face(drop_px: int) -> np.ndarray:
     ``drop_px`` rows further down than at rest (a dark mouth opening in between)."""
     import cv2
 
-    from deidcli.align import crop_template
-    from deidcli.evaluate_video import MOUTH_CROP, MOUTH_MARGIN
+    from deidcli.faces.align import crop_template
+    from deidcli.research.measures import MOUTH_CROP, MOUTH_MARGIN
 
     t = crop_template(MOUTH_CROP, MOUTH_MARGIN)
     my, x0, x1 = int(round(t[3, 1])), int(round(t[3, 0])) - 5, int(round(t[4, 0])) + 5
@@ -79,7 +79,7 @@ def _synthetic_face(drop_px: int) -> np.ndarray:
 
 
 def test_jaw_drop_measures_the_shift_of_the_lower_face():
-    from deidcli.evaluate_video import _geometry, jaw_drop, mouth_profile
+    from deidcli.research.measures import _geometry, jaw_drop, mouth_profile
 
     iod = _geometry().iod
     ref = mouth_profile(_synthetic_face(0))
@@ -95,8 +95,8 @@ def test_jaw_drop_measures_the_shift_of_the_lower_face():
 def test_jaw_drop_follows_a_real_mouth(shared):
     """lp_d6.mp4: frame 27 lips closed, frame 56 mouth wide open (checked by eye), frame 0 reference."""
     from deidcli import weights
-    from deidcli.evaluate_video import jaw_drop, mouth_crop, mouth_profile, upright_frames
-    from deidcli.faces import Detector
+    from deidcli.research.measures import jaw_drop, mouth_crop, mouth_profile, upright_frames
+    from deidcli.faces.detect import Detector
 
     det = Detector(weights.model_path("det_scrfd_2.5g_kps.onnx"), det_size=640)
     prof = {}
@@ -113,8 +113,8 @@ def test_lip_opening_follows_a_real_mouth(shared):
     """The inner-lip measure (dlib 68 points) on the same lp_d6 frames: 27 lips closed, 56 wide open."""
     pytest.importorskip("dlib", reason="judge extra not installed (pip install 'deid-video[judge]')")
     from deidcli import weights
-    from deidcli.evaluate_video import LipOpening, upright_frames
-    from deidcli.faces import Detector
+    from deidcli.research.measures import LipOpening, upright_frames
+    from deidcli.faces.detect import Detector
 
     det, lips = Detector(weights.model_path("det_scrfd_2.5g_kps.onnx"), det_size=640), LipOpening()
     op = {}
@@ -131,8 +131,8 @@ def test_eye_opening_follows_a_real_blink(shared):
     blink at frame 76 (0.14 and 0.03 IOD when written; the lips there: 0.11 and 0.04)."""
     pytest.importorskip("dlib", reason="judge extra not installed (pip install 'deid-video[judge]')")
     from deidcli import weights
-    from deidcli.evaluate_video import LipOpening, upright_frames
-    from deidcli.faces import Detector
+    from deidcli.research.measures import LipOpening, upright_frames
+    from deidcli.faces.detect import Detector
 
     det, lips = Detector(weights.model_path("det_scrfd_2.5g_kps.onnx"), det_size=640), LipOpening()
     op = {}
@@ -149,7 +149,8 @@ def test_eye_opening_follows_a_real_blink(shared):
 
 
 def test_reencode_of_itself_is_fully_exposed(two, tmp_path):
-    from deidcli.evaluate_video import MOUTH_MIN_STD, evaluate_video
+    from deidcli.research.measures import MOUTH_MIN_STD
+    from deidcli.research.evaluate_video import evaluate_video
 
     same = write_video(tmp_path / "same.mp4", decode_rgb(two), rate_of(two))
     r = evaluate_video(two, same)
@@ -172,7 +173,8 @@ def test_reencode_of_itself_is_fully_exposed(two, tmp_path):
 
 
 def test_reencode_of_a_talking_head_keeps_mouth_motion(shared, tmp_path):
-    from deidcli.evaluate_video import MOUTH_MIN_STD, evaluate_video
+    from deidcli.research.measures import MOUTH_MIN_STD
+    from deidcli.research.evaluate_video import evaluate_video
 
     src = cut_clip(VIDEOS / "lp_d12.mp4", tmp_path / "talk.mp4", 0.8, audio=False)
     same = write_video(tmp_path / "same.mp4", decode_rgb(src), rate_of(src))
@@ -189,14 +191,15 @@ def test_reencode_of_a_talking_head_keeps_mouth_motion(shared, tmp_path):
         assert r["targets"]["lips_corr_ge_0.9"] is True
         # the eyes (same fit): dlib's lids jitter by about a pixel, so over these 19 frames the
         # correlation with the re-encode is only 0.61 (whole clips: 0.58-0.98, weights/MODEL_CARD.md Video); the means agree
-        from deidcli.evaluate_video import EYES_MIN_STD
+        from deidcli.research.measures import EYES_MIN_STD
 
         assert 0.05 < t["eyes_in_mean"] < 0.3 and abs(t["eyes_out_mean"] - t["eyes_in_mean"]) < 0.01, t
         assert t["eyes_in_std"] > EYES_MIN_STD and t["eyes_corr"] > 0.3 and r["eyes_corr"] == pytest.approx(t["eyes_corr"])
 
 
 def test_blur_removes_identity(two, blurred):
-    from deidcli.evaluate_video import VERIFY_THRESHOLD, evaluate_video
+    from deidcli.research.measures import VERIFY_THRESHOLD
+    from deidcli.research.evaluate_video import evaluate_video
 
     r = evaluate_video(two, blurred)
     assert r["faces"] == 2 * r["frames"]
@@ -212,7 +215,8 @@ def test_spliced_frames_are_reported_exactly(two, blurred, tmp_path):
     through the command line, with --json / --markdown / --strip and --fail-on-exposure."""
     from click.testing import CliRunner
 
-    from deidcli.evaluate_video import STRIP_WIDTH, evaluate_video_command
+    from deidcli.research.video_report import STRIP_WIDTH
+    from deidcli.research.evaluate_video import evaluate_video_command
 
     src, out = decode_rgb(two), decode_rgb(blurred)
     assert len(src) == len(out)
@@ -246,7 +250,7 @@ def test_judge_sees_the_spliced_frames(two, blurred, tmp_path):
     pytest.importorskip("dlib", reason="judge extra not installed (pip install 'deid-video[judge]')")
     from click.testing import CliRunner
 
-    from deidcli.evaluate_video import evaluate_video, evaluate_video_command
+    from deidcli.research.evaluate_video import evaluate_video, evaluate_video_command
 
     src, out = decode_rgb(two), decode_rgb(blurred)
     spliced = write_video(tmp_path / "spliced.mp4", [src[i] if i in (5, 6, 7) else out[i] for i in range(len(src))],
@@ -269,7 +273,7 @@ def test_judge_sees_the_spliced_frames(two, blurred, tmp_path):
 
 def test_frame_count_mismatch_is_an_input_error(shared, tmp_path):
     from deidcli.errors import InputError
-    from deidcli.evaluate_video import evaluate_video
+    from deidcli.research.evaluate_video import evaluate_video
 
     a = cut_clip(VIDEOS / "lp_d12.mp4", tmp_path / "a.mp4", 0.6, audio=False)
     b = cut_clip(VIDEOS / "lp_d12.mp4", tmp_path / "b.mp4", 0.3, audio=False)
@@ -281,7 +285,7 @@ def test_low_score_tracks_count_only_when_confirmed(shared, tmp_path):
     """lp_d6.mp4, first 2.1 s: the face (scores 0.44-0.7) is one track, checked in every frame;
     a hair tie above it (scores 0.31-0.35, frames 21 and 52-61) never reaches det_thresh and
     is listed as unconfirmed, not exposed."""
-    from deidcli.evaluate_video import evaluate_video
+    from deidcli.research.evaluate_video import evaluate_video
 
     src = cut_clip(VIDEOS / "lp_d6.mp4", tmp_path / "d6.mp4", 2.1, audio=False)
     r = evaluate_video(src, src)
@@ -296,7 +300,7 @@ def test_correlation_interval_is_a_block_bootstrap():
     """lips r / mouth r come with a 90% interval over 1 s block-bootstrap resamples of the track's
     frames: it holds the figure, is reproducible, is wider for a noisier relation, and is absent
     below two blocks of frames."""
-    from deidcli.evaluate_video import CI_BLOCK_FRAMES, _corr_ci90, _pearson
+    from deidcli.research.measures import CI_BLOCK_FRAMES, _corr_ci90, _pearson
 
     rng = np.random.default_rng(3)
     t = np.arange(300)

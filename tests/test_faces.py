@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from deidcli.errors import ModelError
-from deidcli.faces import Detections, Detector, Face, Tracker, box_iou
+from deidcli.faces.detect import Detections, Detector
+from deidcli.faces.track import Face, Tracker, box_iou
 from deidcli.options import TrackOptions
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -569,7 +570,7 @@ def test_detect_every_end_to_end(clips, tmp_path):
     import subprocess
     import sys
 
-    from deidcli.anonymize import anonymize
+    from deidcli.pipeline.anonymize import anonymize
     from deidcli.options import AnonymizeOptions, DetectOptions
 
     rep = anonymize(clips["two_person"], tmp_path / "o.mp4",

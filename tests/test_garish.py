@@ -1,4 +1,4 @@
-"""Garish-face measure (deidcli/garish.py): crops of real shared-clip frames, edited the way the
+"""Garish-face measure (deidcli/research/garish.py): crops of real shared-clip frames, edited the way the
 generator fails (black blotches, a yellow-green nose) or obscured the way deid's fallbacks do
 (blur, pixelate), and deid evaluate-video end to end against a blur output."""
 
@@ -23,8 +23,8 @@ FRAMES = [("lp_d12.mp4", 30), ("ghost_2person.mp4", 30)]
 
 def _frame_and_face(name: str, index: int):
     from deidcli import weights
-    from deidcli.evaluate_video import upright_frames
-    from deidcli.faces import Detector
+    from deidcli.research.measures import upright_frames
+    from deidcli.faces.detect import Detector
 
     for i, (img, _) in enumerate(upright_frames(VIDEOS / name)):
         if i == index:
@@ -42,8 +42,8 @@ def face(request, shared):
 
 
 def _assess(img_in, img_out, face, **kw):
-    from deidcli.align import arcface_crop
-    from deidcli.garish import assess, box_region
+    from deidcli.faces.align import arcface_crop
+    from deidcli.research.garish import assess, box_region
 
     return assess(arcface_crop(img_in, face.kps), arcface_crop(img_out, face.kps),
                   box_region(img_in, face.box), box_region(img_out, face.box), **kw)
@@ -101,7 +101,7 @@ def test_gaussian_blurred_face_is_blurred_not_garish(face):
 
 
 def test_pixelated_face_is_pixelated_not_garish(face):
-    from deidcli.methods import apply_classic
+    from deidcli.faces.methods import apply_classic
 
     img, f = face
     out = img.copy()
@@ -122,7 +122,7 @@ def test_lost_counts_only_for_large_sharp_faces(face):
 
 
 def test_size_bins():
-    from deidcli.garish import size_bin, size_bin_names
+    from deidcli.research.garish import size_bin, size_bin_names
 
     assert size_bin_names() == ["<48", "48-96", "96-192", ">=192"]
     assert [size_bin(h) for h in (10, 47.9, 48, 95, 96, 191, 192, 900)] == \
@@ -133,7 +133,8 @@ def test_size_bins():
 
 
 def test_evaluate_video_counts_blurred_faces_and_no_garish(shared, tmp_path):
-    from deidcli.evaluate_video import evaluate_video, to_markdown
+    from deidcli.research.evaluate_video import evaluate_video
+    from deidcli.research.video_report import to_markdown
 
     src = cut_clip(VIDEOS / "ghost_2person.mp4", tmp_path / "two.mp4", 0.4, audio=False)
     out = tmp_path / "two_blur.mp4"

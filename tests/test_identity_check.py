@@ -9,9 +9,10 @@ import torch
 from conftest import decode_rgb, frame_pts
 from test_cli import run
 
-from deidcli import engine
-from deidcli.anonymize import CALM_FACES
-from deidcli.model import Generator
+from deidcli.generator.embedder import IdentityEmbedder
+from deidcli.generator.engine import GeneratorRunner, eye_pass_weight, later_pass_weight, resolve_runtime
+from deidcli.pipeline.pipeline import CALM_FACES
+from deidcli.generator.model import Generator
 
 
 @pytest.mark.parametrize("backend,first_pass_mouth", [("onnxruntime", True), ("torch", True), ("onnxruntime", False)])
@@ -24,9 +25,9 @@ def test_passes_compose_to_one_raw_and_mask(backend, first_pass_mouth):
     crops = rng.integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
     desc = rng.normal(size=(6, 128)).astype(np.float32)
     desc /= np.linalg.norm(desc, axis=1, keepdims=True)
-    runner = engine.GeneratorRunner(gen, engine.resolve_runtime("cpu"), batch_size=4, backend=backend,
+    runner = GeneratorRunner(gen, resolve_runtime("cpu"), batch_size=4, backend=backend,
                                     first_pass_mouth=first_pass_mouth)
-    later = engine.later_pass_weight(64, 0.2)[0, 0] if first_pass_mouth else np.ones((64, 64), np.float32)
+    later = later_pass_weight(64, 0.2)[0, 0] if first_pass_mouth else np.ones((64, 64), np.float32)
     assert later.max() == 1 and (later.min() == 0) == first_pass_mouth
 
     def blend(raw, mask, under):
@@ -57,7 +58,7 @@ def _two_lfw_faces():
     ``out(runner, k)``: the k-pass blended crops (float) of a runner on them."""
     from conftest import aligned_lfw_crops
 
-    from deidcli.model import load_generator
+    from deidcli.generator.model import load_generator
     from deidcli.weights import generator_path
 
     crops = aligned_lfw_crops(["Aaron_Peirsol/Aaron_Peirsol_0001.jpg", "Gwyneth_Paltrow/Gwyneth_Paltrow_0001.jpg"])
@@ -69,20 +70,20 @@ def _two_lfw_faces():
         raw, mask = runner.run(crops, desc, passes=k)
         return mask[..., None] * raw + (1 - mask[..., None]) * crops
 
-    return crops, desc, load_generator(generator_path(None), device="cpu"), engine.resolve_runtime("cpu"), out
+    return crops, desc, load_generator(generator_path(None), device="cpu"), resolve_runtime("cpu"), out
 
 
 def test_later_passes_keep_the_first_pass_mouth():
     """Shipped generator, real LFW faces: with first_pass_mouth (the default) 3 passes leave the
     mouth box exactly as the first pass drew it and still change the eyes further; with
     --every-pass-mouth the mouth changes too."""
-    from deidcli.align import CROP_MARGIN, CROP_SIZE, crop_template, mouth_box
+    from deidcli.faces.align import CROP_MARGIN, CROP_SIZE, crop_template, mouth_box
 
     crops, desc, gen, rt, out = _two_lfw_faces()
-    keep = engine.GeneratorRunner(gen, rt, colour_match=False)
-    redraw = engine.GeneratorRunner(gen, rt, colour_match=False, first_pass_mouth=False)
+    keep = GeneratorRunner(gen, rt, colour_match=False)
+    redraw = GeneratorRunner(gen, rt, colour_match=False, first_pass_mouth=False)
     one, kept, redrawn = out(keep, 1), out(keep, 3), out(redraw, 3)
-    core = engine.later_pass_weight(CROP_SIZE, CROP_MARGIN)[0, 0] == 0  # the mouth box, inside its soft edge
+    core = later_pass_weight(CROP_SIZE, CROP_MARGIN)[0, 0] == 0  # the mouth box, inside its soft edge
     assert core.sum() > 200 and mouth_box(CROP_SIZE, CROP_MARGIN)[core].min() == 1
     assert np.abs(kept - one)[:, core].max() < 1.0  # rounding of the composed raw to uint8
     assert np.abs(redrawn - one)[:, core].mean() > 2.0
@@ -98,12 +99,12 @@ def test_eye_pass_changes_only_the_eyes_and_brows():
     eye band (align.eye_band, softened): outside it the face is the one-pass face (to uint8
     rounding), inside it the eyes change further; on top of 2 passes likewise; and it equals
     the explicit extra run, blended with its mask times the eye weight."""
-    from deidcli.align import CROP_MARGIN, CROP_SIZE, eye_band
+    from deidcli.faces.align import CROP_MARGIN, CROP_SIZE, eye_band
 
     crops, desc, gen, rt, out = _two_lfw_faces()
-    plain = engine.GeneratorRunner(gen, rt, colour_match=False)
-    eyed = engine.GeneratorRunner(gen, rt, colour_match=False, eye_pass=True)
-    w = engine.eye_pass_weight(CROP_SIZE, CROP_MARGIN)[0, 0]
+    plain = GeneratorRunner(gen, rt, colour_match=False)
+    eyed = GeneratorRunner(gen, rt, colour_match=False, eye_pass=True)
+    w = eye_pass_weight(CROP_SIZE, CROP_MARGIN)[0, 0]
     x0, y0, x1, y1 = eye_band(CROP_SIZE, CROP_MARGIN)
     assert w[y0:y1, x0:x1].min() > 0.25 and w.max() == 1  # its corners are softened
     outside, inside = w == 0, w == 1
@@ -164,7 +165,7 @@ def test_passes_above_max_passes_is_a_usage_error(clips, tmp_path):
 
 
 def test_evaluate_method_names():
-    from deidcli.evaluate import _method_passes
+    from deidcli.research.evaluate import _method_passes
 
     assert [_method_passes(m) for m in ("generate", "generate:3", "blur", "pixelate")] == [1, 3, 0, 0]
     for bad in ("generate:0", "generate:x", "sharpen"):
@@ -178,7 +179,7 @@ def test_pass_levels_hold_then_return():
     """--pass-hold: a track raised by the check keeps its count for `hold` faces after the last
     raise, then steps down one pass per `hold` faces to --passes; hold 0 keeps it for good. The
     peak is what is reported."""
-    from deidcli.anonymize import PassLevels
+    from deidcli.pipeline.report import PassLevels
 
     lv = PassLevels(base=1, hold=2)
     assert [lv.take(7) for _ in range(2)] == [1, 1] and lv.peak == {}
@@ -216,19 +217,20 @@ def test_colour_match_gives_the_input_colours_and_keeps_shapes():
 
     from conftest import LFW, MODELS, aligned_lfw_crops
     from deidcli import weights
-    from deidcli.align import CHROMA_SIGMA, arcface_squares, match_colour
-    from deidcli.model import load_generator
-    from deidcli.train.prepare import read_people
+    from deidcli.faces.colour import CHROMA_SIGMA, match_colour
+    from deidcli.faces.align import arcface_squares
+    from deidcli.generator.model import load_generator
+    from deidcli.research.train.prepare import read_people
 
     if not (LFW / "peopleDevTest.txt").is_file():
         pytest.skip("../shared LFW missing")
     people = read_people(LFW / "peopleDevTest.txt")[:8]
     crops = aligned_lfw_crops([f"{p}/{p}_0001.jpg" for p, _ in people])
     red = np.clip(crops * np.array([1.0, 0.3, 0.28]) + [25, 0, 5], 0, 255).astype(np.uint8)
-    desc = engine.IdentityEmbedder(MODELS / "rec_mobilefacenet.onnx", precision="fp32").embed(arcface_squares(crops))
+    desc = IdentityEmbedder(MODELS / "rec_mobilefacenet.onnx", precision="fp32").embed(arcface_squares(crops))
     gen = load_generator(weights.generator_path(None), device="cpu")
-    rt = engine.resolve_runtime("cpu")
-    raw0, mask0 = engine.GeneratorRunner(gen, rt).run(crops, desc)
+    rt = resolve_runtime("cpu")
+    raw0, mask0 = GeneratorRunner(gen, rt).run(crops, desc)
 
     def lab(x):
         return cv2.cvtColor(x, cv2.COLOR_RGB2LAB).astype(np.float32)
@@ -239,7 +241,7 @@ def test_colour_match_gives_the_input_colours_and_keeps_shapes():
     d0 = np.array([mean_under(r, m) - mean_under(c, m) for r, c, m in zip(raw0, crops, mask0)])
     assert np.abs(d0[:, 0]).mean() > 3, d0  # the generator's own colours: lighter
     for inp in (crops, red):
-        raw1, mask1 = engine.GeneratorRunner(gen, rt, colour_match=True).run(inp, desc)
+        raw1, mask1 = GeneratorRunner(gen, rt, colour_match=True).run(inp, desc)
         d1 = np.array([mean_under(r, m) - mean_under(c, m) for r, c, m in zip(raw1, inp, mask1)])
         assert np.abs(d1[:, 0]).max() < 2.0, d1
         sigma = inp.shape[1] * CHROMA_SIGMA
@@ -272,9 +274,10 @@ def test_finish_writes_what_the_check_saw(check_thresh):
     from pathlib import Path
 
     from conftest import MODELS, VIDEOS
-    from deidcli.align import paste
-    from deidcli.anonymize import Pipeline, new_check_stats
-    from deidcli.methods import apply_classic
+    from deidcli.faces.align import paste
+    from deidcli.pipeline.pipeline import Pipeline
+    from deidcli.pipeline.report import new_check_stats
+    from deidcli.faces.methods import apply_classic
     from deidcli.options import AnonymizeOptions
 
     p = Pipeline(AnonymizeOptions(models_dir=MODELS, check_thresh=check_thresh, batch_size=8))
@@ -318,7 +321,8 @@ def test_first_generator_batches_ramp_up_to_batch_size():
     """Pipeline.process_frames sends the generator a quarter of --batch-size first, then twice as
     many each time up to --batch-size (so later stages start early); every face is rendered once."""
     from conftest import MODELS, VIDEOS
-    from deidcli.anonymize import FIRST_BATCH_DIVISOR, FileResult, Pipeline
+    from deidcli.pipeline.pipeline import FIRST_BATCH_DIVISOR, Pipeline
+    from deidcli.pipeline.report import FileResult
     from deidcli.options import AnonymizeOptions
 
     p = Pipeline(AnonymizeOptions(models_dir=MODELS, batch_size=8))

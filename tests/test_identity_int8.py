@@ -1,4 +1,4 @@
-"""The identity check's int8 network (engine.IdentityEmbedder, deidcli/quantize.py) against fp32, on
+"""The identity check's int8 network (IdentityEmbedder, deidcli/quantize.py) against fp32, on
 LFW DevTest faces from ../shared aligned by deid's own detector, and its options and report."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from conftest import LFW, MODELS, VIDEOS, aligned_lfw_crops, cut_clip
 from test_cli import run
 
-from deidcli.engine import IdentityEmbedder
+from deidcli.generator.embedder import IdentityEmbedder
 
 MODEL = MODELS / "rec_mobilefacenet.onnx"
 N_PAIRS = 10  # same-person and different-person pairs each, from pairsDevTest.txt
@@ -36,8 +36,8 @@ def devtest():
     """LFW DevTest pairs (the first N_PAIRS same and N_PAIRS different of pairsDevTest.txt) as the
     pipeline sees them: generator crops aligned on SCRFD landmarks (deid's detector), their
     ArcFace squares at 112 (Pipeline._embed_squares), and the pair indices."""
-    from deidcli.align import arcface_squares
-    from deidcli.train.prepare import read_pairs
+    from deidcli.faces.align import arcface_squares
+    from deidcli.research.train.prepare import read_pairs
 
     pairs = read_pairs(LFW / "pairsDevTest.txt")
     pairs = [p for p in pairs if p[2]][:N_PAIRS] + [p for p in pairs if not p[2]][:N_PAIRS]
@@ -74,9 +74,11 @@ def test_fp32_equals_insightface_get_feat(fp32, devtest):
 def test_int8_agrees_with_fp32_on_lfw_devtest(fp32, auto, devtest):
     """Self-cosine > 0.97, and pair cosines within 0.06, on clean DevTest pairs and on the pairs
     the check compares: (generated face, its input face) and (generated face, fp32 descriptor)."""
-    from deidcli import engine, weights
-    from deidcli.align import arcface_squares, feather
-    from deidcli.model import load_generator
+    from deidcli import weights
+    from deidcli.generator.embedder import IdentityEmbedder
+    from deidcli.generator.engine import GeneratorRunner, resolve_runtime
+    from deidcli.faces.align import arcface_squares, feather
+    from deidcli.generator.model import load_generator
 
     x, (i, j) = devtest["squares"], devtest["pairs"].T
     e32, e8 = fp32.embed(x), auto.embed_check(x)
@@ -86,8 +88,8 @@ def test_int8_agrees_with_fp32_on_lfw_devtest(fp32, auto, devtest):
     same = np.einsum("nd,nd->n", e8[i], e8[j])[:N_PAIRS]
     assert np.median(same) > 0.335  # the int8 network still tells people apart
 
-    runner = engine.GeneratorRunner(load_generator(weights.generator_path(None), device="cpu"),
-                                    engine.resolve_runtime("cpu"), backend="onnxruntime")
+    runner = GeneratorRunner(load_generator(weights.generator_path(None), device="cpu"),
+                                    resolve_runtime("cpu"), backend="onnxruntime")
     crops = devtest["crops"]
     raw, mask = runner.run(crops, e32)
     m = np.stack([feather(k, runner.size) for k in mask])[..., None]
@@ -110,7 +112,7 @@ def test_other_model_file_falls_back_to_fp32_with_one_warning(tmp_path, caplog, 
     onnx.save(m, str(other))
     for precision in ("auto", "int8"):
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="deidcli.engine"):
+        with caplog.at_level(logging.INFO, logger="deidcli.generator"):
             emb = IdentityEmbedder(other, precision=precision)
         assert emb.check_precision == "fp32" and emb.check_session is emb.session
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -123,11 +125,11 @@ def test_other_model_file_falls_back_to_fp32_with_one_warning(tmp_path, caplog, 
 def test_no_calibration_and_other_providers_run_fp32(tmp_path, caplog):
     other = tmp_path / "rec_other.onnx"
     other.write_bytes(MODEL.read_bytes())
-    with caplog.at_level(logging.INFO, logger="deidcli.engine"):
+    with caplog.at_level(logging.INFO, logger="deidcli.generator"):
         assert IdentityEmbedder(other, precision="auto").check_precision == "fp32"
     assert "no int8 calibration" in caplog.text and not [r for r in caplog.records if r.levelno >= logging.WARNING]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="deidcli.engine"):
+    with caplog.at_level(logging.WARNING, logger="deidcli.generator"):
         assert IdentityEmbedder(other, precision="int8").check_precision == "fp32"
     assert "no int8 calibration" in caplog.text
     with pytest.raises(ValueError, match="precision"):
@@ -141,11 +143,11 @@ def test_no_calibration_and_other_providers_run_fp32(tmp_path, caplog):
 @pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available:UserWarning")
 def test_int8_is_for_the_cpu_provider_only(caplog):
     cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    with caplog.at_level(logging.WARNING, logger="deidcli.engine"):
+    with caplog.at_level(logging.WARNING, logger="deidcli.generator"):
         assert IdentityEmbedder(MODEL, cuda, precision="int8").check_precision == "fp32"
     assert "CPU execution provider only" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="deidcli.engine"):
+    with caplog.at_level(logging.WARNING, logger="deidcli.generator"):
         assert IdentityEmbedder(MODEL, cuda, precision="auto").check_precision == "fp32"
     assert caplog.text == ""
 
@@ -164,7 +166,7 @@ def test_check_precision_option_and_report(tmp_path):
 
 
 def test_doctor_names_the_check_precision():
-    from deidcli.doctor import INFO, check_identity_precision
+    from deidcli.cli.doctor import INFO, check_identity_precision
 
     (c,) = check_identity_precision(MODELS)
     assert c.status == INFO and ("int8 on the CPU" in c.detail or "fp32 on CUDA" in c.detail), c

@@ -13,7 +13,7 @@ from conftest import VIDEOS, decode_rgb
 
 def test_stress_clips_are_deterministic_and_look_as_named(shared, tmp_path):
     """Two makes of a clip decode to the same frames; the conditions do what they say."""
-    from deidcli.evaluate_video import upright_frames
+    from deidcli.research.measures import upright_frames
     from deidcli.research import stress
 
     names = stress.clip_names()
@@ -40,7 +40,7 @@ def test_stress_clips_are_deterministic_and_look_as_named(shared, tmp_path):
 # --- routing ----------------------------------------------------------------------------------
 
 def test_yaw_and_size_bins():
-    from deidcli.routing import size_bin, yaw
+    from deidcli.pipeline.routing import size_bin, yaw
 
     frontal = np.array([[40, 50], [80, 50], [60, 70], [45, 90], [75, 90]], float)
     turned = frontal.copy()
@@ -53,7 +53,7 @@ def test_yaw_and_size_bins():
 
 
 def test_router_decides_with_hysteresis_and_holds_after_a_failed_check():
-    from deidcli.routing import Router
+    from deidcli.pipeline.routing import Router
 
     r = Router(min_generate=40, max_yaw=0.6, min_light=20, max_passes=4, small_max_passes=2, hold=3)
     assert r.decide(1, 39, 0, 100) == "small" and r.decide(2, 41, 0, 100) == "generated"
@@ -76,7 +76,7 @@ def test_small_faces_get_the_fallback_and_are_counted(shared, tmp_path):
     """A face under --min-generate is blurred, not generated; the report says how many took each
     path, by size; --min-generate 0 generates it."""
     from conftest import cut_clip
-    from deidcli.anonymize import anonymize
+    from deidcli.pipeline.anonymize import anonymize
     from deidcli.options import AnonymizeOptions
 
     src = cut_clip(VIDEOS / "lp_d12.mp4", tmp_path / "in.mp4", 0.4, audio=False)  # a 512 px clip, face ~200 px
@@ -100,8 +100,8 @@ def test_first_frame_face_below_det_thresh_is_anonymized(shared, tmp_path):
     import av
     import cv2
 
-    from deidcli.anonymize import anonymize
-    from deidcli.faces import Detector
+    from deidcli.pipeline.anonymize import anonymize
+    from deidcli.faces.detect import Detector
     from deidcli.options import AnonymizeOptions, DetectOptions
 
     frames = decode_rgb(VIDEOS / "sadtalker_WDA_KatieHill_000.mp4", 10)
@@ -145,10 +145,10 @@ def test_hazy_face_is_never_left_nearly_unchanged(shared, tmp_path):
     changed by at least UNCHANGED_MAD in the output."""
     import av
 
-    from deidcli.align import arcface_crop
-    from deidcli.anonymize import anonymize
-    from deidcli.evaluate_video import UNCHANGED_MAD
-    from deidcli.faces import Detector
+    from deidcli.faces.align import arcface_crop
+    from deidcli.pipeline.anonymize import anonymize
+    from deidcli.research.measures import UNCHANGED_MAD
+    from deidcli.faces.detect import Detector
     from deidcli.options import AnonymizeOptions
     from deidcli.research.stress import apply_condition, fit
 
@@ -177,7 +177,7 @@ def test_zoomed_look_raises_small_faces_and_not_a_hair_tie(shared):
     """The int8 detector scores small crowd faces under --det-thresh frame after frame (no track
     would start); looked at again zoomed nearly all score above it. A hair tie on lp_d6's head, a weak
     detection in a clean clip, stays low zoomed."""
-    from deidcli.faces import Detector
+    from deidcli.faces.detect import Detector
     from deidcli.research.stress import Crowd, _seed_of
 
     det = Detector(VIDEOS.parent / "models" / "det_scrfd_2.5g_kps.onnx", det_thresh=0.3, precision="int8")

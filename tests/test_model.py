@@ -14,7 +14,7 @@ LFW = SHARED / "data" / "lfw" / "lfw_deepfunneled"
 os.environ.setdefault("DEID_MODELS_DIR", str(MODELS))
 
 from deidcli.errors import ModelError  # noqa: E402
-from deidcli.model import Discriminator, Generator, load_generator, save_generator  # noqa: E402
+from deidcli.generator.model import Discriminator, Generator, load_generator, save_generator  # noqa: E402
 
 
 def _desc(b, d=128):
@@ -91,8 +91,8 @@ def test_load_generator_errors(tmp_path):
 def _lfw_crops(n=8):
     """ArcFace 112 crops of LFW images, aligned on SCRFD landmarks (deid's detector)."""
     import cv2
-    from deidcli.align import arcface_crop
-    from deidcli.faces import Detector
+    from deidcli.faces.align import arcface_crop
+    from deidcli.faces.detect import Detector
 
     det = Detector(MODELS / "det_scrfd_2.5g_kps.onnx", det_size=320)
     crops = []
@@ -107,7 +107,7 @@ def _lfw_crops(n=8):
 @pytest.mark.skipif(not (MODELS / "rec_mobilefacenet.onnx").exists(), reason="shared models missing")
 def test_identity_matches_onnx():
     import onnxruntime as ort
-    from deidcli.identity import FEATURE_LEVELS, load_identity_net, to_input
+    from deidcli.generator.identity import FEATURE_LEVELS, load_identity_net, to_input
 
     net = load_identity_net(MODELS)
     assert not any(p.requires_grad for p in net.parameters()) and not net.training
@@ -131,7 +131,7 @@ def test_identity_matches_onnx():
 
 
 def test_identity_differentiable():
-    from deidcli.identity import crop_to_id_input, load_identity_net
+    from deidcli.generator.identity import crop_to_id_input, load_identity_net
 
     net = load_identity_net(MODELS)
     x = (torch.rand(2, 3, 128, 128) * 2 - 1).requires_grad_(True)
@@ -143,7 +143,7 @@ def test_export_module_is_the_same_function():
     """for_export (what the CPU backend exports) swaps 1x1 conv + PixelShuffle, and the 3x3 head,
     for transposed convs: same outputs, every sub-pixel (the ICNR init makes the 4 sub-pixels equal, so the
     weights are scrambled first, or a wrong sub-pixel order would pass), source left as it was."""
-    from deidcli.model import HeadAsDeconv, SubPixelDeconv, for_export
+    from deidcli.generator.model import HeadAsDeconv, SubPixelDeconv, for_export
 
     torch.manual_seed(0)
     gen = Generator({"size": 64}).eval()
@@ -165,7 +165,7 @@ def test_export_module_is_the_same_function():
 
 def test_generator_backends_agree():
     """The CPU default (the module exported to ONNX Runtime) gives the torch module's output."""
-    from deidcli import engine
+    from deidcli.generator.engine import GeneratorRunner, resolve_runtime
 
     torch.manual_seed(0)
     gen = Generator({"size": 128}).eval()
@@ -173,11 +173,11 @@ def test_generator_backends_agree():
     crops = rng.integers(0, 256, (5, 128, 128, 3), dtype=np.uint8)
     desc = rng.normal(size=(5, 128)).astype(np.float32)
     desc /= np.linalg.norm(desc, axis=1, keepdims=True)
-    rt = engine.resolve_runtime("cpu")
-    ort_runner = engine.GeneratorRunner(gen, rt, batch_size=2)  # 3 batches, the last one short
+    rt = resolve_runtime("cpu")
+    ort_runner = GeneratorRunner(gen, rt, batch_size=2)  # 3 batches, the last one short
     assert ort_runner.backend == "onnxruntime"
     raw_o, mask_o = ort_runner.run(crops, desc)
-    raw_t, mask_t = engine.GeneratorRunner(gen, rt, batch_size=4, backend="torch").run(crops, desc)
+    raw_t, mask_t = GeneratorRunner(gen, rt, batch_size=4, backend="torch").run(crops, desc)
     assert raw_o.shape == raw_t.shape == (5, 128, 128, 3) and raw_o.dtype == np.uint8
     assert mask_o.shape == mask_t.shape == (5, 128, 128) and mask_o.dtype == np.float32
     assert np.abs(raw_o.astype(int) - raw_t).max() <= 1
@@ -186,7 +186,7 @@ def test_generator_backends_agree():
     empty = ort_runner.run(crops[:0], desc[:0])
     assert empty[0].shape == (0, 128, 128, 3) and empty[1].shape == (0, 128, 128)
     with pytest.raises(ValueError):
-        engine.GeneratorRunner(gen, rt, backend="tensorrt")
+        GeneratorRunner(gen, rt, backend="tensorrt")
 
 
 @pytest.mark.parametrize("res_conv", ["ds", "full"])
@@ -194,7 +194,7 @@ def test_widened_generator_is_the_same_function(res_conv):
     """model.widen_state_dict (Net2Net): more channels per level, the same outputs (weights
     scrambled first, so that a wrong copy or a missing division shows); noise moves them a little;
     other changes, or counts that are not multiples, are refused."""
-    from deidcli.model import widen_state_dict
+    from deidcli.generator.model import widen_state_dict
 
     torch.manual_seed(0)
     old = {"size": 64, "base_channels": 8, "max_channels": 32, "res_conv": res_conv, "final_res": True}

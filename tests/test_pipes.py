@@ -44,7 +44,7 @@ def deid_pipe(args, data: bytes = b"", pre: str = None, timeout=300):
 
 
 def face_boxes(frames, scale):
-    from deidcli.faces import Detector
+    from deidcli.faces.detect import Detector
 
     det = Detector(MODELS / "det_scrfd_2.5g_kps.onnx")
     boxes = []
@@ -122,8 +122,8 @@ def test_stdout_carries_only_the_video(clips, tmp_path):
     """Whatever prints to stdout during a run (Python or C level, like a library loading a model) goes
     to stderr while stdout is the video stream; also a clip without audio."""
     src = remux(clips["portrait_noaudio"], tmp_path / "in.mkv", "matroska")
-    noisy = ("import os, sys, deidcli.anonymize\n"
-             "a = sys.modules['deidcli.anonymize']  # deidcli.anonymize is also the API function\n"
+    noisy = ("import os, sys, deidcli.pipeline.pipeline\n"
+             "a = sys.modules['deidcli.pipeline.pipeline']\n"
              "init = a.Pipeline.__init__\n"
              "def noisy(self, *args, **kw):\n"
              "    print('NOISE-PRINT', flush=True); os.write(1, b'NOISE-FD1\\n'); init(self, *args, **kw)\n"

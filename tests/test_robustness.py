@@ -222,7 +222,7 @@ def subtitle_packets(path: Path) -> list[tuple]:
 
 
 def display_matrix(path: Path):
-    from deidcli.video import _display_matrix
+    from deidcli.media.probe import _display_matrix
 
     with av.open(str(path)) as c:
         return _display_matrix(next(c.decode(video=0)))
@@ -504,7 +504,7 @@ def _ok(corpus, name):
 @pytest.mark.parametrize("name", ["yuv422p.mp4", "yuv444p.mp4", "yuv420p10le.mp4", "rot90.mp4", "rot180.mp4",
                                   "rot270.mp4", "vfr.mp4"])
 def test_kept_timing_orientation_audio_format(corpus, name):
-    from deidcli.video import probe
+    from deidcli.media.probe import probe
 
     s, o, f = _ok(corpus, name)
     assert frame_pts(o) == frame_pts(s) and len(frame_pts(s)) == N
@@ -527,20 +527,21 @@ def test_kept_timing_orientation_audio_format(corpus, name):
 def test_odd_size(corpus, tmp_path):
     """641x361 4:2:0 in: libx264 (H.264 crops in units of 2 in 4:2:0) gives 640x360 with a
     warning; an encoder that can store odd sizes (ffv1 here) keeps 641x361."""
-    from deidcli import video
+    from deidcli.media.probe import probe
+    from deidcli.media.transcode import transcode_video
     from deidcli.options import EncodeOptions
 
     s, o, f = _ok(corpus, "odd_641x361.mkv")
-    assert (video.probe(s).width, video.probe(s).height) == (641, 361)
-    assert (video.probe(o).width, video.probe(o).height) == (640, 360)
+    assert (probe(s).width, probe(s).height) == (641, 361)
+    assert (probe(o).width, probe(o).height) == (640, 360)
     assert frame_times(o) == frame_times(s) and len(frame_times(s)) == N
     assert audio_tracks(o) == audio_tracks(s)
     assert f["faces_anonymized"] >= N
     warn = [ln for ln in corpus[3].stderr.splitlines() if "odd_641x361" in ln and "WARNING" in ln]
     assert len(warn) == 1 and "641x361" in warn[0] and "640x360" in warn[0], corpus[3].stderr
     ffv1 = tmp_path / "odd.mkv"
-    st = video.transcode_video(s, ffv1, lambda fr: ((x, x.image, []) for x in fr), EncodeOptions(codec="ffv1"))
-    assert st["encoded_size"] == [641, 361] and (video.probe(ffv1).width, video.probe(ffv1).height) == (641, 361)
+    st = transcode_video(s, ffv1, lambda fr: ((x, x.image, []) for x in fr), EncodeOptions(codec="ffv1"))
+    assert st["encoded_size"] == [641, 361] and (probe(ffv1).width, probe(ffv1).height) == (641, 361)
     a, b = decode_rgb(s), decode_rgb(ffv1)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))  # lossless: the exact picture
 
@@ -559,13 +560,14 @@ def test_two_audio_tracks_and_subtitles_kept(corpus):
 
 
 def test_subtitles_dropped_with_a_warning_where_the_container_cannot_hold_them(corpus, tmp_path, caplog):
-    from deidcli import video
+    from deidcli.media.probe import probe
+    from deidcli.media.transcode import transcode_video
     from deidcli.options import EncodeOptions
 
     s = corpus[0] / "two_audio_subs.mkv"
     dst = tmp_path / "o.mp4"  # MP4 holds mov_text only, not SubRip
-    with caplog.at_level("WARNING", logger="deidcli.video"):
-        st = video.transcode_video(s, dst, lambda fr: ((x, x.image, []) for x in fr),
+    with caplog.at_level("WARNING", logger="deidcli.media"):
+        st = transcode_video(s, dst, lambda fr: ((x, x.image, []) for x in fr),
                                    EncodeOptions(preset="ultrafast"))
     assert st["subtitle_streams"] == 0 and any("subtitle" in d for d in st["dropped_streams"])
     assert [r for r in caplog.records if "subtitle stream" in r.getMessage() and "dropped" in r.getMessage()]
@@ -584,7 +586,8 @@ def test_no_face_is_a_plain_reencode(corpus, tmp_path):
     mbtree=0 makes it repeatable), so two plain re-encodes of the same frames already differ
     by a few code values and cannot be compared exactly. Lossless, "equal to the re-encode"
     is exact, and the decoded input is the reference too."""
-    from deidcli import video
+    from deidcli.media.probe import probe
+    from deidcli.media.transcode import transcode_video
     from deidcli.options import EncodeOptions
 
     s, o, f = _ok(corpus, "no_face.mp4")  # default settings, in the corpus run: no face found
@@ -595,7 +598,7 @@ def test_no_face_is_a_plain_reencode(corpus, tmp_path):
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["files"][0]["faces_anonymized"] == 0
     ref = tmp_path / "reencode.mp4"
-    video.transcode_video(s, ref, lambda fr: ((x, x.image, []) for x in fr), EncodeOptions(crf=0, preset="ultrafast"))
+    transcode_video(s, ref, lambda fr: ((x, x.image, []) for x in fr), EncodeOptions(crf=0, preset="ultrafast"))
     a, b, c = decode_rgb(ref), decode_rgb(out), decode_rgb(s)
     assert len(a) == len(b) == len(c) == N
     assert all(np.array_equal(x, y) and np.array_equal(y, z) for x, y, z in zip(a, b, c))
@@ -634,7 +637,8 @@ def test_corrupt_packet_is_reported_not_fatal(corpus):
 def test_rejected_packet_is_skipped_and_counted(talk, tmp_path):
     """A codec whose decoder rejects a damaged packet (MJPEG): that frame is missing, every
     other frame comes out with its own pts, and the report says where."""
-    from deidcli import video
+    from deidcli.media.probe import probe
+    from deidcli.media.transcode import transcode_video
     from deidcli.options import EncodeOptions
 
     clean = write_clip(tmp_path / "mj.mkv", decode_rgb(talk, 10), codec="mjpeg", pix_fmt="yuvj420p")
@@ -650,7 +654,7 @@ def test_rejected_packet_is_skipped_and_counted(talk, tmp_path):
                 q.pts, q.dts, q.duration, q.time_base, q.stream = p.pts, p.dts, p.duration, p.time_base, ov
             o.mux(q)
     dst = tmp_path / "o.mkv"
-    st = video.transcode_video(bad, dst, lambda fr: ((x, x.image, []) for x in fr), EncodeOptions(preset="ultrafast"))
+    st = transcode_video(bad, dst, lambda fr: ((x, x.image, []) for x in fr), EncodeOptions(preset="ultrafast"))
     assert frame_times(dst) == [t for i, t in enumerate(frame_times(clean)) if i != 5]
     assert st["frames"] == 9 and st["decode_errors"] == 1 and st["frames_lost"] == 1
     assert st["decode_error_times"] == [0.2]

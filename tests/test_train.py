@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not (SHARED / "data" / "lfw").exists(), reason="
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    from deidcli.train.prepare import prepare_split
+    from deidcli.research.train.prepare import prepare_split
 
     d = tmp_path_factory.mktemp("cache")
     for split in ("train", "test"):
@@ -26,8 +26,8 @@ def cache_dir(tmp_path_factory):
 
 
 def test_prepare_cache(cache_dir):
-    from deidcli.identity import ID_DIM
-    from deidcli.train.prepare import load_split, read_people
+    from deidcli.generator.identity import ID_DIM
+    from deidcli.research.train.prepare import load_split, read_people
 
     files = sorted(cache_dir.glob("lfw_train_64_*.npz"))
     assert len(files) == 1
@@ -38,7 +38,7 @@ def test_prepare_cache(cache_dir):
     assert np.allclose(np.linalg.norm(d["desc"], axis=1), 1, atol=1e-4)
     assert d["size"] == 64 and d["margin"] == 0.2 and len(d["fingerprint"]) == 64
     # eyes land where the crop template puts them
-    from deidcli.align import crop_template
+    from deidcli.faces.align import crop_template
 
     assert np.abs(d["crop_kps"][:, :2] - crop_template(64, 0.2)[:2]).mean() < 3
     train_people = {p for p, _ in read_people(SHARED / "data/lfw/peopleDevTrain.txt")}
@@ -55,8 +55,8 @@ def _cfg(tmp_path, cache_dir, steps):
 
 
 def test_train_smoke_and_resume(tmp_path, cache_dir):
-    from deidcli.model import load_generator
-    from deidcli.train.loop import train
+    from deidcli.generator.model import load_generator
+    from deidcli.research.train.loop import train
 
     s1 = train(_cfg(tmp_path, cache_dir, 3))
     run = Path(s1["run_dir"])
@@ -76,7 +76,7 @@ def test_train_smoke_and_resume(tmp_path, cache_dir):
              if json.loads(x)["kind"] == "train"]
     assert steps[:3] == [1, 2, 3] and steps[3:] == [4, 5]
     # compact committable state: G + D in fp16, fresh optimisers
-    from deidcli.train.loop import export_train_state
+    from deidcli.research.train.loop import export_train_state
 
     small = export_train_state(run / "last.pt", tmp_path / "state.pt")
     cfg = _cfg(tmp_path, cache_dir, 6)
@@ -84,7 +84,7 @@ def test_train_smoke_and_resume(tmp_path, cache_dir):
     assert train(cfg)["step"] == 6
     # a wider generator starts from the state's, widened: step 0's outputs are the state's
     from deidcli.errors import DeidError
-    from deidcli.model import Generator
+    from deidcli.generator.model import Generator
 
     wide = _cfg(tmp_path, cache_dir, 7)
     wide.update(name="wider", init_from=str(small), init_widen_noise=0.0, lr_g=0.0)
@@ -109,9 +109,10 @@ def test_resume_takes_the_runs_own_config(tmp_path, cache_dir):
     networks is refused in one line."""
     from click.testing import CliRunner
 
-    from deidcli.cli import cli
+    from deidcli.cli.main import cli
     from deidcli.errors import DeidError
-    from deidcli.train.loop import load_config, train
+    from deidcli.research.train.config import load_config
+    from deidcli.research.train.loop import train
 
     cfg = _cfg(tmp_path, cache_dir, 2)
     cfg.update(name="again", max_minutes=30.0)
@@ -152,7 +153,7 @@ def test_training_commands_refuse_bad_input_in_one_line(tmp_path):
     import torch
     from click.testing import CliRunner
 
-    from deidcli.cli import cli
+    from deidcli.cli.main import cli
 
     def run(*args):
         res = CliRunner().invoke(cli, [str(a) for a in args])
@@ -185,7 +186,7 @@ def test_training_commands_refuse_bad_input_in_one_line(tmp_path):
 
 def test_train_second_pass(tmp_path, cache_dir):
     """second_pass: the generator also trains on its own blended output (as --passes 2 runs it)."""
-    from deidcli.train.loop import train
+    from deidcli.research.train.loop import train
 
     first = {}
     for sp in (0.0, 1.0):
@@ -203,10 +204,10 @@ def test_train_second_pass(tmp_path, cache_dir):
 def test_landmark_net_matches_detector(cache_dir):
     """The torch copy of the detector graph gives deid's detector's landmarks (ONNX Runtime +
     InsightFace decoding, as deid evaluate runs it on crops), and the loss moves with them."""
-    from deidcli.evaluate import detect_crops
-    from deidcli.faces import Detector
-    from deidcli.train.landmarks import PAD, Keypoints, landmark_loss
-    from deidcli.train.prepare import DETECTOR, load_split
+    from deidcli.research.evaluate import detect_crops
+    from deidcli.faces.detect import Detector
+    from deidcli.research.train.landmarks import PAD, Keypoints, landmark_loss
+    from deidcli.research.train.prepare import DETECTOR, load_split
 
     d = load_split(sorted(cache_dir.glob("lfw_test_64_*.npz"))[0])
     crops = d["crops"][:6]
@@ -234,8 +235,8 @@ def test_train_landmark_loss(tmp_path, cache_dir):
     """weights.landmarks (and .mouth, .structure, .eye_adv, .eye_rep, .feat_adv) > 0 train with those losses
     and log them (train and held-out); the eye and feature discriminators are saved with the run,
     resumed, and kept by the compact state."""
-    from deidcli.train.loop import export_train_state
-    from deidcli.train.loop import train
+    from deidcli.research.train.loop import export_train_state
+    from deidcli.research.train.loop import train
 
     cfg = _cfg(tmp_path, cache_dir, 2)
     cfg.update(name="lm")
@@ -266,9 +267,9 @@ def test_mouth_loss_sees_the_mouth_only(cache_dir):
     painted over, and ignores the same change made to the eyes."""
     import torch
 
-    from deidcli.align import crop_template
-    from deidcli.train import losses as L
-    from deidcli.train.prepare import load_split
+    from deidcli.faces.align import crop_template
+    from deidcli.research.train import losses as L
+    from deidcli.research.train.prepare import load_split
 
     d = load_split(sorted(Path(cache_dir).glob("lfw_test_*.npz"))[0])
     S, m = int(d["size"]), float(d["margin"])
@@ -298,9 +299,9 @@ def test_structure_loss_sees_eyes_and_mouth_edges(cache_dir):
     import torch
     import torch.nn.functional as F
 
-    from deidcli.align import crop_template
-    from deidcli.train import losses as L
-    from deidcli.train.prepare import load_split
+    from deidcli.faces.align import crop_template
+    from deidcli.research.train import losses as L
+    from deidcli.research.train.prepare import load_split
 
     d = load_split(sorted(Path(cache_dir).glob("lfw_test_*.npz"))[0])
     S, m = int(d["size"]), float(d["margin"])
@@ -341,10 +342,10 @@ def test_eye_repeller_sees_only_the_eye_band(cache_dir):
     gradient reaches the output's pixels in the band and nowhere else."""
     import torch
 
-    from deidcli.engine import eye_pass_weight
-    from deidcli.identity import load_identity_net
-    from deidcli.train import losses as L
-    from deidcli.train.prepare import load_split
+    from deidcli.generator.engine import eye_pass_weight
+    from deidcli.generator.identity import load_identity_net
+    from deidcli.research.train import losses as L
+    from deidcli.research.train.prepare import load_split
 
     d = load_split(sorted(Path(cache_dir).glob("lfw_test_*.npz"))[0])
     S, m = int(d["size"]), float(d["margin"])
@@ -370,7 +371,7 @@ def test_eye_repeller_sees_only_the_eye_band(cache_dir):
 
 
 def test_losses_basic():
-    from deidcli.train import losses as L
+    from deidcli.research.train import losses as L
 
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(3, 3, 32, 32) * 2 - 1
@@ -395,7 +396,7 @@ def test_commands_import_without_torch():
     import subprocess
     import sys
 
-    code = ("import sys; import deidcli.train.commands as c; "
+    code = ("import sys; import deidcli.research.train.commands as c; "
             "assert 'torch' not in sys.modules, 'torch imported'; "
             "print(c.prepare_command.name, c.train_command.name, c.evaluate_command.name)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -408,9 +409,9 @@ def test_train_validates_on_held_out_people_and_keeps_the_best(tmp_path, cache_d
     lowest validation cosine, also across a resume; with ema the exported generator is the
     weights' moving average, not the last step's weights."""
     from deidcli.errors import DeidError
-    from deidcli.model import load_generator
-    from deidcli.train.loop import split_people, train
-    from deidcli.train.prepare import load_split
+    from deidcli.generator.model import load_generator
+    from deidcli.research.train.loop import split_people, train
+    from deidcli.research.train.prepare import load_split
 
     d = load_split(sorted(cache_dir.glob("lfw_train_64_*.npz"))[0])
     tr, va = split_people(d, 2)
@@ -445,10 +446,10 @@ def test_train_validates_on_held_out_people_and_keeps_the_best(tmp_path, cache_d
     # agreement with the probes: the last one's equals evaluate's on the outputs of the weights
     # it validated (last.pt's moving average, fp32) for those probes and targets
     assert all({"eyes_r", "lips_r", "eyes_absdiff_iod", "lips_absdiff_iod"} <= set(r) for r in vals)
-    from deidcli.evaluate import opening_agreement, openings_on_crops
-    from deidcli.evaluate_video import _lip_opening
-    from deidcli.model import Generator
-    from deidcli.train.loop import VAL_SEED, _Data
+    from deidcli.research.evaluate import opening_agreement, openings_on_crops
+    from deidcli.research.measures import _lip_opening
+    from deidcli.generator.model import Generator
+    from deidcli.research.train.loop import VAL_SEED, _Data
 
     g = Generator(best.config).eval()
     g.load_state_dict(torch.load(run / "last.pt", weights_only=True)["G_ema"])
@@ -485,7 +486,7 @@ def test_config_files_are_valid_training_configs():
     """Every file in configs/ merges into the loop's DEFAULTS (no unknown or mistyped key), and the
     structure-loss branch's recipe (weights/MODEL_CARD.md, 2026-11-30) is the shipped step's
     recipe with only the structure weight (and the name) changed."""
-    from deidcli.train.loop import DEFAULTS, merge
+    from deidcli.research.train.config import DEFAULTS, merge
 
     root = Path(__file__).resolve().parents[1] / "configs"
     files = sorted(root.glob("*.json"))
@@ -505,7 +506,7 @@ OPS = ("occlusion", "colour_cast", "low_light", "blur", "motion_blur", "downscal
 @pytest.fixture(scope="module")
 def crops128(tmp_path_factory):
     """Real aligned 128 px LFW crops (the first 6 DevTrain people), (N, 3, 128, 128) in [-1, 1]."""
-    from deidcli.train.prepare import load_split, prepare_split
+    from deidcli.research.train.prepare import load_split, prepare_split
 
     d = load_split(prepare_split("train", cache_dir=tmp_path_factory.mktemp("cache128"), size=128,
                                  margin=0.2, limit_people=6))
@@ -524,7 +525,7 @@ def _hf(x):
 
 
 def test_degrade_shape_range_determinism_and_off(crops128):
-    from deidcli.train import losses as L
+    from deidcli.research.train import losses as L
 
     x = crops128
     y, ops = L.degrade(x, torch.Generator().manual_seed(3), p=1.0, return_ops=True)
@@ -550,8 +551,8 @@ def test_degrade_shape_range_determinism_and_off(crops128):
 
 
 def test_degrade_each_does_what_it_says(crops128):
-    from deidcli.align import crop_template
-    from deidcli.train import losses as L
+    from deidcli.faces.align import crop_template
+    from deidcli.research.train import losses as L
 
     x = crops128
     n, s = x.shape[0], x.shape[-1]
@@ -627,7 +628,7 @@ def test_degrade_each_does_what_it_says(crops128):
 def test_wild_config_is_the_shipped_recipe_with_degradations():
     """configs/train_128_wild.json: the recipe of the shipped state (train_128_branch36500.json),
     started from that state, with the degradations on; off in DEFAULTS (shipped recipe unchanged)."""
-    from deidcli.train.loop import DEFAULTS, merge
+    from deidcli.research.train.config import DEFAULTS, merge
 
     root = Path(__file__).resolve().parents[1]
     load = lambda n: merge(DEFAULTS, json.loads((root / "configs" / f"{n}.json").read_text()))  # noqa: E731
@@ -642,7 +643,7 @@ def test_wild_config_is_the_shipped_recipe_with_degradations():
 
 
 def test_train_with_degradations(tmp_path, cache_dir):
-    from deidcli.train.loop import train
+    from deidcli.research.train.loop import train
 
     cfg = _cfg(tmp_path, cache_dir, 2)
     cfg.update(name="wild", degrade={"p": 1.0})

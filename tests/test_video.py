@@ -1,4 +1,4 @@
-"""deidcli.video: probe, transcode (timing, pixels, colour, rotation, audio, metadata), images,
+"""deidcli.media: probe, transcode (timing, pixels, colour, rotation, audio, metadata), images,
 atomic output. Real clips come from ../shared/videos; edge cases are generated here with PyAV."""
 
 from __future__ import annotations
@@ -14,21 +14,10 @@ import pytest
 from conftest import decode_rgb
 from deidcli.errors import InputError, OutputError
 from deidcli.options import EncodeOptions
-from deidcli.video import (
-    IMAGE_EXTS,
-    VIDEO_EXTS,
-    VideoInfo,
-    _paint_rects,
-    _Reformatters,
-    _rect_to_stored,
-    _to_rgb,
-    atomic_output,
-    media_kind,
-    probe,
-    read_image,
-    transcode_video,
-    write_image,
-)
+from deidcli.media.probe import IMAGE_EXTS, VIDEO_EXTS, VideoInfo, media_kind, probe
+from deidcli.media.frames import _paint_rects, _Reformatters, _rect_to_stored, _to_rgb
+from deidcli.media.images import atomic_output, read_image, write_image
+from deidcli.media.transcode import transcode_video
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 VIDEOS = SHARED / "videos"
@@ -616,7 +605,7 @@ def test_truncated_real_file(tmp_path, name):
 @needs_shared
 def test_decode_error_mid_stream_propagates(tmp_path, monkeypatch):
     """Bypass the up-front truncation check: the decode error itself must surface."""
-    import deidcli.video as video
+    import deidcli.media.decode as video
 
     data = REAL_MOOV_FIRST.read_bytes()
     cut = tmp_path / "cut.mp4"
@@ -674,7 +663,7 @@ def test_error_inside_process_propagates_and_leaves_nothing(tmp_path):
 def test_process_that_never_pulls_past_the_last_frame(tmp_path, monkeypatch):
     """Trailing audio after the last video frame is still copied. Unthreaded ffv1 has no
     decoder delay, so the last frame really is handed out before the trailing audio is read."""
-    import deidcli.video as video
+    import deidcli.media.transcode as video
 
     orig = video._Transcoder.open_input
 
@@ -805,7 +794,7 @@ def test_10bit_refused_by_8bit_only_encoder(tmp_path):
 
 
 def test_scale_clip_example_repeats_with_monotonic_times(shared, tmp_path):
-    """examples/scale_clip.py (the GPU target's 1920x1080 input, examples/gpu_kit.sh): the size asked
+    """research/scale_clip.py (the GPU target's 1920x1080 input, research/gpu_kit.sh): the size asked
     for, the clip played --repeat times with strictly increasing frame and audio times, the audio
     packets' bytes those of the source."""
     import subprocess
@@ -815,7 +804,7 @@ def test_scale_clip_example_repeats_with_monotonic_times(shared, tmp_path):
 
     src = cut_clip(VIDEOS / "ghost_2person.mp4", tmp_path / "src.mp4", 0.5)
     dst = tmp_path / "scaled.mp4"
-    subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "examples" / "scale_clip.py"),
+    subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "research" / "scale_clip.py"),
                     src, dst, "--size", "320x180", "--repeat", "2"], check=True, capture_output=True)
     info = probe(dst)
     assert (info.width, info.height) == (320, 180)

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from conftest import MODELS
 from deidcli import weights
-from deidcli.cli import cli
+from deidcli.cli.main import cli
 from deidcli.errors import EXIT_MODELS, ModelError
 
 # ../shared/models, or in a clone without it the cache conftest filled from $DEID_MODELS_URL

@@ -20,8 +20,8 @@ import numpy as np
 def face_pairs(inp: Path, out: Path, frames: int = 4, models_dir=None, det_thresh: float = 0.3):
     """[(size px, frame index, input tile, output tile)] with tiles uncropped (variable size)."""
     from .. import weights
-    from ..evaluate_video import upright_frames
-    from ..faces import Detector
+    from .measures import upright_frames
+    from ..faces.detect import Detector
 
     det = Detector(weights.model_path("det_scrfd_2.5g_kps.onnx", models_dir), det_thresh=det_thresh)
     n = sum(1 for _ in upright_frames(inp))

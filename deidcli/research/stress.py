@@ -82,7 +82,7 @@ class Looper:
         self._it = self._frames()
 
     def _frames(self) -> Iterator[np.ndarray]:
-        from ..evaluate_video import upright_frames
+        from .measures import upright_frames
 
         skip = self.start
         while True:

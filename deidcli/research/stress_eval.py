@@ -33,12 +33,13 @@ DEID = [sys.executable, "-c", "from deidcli.cli import main; main()"]
 
 
 def reencode_seconds(src: Path, dst: Path) -> float:
-    from .. import video
+    from ..media.images import atomic_output
+    from ..media.transcode import reencode
     from ..options import EncodeOptions
 
     t = time.perf_counter()
-    with video.atomic_output(dst) as tmp:
-        video.reencode(src, tmp, EncodeOptions())
+    with atomic_output(dst) as tmp:
+        reencode(src, tmp, EncodeOptions())
     return time.perf_counter() - t
 
 

@@ -1,0 +1,318 @@
+"""Face detection (SCRFD through InsightFace) and multi-face tracking.
+
+One frame through this module::
+
+    detector = Detector(models_dir / "det_scrfd_2.5g_kps.onnx", det_thresh=0.5)
+    tracker = Tracker(TrackOptions(), fps=29.97)
+    for index, rgb in enumerate(frames):          # (H, W, 3) uint8 RGB
+        for final_index, faces in tracker.push(index, detector.detect(rgb)):
+            ...                                    # faces of frame `final_index`, final
+    for final_index, faces in tracker.flush():
+        ...
+
+The tracker lags the detector by at most ``max_gap`` frames: a face the detector misses
+for a few frames inside a track is filled in by linear interpolation (``Face.interpolated``),
+because a single exposed frame defeats the purpose. The caller keeps the images of the
+frames not yet returned; the tracker only buffers detections.
+
+Coordinates are pixels of the image given to the detector, x to the right, y down.
+Boxes are (x0, y0, x1, y1) and may reach past the image edges. Landmarks are the five
+SCRFD points in InsightFace order: left eye, right eye, nose, left mouth corner, right
+mouth corner (left/right as seen in the image).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..errors import ModelError
+from ..options import DETECTOR_PRECISIONS as PRECISIONS
+from ..stages import ort_session_options
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Intersection over union of every box in `a` (N, 4) with every box in `b` (M, 4).
+
+    Boxes are x0, y0, x1, y1. Returns (N, M) float64 in [0, 1].
+    """
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0.0, None), axis=2)
+    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0.0, None), axis=1)
+    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0.0, None), axis=1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+def _box_size(boxes: np.ndarray) -> np.ndarray:
+    """Geometric mean of width and height of (..., 4) boxes, at least 1 pixel."""
+    wh = np.clip(boxes[..., 2:] - boxes[..., :2], 1.0, None)
+    return np.sqrt(wh[..., 0] * wh[..., 1])
+
+
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Detections", "Detector", "Face", "Tracker", "OneEuroFilter", "box_iou"]
+
+
+# --------------------------------------------------------------------------------------
+# Detection
+
+
+@dataclass
+class Detections:
+    """The faces found in one image.
+
+    boxes:  (N, 4) float32, x0, y0, x1, y1 in pixels of the image (x0 < x1, y0 < y1).
+    scores: (N,) float32, detector confidence in [0, 1].
+    kps:    (N, 5, 2) float32, x, y in pixels: left eye, right eye, nose, left mouth
+            corner, right mouth corner.
+    Arrays given in another float dtype are converted to float32.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    kps: np.ndarray
+
+    def __post_init__(self):
+        self.boxes = np.ascontiguousarray(self.boxes, dtype=np.float32).reshape(-1, 4)
+        self.scores = np.ascontiguousarray(self.scores, dtype=np.float32).reshape(-1)
+        self.kps = np.ascontiguousarray(self.kps, dtype=np.float32).reshape(-1, 5, 2)
+        n = len(self.boxes)
+        assert self.scores.shape == (n,), f"scores {self.scores.shape} for {n} boxes"
+        assert self.kps.shape == (n, 5, 2), f"kps {self.kps.shape} for {n} boxes"
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    @classmethod
+    def empty(cls) -> "Detections":
+        return cls(np.zeros((0, 4)), np.zeros((0,)), np.zeros((0, 5, 2)))
+
+    def select(self, keep: np.ndarray) -> "Detections":
+        """The detections where the boolean mask or index array `keep` selects."""
+        return Detections(self.boxes[keep], self.scores[keep], self.kps[keep])
+
+
+ZOOM_SIDE = 160
+ZOOM_FACE = 64
+
+
+class Detector:
+    """SCRFD face detector with five landmarks, loaded from an ONNX file by path.
+
+    model_path: an InsightFace SCRFD ``*_kps.onnx`` model (dynamic or fixed input size).
+    det_thresh: score threshold. det_size: the square input size, a multiple of 32; a
+    model with a fixed input size (det_scrfd_500m_kps_640.onnx: 640x640) uses its own and
+    says so when `det_size` differs. min_face: faces whose box has a shorter side below
+    this many pixels are dropped and counted in ``n_small``. providers: ONNX Runtime
+    execution providers (default CPU only). precision: fp32 (the default here, so that tools
+    measuring faces keep the reference model; the anonymize pipeline passes
+    DetectOptions.precision, default auto), int8 (statically quantized at load from this file and
+    the calibration shipped for it, see deidcli/quantize.py; CPU provider only), or auto (int8 on
+    the CPU provider alone, fp32 with any other). Where int8 cannot be had the detector says why
+    in one warning and runs fp32; ``precision`` after loading says what runs ("int8" or "fp32").
+    calibration: the int8 calibration JSON (default: the one shipped for this detector,
+    deidcli/data/<model stem>.calib.json). rescore_below: a detection scored under this (and at
+    det_thresh or above) is looked at again, zoomed (:meth:`zoom_score`), and keeps the higher
+    of its two scores; 0 (the default) does not.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        det_thresh: float = 0.5,
+        det_size: int = 640,
+        min_face: int = 0,
+        providers: Optional[Sequence[str]] = None,
+        precision: str = "fp32",
+        calibration: Optional[str | Path] = None,
+        rescore_below: float = 0.0,
+    ):
+        model_path = Path(model_path)
+        if not model_path.is_file():
+            raise ModelError(f"face detector model not found: {model_path}")
+        if det_size <= 0 or det_size % 32:
+            raise ValueError(f"det_size must be a positive multiple of 32, not {det_size}")
+        if not 0.0 <= det_thresh <= 1.0:
+            raise ValueError(f"det_thresh must be in [0, 1], not {det_thresh}")
+        if min_face < 0:
+            raise ValueError(f"min_face must be >= 0, not {min_face}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+        providers = list(providers or ["CPUExecutionProvider"])
+
+        import insightface  # heavy: imported on first use
+
+        from ..quantize import int8_session
+
+        # time taken to build the int8 model (None: fp32)
+        int8, self.build_seconds = int8_session(model_path, precision, providers, "detector", logger,
+                                                ort_session_options(), calibration)
+        try:
+            # InsightFace reports what it loads on stdout, which carries only our report.
+            with contextlib.redirect_stdout(sys.stderr):
+                if int8 is not None:
+                    # No model_file: every input size runs this session (InsightFace would build
+                    # its per-size sessions from the fp32 file).
+                    from insightface.model_zoo.scrfd import SCRFD
+
+                    model = SCRFD(model_file=None, session=int8)
+                else:
+                    model = insightface.model_zoo.get_model(str(model_path), providers=providers,
+                                                            sess_options=ort_session_options())
+        except Exception as e:  # onnxruntime raises its own, undocumented exception types
+            raise ModelError(f"cannot load face detector {model_path}: {e}") from e
+        if model is None or getattr(model, "taskname", None) != "detection":
+            raise ModelError(f"{model_path} is not a face detection model")
+        if not getattr(model, "use_kps", False):
+            raise ModelError(f"{model_path} has no landmark outputs (need an SCRFD *_kps model)")
+
+        # A model exported with a fixed input size can only run at that size.
+        shape = model.session.get_inputs()[0].shape
+        if all(isinstance(v, int) and v > 0 for v in shape[2:4]):
+            fixed = (int(shape[3]), int(shape[2]))
+            if fixed != (det_size, det_size):
+                logger.warning(
+                    "%s has a fixed %dx%d input: det_size %d ignored",
+                    model_path.name, fixed[0], fixed[1], det_size,
+                )
+            self.input_size = fixed
+            self.fixed_size = True
+        else:
+            self.input_size = (det_size, det_size)
+            self.fixed_size = False
+        self.det_size = det_size
+        ctx_id = -1 if all(p == "CPUExecutionProvider" for p in providers) else 0
+        with contextlib.redirect_stdout(sys.stderr):
+            model.prepare(ctx_id=ctx_id, det_thresh=det_thresh, input_size=self.input_size)
+
+        self.model = model
+        self.model_path = model_path
+        self.det_thresh = float(det_thresh)
+        self.min_face = int(min_face)
+        self.providers = list(model.session.get_providers())
+        self.precision = "int8" if int8 is not None else "fp32"  # what runs
+        self.n_images = 0  # images seen
+        self.n_faces = 0  # faces returned
+        self.n_small = 0  # faces dropped by min_face
+        self.rescore_below = float(rescore_below)
+        self.n_rescored = 0  # detections looked at again, zoomed (rescore_below)
+        self.n_raised = 0  # of those, the ones the zoomed look scored at rescore_below or above
+
+    def input_size_for(self, shape: Sequence[int]) -> tuple[int, int]:
+        """Detector input (width, height) for an image of ``shape``: the longer side is scaled to
+        det_size and the shorter side to the next multiple of 32 that holds it, so a 16:9 frame
+        is not padded to a square (same resolution on the face, ~40% less computation)."""
+        if self.fixed_size:
+            return self.input_size
+        h, w = int(shape[0]), int(shape[1])
+        long_side, short_side = max(h, w), min(h, w)
+        short = int(math.ceil(self.det_size * short_side / long_side / 32.0)) * 32
+        return (self.det_size, short) if w >= h else (short, self.det_size)
+
+    def detect(self, image: np.ndarray) -> Detections:
+        """Faces in one image.
+
+        image: (H, W, 3) uint8 RGB. It is converted to BGR, the order InsightFace takes.
+        Returns Detections in pixels of `image`, in decreasing score order.
+        """
+        assert image.ndim == 3 and image.shape[2] == 3, f"need (H, W, 3), got {image.shape}"
+        assert image.dtype == np.uint8, f"need uint8, got {image.dtype}"
+        det, kps = self._detect(image, self.input_size_for(image.shape))
+        if self.rescore_below > 0:
+            for j in np.flatnonzero(det[:, 4] < self.rescore_below):
+                z = self.zoom_score(image, det[j, :4])
+                self.n_rescored += 1
+                self.n_raised += int(z >= self.rescore_below)
+                det[j, 4] = max(float(det[j, 4]), z)
+            order = np.argsort(-det[:, 4], kind="stable")
+            det, kps = det[order], kps[order]
+        dets = Detections(det[:, :4], det[:, 4], kps)
+        self.n_images += 1
+        if self.min_face > 0 and len(dets):
+            w = dets.boxes[:, 2] - dets.boxes[:, 0]
+            h = dets.boxes[:, 3] - dets.boxes[:, 1]
+            keep = np.minimum(w, h) >= self.min_face
+            self.n_small += int(np.count_nonzero(~keep))
+            dets = dets.select(keep)
+        self.n_faces += len(dets)
+        return dets
+
+    def zoom_score(self, image: np.ndarray, box: np.ndarray) -> float:
+        """The detector's score for the face in ``box`` (4,) of ``image`` looked at again, zoomed:
+        a square of ZOOM_SIDE / ZOOM_FACE times the box's longer side around it (the frame's edge
+        repeated beyond it) scaled to ZOOM_SIDE px, so the face is ZOOM_FACE px high there. 0.0
+        where no detection there overlaps the box (IoU > 0.3).
+
+        Small faces are where the frame-sized look fails: SCRFD (int8 more than fp32) scores a
+        20-50 px face 0.3-0.5 in frame after frame, and the same face zoomed 0.55-0.9; what is not
+        a face stays low (stress set crowd_lfw: 43 detections under 0.5 on 15 frames, every one
+        0.55-0.89 zoomed; lp_d6: a hair tie at the head's top, 0.30-0.33, 0.0 zoomed)."""
+        import cv2
+
+        x0, y0, x1, y1 = (float(v) for v in box[:4])
+        half = max(x1 - x0, y1 - y0) * ZOOM_SIDE / ZOOM_FACE / 2
+        side = max(int(round(2 * half)), 1)
+        X0, Y0 = int(round((x0 + x1) / 2 - half)), int(round((y0 + y1) / 2 - half))
+        h, w = image.shape[:2]
+        ix0, iy0, ix1, iy1 = max(X0, 0), max(Y0, 0), min(X0 + side, w), min(Y0 + side, h)
+        if ix1 <= ix0 or iy1 <= iy0:
+            return 0.0
+        crop = cv2.copyMakeBorder(image[iy0:iy1, ix0:ix1], iy0 - Y0, Y0 + side - iy1, ix0 - X0,
+                                  X0 + side - ix1, cv2.BORDER_REPLICATE)
+        zoomed = cv2.resize(crop, (ZOOM_SIDE, ZOOM_SIDE),
+                            interpolation=cv2.INTER_CUBIC if side < ZOOM_SIDE else cv2.INTER_AREA)
+        det, _ = self._detect(zoomed, (ZOOM_SIDE, ZOOM_SIDE))
+        if not len(det):
+            return 0.0
+        back = det[:, :4] * (side / ZOOM_SIDE) + np.array([X0, Y0, X0, Y0], np.float32)
+        iou = box_iou(np.asarray(box[:4])[None], back)[0]
+        return float(det[int(iou.argmax()), 4]) if iou.max() > 0.3 else 0.0
+
+    def _detect(self, image: np.ndarray, input_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """InsightFace's ``SCRFD.detect(bgr, input_size, max_num=0)`` for an RGB image, with the same
+        result to the bit (tests/test_faces.py checks it): the frame is resized first and only the
+        detector-sized picture is put in BGR order, instead of a BGR copy of the whole frame
+        (720p: ~3 ms a frame, a tenth of the detector's time on the CPU). The network, its
+        decoding and the NMS are InsightFace's (``forward``, ``nms``); this repeats the steps
+        between them (``SCRFD._detect_candidates``): letterbox at the top left, scale back, order.
+        Returns det (N, 5) float32 [x0, y0, x1, y1, score], kps (N, 5, 2) float32, in pixels of
+        ``image``, highest score first."""
+        import cv2
+
+        m = self.model
+        h, w = image.shape[:2]
+        in_w, in_h = input_size
+        if h / w > in_h / in_w:
+            new_h = in_h
+            new_w = int(new_h / (h / w))
+        else:
+            new_w = in_w
+            new_h = int(new_w * (h / w))
+        scale = float(new_h) / h
+        det_img = np.zeros((in_h, in_w, 3), np.uint8)
+        det_img[:new_h, :new_w] = cv2.resize(image, (new_w, new_h))[:, :, ::-1]
+        scores, boxes, kpss = m.forward(det_img, getattr(m, "det_thresh", 0.5))
+        if sum(x.size for x in scores) == 0:
+            return np.empty((0, 5), np.float32), np.empty((0, 5, 2), np.float32)
+        order = np.argsort(-np.vstack(scores).ravel(), kind="stable")
+        pre = np.hstack((np.vstack(boxes) / scale, np.vstack(scores))).astype(np.float32, copy=False)[order]
+        kps = (np.vstack(kpss) / scale)[order]
+        keep = m.nms(pre)
+        return pre[keep], kps[keep]
+
+
+# --------------------------------------------------------------------------------------
+# Geometry

@@ -1,0 +1,99 @@
+"""Anonymization methods behind one interface.
+
+Classic methods (blur, pixelate, solid) change the pixels inside an ellipse around each
+tracked face (box enlarged by ``margin``, turned with the eye line). The learned method
+(generate) replaces the face through the generator (see deidcli/generator/engine.py) and pastes it back
+under its predicted mask.
+
+All functions take and modify frame images (H, W, 3) uint8 RGB in place and return the
+rectangles (x0, y0, x1, y1) they touched.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+Rect = tuple[int, int, int, int]
+
+
+def face_ellipse(box: np.ndarray, kps: np.ndarray | None, margin: float) -> tuple[tuple[float, float], tuple[float, float], float]:
+    """Ellipse ((cx, cy), (half_w, half_h), angle_deg) covering a face box with ``margin``.
+
+    box: (4,) x0, y0, x1, y1; kps: (5, 2) landmarks or None (then the ellipse is upright).
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    w, h = x1 - x0, y1 - y0
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    angle = 0.0
+    if kps is not None:
+        (lx, ly), (rx, ry) = kps[0], kps[1]
+        angle = float(np.degrees(np.arctan2(ry - ly, rx - lx)))
+    half = (w / 2 * (1 + margin), h / 2 * (1 + margin))
+    return (cx, cy), half, angle
+
+
+def ellipse_mask(shape: Sequence[int], box: np.ndarray, kps: np.ndarray | None, margin: float) -> tuple[Rect, np.ndarray] | None:
+    """Rectangle (clipped to the frame) and a uint8 {0, 255} mask of the face ellipse inside it."""
+    (cx, cy), (hw, hh), angle = face_ellipse(box, kps, margin)
+    r = float(np.hypot(hw, hh))
+    h, w = shape[:2]
+    x0, y0 = max(int(cx - r) - 1, 0), max(int(cy - r) - 1, 0)
+    x1, y1 = min(int(cx + r) + 2, w), min(int(cy + r) + 2, h)
+    if x1 <= x0 or y1 <= y0:
+        return None
+    mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
+    cv2.ellipse(mask, (round(cx - x0), round(cy - y0)), (max(round(hw), 1), max(round(hh), 1)),
+                angle, 0, 360, 255, thickness=-1, lineType=cv2.LINE_8)
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return None
+    # tighten the rectangle to the ellipse
+    tx0, ty0, tx1, ty1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+    return (x0 + tx0, y0 + ty0, x0 + tx1, y0 + ty1), mask[ty0:ty1, tx0:tx1]
+
+
+def _obscured(roi: np.ndarray, face_px: float, method: str) -> np.ndarray:
+    """The obscured version of a region (h, w, 3) uint8 for a face about ``face_px`` wide."""
+    h, w = roi.shape[:2]
+    if method == "pixelate":
+        # ~8 blocks across the face
+        block = max(face_px / 8.0, 2.0)
+        sw, sh = max(1, round(w / block)), max(1, round(h / block))
+        small = cv2.resize(roi, (sw, sh), interpolation=cv2.INTER_AREA)
+        return cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST)
+    if method == "blur":
+        # Downscale so the face is ~12 px across, blur there, upscale: a very strong blur at
+        # a cost independent of face size.
+        f = min(1.0, 12.0 / max(face_px, 1.0))
+        sw, sh = max(1, round(w * f)), max(1, round(h * f))
+        small = cv2.resize(roi, (sw, sh), interpolation=cv2.INTER_AREA)
+        small = cv2.GaussianBlur(small, (0, 0), sigmaX=1.5, borderType=cv2.BORDER_REPLICATE)
+        return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+    if method == "solid":
+        return np.zeros_like(roi)
+    raise ValueError(f"not a classic method: {method}")
+
+
+def apply_classic(image: np.ndarray, faces: Sequence, method: str, margin: float) -> list[Rect]:
+    """Blur / pixelate / fill each face ellipse of ``image`` (H, W, 3) uint8 RGB in place.
+
+    faces: objects with ``box`` (4,) and ``kps`` (5, 2) attributes (e.g. faces.Face).
+    """
+    assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8, (image.shape, image.dtype)
+    rects: list[Rect] = []
+    for face in faces:
+        em = ellipse_mask(image.shape, face.box, getattr(face, "kps", None), margin)
+        if em is None:
+            continue
+        (x0, y0, x1, y1), mask = em
+        roi = image[y0:y1, x0:x1]
+        face_px = float(max(face.box[2] - face.box[0], face.box[3] - face.box[1]))
+        # obscure a slightly larger context so blur has no dark border effects at the edge
+        out = _obscured(roi, face_px, method)
+        sel = mask > 0
+        roi[sel] = out[sel]
+        rects.append((x0, y0, x1, y1))
+    return rects

@@ -1,0 +1,507 @@
+"""The per-file pipeline: detect and track faces, route them, generate or blur, paste back,
+and hand frames to the encoder (deidcli.media)."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+
+from ..options import AnonymizeOptions
+from ..stages import NULL, QUEUE_FRAMES, Stages, prefetch
+from .report import FileResult, PassLevels, new_check_stats
+
+log = logging.getLogger(__name__)
+
+#: Most frames held waiting for a generator batch to fill (bounds latency and memory).
+MAX_PENDING_FRAMES = 64
+#: The first generator batch of a video holds batch_size // FIRST_BATCH_DIVISOR faces, each next
+#: one twice as many, up to batch_size (Pipeline.process_frames).
+FIRST_BATCH_DIVISOR = 4
+#: Faces of a new track averaged into its fixed identity descriptor.
+DESCRIPTOR_FACES = 5
+#: A track whose last CALM_FACES checked faces all came out at least CALM_MARGIN under
+#: --check-thresh is checked on every other face only (until a check comes out closer): most of
+#: the check's cost goes to tracks the generator handles with room to spare.
+CALM_FACES = 8
+CALM_MARGIN = 0.1
+#: The identity check also fails a face whose output ArcFace crop differs from the input's by less
+#: than this mean absolute difference (0-255): a generated face so faint that the paste left the
+#: face nearly as it was (flat, hazy faces under tone matching), which deid evaluate-video counts
+#: as unchanged below 2.0.
+CHECK_MIN_CHANGE = 2.2
+#: --keep-detail pastes the generated face's change at this many times the generator's crop size
+#: (256 px for the 128 px generator): the frame keeps only what is finer than that. The ArcFace
+#: square an identity network sees at 112 px spans 183 px of a 256 crop, so what is kept lies
+#: above what such a network resolves. Measured on sadtalker_WDA and lp_d13, one pass, identity
+#: network on the frame's ArcFace crop: keeping everything finer than the 128 crop raised the
+#: mean cosine to the person by 0.09 and 0.06; at 256, by 0.03 and 0.02, with 87% and 99% of
+#: the input's fine detail (mean |Laplacian|) where the mask is full (plain paste: 31% and 26%).
+DETAIL_SCALE = 2
+
+
+class Pipeline:
+    """Models loaded once and reused across the files of a run."""
+
+    def __init__(self, options: AnonymizeOptions):
+        from .. import weights
+        from ..generator.embedder import IdentityEmbedder
+        from ..generator.engine import GeneratorRunner, onnx_providers, resolve_runtime
+        from ..faces.detect import Detector
+
+        self.options = options
+        self.runtime = resolve_runtime(options.device, options.fp16)
+        for w in self.runtime.warnings:
+            log.warning(w)
+        providers = onnx_providers(self.runtime)
+        d = options.detect
+        # The detector reports faces down to keep_thresh; only those >= det_thresh start a track
+        # (see faces.Tracker): real faces whose score sags between frames stay anonymized. Those
+        # under det_thresh are looked at again zoomed (Detector.zoom_score): small faces the
+        # frame-sized look scores low in every frame start tracks too.
+        self.detector = Detector(weights.model_path(d.detector, options.models_dir),
+                                 det_thresh=min(d.det_thresh, options.track.keep_thresh),
+                                 det_size=d.det_size, min_face=d.min_face, providers=providers,
+                                 precision=d.precision, rescore_below=d.det_thresh if d.zoom_weak else 0.0)
+        self.runner = None
+        self.embedder = None
+        self.detail = 0  # align.paste(detail=): DETAIL_SCALE x the generator's crop with --keep-detail
+        if options.method == "generate":
+            ckpt = weights.generator_path(options.weights)  # clear ModelError before importing torch models
+            from ..generator.model import load_generator
+
+            gen = load_generator(ckpt, device="cpu")
+            self.runner = GeneratorRunner(gen, self.runtime, options.batch_size,
+                                                 colour_match=options.colour_match,
+                                                 first_pass_mouth=options.first_pass_mouth,
+                                                 eye_pass=options.eye_pass)
+            self.detail = DETAIL_SCALE * self.runner.size if options.keep_detail else 0
+            self.embedder = IdentityEmbedder(weights.model_path("rec_mobilefacenet.onnx", options.models_dir),
+                                                    providers, options.check_precision if options.identity_check
+                                                    else "fp32")
+
+    # -- rendering -------------------------------------------------------------------------
+    def render(self, items: Sequence[tuple[np.ndarray, Sequence]], descriptors: dict,
+               stages: Stages = NULL, passes: Optional[PassLevels] = None, stats: Optional[dict] = None,
+               router=None) -> list[list]:
+        """Anonymize a batch of frames in place.
+
+        items: (image (H, W, 3) uint8 RGB, faces) pairs; faces have track_id, box, kps, interpolated.
+        descriptors: track_id -> (D,) float32, filled in here for tracks seen for the first time.
+        passes: generator passes per track, raised here by the identity check (one per video).
+        stats: identity-check counters (see new_check_stats), updated here.
+        router: which faces are generated and which get the fallback (routing.Router, one per video).
+        Returns, per item, the list of touched rectangles.
+
+        With ``generate`` this is :meth:`generate` then :meth:`finish`, which process_frames runs
+        in two threads (the next batch is generated while this one is checked and pasted).
+        """
+        from ..faces.methods import apply_classic
+
+        o = self.options
+        if o.method != "generate":
+            with stages("blend"):
+                return [apply_classic(img, faces, o.method, o.margin) for img, faces in items]
+        passes = self.new_pass_levels() if passes is None else passes
+        router = self.new_router() if router is None else router
+        return self.finish(items, self.generate(items, descriptors, stages, passes, router), stages, passes, stats,
+                           router)
+
+    def generate(self, items: Sequence[tuple[np.ndarray, Sequence]], descriptors: dict, stages: Stages = NULL,
+                 passes: Optional[PassLevels] = None, router=None) -> Optional["_Generated"]:
+        """First half of :meth:`render` (method generate): align every face of ``items``, decide
+        which the generator draws (``router``, routing.py; the others get the fallback in
+        :meth:`finish`), describe their new tracks and run the generator at each face's pass
+        count. Reads the images, changes nothing in them. None when there is no face."""
+        from ..faces.align import estimate_transform, feather, warp_crop
+        from .routing import face_height, measure, yaw
+
+        passes = self.new_pass_levels() if passes is None else passes
+        router = self.new_router() if router is None else router
+        S, margin = self.runner.size, self.runner.margin
+        jobs, crops, held = [], [], []
+        with stages("align"):
+            for i, (img, faces) in enumerate(items):
+                for f in faces:
+                    M = estimate_transform(f.kps, S, margin)
+                    crop = warp_crop(img, M, S)
+                    light, sharp = measure(crop, sharpness=router.soft_fraction > 0)
+                    path = router.decide(f.track_id, face_height(f.box), yaw(f.kps), light, sharp)
+                    if path != "generated":
+                        held.append((i, f, path))
+                        continue
+                    jobs.append((i, M, f))
+                    crops.append(crop)
+        if not jobs and not held:
+            return None
+        drawn: list[list] = [[] for _ in items]  # per item, the faces the generator draws
+        for i, _, f in jobs:
+            drawn[i].append(f)
+        with stages("identity"):  # only the tracks the generator draws need a descriptor
+            self._describe_new_tracks([(img, fs) for (img, _), fs in zip(items, drawn)], descriptors)
+        tracks = [f.track_id for _, _, f in jobs]
+        desc = np.stack([descriptors[t] for t in tracks]).astype(np.float32) if jobs else np.zeros((0, 128), np.float32)
+        crops = np.stack(crops) if jobs else np.zeros((0, S, S, 3), np.uint8)
+        levels = np.array([min(passes.take(t), router.passes_for(face_height(f.box)))
+                           for t, (_, _, f) in zip(tracks, jobs)], np.int64)
+        with stages("generate"):
+            raw, mask = self.runner.run(crops, desc, levels)
+        return _Generated(jobs, crops, desc, tracks, levels, raw, [feather(m, S) for m in mask], [None] * len(jobs),
+                          held)
+
+    def finish(self, items: Sequence[tuple[np.ndarray, Sequence]], gen: Optional["_Generated"],
+               stages: Stages = NULL, passes: Optional[PassLevels] = None, stats: Optional[dict] = None,
+               router=None) -> list[list]:
+        """Second half of :meth:`render`: the identity check (``--identity-check``) on ``gen``
+        (from :meth:`generate` on the same ``items``), then paste every generated face into its
+        image, then give the others the fallback (last, so that nothing is pasted over it).
+        Returns, per item, the list of touched rectangles."""
+        from ..faces.align import paste, put_region
+        from ..faces.methods import apply_classic
+        from .routing import face_height
+
+        o = self.options
+        passes = self.new_pass_levels() if passes is None else passes
+        stats = new_check_stats() if stats is None else stats
+        router = self.new_router() if router is None else router
+        rects: list[list] = [[] for _ in items]
+        if gen is None:
+            return rects
+        fallback = np.zeros(len(gen.jobs), bool)
+        if o.identity_check and len(gen.jobs):
+            fallback = self._check_identity(gen, passes, stats, stages, items, router)
+        covered = list(gen.held) + [(i, f, "check") for j, (i, _, f) in enumerate(gen.jobs) if fallback[j]]
+        with stages("blend"):
+            for j, ((i, M, f), r, m) in enumerate(zip(gen.jobs, gen.raw, gen.masks)):
+                if fallback[j]:
+                    continue
+                router.count("generated", face_height(f.box))
+                region = gen.regions[j]
+                if region is not None and not any(_overlap(region[0], b) for b in rects[i]):
+                    # what the check embedded, computed on this frame as it still is here
+                    box = put_region(items[i][0], region)
+                else:  # no check, or a face already pasted in this frame overlaps it
+                    box = paste(items[i][0], r, m, M, self.detail)
+                if box is not None:
+                    rects[i].append(box)
+            for i, f, path in covered:
+                router.count(path, face_height(f.box))
+                rects[i].extend(apply_classic(items[i][0], [f], o.fallback, o.margin))
+        return rects
+
+    def new_router(self):
+        """Per-file routing state (routing.Router): which faces are generated, which get the fallback."""
+        from .routing import new_router
+
+        return new_router(self.options)
+
+    def new_pass_levels(self) -> PassLevels:
+        """Per-file pass counts: ``--passes``, raised by the identity check for ``--pass-hold`` faces."""
+        return PassLevels(self.options.passes, self.options.pass_hold)
+
+    def _check_identity(self, gen: "_Generated", passes: PassLevels, stats: dict, stages: Stages,
+                        items: Sequence[tuple[np.ndarray, Sequence]], router) -> np.ndarray:
+        """The identity check (``--identity-check``): embed every generated face as it will be
+        pasted (feathered mask; with ``--keep-detail``, the ArcFace crop of the frame as the paste
+        will leave it, align.pasted_region + region_arcface, since the frame's own finer detail stays) and compare
+        it with its track's descriptor and with the input face of the same frame (a pose far from
+        the track's first faces can be closer to the input than to the descriptor). A face whose
+        higher cosine is >= ``check_thresh``, or whose ArcFace crop differs from the input's by less
+        than :data:`CHECK_MIN_CHANGE` (a faint face), is generated again with one more pass, up to
+        ``max_passes`` (``small_max_passes`` for a face under routing.LARGE_FACE px), and its track
+        keeps the higher count for the next ``pass_hold`` of its faces (0: for good; see
+        PassLevels). A face still too close after its most passes gets the fallback (blur), and so
+        do its track's next ``pass_hold`` faces (routing.Router.failed_check): more passes are what
+        draw masks on a face. A face generated with fewer passes than its track has
+        reached meanwhile (the batch was generated while an earlier one was checked) is generated
+        again at the track's count first. Updates ``gen`` in place; returns the faces to blur
+        (bool per face)."""
+        from ..faces.align import feather
+        from .routing import face_height
+
+        o = self.options
+        S = self.runner.size
+        crops, desc, tracks, levels, raw, masks = gen.crops, gen.desc, gen.tracks, gen.levels, gen.raw, gen.masks
+        most = np.array([router.passes_for(face_height(f.box)) for _, _, f in gen.jobs], np.int64)
+        fallback = np.zeros(len(crops), bool)
+        behind = np.flatnonzero([min(passes.get(t), m) > lv for t, lv, m in zip(tracks, levels, most)])
+        if len(behind):
+            levels[behind] = [min(passes.get(tracks[j]), most[j]) for j in behind]  # not counted: no check asked
+            with stages("generate"):
+                r, m = self.runner.run(crops[behind], desc[behind], levels[behind])
+            for j, rj, mj in zip(behind, r, m):
+                masks[j] = feather(mj, S)
+                raw[j] = rj
+        todo = np.arange(len(crops))
+        calm = np.array([passes.calm.get(t, 0) >= CALM_FACES for t in tracks])
+        if calm.any():  # every other face of a calm track (in the batch's order, which is frame order)
+            skip = np.zeros(len(crops), bool)
+            seen_t: dict = {}
+            for j in np.flatnonzero(calm):
+                if j in behind:
+                    continue
+                seen_t[tracks[j]] = k = seen_t.get(tracks[j], passes.calm[tracks[j]]) + 1
+                skip[j] = k % 2 == 1
+            todo = np.flatnonzero(~skip)
+            stats["skipped"] += int(skip.sum())
+        if self.detail:
+            from ..faces.align import arcface_crop, pasted_region, region_arcface
+
+            frames = [items[i][0] for i, _, _ in gen.jobs]
+
+            def seen(idx):  # as the output frame will show them; finish writes the same pixels
+                for j in idx:
+                    gen.regions[j] = pasted_region(frames[j], raw[j], masks[j], gen.jobs[j][1], self.detail)
+                c112 = [region_arcface(frames[j], gen.regions[j], gen.jobs[j][2].kps) for j in idx]
+                return self.embedder.embed_check(c112), np.stack(c112)
+            with stages("identity"):
+                own, own112 = self._own_embeddings(gen, todo, lambda j: arcface_crop(frames[j], gen.jobs[j][2].kps))
+        else:
+            from ..faces.align import arcface_squares
+
+            def seen(idx):
+                squares = arcface_squares(_blend_crops(crops[idx], raw[idx], [masks[j] for j in idx]), S,
+                                          self.runner.margin)
+                return self.embedder.embed_check(squares), np.stack(squares)
+            with stages("identity"):
+                own, own112 = self._own_embeddings(gen, todo, None)
+        while len(todo):
+            with stages("identity"):
+                emb, out112 = seen(todo)
+                cos = np.maximum(np.einsum("nd,nd->n", emb, desc[todo]), np.einsum("nd,nd->n", emb, own[todo]))
+                change = np.abs(out112.astype(np.int16) - own112[todo].astype(np.int16)).mean((1, 2, 3))
+            stats["checked"] += len(todo)
+            stats["cos_max"] = max(stats["cos_max"], float(cos.max()))
+            faint = change < CHECK_MIN_CHANGE
+            stats["faint"] += int(faint.sum())
+            for j, c, f in zip(todo, cos, faint):
+                t = tracks[j]
+                passes.calm[t] = passes.calm.get(t, 0) + 1 if c < o.check_thresh - CALM_MARGIN and not f else 0
+            todo = todo[(cos >= o.check_thresh) | faint]
+            if not len(todo):
+                break
+            top = levels[todo] >= most[todo]
+            fallback[todo[top]] = True
+            for j in todo[top]:
+                router.failed_check(tracks[j])
+            up = todo[~top]
+            levels[up] += 1
+            stats["regenerated"] += len(up)
+            for j in up:
+                passes.raise_to(tracks[j], int(levels[j]))
+            todo = up
+            if not len(todo):
+                break
+            with stages("generate"):
+                r, m = self.runner.run(crops[todo], desc[todo], levels[todo])
+            for j, rj, mj in zip(todo, r, m):
+                masks[j] = feather(mj, S)
+                raw[j] = rj
+        stats["fallback"] += int(fallback.sum())
+        return fallback
+
+    def _own_embeddings(self, gen: "_Generated", idx: np.ndarray, crop112) -> tuple[np.ndarray, np.ndarray]:
+        """(N, D) embeddings of the input faces of ``gen`` for the identity check and their (N, 112,
+        112, 3) uint8 ArcFace crops, filled in for the faces ``idx`` (the others stay 0). Each face's own frame: reusing a track's embedding of a
+        few frames before let faces through where the expression changes fast (stress set, lp_d6
+        in a 3x3 mosaic: frames 1-3 compared with frame 0's face, verified at cosine 0.34-0.52).
+        ``crop112(j)``: face j's 112 px input crop, or None for the generator crops' squares
+        (align.arcface_squares, as in training)."""
+        from ..faces.align import arcface_squares
+
+        out = np.zeros((len(gen.jobs), gen.desc.shape[1]), np.float32)
+        c112 = np.zeros((len(gen.jobs), 112, 112, 3), np.uint8)
+        if len(idx):
+            c112[idx] = np.stack([crop112(j) for j in idx] if crop112 is not None
+                                 else arcface_squares(gen.crops[idx], self.runner.size, self.runner.margin))
+            out[idx] = self.embedder.embed_check(list(c112[idx]))
+        return out, c112
+
+    def _describe_new_tracks(self, items, descriptors: dict) -> None:
+        """Fixed identity descriptor per track: mean embedding of its first (up to 5) detected faces
+        in the batch where it first appears, held for the whole track."""
+        from ..faces.align import arcface_crop
+
+        todo: dict[int, list] = {}
+        for img, faces in items:
+            for f in faces:
+                if f.track_id in descriptors:
+                    continue
+                lst = todo.setdefault(f.track_id, [])
+                if len(lst) < DESCRIPTOR_FACES and (not f.interpolated or not lst):
+                    lst.append(arcface_crop(img, f.kps))
+        if not todo:
+            return
+        ids = list(todo)
+        flat = [c for t in ids for c in todo[t]]
+        emb = self.embedder.embed(flat)
+        k = 0
+        for t in ids:
+            e = emb[k:k + len(todo[t])].mean(0)
+            k += len(todo[t])
+            descriptors[t] = e / max(float(np.linalg.norm(e)), 1e-12)
+
+    # -- one video ---------------------------------------------------------------------------
+    def detect_and_track(self, frames: Iterator, result: FileResult, fps: Optional[float],
+                         stages: Stages = NULL) -> Iterator:
+        """(frame, faces) for every decoded frame, in order, once its faces are final (the tracker
+        looks up to ``max_gap`` frames ahead to fill detector misses)."""
+        from ..faces.track import Tracker
+
+        tracker = Tracker(self.options.track, fps=fps, start_thresh=self.options.detect.det_thresh)
+        pending: deque = deque()  # decoded frames whose faces are not final yet
+        small0, raised0 = self.detector.n_small, self.detector.n_raised
+        every = self.options.detect.detect_every
+
+        def take(final):
+            for idx, faces in final:
+                vf = pending.popleft()
+                assert vf.index == idx, (vf.index, idx)
+                yield vf, faces
+
+        for vf in frames:
+            dets = None
+            if vf.index % every == 0:
+                with stages("detect"):
+                    dets = self.detector.detect(vf.image)
+            else:
+                result.frames_not_detected += 1
+            pending.append(vf)
+            with stages("track"):
+                final = tracker.push(vf.index, dets)
+            yield from take(final)
+        with stages("track"):
+            final = tracker.flush()
+        yield from take(final)
+        assert not pending, f"{len(pending)} frames left untracked"
+        result.tracks = tracker.n_tracks
+        result.faces_detected = tracker.n_detections - tracker.n_weak_dropped
+        result.faces_kept_low_score = tracker.n_weak_kept
+        result.faces_predicted = tracker.n_predicted
+        result.faces_below_min_size = self.detector.n_small - small0
+        result.faces_raised_zoomed = self.detector.n_raised - raised0
+
+    def process_frames(self, frames: Iterator, result: FileResult, fps: Optional[float],
+                       stages: Stages = NULL, threads: bool = True) -> Iterator:
+        """Transform decoded frames into (frame, image, rects), in order (see video.transcode_video).
+
+        Detection and tracking run in their own thread (``threads``), a few frames ahead of
+        rendering, which batches faces across frames for the generator. With ``generate`` the
+        generator runs in a thread of its own too, one batch ahead of the identity check and the
+        pasting (Pipeline.generate / Pipeline.finish).
+        """
+        tracked = self.detect_and_track(frames, result, fps, stages)
+        if threads:
+            tracked = prefetch(tracked, QUEUE_FRAMES, "deid-detect")
+        descriptors: dict = {}
+        passes = self.new_pass_levels()
+        router = self.new_router()
+        check = new_check_stats()
+        generate = self.options.method == "generate"
+        batch_faces = self.options.batch_size if generate else 1
+
+        def batches() -> Iterator[list]:
+            ready: list = []  # (frame, faces) waiting for a full generator batch
+            n_faces = 0
+            # The first batches are smaller (a quarter of --batch-size, doubling), so that the
+            # generator, the check and the encoder start while the detector is still alone
+            # (1280x720, 2 cores: the first full batch of 32 faces waits on 16 detected frames).
+            target = max(1, batch_faces // FIRST_BATCH_DIVISOR)
+            for vf, faces in tracked:
+                ready.append((vf, faces))
+                n_faces += len(faces)
+                if n_faces >= target or len(ready) >= MAX_PENDING_FRAMES:
+                    yield ready
+                    ready, n_faces = [], 0
+                    target = min(batch_faces, 2 * target)
+            if ready:
+                yield ready
+
+        def generated() -> Iterator[tuple[list, list, Optional[_Generated]]]:
+            for batch in batches():
+                imgs = [(vf.image, faces) for vf, faces in batch]
+                yield batch, imgs, self.generate(imgs, descriptors, stages, passes, router)
+
+        if generate:
+            work = prefetch(generated(), 1, "deid-generate") if threads else generated()
+        else:
+            work = ((batch, None, None) for batch in batches())
+        try:
+            for batch, imgs, gen in work:
+                # Rendered in place: nothing reads a frame's decoded picture afterwards (the writer
+                # takes the pixels outside the touched rectangles from the decoded planes).
+                if generate:
+                    rects = self.finish(imgs, gen, stages, passes, check, router)
+                else:
+                    rects = self.render([(vf.image, faces) for vf, faces in batch], descriptors, stages)
+                for (vf, faces), r in zip(batch, rects):
+                    result.frames += 1
+                    result.faces_anonymized += len(faces)
+                    n_interp = sum(1 for f in faces if f.interpolated)
+                    result.faces_interpolated += n_interp
+                    result.frames_interpolated += n_interp > 0
+                    yield vf, vf.image, r
+            result.add_check_stats(check, passes)
+            result.add_route_stats(router)
+        finally:
+            for it in (work, tracked):
+                if hasattr(it, "close"):
+                    it.close()
+
+    def image(self, img: np.ndarray, result: FileResult) -> np.ndarray:
+        from ..faces.track import Tracker
+
+        dets = self.detector.detect(img)
+        tracker = Tracker(self.options.track, start_thresh=self.options.detect.det_thresh)
+        final = tracker.push(0, dets) + tracker.flush()
+        result.faces_detected = tracker.n_detections - tracker.n_weak_dropped
+        faces = final[0][1] if final else []
+        out = img.copy()
+        passes = self.new_pass_levels()
+        check = new_check_stats()
+        router = self.new_router()
+        self.render([(out, faces)], {}, NULL, passes, check, router)
+        result.add_check_stats(check, passes)
+        result.add_route_stats(router)
+        result.frames = 1
+        result.faces_anonymized = len(faces)
+        result.tracks = len({f.track_id for f in faces})
+        return out
+
+
+@dataclass
+class _Generated:
+    """The generator's output for one batch (Pipeline.generate), per face j:
+    jobs[j] = (item index, M (2, 3) frame -> crop, face); crops (N, S, S, 3) uint8 RGB input
+    crops; desc (N, D) float32 track descriptors; tracks[j] track id; levels (N,) int64 passes
+    run; raw (N, S, S, 3) uint8 RGB; masks[j] (S, S) float32 in [0, 1], feathered; regions[j]
+    None or align.pasted_region of the face's current raw and mask on its frame as it was before
+    any face of the batch was pasted (set by the identity check, which embeds that). held: the
+    faces not generated, (item index, face, reason) each (routing.py), given the fallback."""
+
+    jobs: list
+    crops: np.ndarray
+    desc: np.ndarray
+    tracks: list
+    levels: np.ndarray
+    raw: np.ndarray
+    masks: list
+    regions: list
+    held: list = field(default_factory=list)
+
+
+def _overlap(a: Sequence[int], b: Sequence[int]) -> bool:
+    """Whether rectangles (x0, y0, x1, y1) share a pixel."""
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _blend_crops(crops: np.ndarray, raw: np.ndarray, masks: Sequence[np.ndarray]) -> np.ndarray:
+    """The crops (N, S, S, 3) uint8 as they will be pasted: ``mask * raw + (1 - mask) * crop``."""
+    m = np.stack(masks)[..., None]
+    return np.rint(m * raw + (1 - m) * crops.astype(np.float32)).clip(0, 255).astype(np.uint8)
+
+
+# --- files and folders -------------------------------------------------------------------------

@@ -1,2 +1,0 @@
-"""Training: LFW preparation (prepare.py), losses (losses.py), the loop (loop.py) and the
-Click commands (commands.py). ``python -m deidcli.train`` runs the training loop."""
