@@ -4,7 +4,8 @@ real frame where what is measured is the look of a face)."""
 import numpy as np
 import pytest
 
-from deidcli.faces.align import ARCFACE_112, arcface_box, arcface_crop, arcface_squares, crop_template, estimate_transform, feather, paste, pasted_arcface, warp_crop
+from deidcli.faces.align import (ARCFACE_112, arcface_box, arcface_crop, arcface_squares, crop_template,
+                                  estimate_transform, feather, paste, pasted_arcface, warp_crop)
 from deidcli.faces.methods import apply_classic, ellipse_mask
 
 

@@ -99,7 +99,8 @@ def _cycles(graph) -> list[list[str]]:
 def test_graph_sees_the_packages():
     graph = _graph()
     assert {"deidcli.cli.main", "deidcli.media.transcode", "deidcli.faces.detect", "deidcli.generator.engine",
-            "deidcli.pipeline.anonymize", "deidcli.research.evaluate_video", "deidcli.research.train.loop"} <= set(graph)
+            "deidcli.pipeline.anonymize", "deidcli.research.evaluate_video",
+            "deidcli.research.train.loop"} <= set(graph)
     # relative imports resolve, `from . import x` counts the submodule x, and deferred imports count
     assert "deidcli.pipeline.pipeline" in graph["deidcli.pipeline.anonymize"]
     assert "deidcli.research.train.landmarks" in graph["deidcli.research.train.loop"]
