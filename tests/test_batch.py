@@ -149,7 +149,7 @@ def test_lock_is_exclusive_and_names_its_owner(tmp_path):
 HOLDER = """
 import sys, time
 from pathlib import Path
-from deidcli import jobs
+from deidcli.pipeline import jobs
 dst = Path(sys.argv[1])
 lk = jobs.try_lock(dst)
 tmp = dst.with_name(f".{dst.name}.deid-tmp-0123abcd{dst.suffix}")
@@ -231,7 +231,7 @@ def test_report_file_and_destination_errors(tmp_path):
 def test_a_second_signal_while_stopping_is_ignored():
     code = """
 import os, signal
-from deidcli.cli import _signals_to_interrupt
+from deidcli.cli.main import _signals_to_interrupt
 from deidcli.errors import Interrupted
 disarm = _signals_to_interrupt()
 try:

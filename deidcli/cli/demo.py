@@ -57,7 +57,7 @@ def make_demo_clip(dst: Path, seconds: float = 4.0, audio: bool = True) -> Path:
     import numpy as np
     from skimage.data import astronaut
 
-    from ..pipeline.jobs import atomic_file
+    from ..media.files import atomic_file
 
     image = np.ascontiguousarray(astronaut())  # (512, 512, 3) uint8 RGB
     n_frames = max(1, round(seconds * FPS))

@@ -9,6 +9,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import InputError, OutputError
+from .files import atomic_file
 from .probe import PathLike, _ff_reason
 
 
@@ -77,10 +78,8 @@ def atomic_output(dst: PathLike) -> Iterator[Path]:
 
     On any exception, KeyboardInterrupt and SystemExit included, the temp file is removed
     and the exception re-raised: ``dst`` is never partially written. The mechanism is
-    :func:`deidcli.pipeline.jobs.atomic_file`; here a temp file that cannot be created is an OutputError.
+    :func:`deidcli.media.files.atomic_file`; here a temp file that cannot be created is an OutputError.
     """
-    from ..pipeline.jobs import atomic_file
-
     dst = Path(dst)
     with contextlib.ExitStack() as stack:
         try:

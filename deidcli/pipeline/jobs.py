@@ -2,7 +2,8 @@
 
 No heavy imports here (no av, torch, onnxruntime): ``--dry-run`` plans with this module alone.
 
-Files next to an output ``DIR/NAME`` while it is being written (see :func:`atomic_file`):
+Files next to an output ``DIR/NAME`` while it is being written (see
+:func:`deidcli.media.files.atomic_file`):
 
 * ``DIR/.NAME.deid-tmp-XXXXXXXX.EXT``: the output being written, renamed to ``NAME`` when complete;
 * ``DIR/.NAME.deid-lock``: the lock of the run writing it. The run holds ``flock`` on it while it
@@ -17,7 +18,6 @@ of a live run.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import hashlib
@@ -25,17 +25,16 @@ import json
 import logging
 import os
 import re
-import secrets
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Optional, Sequence
+
+from ..media.files import TMP_RE, atomic_file
 
 log = logging.getLogger(__name__)
 
-#: ``.NAME.deid-tmp-XXXXXXXX.EXT`` (tmp_path_for) -> NAME
-TMP_RE = re.compile(r"^\.(?P<name>.+)\.deid-tmp-[0-9a-f]{8}(\.[^.]*)?$")
 #: ``.NAME.deid-lock`` -> NAME
 LOCK_RE = re.compile(r"^\.(?P<name>.+)\.deid-lock$")
 
@@ -266,37 +265,6 @@ def clean_stale(dst: Path, recursive: bool) -> list[Path]:
 
 
 # --- reports and errors -------------------------------------------------------------------------
-
-def tmp_path_for(dst: Path) -> Path:
-    """Create (exclusively) and return ``.NAME.deid-tmp-XXXXXXXX.EXT`` next to ``dst`` (the name
-    :data:`TMP_RE` matches). Raises OSError when it cannot be created."""
-    for _ in range(100):
-        tmp = dst.with_name(f".{dst.name}.deid-tmp-{secrets.token_hex(4)}{dst.suffix}")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        os.close(fd)
-        return tmp
-    raise FileExistsError(errno.EEXIST, "no free temporary name", str(dst))  # pragma: no cover
-
-
-@contextlib.contextmanager
-def atomic_file(dst: Path) -> Iterator[Path]:
-    """Yield a fresh temporary path next to ``dst``; rename it to ``dst`` when the block ends
-    normally. On any exception, KeyboardInterrupt and SystemExit included, the temporary file
-    is removed and the exception re-raised: ``dst`` is never partially written. Raises OSError
-    when the temporary file cannot be created (see ``video.atomic_output`` for media files)."""
-    dst = Path(dst)
-    tmp = tmp_path_for(dst)
-    try:
-        yield tmp
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
 
 def write_json_atomic(path: Path, obj: dict) -> None:
     """Write ``obj`` as JSON to ``path`` through :func:`atomic_file` (readers never see half a
