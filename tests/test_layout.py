@@ -158,3 +158,19 @@ def test_help_imports_nothing_heavy():
                  "train"):
         assert f"\n  {name} " in p.stdout, name
     assert "Frames/s on CLIP per stage" in p.stdout
+
+
+def test_lazy_commands_resolve_and_their_help_lines_match():
+    """Each research command of the lazy map imports, has the name it is listed under, and the
+    static help line `deid --help` shows is its own help's first paragraph."""
+    import importlib
+
+    import click
+
+    from deidcli.cli.main import RESEARCH_COMMANDS
+
+    for name, (target, short) in RESEARCH_COMMANDS.items():
+        mod, attr = target.split(":")
+        cmd = getattr(importlib.import_module(mod), attr)
+        assert isinstance(cmd, click.Command) and cmd.name == name, target
+        assert " ".join(cmd.help.split("\n\n")[0].split()) == short, name
