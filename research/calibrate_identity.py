@@ -129,7 +129,7 @@ def load_runner(batch_size: int = 32, colour_match: bool = False):
     os.environ["DEID_ORT_THREADS"] = "1"
     gen = load_generator(weights.generator_path(None), device="cpu")
     return GeneratorRunner(gen, resolve_runtime("cpu"), batch_size, backend="onnxruntime",
-                                  colour_match=colour_match)
+                           colour_match=colour_match)
 
 
 def stem_nodes(graph) -> list[str]:

@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from deidcli import weights  # noqa: E402
-from deidcli.faces.detect import Detections, Detector
-from deidcli.faces.track import Tracker, box_iou
+from deidcli.faces.detect import Detections, Detector, box_iou  # noqa: E402
+from deidcli.faces.track import Tracker  # noqa: E402
 from deidcli.options import TrackOptions  # noqa: E402
 
 VIDEOS = ROOT.parent / "shared" / "videos"

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from deidcli.faces.align import (ARCFACE_112, arcface_box, arcface_crop, arcface_squares, crop_template,
-                                  estimate_transform, feather, paste, pasted_arcface, warp_crop)
+                                 estimate_transform, feather, paste, pasted_arcface, warp_crop)
 from deidcli.faces.methods import apply_classic, ellipse_mask
 
 

@@ -40,11 +40,11 @@ def test_fp16_generator_on_cuda_gives_the_cpu_faces(shared):
     crops, desc = _frame_crops(VIDEOS / "ghost_2person.mp4")
     assert len(crops) >= 10
     cpu = GeneratorRunner(load_generator(weights.generator_path(None), device="cpu"),
-                                 resolve_runtime("cpu"), colour_match=True)
+                          resolve_runtime("cpu"), colour_match=True)
     rt = resolve_runtime("cuda", fp16=True)
     assert rt.device == "cuda:0" and rt.dtype == "float16"
     gpu = GeneratorRunner(load_generator(weights.generator_path(None), device="cpu"), rt, batch_size=4,
-                                 colour_match=True)
+                          colour_match=True)
     assert gpu.backend == "torch" and next(gpu.generator.parameters()).is_cuda
     for passes in (1, 3):
         raw_c, mask_c = cpu.run(crops, desc, passes)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from deidcli.errors import ModelError
-from deidcli.faces.detect import Detections, Detector
-from deidcli.faces.track import Face, Tracker, box_iou
+from deidcli.faces.detect import Detections, Detector, box_iou
+from deidcli.faces.track import Face, Tracker
 from deidcli.options import TrackOptions
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

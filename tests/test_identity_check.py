@@ -26,7 +26,7 @@ def test_passes_compose_to_one_raw_and_mask(backend, first_pass_mouth):
     desc = rng.normal(size=(6, 128)).astype(np.float32)
     desc /= np.linalg.norm(desc, axis=1, keepdims=True)
     runner = GeneratorRunner(gen, resolve_runtime("cpu"), batch_size=4, backend=backend,
-                                    first_pass_mouth=first_pass_mouth)
+                             first_pass_mouth=first_pass_mouth)
     later = later_pass_weight(64, 0.2)[0, 0] if first_pass_mouth else np.ones((64, 64), np.float32)
     assert later.max() == 1 and (later.min() == 0) == first_pass_mouth
 

@@ -75,7 +75,6 @@ def test_int8_agrees_with_fp32_on_lfw_devtest(fp32, auto, devtest):
     """Self-cosine > 0.97, and pair cosines within 0.06, on clean DevTest pairs and on the pairs
     the check compares: (generated face, its input face) and (generated face, fp32 descriptor)."""
     from deidcli import weights
-    from deidcli.generator.embedder import IdentityEmbedder
     from deidcli.generator.engine import GeneratorRunner, resolve_runtime
     from deidcli.faces.align import arcface_squares, feather
     from deidcli.generator.model import load_generator
@@ -89,7 +88,7 @@ def test_int8_agrees_with_fp32_on_lfw_devtest(fp32, auto, devtest):
     assert np.median(same) > 0.335  # the int8 network still tells people apart
 
     runner = GeneratorRunner(load_generator(weights.generator_path(None), device="cpu"),
-                                    resolve_runtime("cpu"), backend="onnxruntime")
+                             resolve_runtime("cpu"), backend="onnxruntime")
     crops = devtest["crops"]
     raw, mask = runner.run(crops, e32)
     m = np.stack([feather(k, runner.size) for k in mask])[..., None]

@@ -560,7 +560,6 @@ def test_two_audio_tracks_and_subtitles_kept(corpus):
 
 
 def test_subtitles_dropped_with_a_warning_where_the_container_cannot_hold_them(corpus, tmp_path, caplog):
-    from deidcli.media.probe import probe
     from deidcli.media.transcode import transcode_video
     from deidcli.options import EncodeOptions
 
@@ -568,7 +567,7 @@ def test_subtitles_dropped_with_a_warning_where_the_container_cannot_hold_them(c
     dst = tmp_path / "o.mp4"  # MP4 holds mov_text only, not SubRip
     with caplog.at_level("WARNING", logger="deidcli.media"):
         st = transcode_video(s, dst, lambda fr: ((x, x.image, []) for x in fr),
-                                   EncodeOptions(preset="ultrafast"))
+                             EncodeOptions(preset="ultrafast"))
     assert st["subtitle_streams"] == 0 and any("subtitle" in d for d in st["dropped_streams"])
     assert [r for r in caplog.records if "subtitle stream" in r.getMessage() and "dropped" in r.getMessage()]
     with av.open(str(dst)) as c:
@@ -586,7 +585,6 @@ def test_no_face_is_a_plain_reencode(corpus, tmp_path):
     mbtree=0 makes it repeatable), so two plain re-encodes of the same frames already differ
     by a few code values and cannot be compared exactly. Lossless, "equal to the re-encode"
     is exact, and the decoded input is the reference too."""
-    from deidcli.media.probe import probe
     from deidcli.media.transcode import transcode_video
     from deidcli.options import EncodeOptions
 
@@ -637,7 +635,6 @@ def test_corrupt_packet_is_reported_not_fatal(corpus):
 def test_rejected_packet_is_skipped_and_counted(talk, tmp_path):
     """A codec whose decoder rejects a damaged packet (MJPEG): that frame is missing, every
     other frame comes out with its own pts, and the report says where."""
-    from deidcli.media.probe import probe
     from deidcli.media.transcode import transcode_video
     from deidcli.options import EncodeOptions
 

@@ -54,16 +54,16 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     union = area_a[:, None] + area_b[None, :] - inter
     return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
+
 def _box_size(boxes: np.ndarray) -> np.ndarray:
     """Geometric mean of width and height of (..., 4) boxes, at least 1 pixel."""
     wh = np.clip(boxes[..., 2:] - boxes[..., :2], 1.0, None)
     return np.sqrt(wh[..., 0] * wh[..., 1])
 
 
-
 logger = logging.getLogger(__name__)
 
-__all__ = ["Detections", "Detector", "Face", "Tracker", "OneEuroFilter", "box_iou"]
+__all__ = ["Detections", "Detector", "box_iou"]
 
 
 # --------------------------------------------------------------------------------------

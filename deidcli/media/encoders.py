@@ -48,7 +48,6 @@ _NVENC_PRESETS = {
 _SAFE_STREAM_TAGS = ("language",)
 
 
-
 def _available_video_encoders() -> list[str]:
     names = []
     for n in _KNOWN_VIDEO_ENCODERS:

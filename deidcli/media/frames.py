@@ -17,7 +17,6 @@ from .probe import Rect
 _AVCOL_SPC_TO_SWS = {1: 1, 4: 4, 5: 5, 6: 5, 7: 7, 9: 9, 10: 9}
 
 
-
 @dataclass(eq=False)
 class VideoFrame:
     """One decoded frame as the pipeline sees it.

@@ -21,7 +21,6 @@ _MP4_LEADING_BOXES = frozenset({b"ftyp", b"styp", b"free", b"skip", b"wide", b"p
 _MP4_PEEK_LIMIT = 1 << 20
 
 
-
 class _Replay:
     """Non-seekable reader of a stream: ``head`` (bytes peeked at) first, then the rest of ``f``.
 

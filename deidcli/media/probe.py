@@ -26,7 +26,6 @@ IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 VIDEO_EXTS = frozenset({".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"})
 
 
-
 def media_kind(path: PathLike) -> Optional[str]:
     """``"image"``, ``"video"`` or ``None``, from the file extension (case-insensitive)."""
     ext = Path(path).suffix.lower()

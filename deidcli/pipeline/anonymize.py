@@ -36,6 +36,7 @@ from .report import FileResult, Progress, _reason
 
 log = logging.getLogger(__name__)
 
+
 def _versions() -> dict:
     import importlib.metadata as md
 
@@ -117,7 +118,7 @@ def _process_file(pipeline_factory: Callable[[], Pipeline], src: Path, dst: Path
         try:
             with atomic_output(dst) as tmp:
                 st = transcode_video(src, tmp, lambda frames: pipe.process_frames(frames, res, fps, stages),
-                                           options.encode, on_frame=lambda n: progress.advance(1), stages=stages)
+                                     options.encode, on_frame=lambda n: progress.advance(1), stages=stages)
             res.add_transcode_stats(st)
         finally:
             progress.end_file()
@@ -408,11 +409,11 @@ def _anonymize_pipe(src, dst, options: AnonymizeOptions, progress: Progress) -> 
             progress.start_file(Path(name), total)
             try:
                 st = transcode_video(name if src_pipe else src, out,
-                                           lambda frames: pipeline.process_frames(frames, res, fps, stages),
-                                           options.encode, on_frame=lambda n: progress.advance(1), stages=stages,
-                                           input_container=inp,
-                                           output_format=(options.encode.format or PIPE_FORMATS[0]) if dst_pipe
-                                           else None)
+                                     lambda frames: pipeline.process_frames(frames, res, fps, stages),
+                                     options.encode, on_frame=lambda n: progress.advance(1), stages=stages,
+                                     input_container=inp,
+                                     output_format=(options.encode.format or PIPE_FORMATS[0]) if dst_pipe
+                                     else None)
                 res.add_transcode_stats(st)
             finally:
                 progress.end_file()

@@ -75,13 +75,13 @@ class Pipeline:
 
             gen = load_generator(ckpt, device="cpu")
             self.runner = GeneratorRunner(gen, self.runtime, options.batch_size,
-                                                 colour_match=options.colour_match,
-                                                 first_pass_mouth=options.first_pass_mouth,
-                                                 eye_pass=options.eye_pass)
+                                          colour_match=options.colour_match,
+                                          first_pass_mouth=options.first_pass_mouth,
+                                          eye_pass=options.eye_pass)
             self.detail = DETAIL_SCALE * self.runner.size if options.keep_detail else 0
             self.embedder = IdentityEmbedder(weights.model_path("rec_mobilefacenet.onnx", options.models_dir),
-                                                    providers, options.check_precision if options.identity_check
-                                                    else "fp32")
+                                             providers, options.check_precision if options.identity_check
+                                             else "fp32")
 
     # -- rendering -------------------------------------------------------------------------
     def render(self, items: Sequence[tuple[np.ndarray, Sequence]], descriptors: dict,

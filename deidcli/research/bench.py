@@ -180,10 +180,10 @@ def to_markdown(result: dict) -> str:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON here.")
 def bench_command(clip, configs, weights, device, fp16, batch_size, passes, identity_check, check_thresh, check_precision,
-          max_passes, small_max_passes, fallback, min_generate, max_yaw, min_light, soft_fraction, colour_match,
-          first_pass_mouth, eye_pass, keep_detail, pass_hold, codec, preset, crf,
-          detect_every,
-          detector_precision, json_path):
+                  max_passes, small_max_passes, fallback, min_generate, max_yaw, min_light, soft_fraction, colour_match,
+                  first_pass_mouth, eye_pass, keep_detail, pass_hold, codec, preset, crf,
+                  detect_every,
+                  detector_precision, json_path):
     """Frames/s on CLIP per stage, next to a plain re-encode.
 
     Throughput of deid on CLIP, per stage, next to a plain re-encode and blur.
@@ -202,7 +202,7 @@ def bench_command(clip, configs, weights, device, fp16, batch_size, passes, iden
             "eye_pass": eye_pass, "keep_detail": keep_detail, "pass_hold": pass_hold,
             "weights": str(weights) if weights else None,
             "encode": {"codec": codec, "preset": preset, "crf": crf}, "detect": {"detect_every": detect_every,
-                                                                                  "precision": detector_precision}}
+                                                                                 "precision": detector_precision}}
     res = bench(str(clip), configs or ("reencode", "blur", "generate", "generator"), opts)
     res["options"] = opts
     if json_path:

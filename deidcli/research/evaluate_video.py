@@ -104,7 +104,6 @@ MIN_CORR_FRAMES = 10
 EMBED_BATCH = 32
 
 
-
 @dataclass
 class _Track:
     track_id: int
@@ -252,7 +251,7 @@ class _Models:
 
 
 def _best_iou(box: np.ndarray, boxes: np.ndarray) -> Optional[int]:
-    from ..faces.track import box_iou
+    from ..faces.detect import box_iou
 
     if len(boxes) == 0:
         return None

@@ -407,6 +407,7 @@ FAR = 1e-3
 
 PAD = 64  # detector canvas padding around a crop
 
+
 def describe(net, crops: np.ndarray, margin: float, device="cpu") -> np.ndarray:
     """L2-normalised descriptors (N, 128) of crops, through the ArcFace square of each crop."""
     import torch
