@@ -258,12 +258,21 @@ def calibrate(model: Union[str, Path], feeds: list, recipe: dict, exclude=None) 
 
 
 def write_calibration(out: Union[str, Path], meta: dict, ranges: dict) -> Path:
-    """Write a calibration JSON ({"deid": meta, "ranges": ranges}, meta with "format" set here)
-    atomically, readable by all (it is package data)."""
+    """Write a calibration JSON ({"deid": meta, "ranges": ranges}, meta with "format" and the
+    "versions" of the libraries that made it set here) atomically, readable by all (it is package
+    data), and say so on stderr."""
     import os
+    import sys
+
+    import cv2
+    import numpy as np
+    import onnx
+    import onnxruntime
 
     out = Path(out)
-    doc = {"deid": {**meta, "format": CALIBRATION_FORMAT}, "ranges": ranges}
+    versions = {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
+                "numpy": np.__version__, "opencv": cv2.__version__}
+    doc = {"deid": {**meta, "versions": versions, "format": CALIBRATION_FORMAT}, "ranges": ranges}
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, part = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
     try:
@@ -275,6 +284,9 @@ def write_calibration(out: Union[str, Path], meta: dict, ranges: dict) -> Path:
     except BaseException:
         Path(part).unlink(missing_ok=True)
         raise
+    r = meta.get("recipe", {})
+    print(f"wrote {out} ({len(ranges.get('data', ()))} tensor ranges, {r.get('calibrate_method')}, "
+          f"excluded {r.get('nodes_to_exclude')})", file=sys.stderr)
     return out
 
 

@@ -135,9 +135,6 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="default: deidcli/data/<detector stem>.calib.json")
     a = p.parse_args(argv)
 
-    import onnx
-    import onnxruntime
-
     from deidcli.faces.detect import Detector
 
     detector = a.detector or weights.model_path("det_scrfd_2.5g_kps.onnx")
@@ -171,11 +168,7 @@ def main(argv=None) -> int:
                             "seed": a.seed, "frame_sizes": FRAME_SIZES,
                             "input_sizes_hw": [list(s) for s in shapes],
                             "script": "research/calibrate_detector.py"},
-        "versions": {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
-                     "numpy": np.__version__, "opencv": cv2.__version__},
     }, ranges)
-    print(f"wrote {out} ({len(ranges['data'])} tensor ranges, {a.method}, excluded {recipe['nodes_to_exclude']})",
-          file=sys.stderr)
     return 0
 
 

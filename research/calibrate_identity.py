@@ -73,7 +73,6 @@ import os
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,9 +168,6 @@ def main(argv=None) -> int:
     if a.n % BATCH:
         p.error(f"--n must be a multiple of {BATCH}")
 
-    import onnx
-    import onnxruntime
-
     from deidcli.generator.embedder import IdentityEmbedder
 
     model = a.model or weights.model_path(MODEL)
@@ -210,11 +206,7 @@ def main(argv=None) -> int:
                             "generator_passes": {"1": int((passes == 1).sum()), "2": int((passes == 2).sum())}
                             if a.generated else None,
                             "crop": {"size": S, "margin": margin}, "script": "research/calibrate_identity.py"},
-        "versions": {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
-                     "numpy": np.__version__, "opencv": cv2.__version__},
     }, ranges)
-    print(f"wrote {out} ({len(ranges['data'])} tensor ranges, {a.method}, excluded {recipe['nodes_to_exclude']})",
-          file=sys.stderr)
     return 0
 
 

@@ -130,12 +130,20 @@ def test_first_use_fetches_from_the_mirror(online, monkeypatch, serve, caplog):
     assert weights.model_path(SMALL) == path and got == [f"/{SMALL}"]  # cached: fetched once
 
 
-def test_first_use_rejects_a_corrupt_download(online, monkeypatch, serve, tmp_path):
+@pytest.fixture
+def tampered_mirror(online, monkeypatch, serve, tmp_path):
+    """DEID_MODELS_URL pointing at a mirror whose SMALL file is not the registry's; the files
+    requested from it."""
     www = tmp_path / "www"
     www.mkdir()
     (www / SMALL).write_bytes(b"tampered")
     base, got = serve(www)
     monkeypatch.setenv("DEID_MODELS_URL", base)
+    return got
+
+
+def test_first_use_rejects_a_corrupt_download(online, tampered_mirror):
+    got = tampered_mirror
     for _ in range(2):  # nothing kept: the second use fetches (and refuses) again
         with pytest.raises(ModelError, match="does not verify") as e:
             weights.model_path(SMALL)
@@ -194,12 +202,7 @@ def test_models_download_command_uses_the_mirror(online, monkeypatch, serve, cap
     assert r.exit_code == 0 and r.output.count(" OK ") >= len(weights.REGISTRY), r.output
 
 
-def test_models_download_command_refuses_a_corrupt_mirror(online, monkeypatch, serve, tmp_path):
-    www = tmp_path / "www"
-    www.mkdir()
-    (www / SMALL).write_bytes(b"tampered")
-    base, _ = serve(www)
-    monkeypatch.setenv("DEID_MODELS_URL", base)
+def test_models_download_command_refuses_a_corrupt_mirror(online, tampered_mirror):
     r = CliRunner().invoke(cli, ["models", "download", SMALL])
     assert r.exit_code == EXIT_MODELS
     err = [ln for ln in r.output.splitlines() if ln.startswith("deid: error:")]
