@@ -105,8 +105,12 @@ class Detections:
         return Detections(self.boxes[keep], self.scores[keep], self.kps[keep])
 
 
+#: Detector.zoom_score: the zoomed look's input side (px) and the face's height in it.
 ZOOM_SIDE = 160
 ZOOM_FACE = 64
+#: Detector.detect: a weak detection overlapping a tracked face's box this much continues it and
+#: is not looked at again zoomed (lp_d6: 319 second looks at its one face in 336 frames before).
+TRACKED_IOU = 0.5
 
 
 class Detector:
@@ -222,17 +226,23 @@ class Detector:
         short = int(math.ceil(self.det_size * short_side / long_side / 32.0)) * 32
         return (self.det_size, short) if w >= h else (short, self.det_size)
 
-    def detect(self, image: np.ndarray) -> Detections:
+    def detect(self, image: np.ndarray, tracked: Optional[np.ndarray] = None) -> Detections:
         """Faces in one image.
 
         image: (H, W, 3) uint8 RGB. It is converted to BGR, the order InsightFace takes.
+        tracked: (T, 4) boxes of faces already followed (a tracker's predictions); a weak detection
+        on one of them (IoU >= TRACKED_IOU) continues it as it is and is not looked at again
+        zoomed (``rescore_below``): only weak detections that could start a face are.
         Returns Detections in pixels of `image`, in decreasing score order.
         """
         assert image.ndim == 3 and image.shape[2] == 3, f"need (H, W, 3), got {image.shape}"
         assert image.dtype == np.uint8, f"need uint8, got {image.dtype}"
         det, kps = self._detect(image, self.input_size_for(image.shape))
         if self.rescore_below > 0:
-            for j in np.flatnonzero(det[:, 4] < self.rescore_below):
+            weak = det[:, 4] < self.rescore_below
+            if tracked is not None and len(tracked) and weak.any():
+                weak &= box_iou(det[:, :4], tracked).max(axis=1) < TRACKED_IOU
+            for j in np.flatnonzero(weak):
                 z = self.zoom_score(image, det[j, :4])
                 self.n_rescored += 1
                 self.n_raised += int(z >= self.rescore_below)

@@ -203,6 +203,11 @@ class Tracker:
 
     # -- public ------------------------------------------------------------------------
 
+    def predicted_boxes(self, index: int) -> np.ndarray:
+        """(T, 4) float64: where the live tracks expect their faces in frame ``index`` (the next
+        one pushed), for a detector that wants to know which faces are already followed."""
+        return np.array([t.predict(index) for t in self._live], np.float64).reshape(-1, 4)
+
     def push(self, index: int, dets: Optional[Detections]) -> list[tuple[int, list[Face]]]:
         """Feed the detections of frame `index` (consecutive, from 0), or None for a frame the
         detector did not look at (``--detect-every``).

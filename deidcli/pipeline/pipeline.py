@@ -366,7 +366,7 @@ class Pipeline:
             dets = None
             if vf.index % every == 0:
                 with stages("detect"):
-                    dets = self.detector.detect(vf.image)
+                    dets = self.detector.detect(vf.image, tracker.predicted_boxes(vf.index))
             else:
                 result.frames_not_detected += 1
             pending.append(vf)
