@@ -84,7 +84,7 @@ def test_small_faces_get_the_fallback_and_are_counted(shared, tmp_path):
     n = big["faces_anonymized"]
     assert n > 0 and big["face_paths"] == {"small": n} and big["faces_checked"] == 0
     assert sum(sum(v.values()) for v in big["faces_by_size"].values()) == n
-    blurred = anonymize(src, tmp_path / "blur.mp4", AnonymizeOptions(method="blur"))["files"][0]
+    anonymize(src, tmp_path / "blur.mp4", AnonymizeOptions(method="blur"))
     a, b = decode_rgb(tmp_path / "big.mp4"), decode_rgb(tmp_path / "blur.mp4")
     assert max(np.abs(x.astype(int) - y).mean() for x, y in zip(a, b)) < 0.5  # the blur fallback
     gen = anonymize(src, tmp_path / "gen.mp4", AnonymizeOptions(min_generate=0))["files"][0]
@@ -190,7 +190,8 @@ def test_zoomed_look_raises_small_faces_and_not_a_hair_tie(shared):
         if i % 6:
             continue
         d = det.detect(img)
-        weak += [(i, float(b[3] - b[1]), float(s), det.zoom_score(img, b)) for b, s in zip(d.boxes, d.scores) if s < 0.5]
+        weak += [(i, float(b[3] - b[1]), float(s), det.zoom_score(img, b))
+                 for b, s in zip(d.boxes, d.scores) if s < 0.5]
     assert len(weak) >= 8, weak
     assert sum(z >= 0.5 for *_, z in weak) >= len(weak) - 1, weak  # 13 of 14 (frame 30: a crossing, 0.49 -> 0.35)
     assert det.n_raised == 0  # detect() itself does not rescore unless asked

@@ -305,9 +305,10 @@ class Pipeline:
 
     def _own_embeddings(self, gen: "_Generated", idx: np.ndarray, crop112) -> tuple[np.ndarray, np.ndarray]:
         """(N, D) embeddings of the input faces of ``gen`` for the identity check and their (N, 112,
-        112, 3) uint8 ArcFace crops, filled in for the faces ``idx`` (the others stay 0). Each face's own frame: reusing a track's embedding of a
-        few frames before let faces through where the expression changes fast (stress set, lp_d6
-        in a 3x3 mosaic: frames 1-3 compared with frame 0's face, verified at cosine 0.34-0.52).
+        112, 3) uint8 ArcFace crops, filled in for the faces ``idx`` (the others stay 0). Each
+        face's own frame: reusing a track's embedding of a few frames before let faces through
+        where the expression changes fast (stress set, lp_d6 in a 3x3 mosaic: frames 1-3 compared
+        with frame 0's face, verified at cosine 0.34-0.52).
         ``crop112(j)``: face j's 112 px input crop, or None for the generator crops' squares
         (align.arcface_squares, as in training)."""
         from ..faces.align import arcface_squares
