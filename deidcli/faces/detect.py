@@ -1,6 +1,5 @@
-"""Face detection (SCRFD through InsightFace) and multi-face tracking.
-
-One frame through this module::
+"""Face detection: SCRFD through InsightFace, five landmarks a face, and a zoomed second look
+at weak detections. Tracking is faces/track.py; one frame through both::
 
     detector = Detector(models_dir / "det_scrfd_2.5g_kps.onnx", det_thresh=0.5)
     tracker = Tracker(TrackOptions(), fps=29.97)
@@ -9,11 +8,6 @@ One frame through this module::
             ...                                    # faces of frame `final_index`, final
     for final_index, faces in tracker.flush():
         ...
-
-The tracker lags the detector by at most ``max_gap`` frames: a face the detector misses
-for a few frames inside a track is filled in by linear interpolation (``Face.interpolated``),
-because a single exposed frame defeats the purpose. The caller keeps the images of the
-frames not yet returned; the tracker only buffers detections.
 
 Coordinates are pixels of the image given to the detector, x to the right, y down.
 Boxes are (x0, y0, x1, y1) and may reach past the image edges. Landmarks are the five
@@ -53,12 +47,6 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0.0, None), axis=1)
     union = area_a[:, None] + area_b[None, :] - inter
     return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
-
-
-def _box_size(boxes: np.ndarray) -> np.ndarray:
-    """Geometric mean of width and height of (..., 4) boxes, at least 1 pixel."""
-    wh = np.clip(boxes[..., 2:] - boxes[..., :2], 1.0, None)
-    return np.sqrt(wh[..., 0] * wh[..., 1])
 
 
 logger = logging.getLogger(__name__)
@@ -242,13 +230,13 @@ class Detector:
             weak = det[:, 4] < self.rescore_below
             if tracked is not None and len(tracked) and weak.any():
                 weak &= box_iou(det[:, :4], tracked).max(axis=1) < TRACKED_IOU
-            for j in np.flatnonzero(weak):
-                z = self.zoom_score(image, det[j, :4])
-                self.n_rescored += 1
-                self.n_raised += int(z >= self.rescore_below)
-                det[j, 4] = max(float(det[j, 4]), z)
-            order = np.argsort(-det[:, 4], kind="stable")
-            det, kps = det[order], kps[order]
+            if weak.any():
+                z = np.array([self.zoom_score(image, b) for b in det[weak, :4]], np.float32)
+                self.n_rescored += len(z)
+                self.n_raised += int(np.count_nonzero(z >= self.rescore_below))
+                det[weak, 4] = np.maximum(det[weak, 4], z)
+                order = np.argsort(-det[:, 4], kind="stable")
+                det, kps = det[order], kps[order]
         dets = Detections(det[:, :4], det[:, 4], kps)
         self.n_images += 1
         if self.min_face > 0 and len(dets):

@@ -1,4 +1,10 @@
-"""Tracking: faces followed across frames (Tracker), smoothed with a One Euro filter."""
+"""Tracking: faces followed across frames (Tracker), smoothed with a One Euro filter.
+
+The tracker lags the detector by at most ``max_gap`` frames: a face the detector misses
+for a few frames inside a track is filled in by linear interpolation (``Face.interpolated``),
+because a single exposed frame defeats the purpose. The caller keeps the images of the
+frames not yet returned; the tracker only buffers detections.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,14 @@ from typing import Optional
 import numpy as np
 
 from ..options import TrackOptions
-from .detect import Detections, _box_size, box_iou
+from .detect import Detections, box_iou
+
+
+def _box_size(boxes: np.ndarray) -> np.ndarray:
+    """Geometric mean of width and height of (..., 4) boxes, at least 1 pixel."""
+    wh = np.clip(boxes[..., 2:] - boxes[..., :2], 1.0, None)
+    return np.sqrt(wh[..., 0] * wh[..., 1])
+
 
 # --------------------------------------------------------------------------------------
 # Smoothing
