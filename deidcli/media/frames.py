@@ -155,6 +155,32 @@ def _patch_span(a0: int, a1: int, n: int, align: int) -> tuple[int, int]:
     return b0, min(n, b0 + length)
 
 
+#: _rgb_to_yuv420: (Kr, Kb) of the colour matrices it computes itself, by AVColorSpace; an
+#: unspecified matrix (2) is BT.601, as swscale takes it. Other matrices go through swscale.
+_KR_KB = {1: (0.2126, 0.0722), 2: (0.299, 0.114), 5: (0.299, 0.114), 6: (0.299, 0.114)}
+
+
+def _rgb_to_yuv420(rgb: np.ndarray, kr: float, kb: float, full: bool) -> tuple[np.ndarray, ...]:
+    """(H, W, 3) uint8 RGB, H and W even -> Y (H, W), U and V (H/2, W/2) uint8 views: the
+    exact matrix, rounded, each 2x2 block's chroma averaged. swscale with ACCURATE_RND gives the
+    same codes within 1 (tests/test_video.py) in ~10x the time (a 340 px face: 0.5-1.4 ms; this
+    0.08 ms)."""
+    import cv2
+
+    kg = 1.0 - kr - kb
+    ys, yo, cs = (1.0, 0.0, 1.0) if full else (219 / 255, 16.0, 224 / 255)
+    m = np.array([
+        [kr * ys, kg * ys, kb * ys, yo],
+        [-kr / (2 * (1 - kb)) * cs, -kg / (2 * (1 - kb)) * cs, 0.5 * cs, 128.0],
+        [0.5 * cs, -kg / (2 * (1 - kr)) * cs, -kb / (2 * (1 - kr)) * cs, 128.0],
+    ], np.float32)
+    h, w = rgb.shape[:2]
+    # uint8 in and out (rounded to nearest): float arrays of a face's size cost 10x as much
+    yuv = cv2.transform(np.ascontiguousarray(rgb), m)
+    half = cv2.resize(yuv, (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+    return yuv[..., 0], half[..., 1], half[..., 2]
+
+
 def _paint_rects(frame, stored_rgb: np.ndarray, rects: list[Rect], reformatters: Optional[_Reformatters] = None):
     """Write ``stored_rgb`` into ``frame`` inside ``rects`` (stored coordinates), in place.
 
@@ -183,10 +209,21 @@ def _paint_rects(frame, stored_rgb: np.ndarray, rects: list[Rect], reformatters:
         kw["dst_colorspace"] = cs
     if rng is not None:
         kw["dst_color_range"] = rng
+    own = None  # (Kr, Kb, full range) where this function converts itself (8-bit 4:2:0)
+    if fmt in ("yuv420p", "yuvj420p") and int(frame.colorspace) in _KR_KB and W % 2 == 0 and H % 2 == 0:
+        full = rng == 2 or (fmt == "yuvj420p" and rng is None)
+        own = (*_KR_KB[int(frame.colorspace)], full)
     for x0, y0, x1, y1 in rects:
         x0, y0 = x0 - x0 % ax, y0 - y0 % ay
         x1 = min(W, -(-x1 // ax) * ax)
         y1 = min(H, -(-y1 // ay) * ay)
+        if own is not None:
+            if x1 > x0 and y1 > y0:
+                y, u, v = _rgb_to_yuv420(stored_rgb[y0:y1, x0:x1], *own)
+                dst_views[0][y0:y1, x0:x1] = y
+                dst_views[1][y0 // 2:y1 // 2, x0 // 2:x1 // 2] = u
+                dst_views[2][y0 // 2:y1 // 2, x0 // 2:x1 // 2] = v
+            continue
         if reformatters is None:
             bx0, bx1, by0, by1 = x0, x1, y0, y1
         else:
