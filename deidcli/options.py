@@ -19,7 +19,7 @@ PIPE_FORMATS = ("matroska", "mpegts")  # container formats written to stdout (DS
 class EncodeOptions:
     codec: str = "libx264"  # video encoder (any PyAV/FFmpeg encoder: libx265, h264_nvenc, ...)
     crf: int = 18  # constant rate factor for x264/x265 (lower = better quality)
-    preset: str = "medium"  # encoder speed preset (x264/x265/nvenc)
+    preset: str = "veryfast"  # encoder speed preset (x264/x265/nvenc; docs/speed.md: medium costs 2.3x the CPU)
     audio: str = "copy"  # copy: packets unchanged; aac: re-encode; none: drop audio
     keep_metadata: bool = False  # copy container/stream tags (GPS, creation time, ...)
     format: Optional[str] = None  # container written to stdout (DST "-"): matroska (default) or mpegts

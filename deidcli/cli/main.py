@@ -190,7 +190,7 @@ def _generator_options(f):
 @click.option("--smooth", type=click.FloatRange(min=0), default=1.0, help="Landmark smoothing (0: off).")
 @click.option("--codec", default="libx264", help="Video encoder (libx265, h264_nvenc, ...).")
 @click.option("--crf", type=click.IntRange(0, 63), default=18, help="Encoder quality (lower is better).")
-@click.option("--preset", default="medium", help="Encoder speed preset.")
+@click.option("--preset", default="veryfast", help="Encoder speed preset (medium: smaller, slower).")
 @click.option("--audio", type=click.Choice(AUDIO_MODES), default="copy",
               help="Copy, re-encode (aac) or drop (none).")
 @click.option("--keep-metadata", is_flag=True, help="Also copy tags (GPS, dates, devices...).")

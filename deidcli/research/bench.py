@@ -171,7 +171,7 @@ def to_markdown(result: dict) -> str:
               help="What to run (repeatable; default: all four).")
 @_generator_options
 @click.option("--codec", default="libx264", help="Video encoder, for every configuration.")
-@click.option("--preset", default="medium", help="Encoder speed preset.")
+@click.option("--preset", default="veryfast", help="Encoder speed preset.")
 @click.option("--crf", type=click.IntRange(0, 63), default=18, help="Encoder quality.")
 @click.option("--detect-every", type=click.IntRange(1, 9), default=1,
               help="Detect on every Nth frame only.")
