@@ -4,6 +4,7 @@ EXIT_OK = 0  # everything done (or skipped)
 EXIT_FAILED = 1  # at least one input failed; the rest were still processed
 EXIT_USAGE = 2  # bad command line (Click's own code)
 EXIT_MODELS = 3  # a model file is missing or does not verify
+EXIT_SOURCE_LOST = 4  # deid live: the camera or network source stopped or disconnected (output finalized)
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT); no partial output left behind, report written
 EXIT_TERMINATED = 143  # SIGTERM (kill, timeout, cron, a scheduler); the same otherwise
 
@@ -20,6 +21,13 @@ class InputError(DeidError):
 
 class OutputError(DeidError):
     """The output cannot be written as asked (container cannot hold a stream, ...)."""
+
+
+class SourceLost(InputError):
+    """deid live: a camera or network source stopped sending or disconnected (after the
+    ``--reconnect`` attempts, if any). The output written so far is finalized."""
+
+    exit_code = EXIT_SOURCE_LOST
 
 
 class ModelError(DeidError):

@@ -50,6 +50,33 @@ class TrackOptions:
 
 
 @dataclass(frozen=True)
+class LiveOptions:
+    """deid live (pipeline/live.py): how a live source is read and how late a frame may leave."""
+
+    realtime: bool = False  # release a file's (or stdin's) frames at their own pts against the wall clock
+    max_latency: float = 0.3  # seconds from a frame's arrival to its output; older frames are dropped, never sent raw
+    timeout: float = 10.0  # seconds without data before a camera or network source counts as lost (also to open it)
+    reconnect: bool = False  # retry a lost network source (back-off 0.5, 1, 2, 4, 8 s) and go on in the same output
+    reconnect_for: float = 60.0  # give up reconnecting after this many seconds without a frame
+    duration: Optional[float] = None  # stop (normally) after this many seconds of source time
+    input_format: Optional[str] = None  # FFmpeg input format (v4l2 for /dev/videoN; auto otherwise)
+    input_options: tuple = ()  # (key, value) FFmpeg options for the source (video_size, framerate, ...)
+
+    def __post_init__(self):
+        if not self.max_latency > 0:
+            raise ValueError(f"max_latency must be > 0 seconds, not {self.max_latency}")
+        if not self.timeout > 0 or not self.reconnect_for >= 0:
+            raise ValueError("timeout must be > 0 and reconnect_for >= 0 seconds")
+        if self.duration is not None and not self.duration > 0:
+            raise ValueError(f"duration must be > 0 seconds, not {self.duration}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["input_options"] = dict(self.input_options)
+        return d
+
+
+@dataclass(frozen=True)
 class AnonymizeOptions:
     method: str = "generate"  # generate | blur | pixelate | solid
     weights: Optional[Path] = None  # generator checkpoint (default: the one shipped in weights/)

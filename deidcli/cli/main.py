@@ -109,7 +109,13 @@ RESEARCH_COMMANDS = {
 }
 
 
-@click.group(cls=LazyGroup, lazy=RESEARCH_COMMANDS,
+#: Product commands loaded on first use too (they import main.py's shared options).
+LAZY_COMMANDS = {
+    "live": ("deidcli.cli.live:live_command", "Anonymize a camera or a stream as it happens: SRC live into DST."),
+}
+
+
+@click.group(cls=LazyGroup, lazy={**RESEARCH_COMMANDS, **LAZY_COMMANDS},
              context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(__version__, "-V", "--version", prog_name="deid")
 def cli():

@@ -386,17 +386,22 @@ class Pipeline:
         result.faces_raised_zoomed = self.detector.n_raised - raised0
 
     def process_frames(self, frames: Iterator, result: FileResult, fps: Optional[float],
-                       stages: Stages = NULL, threads: bool = True) -> Iterator:
+                       stages: Stages = NULL, threads: bool = True, queue_frames: int = QUEUE_FRAMES,
+                       max_pending: int = MAX_PENDING_FRAMES) -> Iterator:
         """Transform decoded frames into (frame, image, rects), in order (see video.transcode_video).
 
         Detection and tracking run in their own thread (``threads``), a few frames ahead of
         rendering, which batches faces across frames for the generator. With ``generate`` the
         generator runs in a thread of its own too, one batch ahead of the identity check and the
         pasting (Pipeline.generate / Pipeline.finish).
+
+        ``queue_frames`` (frames detection may run ahead of rendering) and ``max_pending`` (most
+        frames in one generator batch) bound how long a frame waits inside; deid live lowers both
+        (pipeline/live.py).
         """
         tracked = self.detect_and_track(frames, result, fps, stages)
         if threads:
-            tracked = prefetch(tracked, QUEUE_FRAMES, "deid-detect")
+            tracked = prefetch(tracked, queue_frames, "deid-detect")
         descriptors: dict = {}
         passes = self.new_pass_levels()
         router = self.new_router()
@@ -414,7 +419,7 @@ class Pipeline:
             for vf, faces in tracked:
                 ready.append((vf, faces))
                 n_faces += len(faces)
-                if n_faces >= target or len(ready) >= MAX_PENDING_FRAMES:
+                if n_faces >= target or len(ready) >= max_pending:
                     yield ready
                     ready, n_faces = [], 0
                     target = min(batch_faces, 2 * target)
