@@ -141,14 +141,23 @@ class Sender(threading.Thread):
         self.halt.set()
         self.join(5)
 
+    def again(self) -> "Sender":
+        """A new sender of the same frames on the same port (not started)."""
+        new = Sender.__new__(Sender)
+        threading.Thread.__init__(new, daemon=True)
+        new.__dict__.update({k: v for k, v in self.__dict__.items() if k in (
+            "port", "speed", "rate", "frames", "packets", "url")}, halt=threading.Event(), sent=0)
+        return new
 
-def wait_for_output(dst: Path, proc, min_bytes=30_000, timeout=90):
-    """Wait until deid has written ``min_bytes`` to its temporary output (frames are going out)."""
+
+def wait_for_output(dst: Path, proc, min_bytes=30_000, timeout=90) -> int:
+    """Wait until deid has written ``min_bytes`` to its temporary output (frames are going out);
+    returns its size."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         tmps = list(dst.parent.glob(f".{dst.name}.deid-tmp-*"))
-        if tmps and tmps[0].stat().st_size >= min_bytes:
-            return
+        if tmps and (size := tmps[0].stat().st_size) >= min_bytes:
+            return size
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.1)
     raise AssertionError("deid live wrote nothing")
@@ -207,25 +216,35 @@ def test_realtime_file_generate(clip, tmp_path):
     assert not list(tmp_path.glob(".*deid-tmp*"))
 
 
-def test_stream_stopped_by_signal(clip, tmp_path, sig=signal.SIGINT):
-    """A UDP stream until Ctrl-C: the output is finalized (playable, every frame anonymized), the
-    report written, exit 130 (SIGTERM takes the same path, exit 143)."""
-    sender = Sender(clip, tmp_path)
-    sender.start()
+def test_stream_reconnected_then_stopped_by_signal(clip, tmp_path, sig=signal.SIGINT):
+    """A UDP stream that stops and comes back (timestamps from 0 again) with --reconnect, then
+    Ctrl-C: one output across both (its times go on increasing), finalized (playable, every frame
+    anonymized), the report written, exit 130 (SIGTERM takes the same path, exit 143)."""
+    first = Sender(clip, tmp_path)
+    first.start()
     out, rep = tmp_path / "out.mp4", tmp_path / "r.json"
+    second = None
     try:
-        p = start("live", sender.url, out, "--method", "blur", "--timeout", "5", "--report", rep)
-        wait_for_output(out, p)
+        p = start("live", first.url, out, "--method", "blur", "--timeout", "1", "--reconnect", "--report", rep)
+        size = wait_for_output(out, p)
+        first.stop()
+        time.sleep(1.5)
+        second = first.again()
+        second.start()
+        wait_for_output(out, p, min_bytes=size + 60_000)
         p.send_signal(sig)
         _, err = p.communicate(timeout=30)
     finally:
-        sender.stop()
+        for s in (first, second):
+            if s is not None:
+                s.stop()
     assert p.returncode == 128 + sig, err
-    assert f"interrupted by {signal.Signals(sig).name}; the output was finalized" in err
+    assert "reconnected" in err and f"interrupted by {signal.Signals(sig).name}; the output was finalized" in err
     r = json.loads(rep.read_text())
     assert r["status"] == "interrupted" and r["exit_code"] == 128 + sig and r["source_kind"] == "network"
+    assert r["reconnects"] == 1
     check_counts(r)
-    check_matched(sender, out, r)
+    check_matched(first, out, r)  # the second sender sends the same frames
     assert not list(tmp_path.glob(".*deid-tmp*"))
 
 
