@@ -46,6 +46,7 @@ class TrackOptions:
     keep_thresh: float = 0.3  # detector score that keeps an existing track going (new tracks need det_thresh)
     max_gap: int = 8  # frames a track may miss and still be filled by interpolation
     reach_back: int = 30  # frames a new track reaches back over detections below det_thresh (>= keep_thresh)
+    pad: int = 2  # frames a small or edge-cut face's track is extended by at each end (faces.track.PAD_BELOW)
     smooth: float = 1.0  # landmark smoothing strength (0 = off); One-Euro filter min cutoff scale
 
 

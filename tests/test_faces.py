@@ -194,7 +194,7 @@ def test_track_end_and_one_frame_detections():
     face, spurious = face_at(300, 300), face_at(800, 300, 40)
     frames = [dets_of([face])] * 10 + [Detections.empty()] * 12
     frames[15] = dets_of([spurious])  # a lone detection far from the ended track
-    tracker = Tracker(TrackOptions(max_gap=8))
+    tracker = Tracker(TrackOptions(max_gap=8, pad=0))
     out = run(tracker, frames)
     counts = [len(faces) for _, faces in out]
     # Nothing invented after the track's last detection; the one-frame face is output.
@@ -204,9 +204,42 @@ def test_track_end_and_one_frame_detections():
     assert tracker.n_interpolated == 0
 
 
-def test_random_stream_invariants():
+def test_small_and_edge_cut_tracks_are_padded_and_held():
+    """TrackOptions.pad: a small face (under PAD_BELOW px) or one cut by the frame's border is held
+    over pad frames before its first and after its last detection (marked held, counted in
+    n_predicted); a large face inside the frame is not; padding never reaches past the video."""
+    from deidcli.faces.track import PAD_BELOW
+
+    big, small, edge = face_at(600, 300, 120), face_at(300, 300, PAD_BELOW - 10), face_at(1240, 300, 120)
+    assert edge[0][2] > 1280 - 12  # the premise: cut by the right border
+    frames = [Detections.empty()] * 3 + [dets_of([big, small, edge])] * 4 + [Detections.empty()] * 12
+    frames[-1] = dets_of([big])  # a face on the last frame: no frame after it to pad
+    tracker = Tracker(TrackOptions(max_gap=8, pad=2))
+    tracker.frame_size = (1280, 720)
+    out = run(tracker, frames)
+    assert [i for i, _ in out] == list(range(len(frames)))
+    held = {i: sorted(f.track_id for f in faces if f.held) for i, faces in out}
+    seen = {i: sorted(f.track_id for f in faces if not f.held) for i, faces in out}
+    assert seen[3] == seen[6] == [0, 1, 2] and seen[7] == []
+    assert held[0] == held[7 + 2] == []  # pad frames, no more
+    for i in (1, 2, 7, 8):
+        assert held[i] == [1, 2], (i, held)  # the small and the edge-cut face; not the big one
+    assert all(f.interpolated and f.score == 0.0 for i in (1, 8) for f in out[i][1])
+    assert tracker.n_predicted == 8 and held[len(frames) - 1] == []
+    # the last box moves on at the track's speed: a face leaving through the border keeps going
+    moving = [dets_of([face_at(1200 + 20 * i, 300, 100)]) for i in range(4)] + [Detections.empty()] * 10
+    tracker = Tracker(TrackOptions(max_gap=2, pad=2, smooth=0.0))
+    tracker.frame_size = (1280, 720)
+    out = run(tracker, moving)
+    xs = [f.box[0] for i in (4, 5) for f in out[i][1] if f.held]
+    assert xs == [pytest.approx(moving[3].boxes[0, 0] + 20), pytest.approx(moving[3].boxes[0, 0] + 40)]
+
+
+@pytest.mark.parametrize("pad", [0, 2])
+def test_random_stream_invariants(pad):
     # Faces come and go, with misses; every frame comes back once, in order, with the
-    # lag bound; tracks start and end on detected frames; ids are 0..n_tracks-1.
+    # lag bound; tracks start and end on detected frames (held faces only before and after
+    # those, pad at most); ids are 0..n_tracks-1.
     rng = np.random.default_rng(0)
     max_gap = 5
     frames = []
@@ -218,16 +251,21 @@ def test_random_stream_invariants():
         if rng.random() < 0.05:
             faces.append(face_at(rng.uniform(0, 1000), 50, 30))  # one-frame false positive
         frames.append(dets_of(faces, rng.uniform(0.5, 1.0, len(faces))))
-    tracker = Tracker(TrackOptions(max_gap=max_gap), fps=25)
+    tracker = Tracker(TrackOptions(max_gap=max_gap, pad=pad), fps=25)
+    tracker.frame_size = (1280, 720)
     out = run(tracker, frames)
     tracks = by_track(out)
     assert sorted(tracks) == list(range(tracker.n_tracks))
     for track in tracks.values():
-        assert not track[0][1].interpolated and not track[-1][1].interpolated
         assert [i for i, _ in track] == list(range(track[0][0], track[-1][0] + 1))
+        kept = [f for _, f in track if not f.held]
+        assert len(track) - len(kept) <= 2 * pad
+        assert not kept[0].interpolated and not kept[-1].interpolated
+        assert all(not f.held for _, f in track[pad:len(track) - pad])
     n_det = sum(len(d) for d in frames)
     n_out = sum(len(faces) for _, faces in out)
-    assert n_out == n_det + tracker.n_interpolated and tracker.n_interpolated > 0
+    assert n_out == n_det + tracker.n_interpolated + tracker.n_predicted and tracker.n_interpolated > 0
+    assert (tracker.n_predicted > 0) == (pad > 0)
 
 
 def test_smoothing_cuts_jitter_of_a_still_face():

@@ -80,6 +80,12 @@ SMOOTH_MIN_CUTOFF_HZ = 1.0  # cutoff of a still face; divided by `smooth`
 SMOOTH_BETA = 8.0  # Hz of cutoff added per face size per second of motion
 SMOOTH_D_CUTOFF_HZ = 1.0  # cutoff of the speed estimate
 DEFAULT_FPS = 30.0  # frame rate assumed when the caller gives none
+#: Tracker padding (TrackOptions.pad): faces under PAD_BELOW px high, or within PAD_EDGE of their
+#: size from the frame's border, at a track's first or last detection. The stress set's crowd_lfw
+#: had faces of 18-60 px exposed on the frames just before and after their tracks, at the frame's
+#: edges and at crossings: the detector loses such faces a frame or two before they are gone.
+PAD_BELOW = 64
+PAD_EDGE = 0.1
 
 # Association gates besides IoU (TrackOptions.iou_thresh): a detection whose centre is
 # within CENTRE_GATE face sizes of a track's predicted centre, and whose size is within
@@ -100,7 +106,9 @@ class Face:
     track_id: the face's track, stable within a video, numbered from 0 in order of
     appearance. box: (4,) float32 x0, y0, x1, y1 pixels, smoothed. kps: (5, 2) float32
     pixels, smoothed. score: detector score (0.0 where interpolated). interpolated: the
-    detector missed this face in this frame and the tracker filled it in.
+    detector missed this face in this frame and the tracker filled it in. held: of those, a face
+    held past its track's first or last detection (``TrackOptions.pad``, or frames the detector
+    did not look at): where the face may be, not where it was seen.
     """
 
     track_id: int
@@ -108,6 +116,7 @@ class Face:
     kps: np.ndarray
     score: float
     interpolated: bool
+    held: bool = False
 
 
 @dataclass
@@ -119,6 +128,7 @@ class _Obs:
     kps: np.ndarray  # (5, 2) float64
     score: float
     interpolated: bool
+    held: bool = False
 
 
 @dataclass
@@ -175,7 +185,14 @@ class Tracker:
     detections start new tracks; a track unseen for more than max_gap frames ends, and
     nothing is invented after its last detection.
 
-    Memory: the buffer holds at most max(max_gap, reach_back) + 1 frames of detections.
+    Padding (``options.pad``): a face that is small (under PAD_BELOW px high) or cut by the frame's
+    border (``frame_size``, within PAD_EDGE of its size) at its track's first or last detection is
+    held over ``pad`` frames more before and after (its first box; its last box moved on at the
+    track's speed): the detector loses such faces a frame or two before they are gone. Held faces
+    are marked ``held`` (the pipeline gives them the fallback) and counted in n_predicted. The
+    output then lags the input by ``pad`` frames more.
+
+    Memory: the buffer holds at most max(max_gap, reach_back) + pad + 1 frames of detections.
     """
 
     def __init__(self, options: TrackOptions, fps: Optional[float] = None, start_thresh: float = 0.0):
@@ -190,6 +207,8 @@ class Tracker:
             raise ValueError(f"smooth must be >= 0, not {options.smooth}")
         if options.reach_back < 0:
             raise ValueError(f"reach_back must be >= 0, not {options.reach_back}")
+        if options.pad < 0:
+            raise ValueError(f"pad must be >= 0, not {options.pad}")
         if fps is not None and not fps > 0:
             raise ValueError(f"fps must be > 0, not {fps}")
         self.options = options
@@ -213,6 +232,7 @@ class Tracker:
         self.n_reached_back = 0  # of those, faces covered by a track that reached back to them
         self.n_predicted = 0  # faces held over undetected frames at a track's start or end
         self._undetected: set[int] = set()  # buffered frames the detector did not look at
+        self.frame_size: Optional[tuple[int, int]] = None  # (width, height), for padding at the border
 
     # -- public ------------------------------------------------------------------------
 
@@ -285,7 +305,8 @@ class Tracker:
                     self._tentative.remove(tent)
         # Frames up to the oldest live track's last detection, and before the oldest tentative
         # detection, can no longer change.
-        horizon = min([index] + [t.last for t in self._live] + [t.obs[0][0] - 1 for t in self._tentative])
+        horizon = min([index - self.options.pad] + [t.last for t in self._live]
+                      + [t.obs[0][0] - 1 for t in self._tentative])
         return self._finalize(horizon)
 
     def _promote(self, tent: _Tentative) -> None:
@@ -296,9 +317,15 @@ class Tracker:
         self._live.append(track)
         f = first - 1
         while f in self._undetected:  # extend back over the frames nobody looked at
-            self._frames[f].append(_Obs(track.track_id, track.box.copy(), track.kps.copy(), 0.0, True))
+            self._frames[f].append(_Obs(track.track_id, track.box.copy(), track.kps.copy(), 0.0, True, True))
             self.n_predicted += 1
             f -= 1
+        if self._padded(track.box):
+            for f in range(f, f - self.options.pad, -1):
+                if f < self._next_final or f not in self._frames:
+                    break
+                self._frames[f].append(_Obs(track.track_id, track.box.copy(), track.kps.copy(), 0.0, True, True))
+                self.n_predicted += 1
         self._add(first, track, score, interpolated=False)
         for f, box, kps, score in tent.obs[1:]:
             self._continue(track, f, box, kps, score)
@@ -318,10 +345,32 @@ class Tracker:
         self._live.remove(track)
         f = track.last + 1
         while f in self._undetected:  # extend forward over the frames nobody looked at
-            self._frames[f].append(_Obs(track.track_id, track.box.copy(), track.kps.copy(), 0.0, True))
+            self._frames[f].append(_Obs(track.track_id, track.box.copy(), track.kps.copy(), 0.0, True, True))
             self.n_predicted += 1
             f += 1
+        if self._padded(track.box):
+            for _ in range(self.options.pad):
+                if f not in self._frames:
+                    break
+                box = track.predict(f)
+                kps = track.kps + (box[:2] + box[2:] - track.box[:2] - track.box[2:]) / 2
+                self._frames[f].append(_Obs(track.track_id, box, kps, 0.0, True, True))
+                self.n_predicted += 1
+                f += 1
         self._ended[track.track_id] = max(f - 1, track.last)
+
+    def _padded(self, box: np.ndarray) -> bool:
+        """Whether a track whose first or last box is ``box`` is padded (``options.pad``)."""
+        if self.options.pad <= 0:
+            return False
+        w, h = box[2] - box[0], box[3] - box[1]
+        if h < PAD_BELOW:
+            return True
+        if self.frame_size is None:
+            return False
+        W, H = self.frame_size
+        m = PAD_EDGE * max(w, h)
+        return bool(box[0] <= m or box[1] <= m or box[2] >= W - m or box[3] >= H - m)
 
     @property
     def stats(self) -> dict:
@@ -418,6 +467,7 @@ class Tracker:
                         kps.astype(np.float32),
                         float(o.score),
                         o.interpolated,
+                        o.held,
                     )
                 )
             for tid in [t for t, last in self._ended.items() if last <= f]:

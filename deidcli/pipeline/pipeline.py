@@ -126,6 +126,9 @@ class Pipeline:
         with stages("align"):
             for i, (img, faces) in enumerate(items):
                 for f in faces:
+                    if f.held:  # where the face may be, past its track: not drawn there
+                        held.append((i, f, "held"))
+                        continue
                     M = estimate_transform(f.kps, S, margin)
                     crop = warp_crop(img, M, S)
                     light, sharp = measure(crop, sharpness=router.soft_fraction > 0)
@@ -386,6 +389,8 @@ class Pipeline:
                 yield vf, faces
 
         for vf in frames:
+            if tracker.frame_size is None:
+                tracker.frame_size = (vf.image.shape[1], vf.image.shape[0])
             dets = None
             if vf.index % every == 0:
                 with stages("detect"):

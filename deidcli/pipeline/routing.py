@@ -25,6 +25,9 @@ check
     the identity check still found the person after the most passes this face may have
     (``max_passes``; ``small_max_passes`` for faces under :data:`LARGE_FACE` px: repeated passes
     are what draw masks on small faces). The track then stays on the fallback for ``hold`` faces.
+held
+    (not decided here) a face the tracker holds past its track's first or last detection
+    (faces.Face.held, TrackOptions.pad): where the face may still be, not where it was seen.
 
 Array contract: crops are (S, S, 3) uint8 RGB generator crops (align.warp_crop); landmarks (5, 2)
 float pixels in SCRFD order (left eye, right eye, nose, left and right mouth corner).
@@ -45,7 +48,7 @@ SIZE_BINS = (48, 96, 192)
 #: Hysteresis: a track leaves the path it is on only when a measurement is this far (as a factor)
 #: beyond the threshold; a new track takes the plain threshold.
 HYSTERESIS = 0.1
-PATHS = ("generated", "small", "turned", "soft", "dark", "check")
+PATHS = ("generated", "small", "turned", "soft", "dark", "check", "held")
 #: expected_sharpness: a sharp face of height h px has sharpness about SHARP_AT_45 + SHARP_SLOPE *
 #: (h - 45) in its 128 px crop, at most SHARP_MAX (fitted by eye to the upper half of the stress
 #: set's clean 3x3 and 4x4 mosaic faces, 32-175 px: small faces are upscaled into the crop and so

@@ -302,7 +302,7 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
         judge_net = load_judge(judge)
     models = _Models(models_dir, det_thresh, audit_thresh, det_size, min_face)
     fps = float(info_in.average_rate) if info_in.average_rate else None
-    tracker = Tracker(TrackOptions(), fps=fps)
+    tracker = Tracker(TrackOptions(pad=0), fps=fps)  # the faces seen, none held past a track
     n_expected = info_in.frames or (round(info_in.duration * fps) if info_in.duration and fps else 0)
     strip_at = set(np.linspace(0, max(n_expected - 1, 0), STRIP_FRAMES).round().astype(int).tolist()) \
         if strip_png else set()
