@@ -14,10 +14,12 @@ Fail closed, bounded latency (``LiveOptions.max_latency``, the budget):
   generator to the output exceeds the budget) gets the fallback (``--fallback``, blur) on its
   tracked faces instead: it is *covered*, and counted.
 * A frame that still arrives at the output past the budget is dropped there (*late*).
-* The tracker's lookahead (``--max-gap``, ``reach_back``: frames held back to fill detector misses)
-  is cut to a third of the budget at the source's frame rate. To keep the coverage that costs, a
-  track that ends keeps its last box (grown by :data:`HOLD_GROW`) covered with the fallback for
-  the ``--max-gap`` frames a file run would have filled (*held over*).
+* The tracker's lookahead (``--max-gap``, ``reach_back``, ``pad``: frames held back to fill
+  detector misses, reach back over weak detections, pad small faces) is cut to a third of the
+  budget at the source's frame rate (:func:`live_track_options`). To keep the coverage that costs,
+  a track that ends keeps its last box (grown by :data:`HOLD_GROW`) covered with the fallback for
+  the ``--max-gap`` frames a file run would have filled (*held over*), and a weak detection
+  (``--keep-thresh`` to ``--det-thresh``) that no track holds is covered at once (*weak*).
 
 Stopping: the first SIGINT/SIGTERM stops reading; the frames in flight finish, the output is
 finalized (a file renamed into place, a stream closed cleanly), the report written, and
@@ -76,10 +78,14 @@ PROGRESS_EVERY = 10.0
 
 
 def live_track_options(track: TrackOptions, fps: float, budget: float, detect_every: int = 1) -> TrackOptions:
-    """The tracker of a live session: its lookahead cut to :data:`TRACK_SHARE` of the budget at
-    ``fps`` (at least 1 frame, and enough for ``--detect-every``)."""
-    gap = max(1, detect_every - 1, min(track.max_gap, int(budget * fps * TRACK_SHARE)))
-    return replace(track, max_gap=gap, reach_back=min(track.reach_back, gap))
+    """The tracker of a live session: the frames it may hold back (``max_gap`` when a face is
+    missed, ``reach_back`` for weak detections, ``pad`` always) cut to :data:`TRACK_SHARE` of the
+    budget at ``fps``: ``pad`` gets what is left after 2 frames of gap, the gap at least 1 frame
+    (and enough for ``--detect-every``)."""
+    frames = int(budget * fps * TRACK_SHARE)
+    pad = min(track.pad, max(frames - 2, 0))
+    gap = max(1, detect_every - 1, min(track.max_gap, frames - pad))
+    return replace(track, max_gap=gap, reach_back=min(track.reach_back, gap), pad=pad)
 
 
 class _State:
@@ -163,8 +169,8 @@ class FrameGate:
 
 class _LiveRouter:
     """routing.Router plus the live paths: "late" (while :attr:`late` is set: the frame would
-    leave past the budget if its faces were generated), "held" (a held-over box) and "weak" (a
-    weak detection no track holds)."""
+    leave past the budget if its faces were generated) and "weak" (a weak detection no track
+    holds). Held-over boxes are Face.held: the pipeline gives them the fallback ("held") itself."""
 
     def __init__(self, inner):
         self._inner = inner
@@ -262,7 +268,8 @@ class LivePipeline(Pipeline):
                     recent[tid] = (face, left - 1)
                     extra.append(face)
                 for f in faces:
-                    recent[f.track_id] = (Face(("held", f.track_id), _grow(f.box), f.kps, 0.0, True), self.hold_over)
+                    recent[f.track_id] = (Face(("held", f.track_id), _grow(f.box), f.kps, 0.0, True, held=True),
+                                          self.hold_over)
                 dets = seen.last.pop(id(vf.image), None)
                 if dets is not None:
                     weak = [k for k in range(len(dets)) if dets.scores[k] < self.options.detect.det_thresh
@@ -631,7 +638,7 @@ class _Session:
             "reconnects": src.reconnects if src else 0,
             "decode_errors": src.decode_errors if src else 0,
             "pts_fixed": src.pts_fixed if src else 0,
-            "tracker": {"max_gap": self.track.max_gap, "reach_back": self.track.reach_back,
+            "tracker": {"max_gap": self.track.max_gap, "reach_back": self.track.reach_back, "pad": self.track.pad,
                         "hold_over": self.options.track.max_gap} if self.track else None,
             "audio": {"mode": sink.audio_mode, "packets": sink.audio_packets, "dropped": sink.audio_dropped}
             if sink else None,
