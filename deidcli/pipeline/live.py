@@ -13,7 +13,8 @@ Fail closed, bounded latency (``LiveOptions.max_latency``, the budget):
 * A frame whose faces could not be generated in time (its age plus the recent time from the
   generator to the output exceeds the budget) gets the fallback (``--fallback``, blur) on its
   tracked faces instead: it is *covered*, and counted.
-* A frame that still arrives at the output past the budget is dropped there (*late*).
+* A frame that would still leave past the budget (its age plus the recent time to encode and
+  write one) is dropped at the output (*late*).
 * The tracker's lookahead (``--max-gap``, ``reach_back``, ``pad``: frames held back to fill
   detector misses, reach back over weak detections, pad small faces) is cut to a third of the
   budget at the source's frame rate (:func:`live_track_options`). To keep the coverage that costs,
@@ -95,6 +96,7 @@ class _State:
         self.budget = budget
         self.to_output = 0.0  # recent seconds from the detector taking a frame to its output
         self.gen_to_output = 0.0  # recent seconds from the generator starting a frame to its output
+        self.write = 0.0  # recent seconds to encode and write a frame
         self.frames: dict[int, object] = {}  # id(frame image) -> LiveFrame, while in the pipeline
 
 
@@ -562,11 +564,12 @@ class _Session:
             for vf, image, rects in results:
                 st.frames.pop(id(vf.image), None)
                 t = time.monotonic()
-                late = t - vf.arrival > st.budget
+                late = t - vf.arrival + st.write > st.budget  # it would leave past the budget
                 if not late:
                     with self.stages("encode"):
                         sink.write(vf, image, rects)
-                    t = time.monotonic()
+                    t, t0 = time.monotonic(), t
+                    st.write += EMA * ((t - t0) - st.write)
                 # what the gate and the generator's cover decision go by (late frames too)
                 st.to_output += EMA * ((t - vf.pulled) - st.to_output)
                 if vf.generating and not vf.covered and vf.faces:
