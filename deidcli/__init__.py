@@ -4,11 +4,14 @@ Public API (heavy imports are deferred to the call):
 
     from deidcli import anonymize, AnonymizeOptions
     report = anonymize("in.mp4", "out.mp4", AnonymizeOptions(method="blur"))
+
+    from deidcli import live, LiveOptions       # a camera or a stream as it happens (docs/live.md)
+    report = live("rtsp://cam/stream", "out.mkv", live_options=LiveOptions(max_latency=0.3))
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "anonymize", "AnonymizeOptions", "load_generator"]
+__all__ = ["__version__", "anonymize", "AnonymizeOptions", "live", "LiveOptions", "load_generator"]
 
 
 def __getattr__(name):  # PEP 562: keep `import deidcli` light
@@ -20,6 +23,14 @@ def __getattr__(name):  # PEP 562: keep `import deidcli` light
         from .options import AnonymizeOptions
 
         return AnonymizeOptions
+    if name == "live":
+        from .pipeline.live import live
+
+        return live
+    if name == "LiveOptions":
+        from .options import LiveOptions
+
+        return LiveOptions
     if name == "load_generator":
         from .generator.model import load_generator
 
