@@ -46,8 +46,6 @@ NETWORK_SINKS = {"udp": "mpegts", "srt": "mpegts", "tcp": "mpegts", "rtp": "rtp_
 #: File outputs (container by extension). MP4/MOV are readable only once finalized: for long
 #: recordings that may be killed (SIGKILL, power), .mkv or .ts stay readable up to the cut.
 FILE_SINKS = frozenset({".mp4", ".mov", ".m4v", ".mkv", ".ts", ".flv"})
-#: Containers the live output may be forced to (--format).
-LIVE_FORMATS = ("mpegts", "matroska", "flv")
 #: Audio codecs each streaming container takes as they are (others are re-encoded to AAC).
 _STREAM_AUDIO = {"mpegts": {"aac", "mp3", "mp2", "ac3", "eac3", "opus"}, "rtp_mpegts": {"aac", "mp3", "mp2", "ac3"},
                  "flv": {"aac", "mp3"}, "rtsp": {"aac", "opus", "mp3", "ac3"}}
@@ -119,17 +117,18 @@ def parse_source(spec: str, input_format: Optional[str] = None) -> Endpoint:
 
 
 def parse_sink(spec: str, fmt: Optional[str] = None, overwrite: bool = False) -> Endpoint:
-    """DST of deid live: ``-`` (stdout, MPEG-TS unless ``fmt``), a v4l2loopback ``/dev/videoN``, a
-    network URL (udp, srt, tcp, rtp: MPEG-TS; rtmp: FLV; rtsp: an RTSP server) or a file
-    (:data:`FILE_SINKS`). Raises OutputError (one line); checks only, creates nothing."""
+    """DST of deid live: ``-`` (stdout: MPEG-TS, or ``fmt``: one of options.PIPE_FORMATS), a
+    v4l2loopback ``/dev/videoN``, a network URL (udp, srt, tcp, rtp: MPEG-TS; rtmp: FLV; rtsp: an
+    RTSP server) or a file (:data:`FILE_SINKS`). Raises OutputError (one line), ValueError for a
+    ``fmt`` that does not apply; checks only, creates nothing."""
+    from ..options import PIPE_FORMATS
+
     spec = str(spec)
-    if fmt is not None and fmt not in LIVE_FORMATS:
-        raise ValueError(f"format must be one of {LIVE_FORMATS}, not {fmt!r}")
+    if fmt is not None and (spec != "-" or fmt not in PIPE_FORMATS):
+        raise ValueError(f"--format applies to DST - (stdout) only, and is one of {', '.join(PIPE_FORMATS)}")
     if spec == "-":
         return Endpoint(spec, "stdout", "-", fmt or "mpegts")
     if spec.startswith("/dev/video"):
-        if fmt:
-            raise ValueError("--format does not apply to a v4l2 device (it takes raw video)")
         if not os.path.exists(spec):
             raise OutputError(f"{spec}: no such device (create one with `sudo modprobe v4l2loopback`; "
                               f"see docs/live.md)")
@@ -139,7 +138,7 @@ def parse_sink(spec: str, fmt: Optional[str] = None, overwrite: bool = False) ->
         if scheme not in NETWORK_SINKS:
             raise OutputError(f"{redact(spec)}: deid live cannot publish to {scheme}:// "
                               f"({', '.join(sorted(NETWORK_SINKS))}, a file, a v4l2 device or -)")
-        return Endpoint(spec, "network", spec, fmt or NETWORK_SINKS[scheme])
+        return Endpoint(spec, "network", spec, NETWORK_SINKS[scheme])
     p = Path(spec)
     if p.is_dir():
         raise OutputError(f"{spec}: is a folder; give the output file's name")
@@ -150,7 +149,7 @@ def parse_sink(spec: str, fmt: Optional[str] = None, overwrite: bool = False) ->
         raise OutputError(f"{spec}: folder {p.parent} does not exist")
     if p.exists() and not overwrite:
         raise OutputError(f"{spec}: exists (use --overwrite to replace it)")
-    return Endpoint(spec, "file", spec, fmt)
+    return Endpoint(spec, "file", spec)
 
 
 @dataclass(eq=False)

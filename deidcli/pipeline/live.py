@@ -380,8 +380,6 @@ def live(src, dst, options: Optional[AnonymizeOptions] = None, live_options: Opt
     if options.dry_run or options.shard is not None:
         raise ValueError("--dry-run and --shard do not apply to deid live")
     sep = parse_source(src, lo.input_format)
-    if options.encode.format and str(dst) != "-":
-        raise ValueError("--format applies to DST - (stdout) only; a file's container follows its extension")
     dep = parse_sink(dst, options.encode.format, options.overwrite)
     if sep.kind == "file" and not lo.realtime:
         raise ValueError(f"{src}: a file is not a live source; `deid anonymize {src} OUT` processes every frame, "
