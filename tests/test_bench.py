@@ -206,3 +206,25 @@ def test_realness_probe_tells_smeared_eyes_and_not_copies(tmp_path):
     same = rp.saved_discriminators(state, crops[:n], crops[:n].copy())
     assert set(same) == {"D", "D_eye"} and all(v["auc"] == 0.5 for v in same.values()), same
     assert rp.saved_discriminators(state, crops[:n], out)["D"]["auc"] > 0.8
+
+
+def test_live_config_plays_the_clip_in_real_time(shared, tmp_path):
+    """deid bench --config live: deid live on the clip with --realtime (its own encoder settings),
+    the frames in, out and dropped and the latency in a table of their own."""
+    import cv2
+
+    face = cv2.resize(decode_rgb(VIDEOS / "lp_d12.mp4", 1)[0], (160, 160), interpolation=cv2.INTER_AREA)
+    clip = tmp_path / "clip.mp4"
+    _synthetic_clip(clip, 50, face)  # 2 s at 25 frames/s
+    p = subprocess.run([sys.executable, "-m", "deidcli.research.bench", "live", str(clip),
+                        json.dumps({"method": "blur", "detect": {"det_size": 160}})],
+                       capture_output=True, text=True, timeout=600,
+                       env={**__import__("os").environ, "DEID_MODELS_DIR": str(MODELS)})
+    assert p.returncode == 0, p.stderr
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["frames_in"] == 50 and 0 < r["frames"] <= 50 and r["faces"] >= r["frames"]
+    assert r["dropped_percent"] == pytest.approx(100 * (50 - r["frames"]) / 50, abs=0.01)
+    assert r["wall_s"] >= 1.9  # played at its frame rate, not as fast as it decodes
+    assert r["latency_ms"]["p95"] <= 300  # the default --max-latency
+    md = to_markdown({"runs": [r]})
+    assert "| live | frames in |" in md and f"| clip.mp4 | 50 | {r['frames']} |" in md

@@ -436,8 +436,8 @@ class LiveSource:
                 gap = max(time.monotonic() - self._last_arrival, 0.0)
                 self._offset = last + max(step, int(round(gap / T))) - scaled
         new = last + step if scaled is None and last is not None else (scaled or 0) + self._offset
-        if last is not None and new <= last:
-            new = last + 1
+        if last is not None and new <= last:  # one frame interval on: --realtime paces by it
+            new = last + step
             self.pts_fixed += 1
         if self._first_pts is None:
             self._first_pts = new

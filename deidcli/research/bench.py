@@ -5,7 +5,10 @@ timings are its own. Configurations:
 - ``reencode``: decode + encode with the same encoder settings, no face touched (the floor);
 - ``blur``: detection, tracking and blurring (the cost of finding the faces);
 - ``generate``: the full de-identification pipeline;
-- the generator alone on random crops at ``--batch-size`` (faces/s).
+- the generator alone on random crops at ``--batch-size`` (faces/s);
+- ``live`` (not in the default set): ``deid live CLIP --realtime`` into a file, the clip played at
+  its own frame rate, with deid live's encoder settings: frames dropped, latency p50/p95/max
+  (a real-time run: its frames/s is at most the clip's).
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ def run_one(config: str, clip: str, opts: dict) -> dict:
                        device="cpu", dtype=None, load_s=0.0)
         elif config == "generator":
             out.update(_generator_only(opts))
+        elif config == "live":
+            out.update(_live(clip, dst, opts, detect, track))
         else:
             from ..pipeline.anonymize import anonymize
 
@@ -86,6 +91,20 @@ def run_one(config: str, clip: str, opts: dict) -> dict:
     except ImportError:
         pass
     return out
+
+
+def _live(clip: str, dst: Path, opts: dict, detect, track) -> dict:
+    """deid live on ``clip`` played at its frame rate (--realtime) into ``dst``, with deid live's
+    own encoder settings (pipeline/live.py LIVE_ENCODE)."""
+    from ..options import AnonymizeOptions, LiveOptions
+    from ..pipeline.live import LIVE_ENCODE, live
+
+    o = AnonymizeOptions(detect=detect, track=track, encode=LIVE_ENCODE, overwrite=True, **opts)
+    rep = live(clip, dst, o, LiveOptions(realtime=True))
+    return {"frames": rep["frames_out"], "frames_in": rep["frames_in"], "faces": rep["faces"],
+            "dropped_percent": rep["dropped_percent"], "frames_covered": rep["frames_covered"],
+            "latency_ms": rep["latency_ms"], "wall_s": rep["seconds"], "device": rep.get("device"),
+            "dtype": rep.get("dtype"), "stages": {}}
 
 
 def _generator_only(opts: dict, n_batches: int = 10) -> dict:
@@ -139,6 +158,7 @@ def to_markdown(result: dict) -> str:
     stages = [s for s in STAGE_ORDER if any(s in r.get("stages", {}) for r in result["runs"])]
     head = ["config", "frames", "wall s", "frames/s", "faces/s", "x re-encode"] + [f"{s} s" for s in stages] + \
         ["peak RSS MB", "device"]
+    lives = [r for r in result["runs"] if r.get("config") == "live" and "error" not in r]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["runs"]:
         if "error" in r:
@@ -160,6 +180,12 @@ def to_markdown(result: dict) -> str:
             device += f", check {r['check_precision']}"
         row += [r.get("peak_rss_mb", "-"), device]
         lines.append("| " + " | ".join(str(x) for x in row) + " |")
+    if lives:
+        lines += ["", "| live | frames in | out | dropped | covered | latency p50 / p95 / max ms |", "|---|---|---|---|---|---|"]
+        for r in lives:
+            lat = r["latency_ms"]
+            lines.append(f"| {r['clip']} | {r['frames_in']} | {r['frames']} | {r['dropped_percent']}% | "
+                         f"{r['frames_covered']} | {lat['p50']} / {lat['p95']} / {lat['max']} |")
     return "\n".join(lines)
 
 
@@ -167,8 +193,9 @@ def to_markdown(result: dict) -> str:
 
 @click.command("bench")
 @click.argument("clip", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--config", "configs", multiple=True, type=click.Choice(["reencode", "blur", "generate", "generator"]),
-              help="What to run (repeatable; default: all four).")
+@click.option("--config", "configs", multiple=True,
+              type=click.Choice(["reencode", "blur", "generate", "generator", "live"]),
+              help="What to run (repeatable; default: all but live).")
 @_generator_options
 @click.option("--codec", default="libx264", help="Video encoder, for every configuration.")
 @click.option("--preset", default="veryfast", help="Encoder speed preset.")
