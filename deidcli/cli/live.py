@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import signal
 import sys
-from pathlib import Path
 
 import click
 
 from ..errors import EXIT_OK, DeidError
-from ..options import DETECTOR_PRECISIONS, METHODS, PIPE_FORMATS
-from .main import _finish, _generator_options, _setup_logging, _signals_to_interrupt, log
+from ..options import METHODS, PIPE_FORMATS
+from .main import (_detector_options, _finish, _generator_options, _run_options, _setup_logging,
+                   _signals_to_interrupt, log)
 
 
 def _input_option(ctx, param, values):
@@ -45,15 +45,7 @@ def _input_option(ctx, param, values):
               help="FFmpeg option for the source (repeatable): video_size=1280x720, framerate=30 ...")
 @click.option("--method", type=click.Choice(METHODS), default="generate", help="Learned faces, or classic obscuring.")
 @_generator_options
-@click.option("--margin", type=click.FloatRange(min=0), default=0.25, help="Margin around the face box (fraction).")
-@click.option("--det-thresh", type=click.FloatRange(0, 1), default=0.5, help="Detector score that starts a track.")
-@click.option("--det-size", type=click.IntRange(min=32), default=640, help="Detector input size (multiple of 32).")
-@click.option("--keep-thresh", type=click.FloatRange(0, 1), default=0.3, help="Lower score that keeps a track going.")
-@click.option("--min-face", type=click.IntRange(min=0), default=0, help="Ignore smaller faces (px).")
-@click.option("--detector", default="det_scrfd_2.5g_kps.onnx", help="Detector model file (see `deid models`).")
-@click.option("--detector-precision", type=click.Choice(DETECTOR_PRECISIONS), default="auto",
-              help="Detector arithmetic (auto: CPU int8).")
-@click.option("--detect-every", type=click.IntRange(min=1), default=1, help="Detect on every Nth frame only.")
+@_detector_options
 @click.option("--max-gap", type=click.IntRange(min=0), default=8,
               help="Frames an ended track stays covered (lookahead: a third of --max-latency).")
 @click.option("--smooth", type=click.FloatRange(min=0), default=1.0, help="Landmark smoothing (0: off).")
@@ -65,13 +57,7 @@ def _input_option(ctx, param, values):
 @click.option("--format", "out_format", type=click.Choice(PIPE_FORMATS), default=None,
               help="Container when DST is - (mpegts).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
-@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder searched first for model files.")
-@click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout at the end.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write the JSON report to FILE.")
-@click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
-@click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv: debug).")
+@_run_options
 def live_command(src, dst, realtime, max_latency, source_timeout, reconnect, reconnect_for, duration, input_format,
                  input_options, method, weights, device, fp16, batch_size, passes, identity_check, check_thresh,
                  check_precision, max_passes, small_max_passes, fallback, min_generate, max_yaw, min_light,

@@ -126,49 +126,86 @@ def cli():
     """
 
 
-def _generator_options(f):
-    """--weights/--device/--fp16/--batch-size, shared by `anonymize` and `bench`."""
-    for opt in reversed((
-        click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                     help="Generator checkpoint (default: shipped)."),
-        click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N."),
-        click.option("--fp16", is_flag=True, help="Half-precision generator on CUDA."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Faces per generator batch."),
-        click.option("--passes", type=click.IntRange(1, 8), default=1,
-                     help="Generator passes per face."),
-        click.option("--identity-check/--no-identity-check", default=True,
-                     help="Redo or blur faces still like the person."),
-        click.option("--check-thresh", type=click.FloatRange(-1, 1), default=0.25,
-                     help="Cosine at which the identity check acts."),
-        click.option("--check-precision", type=click.Choice(CHECK_PRECISIONS), default="auto",
-                     help="Identity check arithmetic (auto: CPU int8)."),
-        click.option("--max-passes", type=click.IntRange(1, 8), default=4,
-                     help="Most passes before the fallback (96 px up)."),
-        click.option("--small-max-passes", type=click.IntRange(1, 8), default=2, show_default=True,
-                     help="Most passes for faces under 96 px."),
-        click.option("--fallback", type=click.Choice(FALLBACKS), default="blur", show_default=True,
-                     help="What faces not generated get."),
-        click.option("--min-generate", type=click.IntRange(min=0), default=40, show_default=True,
-                     help="Smaller faces (px high) get the fallback."),
-        click.option("--max-yaw", type=click.FloatRange(min=0), default=0.6, show_default=True,
-                     help="Faces turned further get the fallback."),
-        click.option("--min-light", type=click.FloatRange(min=0), default=20.0, show_default=True,
-                     help="Darker faces (CIELAB L*) get the fallback."),
-        click.option("--soft-fraction", type=click.FloatRange(min=0), default=0.0, show_default=True,
-                     help="Softer faces get the fallback (0: off)."),
-        click.option("--colour-match/--no-colour-match", default=True,
-                     help="Give generated faces the input's colours."),
-        click.option("--first-pass-mouth/--every-pass-mouth", default=True,
-                     help="Later passes keep the first pass's mouth."),
-        click.option("--eye-pass/--no-eye-pass", default=False,
-                     help="One more generator run on eyes and brows."),
-        click.option("--keep-detail/--no-keep-detail", default=True,
-                     help="Keep the frame's fine detail in big faces."),
-        click.option("--pass-hold", type=click.IntRange(min=0), default=PASS_HOLD, show_default=True,
-                     help="Faces a track keeps raised passes (0: all)."),
-    )):
-        f = opt(f)
-    return f
+def _stacked(*options):
+    """One decorator applying Click ``options`` in the order given (as stacked above a command)."""
+    def decorate(f):
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+    return decorate
+
+
+#: --margin and the detector's options, shared by `anonymize` and `live`.
+_detector_options = _stacked(
+    click.option("--margin", type=click.FloatRange(min=0), default=0.25,
+                 help="Margin around the face box (fraction)."),
+    click.option("--det-thresh", type=click.FloatRange(0, 1), default=0.5,
+                 help="Detector score that starts a track."),
+    click.option("--det-size", type=click.IntRange(min=32), default=640,
+                 help="Detector input size (multiple of 32)."),
+    click.option("--keep-thresh", type=click.FloatRange(0, 1), default=0.3,
+                 help="Lower score that keeps a track going."),
+    click.option("--min-face", type=click.IntRange(min=0), default=0, help="Ignore smaller faces (px)."),
+    click.option("--detector", default="det_scrfd_2.5g_kps.onnx", help="Detector model file (see `deid models`)."),
+    click.option("--detector-precision", type=click.Choice(DETECTOR_PRECISIONS), default="auto",
+                 help="Detector arithmetic (auto: CPU int8)."),
+    click.option("--detect-every", type=click.IntRange(min=1), default=1,
+                 help="Detect on every Nth frame only (faster, less coverage)."),
+)
+
+
+#: --models-dir/--json/--report/-q/-v, shared by `anonymize` and `live`.
+_run_options = _stacked(
+    click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                 help="Folder searched first for model files."),
+    click.option("--json", "as_json", is_flag=True, help="Print the JSON report on stdout at the end."),
+    click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                 help="Also write the JSON report to FILE."),
+    click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr."),
+    click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv: debug)."),
+)
+
+
+#: The generator's options (--weights, --device, --passes, the check...): `anonymize`, `live`, `bench`.
+_generator_options = _stacked(
+    click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                 help="Generator checkpoint (default: shipped)."),
+    click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N."),
+    click.option("--fp16", is_flag=True, help="Half-precision generator on CUDA."),
+    click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Faces per generator batch."),
+    click.option("--passes", type=click.IntRange(1, 8), default=1,
+                 help="Generator passes per face."),
+    click.option("--identity-check/--no-identity-check", default=True,
+                 help="Redo or blur faces still like the person."),
+    click.option("--check-thresh", type=click.FloatRange(-1, 1), default=0.25,
+                 help="Cosine at which the identity check acts."),
+    click.option("--check-precision", type=click.Choice(CHECK_PRECISIONS), default="auto",
+                 help="Identity check arithmetic (auto: CPU int8)."),
+    click.option("--max-passes", type=click.IntRange(1, 8), default=4,
+                 help="Most passes before the fallback (96 px up)."),
+    click.option("--small-max-passes", type=click.IntRange(1, 8), default=2, show_default=True,
+                 help="Most passes for faces under 96 px."),
+    click.option("--fallback", type=click.Choice(FALLBACKS), default="blur", show_default=True,
+                 help="What faces not generated get."),
+    click.option("--min-generate", type=click.IntRange(min=0), default=40, show_default=True,
+                 help="Smaller faces (px high) get the fallback."),
+    click.option("--max-yaw", type=click.FloatRange(min=0), default=0.6, show_default=True,
+                 help="Faces turned further get the fallback."),
+    click.option("--min-light", type=click.FloatRange(min=0), default=20.0, show_default=True,
+                 help="Darker faces (CIELAB L*) get the fallback."),
+    click.option("--soft-fraction", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                 help="Softer faces get the fallback (0: off)."),
+    click.option("--colour-match/--no-colour-match", default=True,
+                 help="Give generated faces the input's colours."),
+    click.option("--first-pass-mouth/--every-pass-mouth", default=True,
+                 help="Later passes keep the first pass's mouth."),
+    click.option("--eye-pass/--no-eye-pass", default=False,
+                 help="One more generator run on eyes and brows."),
+    click.option("--keep-detail/--no-keep-detail", default=True,
+                 help="Keep the frame's fine detail in big faces."),
+    click.option("--pass-hold", type=click.IntRange(min=0), default=PASS_HOLD, show_default=True,
+                 help="Faces a track keeps raised passes (0: all)."),
+)
 
 
 @cli.command()
@@ -178,19 +215,7 @@ def _generator_options(f):
 @click.option("--method", type=click.Choice(METHODS), default="generate",
               help="Learned faces, or classic obscuring.")
 @_generator_options
-@click.option("--margin", type=click.FloatRange(min=0), default=0.25,
-              help="Margin around the face box (fraction).")
-@click.option("--det-thresh", type=click.FloatRange(0, 1), default=0.5, help="Detector score that starts a track.")
-@click.option("--det-size", type=click.IntRange(min=32), default=640, help="Detector input size (multiple of 32).")
-@click.option("--keep-thresh", type=click.FloatRange(0, 1), default=0.3,
-              help="Lower score that keeps a track going.")
-@click.option("--min-face", type=click.IntRange(min=0), default=0,
-              help="Ignore smaller faces (px).")
-@click.option("--detector", default="det_scrfd_2.5g_kps.onnx", help="Detector model file (see `deid models`).")
-@click.option("--detector-precision", type=click.Choice(DETECTOR_PRECISIONS), default="auto",
-              help="Detector arithmetic (auto: CPU int8).")
-@click.option("--detect-every", type=click.IntRange(min=1), default=1,
-              help="Detect on every Nth frame only (faster).")
+@_detector_options
 @click.option("--max-gap", type=click.IntRange(min=0), default=8,
               help="Frames a tracked face may be missed.")
 @click.option("--smooth", type=click.FloatRange(min=0), default=1.0, help="Landmark smoothing (0: off).")
@@ -207,13 +232,7 @@ def _generator_options(f):
               help="List what would be done; write nothing.")
 @click.option("--shard", metavar="I/N", callback=_shard_option, default=None,
               help="Only shard I of N (0-based) of the inputs.")
-@click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder searched first for model files.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON report on stdout.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Also write the JSON report to FILE.")
-@click.option("-q", "--quiet", is_flag=True, help="Only errors on stderr.")
-@click.option("-v", "--verbose", count=True, help="More logging on stderr (-vv: debug).")
+@_run_options
 def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, identity_check, check_thresh,
               check_precision, max_passes, small_max_passes, fallback, min_generate, max_yaw, min_light, soft_fraction,
               colour_match, first_pass_mouth, eye_pass, keep_detail, pass_hold,

@@ -201,6 +201,16 @@ _AAC_RATES = (
 _AAC_OBJECT_TYPES = {"Main": 1, "LC": 2, "SSR": 3, "LTP": 4}  # the profiles ADTS can signal
 
 
+def _retime_audio(af, rate: int) -> None:
+    """A decoded audio frame ``af`` (None: the flush) given pts in 1/``rate`` units, the time base
+    an audio encoder at sample rate ``rate`` takes, in place."""
+    if af is None:
+        return
+    if af.pts is not None and af.time_base:
+        af.pts = int(round(af.pts * af.time_base * rate))
+    af.time_base = Fraction(1, rate)
+
+
 def _aac_config_for_stream(src_stream, ost) -> None:
     """AAC read from MPEG-TS (ADTS) has no AudioSpecificConfig; Matroska written to a pipe
     needs it in the header, before the first packet could supply it. Build it from the stream

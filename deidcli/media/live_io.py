@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import InputError, OutputError, SourceLost
 from ..options import EncodeOptions, LiveOptions
-from .encoders import _encoder_options, _video_encoder
+from .encoders import _encoder_options, _retime_audio, _video_encoder
 from .frames import VideoFrame, _clip_rects, _paint_rects, _rect_to_stored, _Reformatters, _to_rgb
 from .probe import _display_matrix, _ff_reason, _rotation, _video_stream
 
@@ -611,11 +611,7 @@ class LiveSink:
                 self._encode_audio(item, ost)
 
     def _encode_audio(self, af, ost) -> None:
-        rate = ost.codec_context.sample_rate
-        if af is not None:
-            if af.pts is not None and af.time_base:
-                af.pts = int(round(af.pts * af.time_base * rate))
-            af.time_base = Fraction(1, rate)
+        _retime_audio(af, ost.codec_context.sample_rate)
         for pkt in self._encode(ost, af):
             self._mux(pkt)
             self.audio_packets += 1

@@ -28,6 +28,7 @@ from .encoders import (
     _encodable_size,
     _encoder_options,
     _output_pix_fmt,
+    _retime_audio,
     _video_encoder,
 )
 from .frames import VideoFrame, _clip_rects, _paint_rects, _plane_layouts, _rect_to_stored, _Reformatters
@@ -115,10 +116,7 @@ class _Transcoder(_Decoding):
                 self._encode_audio(af, ost)
 
     def _encode_audio(self, af, ost) -> None:
-        rate = ost.codec_context.sample_rate
-        if af.pts is not None and af.time_base:
-            af.pts = int(round(af.pts * af.time_base * rate))
-        af.time_base = Fraction(1, rate)
+        _retime_audio(af, ost.codec_context.sample_rate)
         for pkt in self._encode(ost, af):
             self._mux(pkt)
             self.audio_packets += 1
