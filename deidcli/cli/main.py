@@ -112,6 +112,8 @@ RESEARCH_COMMANDS = {
 #: Product commands loaded on first use too (they import main.py's shared options).
 LAZY_COMMANDS = {
     "live": ("deidcli.cli.live:live_command", "Anonymize a camera or a stream as it happens: SRC live into DST."),
+    "faces": ("deidcli.cli.faces:faces_command",
+              "List the people in videos: one picture per face track, a contact sheet, a JSON index."),
 }
 
 
