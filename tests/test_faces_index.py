@@ -203,3 +203,39 @@ def test_bad_inputs_fail_cleanly(tmp_path):
     rep = json.loads(p.stdout)
     assert rep["failed"] == 1 and rep["videos"][0]["status"] == "failed" and "bad.mp4" in rep["videos"][0]["error"]
     assert not (tmp_path / "o" / "bad").exists() and not [q for q in (tmp_path / "o").rglob(".*")]
+
+
+def test_track_keeps_only_its_best_faces():
+    """Bounded memory: however many faces a track has, it keeps BEST_FACES crops, the best first."""
+    from deidcli.pipeline.gallery import BEST_FACES, FaceMeasures, TrackFaces
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (200, 200, 3), np.uint8)
+    kps = np.array([[80, 90], [120, 90], [100, 110], [85, 130], [115, 130]], float)
+    t = TrackFaces(7)
+    qs = rng.random(60)
+    for i, q in enumerate(qs):
+        t.add(img, FaceMeasures(i, i / 25, np.array([60, 60, 140, 150.0]), kps, 0.9, 0.0, 100.0, 5.0, 90.0, 1.0, q))
+    assert t.faces == 60 and (t.first, t.last) == ((0, 0.0), (59, 59 / 25))
+    assert len(t.best) == BEST_FACES and t.best_face().frame == int(np.argmax(qs))
+    assert sorted(it[0] for it in t.best) == sorted(qs)[-BEST_FACES:]
+    assert all(c.shape == (112, 112, 3) for c in t.best_crops()) and max(t.context.shape[:2]) <= 256
+
+
+def test_sigterm_leaves_nothing(tmp_path):
+    """SIGTERM while a video is read: exit 143, the report says interrupted, no folder, no temporary."""
+    import signal
+    import time
+
+    clip = cut_clip(VIDEOS / "ghost_2person.mp4", tmp_path / "two.mp4", 4.0, audio=False)
+    out = tmp_path / "out"
+    p = subprocess.Popen([*DEID, "faces", str(clip), str(out), "--json"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=dict(os.environ, DEID_MODELS_DIR=str(MODELS)))
+    deadline = time.time() + 60
+    while not list(out.glob(".two.deid-tmp-*")) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 143, stderr
+    assert json.loads(stdout)["videos"][0]["status"] == "interrupted"
+    assert not (out / "two").exists() and not list(out.glob(".*"))

@@ -174,44 +174,73 @@ def faces_index(src, out_dir, options: Optional[FacesOptions] = None, progress: 
 
 
 def _run_video(models: _Models, src: Path, vdir: Path, options: FacesOptions, progress: Progress) -> dict:
-    """One video: skipped when its folder exists (unless overwrite), else indexed into a
-    temporary folder renamed into place. A failure is returned as status "failed"."""
+    """One video: skipped when its folder exists (unless overwrite) or another deid run holds its
+    lock (jobs.try_lock, as deid anonymize's outputs), else indexed into a temporary folder
+    renamed into place. A failure is returned as status "failed"."""
+    from .anonymize import _make_dirs
+    from .jobs import lock_path, owner_text, read_owner, try_lock
+
     entry = {"input": str(src), "output": str(vdir), "status": "ok", "error": None}
+
+    def skipped(why: str) -> dict:
+        log.info("skip %s: %s", src, why)
+        return {**entry, "status": "skipped", "error": why}
+
+    def failed(msg: str) -> dict:
+        log.error("%s", msg if msg.startswith((src.name, str(src), str(vdir))) else f"{src}: {msg}")
+        return {**entry, "status": "failed", "error": msg}
+
     if vdir.exists() and not vdir.is_dir():
-        return {**entry, "status": "failed", "error": f"{vdir}: exists and is not a folder"}
+        return failed(f"{vdir}: exists and is not a folder")
     if vdir.exists() and not options.overwrite:
-        log.info("skip %s: %s exists", src, vdir)
-        return {**entry, "status": "skipped", "error": "output exists (use --overwrite to replace it)"}
-    t0 = time.perf_counter()
+        return skipped("output exists (use --overwrite to replace it)")
+    made: list[Path] = []
     stage = None
     try:
-        from ..media.probe import probe
+        made = _make_dirs(vdir.parent)
+        lock = try_lock(vdir)
+    except OSError as e:
+        return failed(f"{vdir}: cannot create {e.filename or vdir.parent} ({e.strerror or e})")
+    try:
+        if lock is None:
+            return skipped(owner_text(read_owner(lock_path(vdir))))
+        with lock:
+            if vdir.exists() and not options.overwrite:
+                return skipped("output written by another deid run meanwhile")
+            if lock.locked:  # what a killed run left for this folder
+                for q in vdir.parent.glob(f".{vdir.name}.deid-*"):
+                    if q.is_dir() and q.name.split(".deid-")[-1].startswith(("tmp-", "old-")):
+                        log.warning("removed %s, left by a deid run that was killed", q)
+                        shutil.rmtree(q, ignore_errors=True)
+            from ..media.probe import probe
 
-        info = probe(src)  # fail fast on unreadable input, before loading models
-        pipeline, embedder = models.get()
-        t0 = time.perf_counter()
-        vdir.parent.mkdir(parents=True, exist_ok=True)
-        stage = vdir.with_name(f".{vdir.name}.deid-tmp-{secrets.token_hex(4)}")
-        stage.mkdir()
-        index = _index_video(pipeline, embedder, src, stage, info, options, progress)
-        _replace_dir(stage, vdir)
-        stage = None
-        log.info("done %s -> %s: %d track(s)", src, vdir, len(index["tracks"]))
-        return {**entry, "frames": index["frames"], "tracks": len(index["tracks"]),
-                "seconds": round(time.perf_counter() - t0, 3)}
+            info = probe(src)  # fail fast on unreadable input, before loading models
+            pipeline, embedder = models.get()
+            t0 = time.perf_counter()
+            stage = vdir.with_name(f".{vdir.name}.deid-tmp-{secrets.token_hex(4)}")
+            stage.mkdir()
+            index = _index_video(pipeline, embedder, src, stage, info, options, progress)
+            _replace_dir(stage, vdir)
+            stage = None
+            made = []
+            log.info("done %s -> %s: %d track(s)", src, vdir, len(index["tracks"]))
+            return {**entry, "frames": index["frames"], "tracks": len(index["tracks"]),
+                    "seconds": round(time.perf_counter() - t0, 3)}
     except ModelError:
         raise
     except (DeidError, OSError) as e:
-        msg = str(e) if isinstance(e, DeidError) else f"{vdir}: {e.strerror or e}"
-        log.error("%s", msg if msg.startswith(str(src.name)) or msg.startswith(str(vdir)) else f"{src}: {msg}")
-        return {**entry, "status": "failed", "error": msg}
+        return failed(str(e) if isinstance(e, DeidError) else f"{vdir}: {e.strerror or e}")
     except Exception as e:  # a bug or an unexpected library error: report it, go on
         log.debug("unexpected error", exc_info=True)
-        log.error("%s: %s: %s", src, type(e).__name__, e)
-        return {**entry, "status": "failed", "error": f"{type(e).__name__}: {e}"}
+        return failed(f"{type(e).__name__}: {e}")
     finally:
         if stage is not None:
             shutil.rmtree(stage, ignore_errors=True)
+        for folder in made:  # created for this video, left empty by a failure
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def _replace_dir(stage: Path, vdir: Path) -> None:
