@@ -86,5 +86,5 @@ def faces_command(src, out_dir, device, det_thresh, det_size, keep_thresh, min_f
                 click.echo(f"{v['input']} -> {v['output']}: {v['tracks']} track(s), {v['frames']} frame(s), "
                            f"{v['seconds']:.1f} s", err=True)
         click.echo(f"deid: {report['ok']} ok, {report['skipped']} skipped, {report['failed']} failed; "
-                   f"index {report['index']}", err=True)
+                   f"index {report['index'] or 'not written (no video)'}", err=True)
     _finish(as_json, report_path, report, EXIT_FAILED if report["failed"] else EXIT_OK)

@@ -84,7 +84,10 @@ def plan_videos(src: Path, out_dir: Path) -> list[tuple[Path, Path]]:
         if media_kind(src) != "video":
             raise InputError(f"{src}: not a video file (by extension: .mp4 .mov .mkv .webm .avi .m4v)")
         return [(src, out_dir / src.stem)]
-    videos = [s for s, _ in plan_jobs(src, out_dir) if media_kind(s) == "video"]
+    found = [s for s, _ in plan_jobs(src, out_dir)]
+    videos = [s for s in found if media_kind(s) == "video"]
+    if len(found) > len(videos):
+        log.warning("%s: %d image(s) left out: deid faces reads videos only", src, len(found) - len(videos))
     rels = [s.relative_to(src) for s in videos]
     stems = [r.with_suffix("") for r in rels]
     return [(s, out_dir / (st if stems.count(st) == 1 else r.with_name(f"{r.stem}_{r.suffix[1:]}")))
@@ -144,7 +147,7 @@ def faces_index(src, out_dir, options: Optional[FacesOptions] = None, progress: 
 
         p = models.pipeline
         return {"videos": results, **counts((r["status"] for r in results), ("ok", "skipped", "failed")),
-                "index": str(out_dir / "index.json"),
+                "index": str(out_dir / "index.json") if (out_dir / "index.json").is_file() else None,
                 "device": p.runtime.device if p else None,
                 "detector_precision": p.detector.precision if p else None,
                 "load_seconds": models.load_seconds, "versions": _versions(), "options": options.to_dict()}
@@ -170,7 +173,7 @@ def faces_index(src, out_dir, options: Optional[FacesOptions] = None, progress: 
             _write_top_index(out_dir)
         except OSError as e:
             raise OutputError(f"{out_dir / 'index.json'}: cannot write ({e.strerror or e})") from e
-    return report()
+    return report()  # "index": None where nothing was written (no video in src, out_dir not there)
 
 
 def _run_video(models: _Models, src: Path, vdir: Path, options: FacesOptions, progress: Progress) -> dict:
