@@ -252,3 +252,39 @@ def test_calm_track_whose_person_changes_has_every_face_checked(shared, tmp_path
     a, b = decode_rgb(src), decode_rgb(tmp_path / "out.mp4")
     mads = [np.abs(a[i][y0:y1, x0:x1].astype(int) - b[i][y0:y1, x0:x1]).mean() for i in range(28, 34)]
     assert min(mads) > 14, np.round(mads, 1)
+
+
+# --- held faces next to seen ones ----------------------------------------------------------------
+
+def test_held_face_is_not_blurred_over_a_face_seen_in_its_frame(shared):
+    """A held face (Face.held: where a face may still be after its track) gets the fallback, but not
+    over the box of a face detected in the same frame: it would be behind that face if there at all
+    (stress set crowd_lfw: the held blur of a face that passed behind covered half of the generated
+    face in front)."""
+    from deidcli.faces.detect import Detector
+    from deidcli.faces.track import Face
+    from deidcli.options import AnonymizeOptions
+    from deidcli.pipeline.pipeline import Pipeline
+
+    img = decode_rgb(VIDEOS / "ghost_2person.mp4", 1)[0]
+    det = Detector(VIDEOS.parent / "models" / "det_scrfd_2.5g_kps.onnx", det_thresh=0.5)
+    d = det.detect(img)
+    seen = Face(0, d.boxes[0], d.kps[0], float(d.scores[0]), False)
+    x0, y0, x1, y1 = (int(v) for v in d.boxes[0])
+    shift = np.array([0.5 * (x1 - x0), 0.0, 0.5 * (x1 - x0), 0.0], np.float32)  # half over the seen face
+    held = Face(7, d.boxes[0] + shift, d.kps[0] + shift[:2], 0.0, True, held=True)
+    pipe = Pipeline(AnonymizeOptions(identity_check=False))
+
+    def run(faces):
+        out = img.copy()
+        items = [(out, faces)]
+        pipe.finish(items, pipe.generate(items, {}))
+        return out
+
+    alone, both = run([seen]), run([seen, held])
+    inner = (slice(y0 + 2, y1 - 2), slice(x0 + 2, x1 - 2))
+    assert np.array_equal(alone[inner], both[inner])  # the seen face as if the held one were not there
+    assert np.abs(alone[inner].astype(int) - img[inner]).mean() > 5  # and it was anonymized
+    hx0, hy0, hx1, hy1 = (int(v) for v in held.box)
+    beside = (slice(hy0 + 10, hy1 - 10), slice(x1 + 2, hx1 - 10))  # the held face's part outside it
+    assert np.abs(both[beside].astype(int) - alone[beside]).mean() > 2  # blurred there
