@@ -105,6 +105,8 @@ class AnonymizeOptions:
     overwrite: bool = False  # replace existing outputs (folder runs skip them otherwise)
     dry_run: bool = False  # only list what would be done (no model loaded, nothing written)
     shard: Optional[tuple[int, int]] = None  # (index, count), 0-based: only the inputs of that shard (jobs.shard_of)
+    keep: tuple[Path, ...] = ()  # reference photos / folders of people left untouched; all other faces anonymized
+    only: tuple[Path, ...] = ()  # reference photos / folders of the only people anonymized (not with keep)
     detect: DetectOptions = field(default_factory=DetectOptions)
     track: TrackOptions = field(default_factory=TrackOptions)
     encode: EncodeOptions = field(default_factory=EncodeOptions)
@@ -135,6 +137,11 @@ class AnonymizeOptions:
         if not 1 <= self.detect.detect_every <= self.track.max_gap + 1:
             raise ValueError(f"detect_every must be between 1 and max_gap + 1 = {self.track.max_gap + 1}, "
                              f"not {self.detect.detect_every}")
+        if self.keep and self.only:
+            raise ValueError("keep and only cannot be used together (keep: these people stay; only: only these go)")
+        for k in ("keep", "only"):  # one path, or several
+            v = getattr(self, k)
+            object.__setattr__(self, k, (Path(v),) if isinstance(v, (str, Path)) else tuple(Path(p) for p in v))
         if self.shard is not None and not (len(self.shard) == 2 and 0 <= self.shard[0] < self.shard[1]):
             raise ValueError(f"shard must be (index, count) with 0 <= index < count, not {self.shard!r}")
 
@@ -143,4 +150,6 @@ class AnonymizeOptions:
         for k, v in list(d.items()):
             if isinstance(v, Path):
                 d[k] = str(v)
+            elif k in ("keep", "only"):
+                d[k] = [str(p) for p in v]
         return d

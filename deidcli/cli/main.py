@@ -234,6 +234,10 @@ _generator_options = _stacked(
               help="List what would be done; write nothing.")
 @click.option("--shard", metavar="I/N", callback=_shard_option, default=None,
               help="Only shard I of N (0-based) of the inputs.")
+@click.option("--keep", multiple=True, metavar="PHOTO_OR_DIR", type=click.Path(path_type=Path),
+              help="Leave these people untouched (repeatable).")
+@click.option("--only", multiple=True, metavar="PHOTO_OR_DIR", type=click.Path(path_type=Path),
+              help="Anonymize only these people (repeatable).")
 @_run_options
 def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, identity_check, check_thresh,
               check_precision, max_passes, small_max_passes, fallback, min_generate, max_yaw, min_light, soft_fraction,
@@ -241,7 +245,7 @@ def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, ident
               margin, det_thresh, keep_thresh, det_size, min_face,
               detector, detector_precision, detect_every,
               max_gap, smooth, codec, crf, preset, audio, keep_metadata, overwrite, dry_run, shard, models_dir, as_json,
-              report_path, quiet, verbose, out_format):
+              report_path, quiet, verbose, out_format, keep, only):
     """Anonymize SRC (video, image, or folder) into DST.
 
     SRC or DST `-`: a video stream on stdin / to stdout (Matroska, or --format mpegts).
@@ -266,7 +270,7 @@ def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, ident
             small_max_passes=small_max_passes, fallback=fallback, min_generate=min_generate, max_yaw=max_yaw,
             min_light=min_light, soft_fraction=soft_fraction, first_pass_mouth=first_pass_mouth, eye_pass=eye_pass,
             keep_detail=keep_detail, pass_hold=pass_hold,
-            models_dir=models_dir, overwrite=overwrite, dry_run=dry_run, shard=shard,
+            models_dir=models_dir, overwrite=overwrite, dry_run=dry_run, shard=shard, keep=keep, only=only,
             detect=DetectOptions(det_thresh=det_thresh, det_size=det_size, min_face=min_face, detector=detector,
                                  detect_every=detect_every, precision=detector_precision),
             track=TrackOptions(max_gap=max_gap, smooth=smooth, keep_thresh=keep_thresh),
@@ -304,6 +308,8 @@ def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, ident
             for f in report["files"]:
                 why = f"  ({f['reason']})" if f["reason"] else ""
                 click.echo(f"{f['action']:9s} {f['input']} -> {f['output']}{why}")
+            for p in report.get("people", []):
+                click.echo(f"{'keep' if keep else 'only':9s} {p['name']}: {len(p['files'])} photo(s)")
         _finish(as_json, report_path, report, EXIT_OK)
     if not as_json and not quiet:
         for f in report["files"]:

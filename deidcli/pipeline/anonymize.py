@@ -169,6 +169,8 @@ def anonymize(src, dst, options: Optional[AnonymizeOptions] = None, progress: Op
             load_seconds = round(time.perf_counter() - t, 3)
         return pipeline
 
+    if options.keep or options.only:
+        factory()  # loads and checks the references (BadReference) before any input is opened
     results: list[FileResult] = []
     stale: list[Path] = []
     started = time.time()
@@ -283,9 +285,15 @@ def _dry_run(jobs: Sequence[tuple[Path, Path]], options: AnonymizeOptions) -> di
         else:
             action, reason = "process", None
         files.append({"input": str(s), "output": str(d), "action": action, "reason": reason})
-    return {"dry_run": True, "files": files,
+    plan = {"dry_run": True, "files": files,
             **counts((f["action"] for f in files), ("process", "overwrite", "skip")),
             "options": options.to_dict()}
+    if options.keep or options.only:  # the people the references name (their photos are not read here)
+        from .people import list_people
+
+        plan["people"] = [{"name": p.name, "files": [str(f) for f in p.files]}
+                          for p in list_people(options.keep or options.only)]
+    return plan
 
 
 # --- pipes: "-" as SRC (stdin) and/or DST (stdout) --------------------------------------------
@@ -334,6 +342,8 @@ def _report(results: Sequence[FileResult], pipeline: Optional[Pipeline], load_se
         "versions": _versions(),
         "options": options.to_dict(),
         "stale_files_removed": [str(q) for q in stale],  # temporary files of killed runs
+        # --keep / --only: the reference people, each with the photos their descriptor comes from
+        "people": [{"name": p.name, "files": [str(f) for f in p.files]} for p in pipeline.people] if pipeline else [],
     }
 
 

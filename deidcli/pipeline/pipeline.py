@@ -82,6 +82,16 @@ class Pipeline:
             self.embedder = IdentityEmbedder(weights.model_path("rec_mobilefacenet.onnx", options.models_dir),
                                              providers, options.check_precision if options.identity_check
                                              else "fp32")
+        # --keep / --only (people.py): the references are loaded and checked here, before any input
+        # is opened; their descriptors and the track decisions use the fp32 network (embed).
+        self.people: list = []
+        if options.keep or options.only:
+            from .people import load_people
+
+            ref_embedder = self.embedder or IdentityEmbedder(
+                weights.model_path("rec_mobilefacenet.onnx", options.models_dir), providers, "fp32")
+            self.people = load_people(options.keep or options.only, self.detector, ref_embedder, d.det_thresh)
+            self._ref_embedder = ref_embedder
 
     # -- rendering -------------------------------------------------------------------------
     def render(self, items: Sequence[tuple[np.ndarray, Sequence]], descriptors: dict,
@@ -202,6 +212,14 @@ class Pipeline:
                 for (x0, y0, x1, y1), px in zip(seen, saved):
                     img[y0:y1, x0:x1] = px
         return rects
+
+    def new_chooser(self):
+        """Per-file track decisions for --keep / --only (people.Chooser), or None without them."""
+        from .people import Chooser
+
+        if not self.people:
+            return None
+        return Chooser("keep" if self.options.keep else "only", self.people, self._ref_embedder)
 
     def new_router(self):
         """Per-file routing state (routing.Router): which faces are generated, which get the fallback."""
@@ -443,6 +461,16 @@ class Pipeline:
         check = new_check_stats()
         generate = self.options.method == "generate"
         batch_faces = self.options.batch_size if generate else 1
+        chooser = self.new_chooser()
+
+        def chosen(ready: list) -> list:
+            """--keep / --only: the batch without the faces of the tracks left untouched (decided
+            here, before any of the batch is rendered; the encoder keeps their decoded pixels)."""
+            if chooser is None:
+                return ready
+            with stages("identity"):
+                faces = chooser.choose([(vf.index, vf.image, fs) for vf, fs in ready])
+            return [(vf, fs) for (vf, _), fs in zip(ready, faces)]
 
         def batches() -> Iterator[list]:
             ready: list = []  # (frame, faces) waiting for a full generator batch
@@ -455,11 +483,11 @@ class Pipeline:
                 ready.append((vf, faces))
                 n_faces += len(faces)
                 if n_faces >= target or len(ready) >= max_pending:
-                    yield ready
+                    yield chosen(ready)
                     ready, n_faces = [], 0
                     target = min(batch_faces, 2 * target)
             if ready:
-                yield ready
+                yield chosen(ready)
 
         def generated() -> Iterator[tuple[list, list, Optional[_Generated]]]:
             for batch in batches():
@@ -487,6 +515,7 @@ class Pipeline:
                     yield vf, vf.image, r
             result.add_check_stats(check, passes)
             result.add_route_stats(router)
+            result.add_track_decisions(chooser)
         finally:
             for it in (work, tracked):
                 if hasattr(it, "close"):
@@ -500,6 +529,9 @@ class Pipeline:
         final = tracker.push(0, dets) + tracker.flush()
         result.faces_detected = tracker.n_detections - tracker.n_weak_dropped
         faces = final[0][1] if final else []
+        chooser = self.new_chooser()
+        if chooser is not None:
+            faces = chooser.choose([(0, img, faces)])[0]
         out = img.copy()
         passes = self.new_pass_levels()
         check = new_check_stats()
@@ -509,7 +541,8 @@ class Pipeline:
         result.add_route_stats(router)
         result.frames = 1
         result.faces_anonymized = len(faces)
-        result.tracks = len({f.track_id for f in faces})
+        result.tracks = len({f.track_id for f in final[0][1]}) if final else 0
+        result.add_track_decisions(chooser)
         return out
 
 

@@ -117,6 +117,17 @@ class FileResult:
     # turned, dark, check), and the same by face height ("<48", "48-96", "96-192", ">=192" px)
     face_paths: dict = field(default_factory=dict)
     faces_by_size: dict = field(default_factory=dict)
+    # --keep / --only (pipeline/people.py): faces left untouched, and every track with its
+    # decision ("kept": left as decoded, "anonymized"), similarity to the nearest reference person
+    # and the reason; empty without --keep / --only
+    faces_kept: int = 0
+    track_decisions: list = field(default_factory=list)
+
+    def add_track_decisions(self, chooser) -> None:
+        if chooser is None:
+            return
+        self.track_decisions = chooser.report()
+        self.faces_kept = sum(t["faces_kept"] for t in self.track_decisions)
 
     def add_route_stats(self, router) -> None:
         if router is None:

@@ -1,0 +1,206 @@
+"""`deid anonymize --keep / --only` (pipeline/people.py): real clips and photos from ../shared,
+nothing mocked. The references come from a different part of ghost_2person (after 5 s) than
+the 3 s cut anonymized."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import MODELS, VIDEOS, cut_clip, decode_rgb
+from deidcli.pipeline.people import KEEP_THRESHOLD
+
+DEID = [sys.executable, "-m", "deidcli.cli"]
+REF_FRAMES = (180, 225)  # 6.0 s and 7.5 s of ghost_2person: outside the 3 s cut
+
+
+def run(*args, check=None):
+    e = dict(os.environ, DEID_MODELS_DIR=str(MODELS))
+    p = subprocess.run([*DEID, *map(str, args)], capture_output=True, text=True, env=e, timeout=300)
+    if check is not None:
+        assert p.returncode == check, f"exit {p.returncode}\nstdout:{p.stdout}\nstderr:{p.stderr}"
+    return p
+
+
+def _detector():
+    from deidcli.faces.detect import Detector
+
+    return Detector(MODELS / "det_scrfd_2.5g_kps.onnx")
+
+
+def _left_right(d):
+    """Indices of the left and right person's detections (ghost_2person: x ~ 280 and ~ 850)."""
+    order = np.argsort(d.boxes[:, 0])
+    return int(order[0]), int(order[-1])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """The 3 s cut, its plain re-encode, the input faces' boxes per frame (left, right), and
+    references: left/ holds two 112 px ArcFace crops as deid faces writes them (embedded as they
+    are); right.jpg a photo of the right person cut from a frame (detected)."""
+    import av
+
+    from deidcli.faces.align import arcface_crop
+    from deidcli.media.images import write_image
+
+    from test_cli import plain_reencode
+
+    d = tmp_path_factory.mktemp("keep_only")
+    clip = cut_clip(VIDEOS / "ghost_2person.mp4", d / "two.mp4", 3.0, audio=False)
+    plain = plain_reencode(clip, d / "plain.mp4")
+    det = _detector()
+    frames = {}
+    with av.open(str(VIDEOS / "ghost_2person.mp4")) as c:
+        for i, f in enumerate(c.decode(video=0)):
+            if i in REF_FRAMES:
+                frames[i] = f.to_ndarray(format="rgb24")
+            if i >= max(REF_FRAMES):
+                break
+    (d / "left").mkdir()
+    for i, img in frames.items():
+        det_i = det.detect(img)
+        assert len(det_i) == 2
+        lft, rgt = _left_right(det_i)
+        write_image(d / "left" / f"track_{i:03d}.png", arcface_crop(img, det_i.kps[lft]))
+    img = frames[REF_FRAMES[0]]
+    det_i = det.detect(img)
+    x0, y0, x1, y1 = det_i.boxes[_left_right(det_i)[1]].astype(int)
+    write_image(d / "right.jpg", img[max(0, y0 - 150):y1 + 150, max(0, x0 - 150):x1 + 150])
+    write_image(d / "both.jpg", img)  # two faces
+    write_image(d / "background.jpg", img[480:720, 0:240])  # the clip's background, no face
+    inp = decode_rgb(clip)
+    boxes = []
+    for im in inp:
+        di = det.detect(im)
+        assert len(di) == 2, "every frame of the cut shows both people"
+        boxes.append([di.boxes[k].astype(int) for k in _left_right(di)])
+    return {"dir": d, "clip": clip, "input": inp, "plain": decode_rgb(plain), "boxes": boxes}
+
+
+def _face_diffs(out, data):
+    """Per frame and face box (left, right): mean |out - plain re-encode|, and how much further
+    the output is from the decoded input than the plain re-encode is (its encoder noise)."""
+    frames = decode_rgb(out)
+    assert len(frames) == len(data["plain"]) == len(data["boxes"])
+    vs_plain, extra = [], []
+    for a, b, c, boxes in zip(frames, data["plain"], data["input"], data["boxes"]):
+        mad = lambda u, v, x0, y0, x1, y1: float(np.abs(u[y0:y1, x0:x1].astype(int) - v[y0:y1, x0:x1]).mean())  # noqa
+        vs_plain.append([mad(a, b, *bx) for bx in boxes])
+        extra.append([mad(a, c, *bx) - mad(b, c, *bx) for bx in boxes])
+    return np.array(vs_plain), np.array(extra)  # (frames, 2) each
+
+
+def _untouched(vs_plain, extra):
+    """A face left as decoded: identical to the plain re-encode until the encoder's choices drift
+    (the other face differs), then within its noise: the plain re-encode itself is 1.2-2.0 from
+    the decoded input on this face; the output no further from it (under 0.75 in any frame: the
+    encoder's choices; 0.1 on average) and never 2.5 from the plain re-encode (a changed face: > 6)."""
+    assert vs_plain[0] < 0.1 and vs_plain.max() < 2.5, vs_plain
+    assert extra.max() < 0.75 and extra.mean() < 0.1, extra
+
+
+def _decisions(report):
+    (f,) = report["files"]
+    assert f["status"] == "ok", f
+    return {t["track"]: t for t in f["track_decisions"]}, f
+
+
+def test_keep_leaves_the_kept_person_as_a_plain_reencode(data):
+    """--keep left/ (deid faces crops of the left person): the left face is a plain re-encode's
+    (within encoder noise, see _untouched) in every frame, the right one is anonymized (generated)
+    in every frame; the report gives both tracks with their decisions and similarities."""
+    d = data["dir"]
+    p = run("anonymize", data["clip"], d / "keep.mp4", "--keep", d / "left", "--json", check=0)
+    vs_plain, extra = _face_diffs(d / "keep.mp4", data)
+    _untouched(vs_plain[:, 0], extra[:, 0])  # kept: encoder noise only
+    assert vs_plain[:, 1].min() > 6.0, vs_plain[:, 1].min()  # the other person changed in every frame
+    dec, f = _decisions(json.loads(p.stdout))
+    assert sorted(t["decision"] for t in dec.values()) == ["anonymized", "kept"]
+    kept = next(t for t in dec.values() if t["decision"] == "kept")
+    other = next(t for t in dec.values() if t["decision"] == "anonymized")
+    assert kept["similarity"] >= KEEP_THRESHOLD > other["similarity"] and kept["nearest_person"] == "left"
+    assert kept["switched_at_frame"] is None and kept["faces_kept"] == len(data["boxes"]) == f["faces_kept"]
+    assert f["faces_anonymized"] == len(data["boxes"])
+
+
+def test_only_anonymizes_the_listed_person_only(data):
+    """--only right.jpg (a photo, detected): the right face is anonymized in every frame, the left
+    one is a plain re-encode's (here with --method blur: the decision does not depend on it)."""
+    from deidcli.options import AnonymizeOptions
+    from deidcli.pipeline.anonymize import anonymize
+
+    d = data["dir"]
+    options = AnonymizeOptions(method="blur", only=(d / "right.jpg",), models_dir=MODELS)
+    report = anonymize(data["clip"], d / "only.mp4", options)
+    vs_plain, extra = _face_diffs(d / "only.mp4", data)
+    _untouched(vs_plain[:, 0], extra[:, 0])
+    assert vs_plain[:, 1].min() > 6.0, vs_plain[:, 1].min()
+    dec, f = _decisions(report)
+    assert sorted(t["decision"] for t in dec.values()) == ["anonymized", "kept"]
+    assert report["people"] == [{"name": "right", "files": [str(d / "right.jpg")]}]
+
+
+@pytest.mark.parametrize("case", ["no face", "several faces", "unreadable", "empty folder", "missing"])
+def test_bad_references_fail_before_anything_is_written(data, case, tmp_path):
+    """Each bad reference: exit 2, one line naming the file, no output folder made (the CLI), and
+    BadReference from the API, before any input is opened."""
+    d = data["dir"]
+    ref = {"no face": d / "background.jpg", "several faces": d / "both.jpg", "unreadable": tmp_path / "bad.png",
+           "empty folder": tmp_path / "empty", "missing": tmp_path / "nope.jpg"}[case]
+    if case == "unreadable":
+        ref.write_bytes(b"\x89PNG not really")
+    if case == "empty folder":
+        ref.mkdir()
+        (ref / "notes.txt").write_text("no photo here")
+    dst = tmp_path / "out" / "two.mp4"
+    p = run("anonymize", data["clip"], dst, "--keep", d / "left", "--keep", ref, check=2)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and str(ref) in lines[0], p.stderr
+    assert {"no face": "no face", "several faces": "2 faces", "unreadable": "cannot be read",
+            "empty folder": "no photos", "missing": "no such file"}[case] in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_keep_and_only_together_and_dry_run(data, tmp_path):
+    """--keep with --only is a usage error; --dry-run lists the reference people, loads nothing."""
+    from deidcli.options import AnonymizeOptions
+
+    d = data["dir"]
+    with pytest.raises(ValueError):
+        AnonymizeOptions(keep=(d / "left",), only=(d / "right.jpg",))
+    run("anonymize", data["clip"], tmp_path / "o.mp4", "--keep", d / "left", "--only", d / "right.jpg", check=2)
+    p = run("anonymize", data["clip"], tmp_path / "o.mp4", "--keep", d / "left", "--keep", d / "right.jpg",
+            "--dry-run", "--json", check=0)
+    assert {q["name"]: len(q["files"]) for q in json.loads(p.stdout)["people"]} == {"left": 2, "right": 1}
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_a_swapped_track_is_anonymized_from_the_swap(data):
+    """A kept track whose person changes (a tracker swap: the right person's faces under the left
+    person's track id from frame 40) is anonymized from the batch where its last faces stop
+    matching, never the other way; the report says where."""
+    from deidcli import weights
+    from deidcli.faces.track import Face
+    from deidcli.generator.embedder import IdentityEmbedder
+    from deidcli.pipeline.people import Chooser, load_people
+
+    det = _detector()
+    emb = IdentityEmbedder(weights.model_path("rec_mobilefacenet.onnx", MODELS))
+    people = load_people([data["dir"] / "left"], det, emb)
+    ch = Chooser("keep", people, emb)
+    frames = decode_rgb(data["clip"], 60)
+    items = []
+    for i, img in enumerate(frames):
+        di = det.detect(img)
+        k = _left_right(di)[0 if i < 40 else 1]
+        items.append((i, img, [Face(0, di.boxes[k], di.kps[k], float(di.scores[k]), False)]))
+    out = ch.choose(items[:20]) + ch.choose(items[20:40])
+    assert all(fs == [] for fs in out)  # kept: nothing to anonymize
+    out = ch.choose(items[40:])
+    assert all(len(fs) == 1 for fs in out)  # the whole batch anonymized
+    (t,) = ch.report()
+    assert t["decision"] == "anonymized" and 40 <= t["switched_at_frame"] < 45 and t["faces_kept"] == 40
