@@ -12,6 +12,7 @@ import numpy as np
 
 from ..options import AnonymizeOptions
 from ..stages import NULL, QUEUE_FRAMES, Stages, prefetch
+from .people import DECIDE_FACES
 from .report import FileResult, PassLevels, new_check_stats
 
 log = logging.getLogger(__name__)
@@ -462,6 +463,8 @@ class Pipeline:
         generate = self.options.method == "generate"
         batch_faces = self.options.batch_size if generate else 1
         chooser = self.new_chooser()
+        if chooser is not None:  # batches long enough to give a new track DECIDE_FACES faces, where it has them
+            batch_faces = max(batch_faces, 2 * DECIDE_FACES)
 
         def chosen(ready: list) -> list:
             """--keep / --only: the batch without the faces of the tracks left untouched (decided
@@ -479,6 +482,8 @@ class Pipeline:
             # generator, the check and the encoder start while the detector is still alone
             # (1280x720, 2 cores: the first full batch of 32 faces waits on 16 detected frames).
             target = max(1, batch_faces // FIRST_BATCH_DIVISOR)
+            if chooser is not None:
+                target = max(target, min(batch_faces, 2 * DECIDE_FACES))
             for vf, faces in tracked:
                 ready.append((vf, faces))
                 n_faces += len(faces)
