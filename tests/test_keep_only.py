@@ -112,7 +112,8 @@ def _decisions(report):
 def test_keep_leaves_the_kept_person_as_a_plain_reencode(data):
     """--keep left/ (deid faces crops of the left person): the left face is a plain re-encode's
     (within encoder noise, see _untouched) in every frame, the right one is anonymized (generated)
-    in every frame; the report gives both tracks with their decisions and similarities."""
+    in every frame (deid evaluate-video: exposed in no frame); the report gives both tracks with
+    their decisions and similarities."""
     d = data["dir"]
     p = run("anonymize", data["clip"], d / "keep.mp4", "--keep", d / "left", "--json", check=0)
     vs_plain, extra = _face_diffs(d / "keep.mp4", data)
@@ -125,6 +126,12 @@ def test_keep_leaves_the_kept_person_as_a_plain_reencode(data):
     assert kept["similarity"] >= KEEP_THRESHOLD > other["similarity"] and kept["nearest_person"] == "left"
     assert kept["switched_at_frame"] is None and kept["faces_kept"] == len(data["boxes"]) == f["faces_kept"]
     assert f["faces_anonymized"] == len(data["boxes"])
+    # deid evaluate-video: the anonymized person exposed in no frame, the kept one in every frame
+    from deidcli.research.evaluate_video import evaluate_video
+
+    ev = evaluate_video(data["clip"], d / "keep.mp4", models_dir=MODELS)
+    exposed = sorted((len(t["exposed_frames"]), t["cos_max"]) for t in ev["per_track"])
+    assert [n for n, _ in exposed] == [0, len(data["boxes"])] and exposed[0][1] < KEEP_THRESHOLD, exposed
 
 
 def test_only_anonymizes_the_listed_person_only(data):
