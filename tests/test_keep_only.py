@@ -213,3 +213,12 @@ def test_a_swapped_track_is_anonymized_from_the_swap(data):
     assert all(len(fs) == 1 for fs in out)  # the whole batch anonymized
     (t,) = ch.report()
     assert t["decision"] == "anonymized" and 40 <= t["switched_at_frame"] < 45 and t["faces_kept"] == 40
+
+
+def test_bad_reference_with_stdout_fails_before_the_stream(data):
+    """DST - (stdout): the same exit 2 and one line, and not a byte on stdout."""
+    e = dict(os.environ, DEID_MODELS_DIR=str(MODELS))
+    p = subprocess.run([*DEID, "anonymize", str(data["clip"]), "-", "--only", str(data["dir"] / "both.jpg")],
+                       capture_output=True, env=e, timeout=300)
+    assert p.returncode == 2 and p.stdout == b"", p.stderr
+    assert b"both.jpg: 2 faces" in p.stderr

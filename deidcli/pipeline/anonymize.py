@@ -384,6 +384,10 @@ def _anonymize_pipe(src, dst, options: AnonymizeOptions, progress: Progress) -> 
     res = FileResult(input=str(src), output=str(dst), kind="video")
     pipeline: Optional[Pipeline] = None
     load_seconds = 0.0
+    if options.keep or options.only:  # the references are checked (BadReference) before any input is read
+        t = time.perf_counter()
+        pipeline = Pipeline(options)
+        load_seconds = round(time.perf_counter() - t, 3)
 
     def report() -> dict:
         return _report([res], pipeline, load_seconds, options, [])
@@ -409,9 +413,10 @@ def _anonymize_pipe(src, dst, options: AnonymizeOptions, progress: Progress) -> 
                 info = probe(src)
                 rate, total = info.average_rate, info.frames or None
             fps = float(rate) if rate else None
-            t = time.perf_counter()
-            pipeline = Pipeline(options)
-            load_seconds = round(time.perf_counter() - t, 3)
+            if pipeline is None:
+                t = time.perf_counter()
+                pipeline = Pipeline(options)
+                load_seconds = round(time.perf_counter() - t, 3)
             t0 = time.perf_counter()
             if not dst_pipe:
                 dst.parent.mkdir(parents=True, exist_ok=True)
