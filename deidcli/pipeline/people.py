@@ -36,9 +36,7 @@ LFW_FAR_THRESHOLD = 0.33514
 #: DevTest; 395,012 photo-vs-track pairs) is 0.35975, rounded up here. Its rates on DevTest:
 #: docs/keep_only.md (python -m deidcli.research.keep_rates; --calibrate gives the DevTrain figure).
 KEEP_THRESHOLD = 0.36
-#: "Plausibly the person": --only anonymizes a track at this cosine or above, and a track --keep
-#: left untouched is anonymized from the batch where its last RECHECK_FACES faces fall under it
-#: (Chooser; --only's untouched tracks are anonymized when those reach KEEP_THRESHOLD). 99.5% of
+#: "Plausibly the person": --only anonymizes a track at this cosine or above (Chooser). 99.5% of
 #: LFW DevTrain's 1,100 same-person photo pairs reach it (its 0.5% quantile: 0.22068); DevTest
 #: rates in docs/keep_only.md.
 ONLY_THRESHOLD = 0.22
@@ -146,13 +144,13 @@ class Chooser:
     a kept person is >= KEEP_THRESHOLD; with only, a track is anonymized when it is >=
     ONLY_THRESHOLD. A track without a detected face yet is anonymized and decided later. An
     untouched track is re-checked on each later detected face (mean of its last RECHECK_FACES
-    embeddings) for a change of person (a tracker swap, a cut): with keep, under ONLY_THRESHOLD
-    (no longer even plausibly the kept person), with only, at KEEP_THRESHOLD or above (clearly a
-    listed person), it is anonymized for the rest of the video, from the start of the batch where
-    that happened. Never the other way round. The re-check asks for clear evidence, not the
-    decision's margin: a stranger's face sways around the decision's bar from frame to frame
-    (ghost_2person: the two people's faces are at cosine 0.05-0.25 to each other, frame by frame),
-    and a swap moves the cosine by far more (0.8 to 0.15 there).
+    embeddings) for a change of person (a tracker swap, a cut): with keep, when it is no longer
+    clearly the kept person (under KEEP_THRESHOLD), with only, when it is clearly a listed person
+    (KEEP_THRESHOLD or above), it is anonymized for the rest of the video, from the start of the
+    batch where that happened. Never the other way round. With only, the re-check asks for clear
+    evidence rather than the decision's ONLY_THRESHOLD because a stranger's faces sway around it
+    from frame to frame (ghost_2person: the two people are at cosine 0.05-0.25 to each other, face
+    by face), while a swap moves the cosine far (0.15 to 0.8 there).
     """
 
     def __init__(self, mode: str, people: Sequence[Person], embedder):
@@ -208,10 +206,10 @@ class Chooser:
             t.recent = (t.recent + [emb[j]])[-RECHECK_FACES:]
             t.faces_compared += 1
             cos, name = self._best(np.stack(t.recent))
-            if (cos < ONLY_THRESHOLD) if self.mode == "keep" else (cos >= KEEP_THRESHOLD):
+            if (cos < KEEP_THRESHOLD) if self.mode == "keep" else (cos >= KEEP_THRESHOLD):
                 t.untouched = False
                 t.switched_at_frame = items[i][0]
-                bar = f"< {ONLY_THRESHOLD}" if self.mode == "keep" else f">= {KEEP_THRESHOLD}"
+                bar = f"< {KEEP_THRESHOLD}" if self.mode == "keep" else f">= {KEEP_THRESHOLD}"
                 t.reason += (f"; anonymized from frame {items[0][0]}: last {len(t.recent)} faces at cosine "
                              f"{cos:.3f} to {name} ({bar})")
                 switched.add(tid)
