@@ -92,6 +92,21 @@ def _need_shared(path: Path) -> None:
         pytest.skip(f"{path} not present")
 
 
+
+def run_deid(*args, check=None, timeout=300):
+    """``deid ARGS...`` in a subprocess (this interpreter, the shared models); with ``check`` the
+    exit code must be that, else the assertion shows both streams."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, DEID_MODELS_DIR=str(MODELS))
+    p = subprocess.run([sys.executable, "-m", "deidcli.cli", *map(str, args)], capture_output=True, text=True,
+                       env=env, timeout=timeout)
+    if check is not None:
+        assert p.returncode == check, f"exit {p.returncode}\nstdout:{p.stdout}\nstderr:{p.stderr}"
+    return p
+
 def cut_clip(src: Path, dst: Path, seconds: float, audio: bool = True) -> Path:
     """Copy the first ``seconds`` of ``src`` (video from its first keyframe, audio packets as they are)."""
     import av

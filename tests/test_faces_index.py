@@ -10,18 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import MODELS, VIDEOS, cut_clip, decode_rgb, frame_pts
+from conftest import MODELS, VIDEOS, cut_clip, decode_rgb, frame_pts, run_deid
 
 DEID = [sys.executable, "-m", "deidcli.cli"]
 VERIFY = 0.335  # the identity network's verification threshold on LFW (docs/identity_check.md)
 
 
-def run(*args, check=None):
-    e = dict(os.environ, DEID_MODELS_DIR=str(MODELS))
-    p = subprocess.run([*DEID, *map(str, args)], capture_output=True, text=True, env=e, timeout=300)
-    if check is not None:
-        assert p.returncode == check, f"exit {p.returncode}\nstdout:{p.stdout}\nstderr:{p.stderr}"
-    return p
+run = run_deid
 
 
 def no_face_clip(path: Path, frames: int = 20) -> Path:

@@ -10,19 +10,14 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import MODELS, VIDEOS, cut_clip, decode_rgb
+from conftest import MODELS, VIDEOS, cut_clip, decode_rgb, run_deid
 from deidcli.pipeline.people import KEEP_THRESHOLD
 
 DEID = [sys.executable, "-m", "deidcli.cli"]
 REF_FRAMES = (180, 225)  # 6.0 s and 7.5 s of ghost_2person: outside the 3 s cut
 
 
-def run(*args, check=None):
-    e = dict(os.environ, DEID_MODELS_DIR=str(MODELS))
-    p = subprocess.run([*DEID, *map(str, args)], capture_output=True, text=True, env=e, timeout=300)
-    if check is not None:
-        assert p.returncode == check, f"exit {p.returncode}\nstdout:{p.stdout}\nstderr:{p.stderr}"
-    return p
+run = run_deid
 
 
 def _detector():
