@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import EXIT_USAGE, InputError
+from ..media.probe import IMAGE_EXTS
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ RECHECK_FACES = 5
 #: Side of the ArcFace crops deid faces writes: such images are embedded without detection.
 CROP_SIDE = 112
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGE_SUFFIXES = IMAGE_EXTS | {".bmp"}  # the images deid anonymizes, and BMP photos
 
 
 class BadReference(InputError):

@@ -305,7 +305,7 @@ class Pipeline:
             """The check's rounds over the faces ``todo``; returns the tracks of those that failed
             the first round."""
             with stages("identity"):
-                own[todo], own112[todo] = (a[todo] for a in self._own_embeddings(gen, todo, input_crop))
+                own[todo], own112[todo] = self._own_embeddings(gen, todo, input_crop)
             failed = None
             while len(todo):
                 with stages("identity"):
@@ -356,22 +356,20 @@ class Pipeline:
         return fallback
 
     def _own_embeddings(self, gen: "_Generated", idx: np.ndarray, crop112) -> tuple[np.ndarray, np.ndarray]:
-        """(N, D) embeddings of the input faces of ``gen`` for the identity check and their (N, 112,
-        112, 3) uint8 ArcFace crops, filled in for the faces ``idx`` (the others stay 0). Each
-        face's own frame: reusing a track's embedding of a few frames before let faces through
-        where the expression changes fast (stress set, lp_d6 in a 3x3 mosaic: frames 1-3 compared
-        with frame 0's face, verified at cosine 0.34-0.52).
+        """(len(idx), D) embeddings of the input faces ``idx`` of ``gen`` for the identity check and
+        their (len(idx), 112, 112, 3) uint8 ArcFace crops. Each face's own frame: reusing a track's
+        embedding of a few frames before let faces through where the expression changes fast
+        (stress set, lp_d6 in a 3x3 mosaic: frames 1-3 compared with frame 0's face, verified at
+        cosine 0.34-0.52).
         ``crop112(j)``: face j's 112 px input crop, or None for the generator crops' squares
         (align.arcface_squares, as in training)."""
         from ..faces.align import arcface_squares
 
-        out = np.zeros((len(gen.jobs), gen.desc.shape[1]), np.float32)
-        c112 = np.zeros((len(gen.jobs), 112, 112, 3), np.uint8)
-        if len(idx):
-            c112[idx] = np.stack([crop112(j) for j in idx] if crop112 is not None
-                                 else arcface_squares(gen.crops[idx], self.runner.size, self.runner.margin))
-            out[idx] = self.embedder.embed_check(list(c112[idx]))
-        return out, c112
+        if not len(idx):
+            return np.zeros((0, gen.desc.shape[1]), np.float32), np.zeros((0, 112, 112, 3), np.uint8)
+        c112 = np.stack([crop112(j) for j in idx] if crop112 is not None
+                        else arcface_squares(gen.crops[idx], self.runner.size, self.runner.margin))
+        return self.embedder.embed_check(list(c112)), c112
 
     def _describe_new_tracks(self, items, descriptors: dict) -> None:
         """Fixed identity descriptor per track: mean embedding of its first (up to 5) detected faces
