@@ -47,6 +47,9 @@ DECIDE_FACES = 5
 RECHECK_FACES = 5
 #: Side of the ArcFace crops deid faces writes: such images are embedded without detection.
 CROP_SIDE = 112
+#: --target: the generator is conditioned on normalise(own - TARGET_WEIGHT * target) (see
+#: steer_descriptor), not on the target's descriptor alone.
+TARGET_WEIGHT = 1.0
 
 IMAGE_SUFFIXES = IMAGE_EXTS | {".bmp"}  # the images deid anonymizes, and BMP photos
 
@@ -120,6 +123,21 @@ def load_people(paths: Sequence[Path], detector, embedder, det_thresh: float = 0
         person.descriptor = (e / max(float(np.linalg.norm(e)), 1e-12)).astype(np.float32)
         log.info("reference %s: %d photo(s)", person.name, len(crops))
     return people
+
+
+def steer_descriptor(own: np.ndarray, target: np.ndarray, weight: float = TARGET_WEIGHT) -> np.ndarray:
+    """The descriptor the generator is conditioned on to steer a face with descriptor ``own``
+    towards ``target`` (both (..., D) float32, L2-normalised): ``own - weight * target``,
+    L2-normalised.
+
+    Why not ``target`` itself, as in the paper: the shipped generator was trained with a repeller
+    only (weights/MODEL_CARD.md), so it draws a face *away* from whatever descriptor it is given.
+    Given a stranger's descriptor instead of the person's own, it moves the face away from the
+    stranger and leaves the person recognisable (LFW DevTest, 400 faces: cosine to the target
+    -0.34, 72% of the faces still verified as the person); given own - target it moves away from
+    the person and towards the target (docs/target.md, research/target_response.py)."""
+    d = np.asarray(own, np.float32) - np.float32(weight) * np.asarray(target, np.float32)
+    return (d / np.maximum(np.linalg.norm(d, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 @dataclass
