@@ -94,6 +94,42 @@ class _RichProgress:
             self.p.stop()
 
 
+class _RichClusterProgress:
+    """--ray: files and frames done across the cluster, on stderr (only when it is a terminal)."""
+
+    def __init__(self):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                          console=Console(stderr=True), transient=False)
+        self.tasks = None
+
+    def start(self, files, frames):
+        self.p.start()
+        self.tasks = (self.p.add_task("files", total=files), self.p.add_task("frames", total=frames or None))
+
+    def update(self, files_done, frames_done):
+        self.p.update(self.tasks[0], completed=files_done)
+        self.p.update(self.tasks[1], completed=frames_done)
+
+    def stop(self):
+        if self.tasks is not None:
+            self.p.stop()
+
+
+def _ray_option(ctx, param, value):
+    """--ray [ADDRESS]: "local" (no ADDRESS: a local cluster for the run), "auto", ray://HOST:PORT
+    or HOST:PORT. Anything else is most likely SRC read as the address (--ray before SRC)."""
+    import re
+
+    if value is None or value in ("local", "auto") or value.startswith("ray://") \
+            or re.fullmatch(r"[\w.-]+:\d+", value):
+        return value
+    raise click.BadParameter(f"ADDRESS must be auto, ray://HOST:PORT or HOST:PORT, not {value!r} "
+                             f"(write --ray after SRC DST when it takes no ADDRESS)")
+
+
 #: Research commands (deidcli.research): imported only when run; the help line is shown by `deid --help`.
 RESEARCH_COMMANDS = {
     "bench": ("deidcli.research.bench:bench_command",
@@ -234,6 +270,10 @@ _generator_options = _stacked(
               help="List what would be done; write nothing.")
 @click.option("--shard", metavar="I/N", callback=_shard_option, default=None,
               help="Only shard I of N (0-based) of the inputs.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              callback=_ray_option, help="Run on a Ray cluster: auto, ray://HOST:10001; none: a local one.")
+@click.option("--ray-workers", type=click.IntRange(min=1), default=None, metavar="N",
+              help="--ray: workers (default: one per GPU, else per 4 CPUs).")
 @click.option("--keep", multiple=True, metavar="PHOTO_OR_DIR", type=click.Path(path_type=Path),
               help="Leave these people untouched (repeatable).")
 @click.option("--only", multiple=True, metavar="PHOTO_OR_DIR", type=click.Path(path_type=Path),
@@ -245,7 +285,7 @@ def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, ident
               margin, det_thresh, keep_thresh, det_size, min_face,
               detector, detector_precision, detect_every,
               max_gap, smooth, codec, crf, preset, audio, keep_metadata, overwrite, dry_run, shard, models_dir, as_json,
-              report_path, quiet, verbose, out_format, keep, only):
+              report_path, quiet, verbose, out_format, keep, only, ray_address, ray_workers):
     """Anonymize SRC (video, image, or folder) into DST.
 
     SRC or DST `-`: a video stream on stdin / to stdout (Matroska, or --format mpegts).
@@ -253,6 +293,9 @@ def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, ident
     A folder is processed recursively and mirrored into DST; existing outputs are skipped
     unless --overwrite. Exit codes: 0 ok, 1 some input failed, 2 usage, 3 models, 130/143
     interrupted by SIGINT/SIGTERM (partial output removed, report written; rerun to resume).
+
+    --ray: the same run on the workers of a Ray cluster (docs/cluster.md); write it after
+    SRC DST when it takes no ADDRESS.
 
     Each option in depth: docs/options.md.
     """
@@ -279,8 +322,19 @@ def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, ident
         )
     except ValueError as e:
         raise click.UsageError(str(e))
-    progress = _RichProgress() if (sys.stderr.isatty() and not quiet and not as_json) else None
-    from ..pipeline.anonymize import anonymize as run
+    if ray_workers is not None and ray_address is None:
+        raise click.UsageError("--ray-workers applies to --ray runs only")
+    tty = sys.stderr.isatty() and not quiet and not as_json
+    if ray_address is None:
+        progress = _RichProgress() if tty else None
+        from ..pipeline.anonymize import anonymize as run
+    else:
+        from functools import partial
+
+        from ..pipeline.cluster import ClusterOptions, anonymize_on_ray
+
+        progress = _RichClusterProgress() if tty else None
+        run = partial(anonymize_on_ray, cluster=ClusterOptions(address=ray_address, workers=ray_workers))
 
     try:
         try:

@@ -1,0 +1,247 @@
+"""`deid anonymize SRC DST --ray`: a folder run on a real local Ray cluster (loopback, CPU workers).
+
+Each test runs the real `deid` command in a subprocess, which starts a local Ray cluster for the
+run (about 10 s here, the workers loading their models included), on short clips cut from
+../shared/videos with `--method blur`. Checked: the outputs match a plain folder run's (frames,
+timestamps, audio packets, pixels), a rerun skips everything without starting a cluster, a worker
+killed mid-file gets its file retried (complete output, no temporary file left), a bad input fails
+alone, Ctrl-C stops the run cleanly, and without Ray `--ray` says how to install it.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import MODELS, audio_packets, decode_rgb, frame_pts
+from deidcli.pipeline import jobs
+
+DEID = [sys.executable, "-m", "deidcli.cli"]
+ENV = dict(os.environ, DEID_MODELS_DIR=str(MODELS), RAY_DISABLE_USAGE_STATS="1")
+
+try:
+    import ray  # noqa: F401
+
+    HAVE_RAY = True
+except ImportError:
+    HAVE_RAY = False
+need_ray = pytest.mark.skipif(not HAVE_RAY, reason="Ray is not installed (pip install 'deid-video[ray]')")
+
+
+def run(*args, check=None, timeout=300, env=ENV):
+    p = subprocess.run([*DEID, *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+    if check is not None:
+        assert p.returncode == check, f"exit {p.returncode}\nstdout:{p.stdout}\nstderr:{p.stderr}"
+    return p
+
+
+def start(*args):
+    return subprocess.Popen([*DEID, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=ENV)
+
+
+def wait_for(pred, timeout=180.0, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def temp_of(folder: Path, name: str) -> list:
+    try:
+        return [q for q in folder.iterdir() if q.name.startswith(f".{name}.deid-tmp-")]
+    except FileNotFoundError:
+        return []
+
+
+def by_name(report: dict) -> dict:
+    return {Path(f["input"]).name: f for f in report["files"]}
+
+
+def leftovers(root: Path) -> list:
+    """Hidden files below root: temporary outputs, locks, the run's marker file."""
+    return sorted(str(q.relative_to(root)) for q in root.rglob(".*"))
+
+
+@pytest.fixture(scope="module")
+def folder(clips, tmp_path_factory):
+    """in/a.mp4 (512x512, aac), in/sub/b.mp4 (720p, two people, aac), in/c.mp4 (portrait, no audio)."""
+    src = tmp_path_factory.mktemp("ray") / "in"
+    (src / "sub").mkdir(parents=True)
+    shutil.copy(clips["talking"], src / "a.mp4")
+    shutil.copy(clips["two_person"], src / "sub" / "b.mp4")
+    shutil.copy(clips["portrait_noaudio"], src / "c.mp4")
+    return src
+
+
+@pytest.fixture(scope="module")
+def plain(folder):
+    """The plain folder run of the same folder: what --ray must reproduce."""
+    out = folder.parent / "plain"
+    p = run("anonymize", folder, out, "--method", "blur", "--json", check=0)
+    return out, json.loads(p.stdout)
+
+
+def test_without_ray_one_line_and_exit_2(folder, tmp_path):
+    """Ray not importable: one line naming the extra to install, exit 2, nothing written."""
+    code = ("import sys; sys.modules['ray'] = None\n"
+            "from deidcli.cli import main; sys.argv = ['deid'] + sys.argv[1:]; main()")
+    p = subprocess.run([sys.executable, "-c", code, "anonymize", str(folder), str(tmp_path / "out"), "--method",
+                        "blur", "--ray"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().splitlines() == ["deid: ERROR: --ray needs Ray, which is not installed: "
+                                             "pip install 'deid-video[ray]'"], p.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_ray_option_usage_errors(folder, tmp_path):
+    p = run("anonymize", "--ray", folder, tmp_path / "out")  # SRC read as the address
+    assert p.returncode == 2 and "write --ray after SRC DST" in p.stderr, p.stderr
+    p = run("anonymize", folder, tmp_path / "out", "--ray-workers", "2")
+    assert p.returncode == 2 and "--ray-workers applies to --ray runs only" in p.stderr, p.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_worker_that_does_not_see_dst_refuses(tmp_path):
+    """A node that mounts no shared DST (here: a marker file it cannot read back) or sees other
+    inputs: the worker refuses before loading models; the driver stops the run with that line."""
+    from deidcli.options import AnonymizeOptions
+    from deidcli.pipeline.cluster import NotShared, Worker
+
+    (tmp_path / "in.mp4").write_bytes(b"1234")
+    marker = tmp_path / ".deid-ray-0123"
+    marker.write_text("token")
+    ok = {"marker": str(marker), "token": "token", "samples": [(str(tmp_path / "in.mp4"), 4)]}
+    Worker(AnonymizeOptions(), ok)._check_shared(samples=True)
+    for bad in ({**ok, "marker": str(tmp_path / "elsewhere" / marker.name)}, {**ok, "token": "other"},
+                {**ok, "samples": [(str(tmp_path / "in.mp4"), 5)]}, {**ok, "samples": [(str(tmp_path / "x"), 4)]}):
+        with pytest.raises(NotShared, match="SRC and DST must be on a file system every node mounts"):
+            Worker(AnonymizeOptions(), bad)._check_shared(samples=True)
+    assert NotShared.exit_code == 2
+
+
+@need_ray
+def test_ray_run_matches_the_plain_folder_run_and_a_rerun_skips(folder, plain, tmp_path):
+    plain_out, plain_rep = plain
+    out = tmp_path / "out"
+    p = run("anonymize", folder, out, "--method", "blur", "--ray", "--ray-workers", "2", "--json", "--report",
+            tmp_path / "report.json", check=0)
+    assert "Traceback" not in p.stderr, p.stderr
+    rep = json.loads(p.stdout)
+    assert (tmp_path / "report.json").read_text() == p.stdout
+    assert (rep["ok"], rep["skipped"], rep["failed"], rep["interrupted"], rep["pending"]) == (3, 0, 0, 0, 0)
+    assert [f["input"] for f in rep["files"]] == [f["input"] for f in plain_rep["files"]]  # the plan's order
+    assert rep["device"] == "cpu" and rep["detector_precision"] == plain_rep["detector_precision"]
+    cl = rep["cluster"]
+    assert cl["address"] == "local" and cl["nodes"] == 1 and len(cl["workers"]) == 2 and cl["start_seconds"] > 0
+    assert cl["worker_resources"].get("num_gpus") is None and cl["worker_resources"]["num_cpus"] >= 1
+    workers = {w["worker"] for w in cl["workers"]}
+    for rel in ("a.mp4", "sub/b.mp4", "c.mp4"):
+        f, g = by_name(rep)[Path(rel).name], by_name(plain_rep)[Path(rel).name]
+        assert f["status"] == "ok" and f["attempts"] == 1 and f["worker"] in workers, f
+        assert f["output"] == str(out / rel) and f["exit_code"] == 0
+        for k in ("frames", "faces_detected", "faces_anonymized", "tracks"):
+            assert f[k] == g[k], (rel, k)
+        assert f["faces_anonymized"] > 0
+        assert frame_pts(out / rel) == frame_pts(plain_out / rel) == frame_pts(folder / rel), rel
+        if rel != "c.mp4":  # (c.mp4 has no audio)
+            assert audio_packets(out / rel) == audio_packets(plain_out / rel) == audio_packets(folder / rel), rel
+        a, b = np.stack(decode_rgb(out / rel)), np.stack(decode_rgb(plain_out / rel))
+        assert np.abs(a.astype(int) - b).max() <= 2, rel  # the same blur, encoded the same way
+        src_px = np.stack(decode_rgb(folder / rel))
+        assert np.abs(a.astype(int) - src_px).mean() > 0.5, rel  # something was changed
+    assert leftovers(out) == []  # no temporary, lock or marker file
+    # a rerun: every output exists, so nothing to hand out and no cluster started
+    t = time.time()
+    p = run("anonymize", folder, out, "--method", "blur", "--ray", "--ray-workers", "2", "--json", check=0)
+    rep = json.loads(p.stdout)
+    assert (rep["ok"], rep["skipped"]) == (0, 3) and rep["cluster"]["workers"] == []
+    assert all(f["error"] == "output exists (use --overwrite to replace it)" and f["worker"] is None
+               and f["attempts"] == 0 for f in rep["files"])
+    assert time.time() - t < 30
+
+
+@need_ray
+def test_a_worker_killed_mid_file_gets_the_file_retried_and_a_bad_input_fails_alone(clips, medium, tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    shutil.copy(medium, src / "long.mp4")  # 3 s, the longest: handed out first
+    shutil.copy(clips["talking"], src / "a.mp4")
+    (src / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(3000))
+    shutil.copy(clips["portrait_noaudio"], src / "c.mp4")
+    proc = start("anonymize", src, out, "--method", "blur", "--ray", "--ray-workers", "2", "--json")
+    try:
+        wait_for(lambda: temp_of(out, "long.mp4") or proc.poll() is not None, what="long.mp4 to be written")
+        assert temp_of(out, "long.mp4"), proc.communicate()
+        owner = jobs.lock_owner(out / "long.mp4")  # the worker writing it: a Ray actor's process
+        assert owner and owner["pid"] not in (None, proc.pid), owner
+        time.sleep(0.5)
+        tmp = temp_of(out, "long.mp4")
+        os.kill(owner["pid"], signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, stderr  # broken.mp4
+    assert "Traceback" not in stderr, stderr
+    rep = json.loads(stdout)
+    files = by_name(rep)
+    assert {n: f["status"] for n, f in files.items()} == {"a.mp4": "ok", "broken.mp4": "failed", "c.mp4": "ok",
+                                                         "long.mp4": "ok"}
+    assert files["long.mp4"]["attempts"] == 2 and files["long.mp4"]["worker"] != f"{owner['host']}:{owner['pid']}"
+    assert files["broken.mp4"]["attempts"] == 1 and files["broken.mp4"]["exit_code"] == 1
+    assert "broken.mp4" in files["broken.mp4"]["error"] and str(src / "broken.mp4") in files["broken.mp4"]["input"]
+    assert len([ln for ln in stderr.splitlines() if "ERROR" in ln]) == 1, stderr
+    assert len(rep["cluster"]["workers"]) == 3  # two, and the one that replaced the killed one
+    assert rep["stale_files_removed"] == [str(tmp[0])]  # the killed try's, removed by the next one
+    assert sorted(q.name for q in out.iterdir()) == ["a.mp4", "c.mp4", "long.mp4"]  # no temp, lock or marker
+    for name in ("a.mp4", "c.mp4", "long.mp4"):
+        assert frame_pts(out / name) == frame_pts(src / name), name  # complete, decodes to the end
+        if name != "c.mp4":
+            assert audio_packets(out / name) == audio_packets(src / name), name
+
+
+@pytest.fixture(scope="module")
+def medium(shared, tmp_path_factory):
+    from conftest import VIDEOS, cut_clip
+
+    return cut_clip(VIDEOS / "lp_d6.mp4", tmp_path_factory.mktemp("medium") / "medium.mp4", 3.0)
+
+
+@need_ray
+def test_sigint_cancels_the_run_cleanly(clips, medium, tmp_path):
+    """Ctrl-C while workers are busy: their files stop, partial outputs are removed, the report is
+    written (in progress: interrupted; not started: pending), exit 130; a rerun finishes."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    shutil.copy(medium, src / "long.mp4")
+    for i in range(3):
+        shutil.copy(clips["portrait_noaudio"], src / f"short{i}.mp4")
+    proc = start("anonymize", src, out, "--method", "blur", "--ray", "--ray-workers", "1", "--json")
+    try:
+        wait_for(lambda: temp_of(out, "long.mp4") or proc.poll() is not None, what="long.mp4 to be written")
+        time.sleep(0.5)
+        t0 = time.time()
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)  # a second one while it stops: ignored
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert time.time() - t0 < 40, "did not stop promptly"
+    assert "Traceback" not in stderr and "interrupted by SIGINT" in stderr, stderr
+    rep = json.loads(stdout)
+    assert rep["interrupted_by"] == "SIGINT"
+    assert {n: f["status"] for n, f in by_name(rep).items()} == {
+        "long.mp4": "interrupted", "short0.mp4": "pending", "short1.mp4": "pending", "short2.mp4": "pending"}
+    assert by_name(rep)["long.mp4"]["exit_code"] == 130
+    assert list(out.iterdir()) == []  # nothing half-written: no output, temp, lock or marker
