@@ -314,3 +314,50 @@ def test_correlation_interval_is_a_block_bootstrap():
     assert _corr_ci90(a, tight) == [lo_t, hi_t]  # seeded
     assert _corr_ci90(a, a) == pytest.approx([1.0, 1.0])
     assert _corr_ci90(a[:2 * CI_BLOCK_FRAMES - 1], tight[:2 * CI_BLOCK_FRAMES - 1]) is None
+
+
+def test_a_softened_but_readable_face_is_not_excused_by_the_control(two, tmp_path):
+    """The verification control (measures.face_removed) must not excuse a face that was changed
+    but is still readable: the whole frame softened (Gaussian, sigma 1.2) changes every crop
+    (no face counts as unchanged) and every face stays exposed, none 'verified by context only'."""
+    import cv2
+
+    from deidcli.research.evaluate_video import evaluate_video
+
+    soft = [cv2.GaussianBlur(f, (0, 0), 1.2) for f in decode_rgb(two)]
+    out = write_video(tmp_path / "soft.mp4", soft, rate_of(two))
+    r = evaluate_video(two, out)
+    assert r["faces"] == 2 * r["frames"] and r["exposed_unchanged"] < r["faces"]
+    assert r["exposed_faces"] == r["faces"] and r["verified_context_only"] == 0
+
+
+@pytest.mark.parametrize("clip", ["ghost_obama_short.mp4", "lp_d13.mp4"])
+def test_the_control_verifies_only_faces_the_network_cannot_read(shared, clip):
+    """Clear face: the crop without its face is another person to MobileFaceNet. The same face
+    at 24 px under haze: the network verifies the crop without its face as the person, so a
+    verification of such a face's output says nothing about the face (evaluate_video)."""
+    import av
+    import cv2
+
+    from deidcli import weights
+    from deidcli.faces.align import arcface_crop
+    from deidcli.faces.detect import Detector
+    from deidcli.generator.embedder import IdentityEmbedder
+    from deidcli.research.measures import VERIFY_THRESHOLD, face_removed
+
+    with av.open(str(VIDEOS / clip)) as c:
+        img = next(c.decode(video=0)).to_ndarray(format="rgb24")
+    det = Detector(weights.model_path("det_scrfd_2.5g_kps.onnx"), det_thresh=0.5)
+    emb = IdentityEmbedder(weights.model_path("rec_mobilefacenet.onnx"))
+    d = det.detect(img)
+    box, kps = d.boxes[0], d.kps[0]
+    clear = arcface_crop(img, kps)
+    f = 24.0 / (box[3] - box[1])
+    hazy = (0.4 * img + 0.6 * 200).astype(np.uint8)
+    hazy = cv2.resize(hazy, (round(img.shape[1] * f), round(img.shape[0] * f)), interpolation=cv2.INTER_AREA)
+    tiny = arcface_crop(hazy, kps * f)
+    removed = face_removed(clear)
+    assert removed.shape == clear.shape and removed.dtype == np.uint8
+    e = emb.embed([clear, removed, tiny, face_removed(tiny)])
+    assert float(e[0] @ e[1]) < VERIFY_THRESHOLD - 0.1
+    assert float(e[2] @ e[3]) >= VERIFY_THRESHOLD

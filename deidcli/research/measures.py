@@ -35,6 +35,28 @@ VERIFY_THRESHOLD = 0.33514
 #: count as "no replacement happened". A plain libx264 crf 18 re-encode stays near 1.
 UNCHANGED_MAD = 2.0
 
+#: The face region of an ArcFace 112 crop (centre, semi-axes in px): brows to chin, cheek to
+#: cheek, leaving hair, ears and background. :func:`face_removed` fills it flat.
+FACE_REMOVED_ELLIPSE = ((56, 64), (36, 46))
+
+
+def face_removed(crop: np.ndarray) -> np.ndarray:
+    """The ArcFace crop (112, 112, 3) uint8 RGB with its face region (:data:`FACE_REMOVED_ELLIPSE`)
+    filled with the region's mean colour: the control for a verification. When the identity
+    network matches this to the input face as closely as it matches the output, its match is
+    made on what the crop holds besides the face (hair, background, a colour cast, haze) or on
+    nothing at all, and says nothing about the face (evaluate_video: ``verified_context_only``)."""
+    import cv2
+
+    assert crop.shape == (112, 112, 3) and crop.dtype == np.uint8, (crop.shape, crop.dtype)
+    (cx, cy), (ax, ay) = FACE_REMOVED_ELLIPSE
+    m = np.zeros((112, 112), np.uint8)
+    cv2.ellipse(m, (cx, cy), (ax, ay), 0, 0, 360, 255, -1)
+    out = crop.copy()
+    sel = m > 0
+    out[sel] = np.rint(crop[sel].mean(0)).astype(np.uint8)
+    return out
+
 # --------------------------------------------------------------------------------------
 # Mouth opening proxy
 #

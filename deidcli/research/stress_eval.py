@@ -49,7 +49,7 @@ def _row(name: str, run: dict, ev: dict, reenc) -> dict:
     row = {
         "clip": name, "frames": ev.get("frames"), "faces": faces,
         "exposed": ev.get("exposed_faces"), "verified": ev.get("exposed_verified"),
-        "unchanged": ev.get("exposed_unchanged"),
+        "unchanged": ev.get("exposed_unchanged"), "context_only": ev.get("verified_context_only"),
         "dlib_same": ev.get("judge_same_frac"), "dlib_faces": ev.get("judge_faces"),
         "garish": ev.get("garish_faces"), "garish_frac": ev.get("garish_frac"),
         "eval_generated": ev.get("faces_generated"), "eval_blurred": ev.get("faces_blurred"),
@@ -69,13 +69,14 @@ def _pct(v) -> str:
 
 
 def to_markdown(rows: list) -> str:
-    head = ("| clip | faces | exposed | dlib same | garish | generated / blurred (eval) | anonymizer paths "
+    head = ("| clip | faces | exposed | verified by context only | dlib same | garish | generated / blurred (eval) | anonymizer paths "
             "| fps | x re-encode |")
     out = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in rows:
         paths = ", ".join(f"{k} {v}" for k, v in (r.get("paths") or {}).items()) or (
             f"fallback {r.get('fallback')}")
-        out.append(f"| {r['clip']} | {r['faces']} | {r['exposed']} | {_pct(r['dlib_same'])} "
+        out.append(f"| {r['clip']} | {r['faces']} | {r['exposed']} | {r.get('context_only', '')} "
+                   f"| {_pct(r['dlib_same'])} "
                    f"| {r['garish'] if r['garish'] is not None else ''} ({_pct(r['garish_frac'])}) "
                    f"| {r['eval_generated']} / {r['eval_blurred']} | {paths} | {r['fps']} "
                    f"| {r.get('x_reencode', '')} |")
