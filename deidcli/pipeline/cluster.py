@@ -137,11 +137,16 @@ class Worker:
     Made a Ray actor by :func:`_actor_class`, with ``max_concurrency`` above 1 so that
     :meth:`frames` and :meth:`cancel` answer while :meth:`process` runs (the driver gives a
     worker one file at a time). ``check``: the marker file ``(path, token)`` and ``(input, size)``
-    samples that prove this node sees SRC and DST as the driver does.
+    samples that prove this node sees SRC and DST as the driver does. ``cpus``: the CPUs Ray gave
+    this worker; its CPU stages then use half of them each (DEID_ORT_THREADS, DEID_TORCH_THREADS
+    unless set), not half of the node's.
     """
 
-    def __init__(self, options: AnonymizeOptions, check: dict):
+    def __init__(self, options: AnonymizeOptions, check: dict, cpus: int = 0):
         self.options, self.check = options, check
+        if cpus:  # stages.stage_threads' rule (half the cores) applied to this worker's share of them
+            for env in ("DEID_ORT_THREADS", "DEID_TORCH_THREADS"):
+                os.environ.setdefault(env, str(max(1, cpus // 2)))
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.pipeline = None
         self.stop = threading.Event()
@@ -382,6 +387,7 @@ class _Driver:
                            "worker_resources": {}, "start_seconds": None, "workers": self.infos}
         self.run_info: dict = {}  # device, dtype, precisions: as the first worker to start runs them
         self.actor_cls = None
+        self.cpus = 0  # CPUs each worker asks Ray for
         self.check: dict = {}
         self.spawns_left = 0
         self.done_files = self.done_frames = 0
@@ -444,6 +450,7 @@ class _Driver:
                              resources={k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")},
                              worker_resources=resources)
             self.actor_cls = _actor_class(ray).options(max_concurrency=4, max_restarts=0, **resources)
+            self.cpus = int(resources["num_cpus"])
             for _ in range(n):
                 self._spawn()
             self.spawns_left = n * self.cluster.attempts  # replacements for workers that die
@@ -473,7 +480,7 @@ class _Driver:
                 pass
 
     def _spawn(self) -> None:
-        slot = _Slot(self.actor_cls.remote(self.worker_options, self.check))
+        slot = _Slot(self.actor_cls.remote(self.worker_options, self.check, self.cpus))
         slot.ref = slot.actor.ready.remote()
         self.slots.append(slot)
 
