@@ -1,0 +1,137 @@
+"""What `deid anonymize --ray` costs and gains on one machine: a folder run through a local Ray
+cluster against the plain folder run, and the overhead Ray adds per run and per file.
+
+    python research/bench_ray.py [SRC_DIR] [--method generate] [--workers 2] [--rounds 1]
+                                 [--tiny 4,16] [--skip-folder] [--skip-tiny]
+
+1. The folder (default ../shared/videos): `deid anonymize SRC OUT --method M` and the same with
+   `--ray --ray-workers W` (a local cluster started by deid for the run), alternated for
+   ``--rounds`` rounds, each into a fresh folder. Prints the wall time of each, the Ray run's
+   start (connecting + the first worker's models loaded) and each file's worker and seconds.
+2. The overhead: N copies of a 0.5 s clip cut from the folder's first video, for each N in
+   ``--tiny``, plain and with one Ray worker (`--method blur`: little work per file). The slope of
+   wall time against N is the cost of one file; the Ray slope minus the plain one is what Ray adds
+   per file (driver probe, scheduling, a round trip), the difference at N = 0 what it adds per run
+   (starting and stopping the cluster and its worker processes).
+
+Wall times come from the `deid` process as a user runs it (imports, model loading included).
+The figures in docs/cluster.md come from this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEID = [sys.executable, "-m", "deidcli.cli"]
+
+
+def deid(*args) -> tuple[float, dict]:
+    t = time.perf_counter()
+    p = subprocess.run([*DEID, *map(str, args), "--json"], capture_output=True, text=True,
+                       env=dict(os.environ, RAY_DISABLE_USAGE_STATS="1"))
+    wall = time.perf_counter() - t
+    if p.returncode != 0:
+        sys.exit(f"deid {' '.join(map(str, args))}: exit {p.returncode}\n{p.stderr[-3000:]}")
+    return wall, json.loads(p.stdout)
+
+
+def cut(src: Path, dst: Path, seconds: float) -> None:
+    import av
+
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        vin = inp.streams.video[0]
+        ostream = out.add_stream_from_template(vin)
+        for pkt in inp.demux(vin):
+            if pkt.dts is None or pkt.pts is None:
+                continue
+            if float(pkt.pts * pkt.time_base) >= seconds:
+                break
+            pkt.stream = ostream
+            out.mux(pkt)
+
+
+def folder(src: Path, method: str, workers: int, rounds: int, tmp: Path) -> None:
+    print(f"## {src} (--method {method}); plain vs --ray --ray-workers {workers} (local cluster)\n")
+    for r in range(rounds):
+        for mode in ("plain", "ray"):
+            out = tmp / f"{mode}{r}"
+            extra = ["--ray", "--ray-workers", str(workers)] if mode == "ray" else []
+            load = os.getloadavg()[0]
+            wall, rep = deid("anonymize", src, out, "--method", method, *extra)
+            frames = sum(f["frames"] for f in rep["files"])
+            line = (f"round {r + 1} {mode:5s}: wall {wall:6.1f} s, {frames} frames, {frames / wall:5.1f} frames/s, "
+                    f"sum of file seconds {sum(f['seconds'] for f in rep['files']):6.1f}, "
+                    f"load_seconds {rep['load_seconds']}, load average before {load:.2f}")
+            if mode == "ray":
+                line += f", start {rep['cluster']['start_seconds']} s"
+            print(line)
+            if mode == "ray":
+                for f in rep["files"]:
+                    print(f"    {Path(f['input']).name:34s} {f['frames']:5d} frames {f['seconds']:6.1f} s "
+                          f"on {f['worker']} (attempts {f['attempts']})")
+            shutil.rmtree(out)
+    print()
+
+
+def tiny(src: Path, counts: list[int], tmp: Path) -> None:
+    first = sorted(p for p in src.iterdir() if p.suffix == ".mp4")[0]
+    clip = tmp / "tiny.mp4"
+    cut(first, clip, 0.5)
+    print(f"## overhead: N copies of 0.5 s of {first.name} (--method blur), plain vs --ray --ray-workers 1\n")
+    walls: dict = {"plain": {}, "ray": {}}
+    for n in counts:
+        d = tmp / f"tiny{n}"
+        d.mkdir()
+        for i in range(n):
+            shutil.copy(clip, d / f"t{i:03d}.mp4")
+        for mode in ("plain", "ray"):
+            out = tmp / f"tiny{n}_{mode}"
+            extra = ["--ray", "--ray-workers", "1"] if mode == "ray" else []
+            wall, rep = deid("anonymize", d, out, "--method", "blur", *extra)
+            walls[mode][n] = wall
+            secs = sum(f["seconds"] for f in rep["files"])
+            start = f", start {rep['cluster']['start_seconds']} s" if mode == "ray" else ""
+            print(f"N={n:3d} {mode:5s}: wall {wall:6.1f} s, sum of file seconds {secs:5.1f}, "
+                  f"load_seconds {rep['load_seconds']}{start}")
+            shutil.rmtree(out)
+    if len(counts) >= 2:
+        a, b = counts[0], counts[-1]
+        slope = {m: (walls[m][b] - walls[m][a]) / (b - a) for m in walls}
+        at0 = {m: walls[m][a] - slope[m] * a for m in walls}
+        print(f"\nper file: plain {slope['plain']:.3f} s, ray {slope['ray']:.3f} s -> Ray adds "
+              f"{slope['ray'] - slope['plain']:+.3f} s per file")
+        print(f"per run (N = 0): plain {at0['plain']:.1f} s, ray {at0['ray']:.1f} s -> Ray adds "
+              f"{at0['ray'] - at0['plain']:+.1f} s per run")
+    print()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("src", nargs="?", type=Path, default=ROOT.parent / "shared" / "videos")
+    ap.add_argument("--method", default="generate")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--tiny", default="4,16", help="file counts of the overhead runs")
+    ap.add_argument("--skip-folder", action="store_true")
+    ap.add_argument("--skip-tiny", action="store_true")
+    args = ap.parse_args()
+    print(f"machine: {os.cpu_count()} CPUs; nice {os.nice(0)}\n")
+    with tempfile.TemporaryDirectory(prefix="bench_ray_") as t:
+        tmp = Path(t)
+        if not args.skip_folder:
+            folder(args.src, args.method, args.workers, args.rounds, tmp)
+        if not args.skip_tiny:
+            tiny(args.src, [int(x) for x in args.tiny.split(",")], tmp)
+
+
+if __name__ == "__main__":
+    main()
