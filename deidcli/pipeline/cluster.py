@@ -55,6 +55,9 @@ CANCEL_WAIT_S = 30.0
 START_WARN_S = 60.0
 #: seconds between two polls of the workers' frame counts (progress bar)
 POLL_S = 0.5
+#: up to this many files to do, the driver reads each video's header to order them (a few ms
+#: each); past it, their sizes in bytes stand in, and the frames bar has no total
+PROBE_MAX = 1000
 #: the marker file written into DST for the run: every worker must read it back
 MARKER_PREFIX = ".deid-ray-"
 
@@ -252,12 +255,19 @@ class _Slot:
     since: float = field(default_factory=time.monotonic)
 
 
-def _estimate(job: _Job) -> None:
-    """Expected frames and work of a file: frames x pixels (decoding, detection and encoding
-    scale with both); an image or an unreadable file counts as one frame of its pixels or 0."""
+def _estimate(job: _Job, probe_it: bool = True) -> None:
+    """Expected frames and work of a file: frames x pixels from its header (decoding, detection
+    and encoding scale with both); without ``probe_it`` (large folders: PROBE_MAX), its size in
+    bytes. An image or an unreadable file counts 0 (little work, or a quick failure)."""
     from ..media.probe import media_kind, probe
 
     if media_kind(job.src) != "video":
+        return
+    if not probe_it:
+        try:
+            job.cost = float(os.stat(job.abs_src).st_size)
+        except OSError:
+            pass
         return
     try:
         info = probe(job.src)
@@ -426,7 +436,7 @@ class _Driver:
         """Start the cluster and the workers, hand out every queued file; Ctrl-C cancels."""
         ray = self.ray
         for job in self.queue:
-            _estimate(job)
+            _estimate(job, probe_it=len(self.queue) <= PROBE_MAX)
         self.queue = deque(sorted(self.queue, key=lambda j: (-j.cost, j.index)))  # longest first
         self.progress.start(len(self.queue), sum(j.frames for j in self.queue))
         root.mkdir(parents=True, exist_ok=True)
