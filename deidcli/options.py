@@ -107,6 +107,7 @@ class AnonymizeOptions:
     shard: Optional[tuple[int, int]] = None  # (index, count), 0-based: only the inputs of that shard (jobs.shard_of)
     keep: tuple[Path, ...] = ()  # reference photos / folders of people left untouched; all other faces anonymized
     only: tuple[Path, ...] = ()  # reference photos / folders of the only people anonymized (not with keep)
+    target: tuple[Path, ...] = ()  # photos / folders (a target a photo) generated faces are steered towards
     detect: DetectOptions = field(default_factory=DetectOptions)
     track: TrackOptions = field(default_factory=TrackOptions)
     encode: EncodeOptions = field(default_factory=EncodeOptions)
@@ -139,7 +140,9 @@ class AnonymizeOptions:
                              f"not {self.detect.detect_every}")
         if self.keep and self.only:
             raise ValueError("keep and only cannot be used together (keep: these people stay; only: only these go)")
-        for k in ("keep", "only"):  # one path, or several
+        if self.target and self.method != "generate":
+            raise ValueError(f"target steers the generator: it needs method generate, not {self.method!r}")
+        for k in ("keep", "only", "target"):  # one path, or several
             v = getattr(self, k)
             object.__setattr__(self, k, (Path(v),) if isinstance(v, (str, Path)) else tuple(Path(p) for p in v))
         if self.shard is not None and not (len(self.shard) == 2 and 0 <= self.shard[0] < self.shard[1]):
@@ -150,6 +153,6 @@ class AnonymizeOptions:
         for k, v in list(d.items()):
             if isinstance(v, Path):
                 d[k] = str(v)
-            elif k in ("keep", "only"):
+            elif k in ("keep", "only", "target"):
                 d[k] = [str(p) for p in v]
         return d

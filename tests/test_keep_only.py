@@ -170,17 +170,28 @@ def test_bad_references_fail_before_anything_is_written(data, case, tmp_path):
 
 
 def test_keep_and_only_together_and_dry_run(data, tmp_path):
-    """--keep with --only is a usage error; --dry-run lists the reference people, loads nothing."""
+    """--keep with --only is a usage error; --dry-run lists the reference people and each track's
+    decision (the run's: left kept, right anonymized), writes nothing; a bad reference is exit 2
+    in a dry run too."""
     from deidcli.options import AnonymizeOptions
 
     d = data["dir"]
     with pytest.raises(ValueError):
         AnonymizeOptions(keep=(d / "left",), only=(d / "right.jpg",))
     run("anonymize", data["clip"], tmp_path / "o.mp4", "--keep", d / "left", "--only", d / "right.jpg", check=2)
-    p = run("anonymize", data["clip"], tmp_path / "o.mp4", "--keep", d / "left", "--keep", d / "right.jpg",
-            "--dry-run", "--json", check=0)
-    assert {q["name"]: len(q["files"]) for q in json.loads(p.stdout)["people"]} == {"left": 2, "right": 1}
-    assert not (tmp_path / "o.mp4").exists()
+    p = run("anonymize", data["clip"], tmp_path / "o.mp4", "--keep", d / "left", "--dry-run", "--json", check=0)
+    plan = json.loads(p.stdout)
+    assert {q["name"]: len(q["files"]) for q in plan["people"]} == {"left": 2}
+    (f,) = plan["files"]
+    n = len(data["boxes"])
+    dec = sorted((t["decision"], t["nearest_person"], t["first_time"], t["faces"]) for t in f["track_decisions"])
+    assert dec == [("anonymized", "left", 0.0, n), ("kept", "left", 0.0, n)], dec
+    assert all(abs(t["last_time"] - (n - 1) / 30) < 0.05 for t in f["track_decisions"])  # 30 fps
+    assert f["faces_kept"] == n and not (tmp_path / "o.mp4").exists()
+    p = run("anonymize", data["clip"], tmp_path / "o.mp4", "--only", d / "right.jpg", "--dry-run", check=0)
+    assert ": kept (cosine to right" in p.stdout and ": anonymized (cosine to right" in p.stdout, p.stdout
+    run("anonymize", data["clip"], tmp_path / "o.mp4", "--keep", d / "both.jpg", "--dry-run", check=2)
+    assert not tmp_path.joinpath("o.mp4").exists()
 
 
 def test_a_swapped_track_is_anonymized_from_the_swap(data):

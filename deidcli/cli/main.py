@@ -278,6 +278,8 @@ _generator_options = _stacked(
               help="Leave these people untouched (repeatable).")
 @click.option("--only", multiple=True, metavar="PHOTO_OR_DIR", type=click.Path(path_type=Path),
               help="Anonymize only these people (repeatable).")
+@click.option("--target", multiple=True, metavar="PHOTO_OR_DIR", type=click.Path(path_type=Path),
+              help="Steer generated faces towards these faces (repeatable).")
 @_run_options
 def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, identity_check, check_thresh,
               check_precision, max_passes, small_max_passes, fallback, min_generate, max_yaw, min_light, soft_fraction,
@@ -285,7 +287,7 @@ def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, ident
               margin, det_thresh, keep_thresh, det_size, min_face,
               detector, detector_precision, detect_every,
               max_gap, smooth, codec, crf, preset, audio, keep_metadata, overwrite, dry_run, shard, models_dir, as_json,
-              report_path, quiet, verbose, out_format, keep, only, ray_address, ray_workers):
+              report_path, quiet, verbose, out_format, keep, only, ray_address, ray_workers, target):
     """Anonymize SRC (video, image, or folder) into DST.
 
     SRC or DST `-`: a video stream on stdin / to stdout (Matroska, or --format mpegts).
@@ -314,6 +316,7 @@ def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, ident
             min_light=min_light, soft_fraction=soft_fraction, first_pass_mouth=first_pass_mouth, eye_pass=eye_pass,
             keep_detail=keep_detail, pass_hold=pass_hold,
             models_dir=models_dir, overwrite=overwrite, dry_run=dry_run, shard=shard, keep=keep, only=only,
+            target=target,
             detect=DetectOptions(det_thresh=det_thresh, det_size=det_size, min_face=min_face, detector=detector,
                                  detect_every=detect_every, precision=detector_precision),
             track=TrackOptions(max_gap=max_gap, smooth=smooth, keep_thresh=keep_thresh),
@@ -362,9 +365,19 @@ def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, ident
             for f in report["files"]:
                 why = f"  ({f['reason']})" if f["reason"] else ""
                 click.echo(f"{f['action']:9s} {f['input']} -> {f['output']}{why}")
+                if f.get("error"):
+                    click.echo(f"{'':9s} cannot decide: {f['error']}")
+                for t in f.get("track_decisions", []):  # --keep / --only: what the run would decide
+                    span = "" if t["first_time"] is None else f" {t['first_time']:.2f}-{t['last_time'] or 0:.2f} s"
+                    click.echo(f"{'':9s} track {t['track']}{span}, {t['faces']} face(s): {t['decision']} "
+                               f"({t['reason']})")
             for p in report.get("people", []):
                 click.echo(f"{'keep' if keep else 'only':9s} {p['name']}: {len(p['files'])} photo(s)")
-        _finish(as_json, report_path, report, EXIT_OK)
+            n = len(report.get("targets", []))
+            for k, p in enumerate(report.get("targets", [])):
+                click.echo(f"{'target':9s} {p['name']}: {len(p['files'])} photo(s), for tracks "
+                           f"{', '.join(str(k + i * n) for i in range(3))}, ...")
+        _finish(as_json, report_path, report, EXIT_FAILED if report.get("failed") else EXIT_OK)
     if not as_json and not quiet:
         for f in report["files"]:
             if f["status"] == "ok":

@@ -169,7 +169,7 @@ def anonymize(src, dst, options: Optional[AnonymizeOptions] = None, progress: Op
             load_seconds = round(time.perf_counter() - t, 3)
         return pipeline
 
-    if options.keep or options.only:
+    if options.keep or options.only or options.target:
         factory()  # loads and checks the references (BadReference) before any input is opened
     results: list[FileResult] = []
     stale: list[Path] = []
@@ -271,7 +271,9 @@ def _run_job(factory: Callable[[], Pipeline], src: Path, dst: Path, options: Ano
 
 def _dry_run(jobs: Sequence[tuple[Path, Path]], options: AnonymizeOptions) -> dict:
     """What a run would do with each input (process, overwrite, skip), with the same rules as a run.
-    Loads no model, opens no input, writes nothing."""
+    Loads no model, opens no input, writes nothing. With --keep / --only it also gives each input
+    it would process the decision on each of its tracks (:func:`_decide_file`): that loads the
+    detector and the identity network (the references are checked first) and reads the inputs."""
     files = []
     for s, d in jobs:
         exists = d.exists()
@@ -285,15 +287,46 @@ def _dry_run(jobs: Sequence[tuple[Path, Path]], options: AnonymizeOptions) -> di
         else:
             action, reason = "process", None
         files.append({"input": str(s), "output": str(d), "action": action, "reason": reason})
+    if options.keep or options.only:
+        pipeline = Pipeline(options, render=False)  # BadReference here, before any input is read
+        for f in files:
+            if f["action"] != "skip":
+                f.update(_decide_file(pipeline, Path(f["input"])))
     plan = {"dry_run": True, "files": files,
             **counts((f["action"] for f in files), ("process", "overwrite", "skip")),
-            "options": options.to_dict()}
+            "failed": sum(1 for f in files if f.get("error")), "options": options.to_dict()}
     if options.keep or options.only:  # the people the references name (their photos are not read here)
         from .people import list_people
 
         plan["people"] = [{"name": p.name, "files": [str(f) for f in p.files]}
                           for p in list_people(options.keep or options.only)]
+    if options.target:  # the targets, in the order they are assigned to tracks
+        from .people import list_targets
+
+        plan["targets"] = [{"name": p.name, "files": [str(f) for f in p.files]} for p in list_targets(options.target)]
     return plan
+
+
+def _decide_file(pipeline: Pipeline, src: Path) -> dict:
+    """--dry-run with --keep / --only: {"track_decisions": [...], "faces_kept": n, "frames": n}
+    for one input (Pipeline.decide_tracks), or {"error": why} when it cannot be read."""
+    from ..media.frames import VideoFrame
+    from ..media.images import read_image
+    from ..media.probe import media_kind, probe
+    from ..media.reader import VideoReader
+
+    res = FileResult(input=str(src), output="")
+    try:
+        if media_kind(src) == "image":
+            frames, fps = iter([VideoFrame(0, read_image(src), None, 0.0)]), None
+        else:
+            rate = probe(src).average_rate
+            frames, fps = iter(VideoReader(src)), float(rate) if rate else None
+        pipeline.decide_tracks(frames, res, fps)
+    except DeidError as e:
+        log.error("%s: %s", src, _reason(e, src))
+        return {"error": str(e)}
+    return {"frames": res.frames, "track_decisions": res.track_decisions, "faces_kept": res.faces_kept}
 
 
 # --- pipes: "-" as SRC (stdin) and/or DST (stdout) --------------------------------------------
@@ -344,6 +377,8 @@ def _report(results: Sequence[FileResult], pipeline: Optional[Pipeline], load_se
         "stale_files_removed": [str(q) for q in stale],  # temporary files of killed runs
         # --keep / --only: the reference people, each with the photos their descriptor comes from
         "people": [{"name": p.name, "files": [str(f) for f in p.files]} for p in pipeline.people] if pipeline else [],
+        # --target: the targets in the order they are assigned to tracks (people.target_of)
+        "targets": [{"name": p.name, "files": [str(f) for f in p.files]} for p in pipeline.targets] if pipeline else [],
     }
 
 
@@ -384,7 +419,7 @@ def _anonymize_pipe(src, dst, options: AnonymizeOptions, progress: Progress) -> 
     res = FileResult(input=str(src), output=str(dst), kind="video")
     pipeline: Optional[Pipeline] = None
     load_seconds = 0.0
-    if options.keep or options.only:  # the references are checked (BadReference) before any input is read
+    if options.keep or options.only or options.target:  # references checked (BadReference) before any input is read
         t = time.perf_counter()
         pipeline = Pipeline(options)
         load_seconds = round(time.perf_counter() - t, 3)

@@ -9,6 +9,10 @@ A track is compared with the people by the cosine of its own descriptor (the nor
 of its first :data:`DECIDE_FACES` detected faces' embeddings) with each person's, the highest
 wins. :class:`Chooser` decides once per track, before any of its frames is rendered, and
 re-checks the tracks it leaves untouched on every later detected face.
+
+--target references (:func:`list_targets`: in a folder each photo is its own target) are loaded
+the same way; :func:`target_of` assigns them to tracks and :func:`steer_descriptor` makes the
+descriptor the generator is conditioned on (docs/target.md).
 """
 
 from __future__ import annotations
@@ -92,15 +96,50 @@ def list_people(paths: Sequence[Path]) -> list[Person]:
     return people
 
 
+def list_targets(paths: Sequence[Path]) -> list[Person]:
+    """The --target identities the references name, in order, without reading a photo: a file is
+    one target (its stem); in a folder each photo is one target (its stem, in name order), then
+    each subfolder with photos one more (its name, from all its photos). BadReference as
+    :func:`list_people`."""
+    targets: list[Person] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = [Person(f.stem, [f]) for f in _images(p)]
+            found += [Person(d.name, _images(d)) for d in sorted(p.iterdir()) if d.is_dir() and _images(d)]
+            if not found:
+                raise BadReference(f"{p}: no photos in this folder (.jpg, .png, .webp, .bmp; or name/ subfolders)")
+            targets += found
+        else:
+            targets += list_people([p])
+    return targets
+
+
 def load_people(paths: Sequence[Path], detector, embedder, det_thresh: float = 0.5) -> list[Person]:
-    """:func:`list_people` with each person's descriptor. Every photo must show exactly one face
+    """:func:`list_people` with each person's descriptor (:func:`describe_people`)."""
+    return describe_people(list_people(paths), detector, embedder, det_thresh)
+
+
+def load_targets(paths: Sequence[Path], detector, embedder, det_thresh: float = 0.5) -> list[Person]:
+    """:func:`list_targets` with each target's descriptor (:func:`describe_people`)."""
+    return describe_people(list_targets(paths), detector, embedder, det_thresh)
+
+
+def target_of(track_id: int, targets: Sequence[Person]) -> Person:
+    """The target a track is steered towards: ``targets[track_id % len(targets)]`` (tracks are
+    numbered from 0 in order of first appearance in each video; targets in :func:`list_targets`
+    order), so each video's first track gets the first target, its second the second, and so on,
+    round again after the last."""
+    return targets[track_id % len(targets)]
+
+
+def describe_people(people: list[Person], detector, embedder, det_thresh: float = 0.5) -> list[Person]:
+    """Set each person's descriptor from their photos. Every photo must show exactly one face
     scored >= ``det_thresh`` by ``detector`` (a faces.Detector), except 112x112 images (deid
     faces' aligned crops), embedded as they are. ``embedder``: generator.embedder.IdentityEmbedder
     (its fp32 ``embed``). BadReference naming the photo: unreadable, no face, several faces."""
     from ..faces.align import arcface_crop
     from ..media.images import read_image
 
-    people = list_people(paths)
     for person in people:
         crops = []
         for f in person.files:
@@ -135,9 +174,16 @@ def steer_descriptor(own: np.ndarray, target: np.ndarray, weight: float = TARGET
     Given a stranger's descriptor instead of the person's own, it moves the face away from the
     stranger and leaves the person recognisable (LFW DevTest, 400 faces: cosine to the target
     -0.34, 72% of the faces still verified as the person); given own - target it moves away from
-    the person and towards the target (docs/target.md, research/target_response.py)."""
-    d = np.asarray(own, np.float32) - np.float32(weight) * np.asarray(target, np.float32)
-    return (d / np.maximum(np.linalg.norm(d, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
+    the person and towards the target (docs/target.md, research/target_response.py).
+
+    A face whose own descriptor is at LFW_FAR_THRESHOLD or more to the target (the target is the
+    person) keeps its own: own - target would be close to nothing, a random direction, and a random
+    descriptor leaves the person recognisable as the target's does."""
+    own, target = np.asarray(own, np.float32), np.asarray(target, np.float32)
+    d = own - np.float32(weight) * target
+    d = d / np.maximum(np.linalg.norm(d, axis=-1, keepdims=True), 1e-12)
+    same = np.sum(own * target, axis=-1, keepdims=True) >= LFW_FAR_THRESHOLD
+    return np.where(same, own, d).astype(np.float32)
 
 
 @dataclass
@@ -149,6 +195,10 @@ class _Track:
     reason: str = ""
     faces_compared: int = 0
     first_frame: Optional[int] = None
+    last_frame: Optional[int] = None
+    first_time: Optional[float] = None  # seconds (None when the caller gives no times)
+    last_time: Optional[float] = None
+    faces: int = 0  # the track's faces seen (detected or filled in; not the held ones)
     switched_at_frame: Optional[int] = None  # where a re-check anonymized an untouched track
     recent: list = field(default_factory=list)  # last RECHECK_FACES embeddings (untouched tracks)
     faces_untouched: int = 0
@@ -187,16 +237,23 @@ class Chooser:
         k = int(np.argmax(cos))
         return float(cos[k]), self.people[k].name
 
-    def choose(self, items: Sequence[tuple[int, np.ndarray, Sequence]]) -> list[list]:
+    def choose(self, items: Sequence[tuple[int, np.ndarray, Sequence]],
+               times: Optional[Sequence[Optional[float]]] = None) -> list[list]:
+        """``times``: each item's frame time in seconds (None: not known), for the report."""
         from ..faces.align import arcface_crop
 
         new: dict[int, list] = {}  # undecided track -> crops of its first detected faces here
         later: list[tuple[int, int, int]] = []  # (track, item, crop index) for untouched tracks' faces
         crops: list[np.ndarray] = []
         for i, (idx, img, faces) in enumerate(items):
+            when = None if times is None or times[i] is None else round(float(times[i]), 3)
             for f in faces:
-                t = self.tracks.setdefault(f.track_id, _Track(first_frame=idx))
-                if f.interpolated or f.held:
+                t = self.tracks.setdefault(f.track_id, _Track(first_frame=idx, first_time=when))
+                if f.held:
+                    continue
+                t.last_frame, t.last_time = idx, when
+                t.faces += 1
+                if f.interpolated:
                     continue
                 if not t.decided:
                     lst = new.setdefault(f.track_id, [])
@@ -251,5 +308,6 @@ class Chooser:
         return [{"track": tid, "decision": "kept" if t.decided and t.untouched else "anonymized",
                  "similarity": t.similarity, "nearest_person": t.person, "reason": t.reason or "no detected face",
                  "faces_compared": t.faces_compared, "faces_kept": t.faces_untouched, "first_frame": t.first_frame,
+                 "last_frame": t.last_frame, "first_time": t.first_time, "last_time": t.last_time, "faces": t.faces,
                  "switched_at_frame": t.switched_at_frame}
                 for tid, t in sorted(self.tracks.items())]

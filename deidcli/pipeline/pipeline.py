@@ -47,7 +47,9 @@ DETAIL_SCALE = 2
 class Pipeline:
     """Models loaded once and reused across the files of a run."""
 
-    def __init__(self, options: AnonymizeOptions):
+    def __init__(self, options: AnonymizeOptions, render: bool = True):
+        """``render`` False: only detection, tracking and the --keep / --only decisions
+        (:meth:`decide_tracks`, the dry run); the generator and the check's network are not loaded."""
         from .. import weights
         from ..generator.embedder import IdentityEmbedder
         from ..generator.engine import GeneratorRunner, onnx_providers, resolve_runtime
@@ -70,7 +72,7 @@ class Pipeline:
         self.runner = None
         self.embedder = None
         self.detail = 0  # align.paste(detail=): DETAIL_SCALE x the generator's crop with --keep-detail
-        if options.method == "generate":
+        if options.method == "generate" and render:
             ckpt = weights.generator_path(options.weights)  # clear ModelError before importing torch models
             from ..generator.model import load_generator
 
@@ -83,16 +85,20 @@ class Pipeline:
             self.embedder = IdentityEmbedder(weights.model_path("rec_mobilefacenet.onnx", options.models_dir),
                                              providers, options.check_precision if options.identity_check
                                              else "fp32")
-        # --keep / --only (people.py): the references are loaded and checked here, before any input
-        # is opened; their descriptors and the track decisions use the fp32 network (embed).
+        # --keep / --only / --target (people.py): the references are loaded and checked here, before
+        # any input is opened; their descriptors and the track decisions use the fp32 network (embed).
         self.people: list = []
-        if options.keep or options.only:
-            from .people import load_people
+        self.targets: list = []
+        if options.keep or options.only or options.target:
+            from .people import load_people, load_targets
 
-            ref_embedder = self.embedder or IdentityEmbedder(
+            self._ref_embedder = self.embedder or IdentityEmbedder(
                 weights.model_path("rec_mobilefacenet.onnx", options.models_dir), providers, "fp32")
-            self.people = load_people(options.keep or options.only, self.detector, ref_embedder, d.det_thresh)
-            self._ref_embedder = ref_embedder
+            if options.keep or options.only:
+                self.people = load_people(options.keep or options.only, self.detector, self._ref_embedder,
+                                          d.det_thresh)
+            if options.target:
+                self.targets = load_targets(options.target, self.detector, self._ref_embedder, d.det_thresh)
 
     # -- rendering -------------------------------------------------------------------------
     def render(self, items: Sequence[tuple[np.ndarray, Sequence]], descriptors: dict,
@@ -158,13 +164,25 @@ class Pipeline:
             self._describe_new_tracks([(img, fs) for (img, _), fs in zip(items, drawn)], descriptors)
         tracks = [f.track_id for _, _, f in jobs]
         desc = np.stack([descriptors[t] for t in tracks]).astype(np.float32) if jobs else np.zeros((0, 128), np.float32)
+        cond = self.conditioning(tracks, desc)
         crops = np.stack(crops) if jobs else np.zeros((0, S, S, 3), np.uint8)
         levels = np.array([min(passes.take(t), router.passes_for(face_height(f.box)))
                            for t, (_, _, f) in zip(tracks, jobs)], np.int64)
         with stages("generate"):
-            raw, mask = self.runner.run(crops, desc, levels)
+            raw, mask = self.runner.run(crops, cond, levels)
         return _Generated(jobs, crops, desc, tracks, levels, raw, [feather(m, S) for m in mask], [None] * len(jobs),
-                          held)
+                          held, cond)
+
+    def conditioning(self, tracks: Sequence, desc: np.ndarray) -> np.ndarray:
+        """The descriptors (N, D) float32 the generator is conditioned on for faces of ``tracks``
+        whose own track descriptors are ``desc`` (N, D): ``desc`` itself, or with --target each
+        track's target (people.target_of) steered into it (people.steer_descriptor). The identity
+        check compares the output with ``desc``, the person, either way."""
+        if not self.targets or not len(desc):
+            return desc
+        from .people import steer_descriptor, target_of
+
+        return steer_descriptor(desc, np.stack([target_of(t, self.targets).descriptor for t in tracks]))
 
     def finish(self, items: Sequence[tuple[np.ndarray, Sequence]], gen: Optional["_Generated"],
                stages: Stages = NULL, passes: Optional[PassLevels] = None, stats: Optional[dict] = None,
@@ -255,13 +273,14 @@ class Pipeline:
         o = self.options
         S = self.runner.size
         crops, desc, tracks, levels, raw, masks = gen.crops, gen.desc, gen.tracks, gen.levels, gen.raw, gen.masks
+        cond = gen.desc if gen.cond is None else gen.cond  # what the generator is fed (--target), desc: the person
         most = np.array([router.passes_for(face_height(f.box)) for _, _, f in gen.jobs], np.int64)
         fallback = np.zeros(len(crops), bool)
         behind = np.flatnonzero([min(passes.get(t), m) > lv for t, lv, m in zip(tracks, levels, most)])
         if len(behind):
             levels[behind] = [min(passes.get(tracks[j]), most[j]) for j in behind]  # not counted: no check asked
             with stages("generate"):
-                r, m = self.runner.run(crops[behind], desc[behind], levels[behind])
+                r, m = self.runner.run(crops[behind], cond[behind], levels[behind])
             for j, rj, mj in zip(behind, r, m):
                 masks[j] = feather(mj, S)
                 raw[j] = rj
@@ -337,7 +356,7 @@ class Pipeline:
                 if not len(todo):
                     break
                 with stages("generate"):
-                    r, m = self.runner.run(crops[todo], desc[todo], levels[todo])
+                    r, m = self.runner.run(crops[todo], cond[todo], levels[todo])
                 for j, rj, mj in zip(todo, r, m):
                     masks[j] = feather(mj, S)
                     raw[j] = rj
@@ -439,7 +458,7 @@ class Pipeline:
 
     def process_frames(self, frames: Iterator, result: FileResult, fps: Optional[float],
                        stages: Stages = NULL, threads: bool = True, queue_frames: int = QUEUE_FRAMES,
-                       max_pending: int = MAX_PENDING_FRAMES) -> Iterator:
+                       max_pending: int = MAX_PENDING_FRAMES, render: bool = True) -> Iterator:
         """Transform decoded frames into (frame, image, rects), in order (see video.transcode_video).
 
         Detection and tracking run in their own thread (``threads``), a few frames ahead of
@@ -450,6 +469,9 @@ class Pipeline:
         ``queue_frames`` (frames detection may run ahead of rendering) and ``max_pending`` (most
         frames in one generator batch) bound how long a frame waits inside; deid live lowers both
         (pipeline/live.py).
+
+        ``render`` False: the frames come out as decoded (no rectangles), in the same batches, so
+        the --keep / --only decisions are the ones a run makes (:meth:`decide_tracks`).
         """
         tracked = self.detect_and_track(frames, result, fps, stages)
         if threads:
@@ -470,7 +492,7 @@ class Pipeline:
             if chooser is None:
                 return ready
             with stages("identity"):
-                faces = chooser.choose([(vf.index, vf.image, fs) for vf, fs in ready])
+                faces = chooser.choose([(vf.index, vf.image, fs) for vf, fs in ready], [vf.time for vf, _ in ready])
             return [(vf, fs) for (vf, _), fs in zip(ready, faces)]
 
         def batches() -> Iterator[list]:
@@ -497,7 +519,7 @@ class Pipeline:
                 imgs = [(vf.image, faces) for vf, faces in batch]
                 yield batch, imgs, self.generate(imgs, descriptors, stages, passes, router)
 
-        if generate:
+        if generate and render:
             work = prefetch(generated(), 1, "deid-generate") if threads else generated()
         else:
             work = ((batch, None, None) for batch in batches())
@@ -505,7 +527,9 @@ class Pipeline:
             for batch, imgs, gen in work:
                 # Rendered in place: nothing reads a frame's decoded picture afterwards (the writer
                 # takes the pixels outside the touched rectangles from the decoded planes).
-                if generate:
+                if not render:
+                    rects = [[] for _ in batch]
+                elif generate:
                     rects = self.finish(imgs, gen, stages, passes, check, router)
                 else:
                     rects = self.render([(vf.image, faces) for vf, faces in batch], descriptors, stages)
@@ -519,10 +543,18 @@ class Pipeline:
             result.add_check_stats(check, passes)
             result.add_route_stats(router)
             result.add_track_decisions(chooser)
+            result.add_track_targets(self.targets, descriptors)
         finally:
             for it in (work, tracked):
                 if hasattr(it, "close"):
                     it.close()
+
+    def decide_tracks(self, frames: Iterator, result: FileResult, fps: Optional[float]) -> None:
+        """The --keep / --only decisions a run would make on ``frames`` (decoded VideoFrames, or
+        one for an image) into ``result.track_decisions``: detection, tracking and the decisions,
+        in a run's batches; nothing generated, blurred or written."""
+        for _ in self.process_frames(frames, result, fps, render=False):
+            pass
 
     def image(self, img: np.ndarray, result: FileResult) -> np.ndarray:
         from ..faces.track import Tracker
@@ -534,14 +566,16 @@ class Pipeline:
         faces = final[0][1] if final else []
         chooser = self.new_chooser()
         if chooser is not None:
-            faces = chooser.choose([(0, img, faces)])[0]
+            faces = chooser.choose([(0, img, faces)], [0.0])[0]
         out = img.copy()
         passes = self.new_pass_levels()
         check = new_check_stats()
         router = self.new_router()
-        self.render([(out, faces)], {}, NULL, passes, check, router)
+        descriptors: dict = {}
+        self.render([(out, faces)], descriptors, NULL, passes, check, router)
         result.add_check_stats(check, passes)
         result.add_route_stats(router)
+        result.add_track_targets(self.targets, descriptors)
         result.frames = 1
         result.faces_anonymized = len(faces)
         result.tracks = len({f.track_id for f in final[0][1]}) if final else 0
@@ -557,7 +591,9 @@ class _Generated:
     run; raw (N, S, S, 3) uint8 RGB; masks[j] (S, S) float32 in [0, 1], feathered; regions[j]
     None or align.pasted_region of the face's current raw and mask on its frame as it was before
     any face of the batch was pasted (set by the identity check, which embeds that). held: the
-    faces not generated, (item index, face, reason) each (routing.py), given the fallback."""
+    faces not generated, (item index, face, reason) each (routing.py), given the fallback. cond:
+    (N, D) float32 the descriptors the generator was conditioned on (Pipeline.conditioning; None:
+    desc)."""
 
     jobs: list
     crops: np.ndarray
@@ -568,6 +604,7 @@ class _Generated:
     masks: list
     regions: list
     held: list = field(default_factory=list)
+    cond: Optional[np.ndarray] = None
 
 
 def _box_rect(box: np.ndarray, shape: Sequence[int]) -> tuple[int, int, int, int]:

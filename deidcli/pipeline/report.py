@@ -122,12 +122,25 @@ class FileResult:
     # and the reason; empty without --keep / --only
     faces_kept: int = 0
     track_decisions: list = field(default_factory=list)
+    # --target: each track the generator drew, with the target it was steered towards
+    # (people.target_of); empty without --target
+    track_targets: list = field(default_factory=list)
 
     def add_track_decisions(self, chooser) -> None:
         if chooser is None:
             return
         self.track_decisions = chooser.report()
         self.faces_kept = sum(t["faces_kept"] for t in self.track_decisions)
+
+    def add_track_targets(self, targets: list, descriptors: dict) -> None:
+        """``targets``: the loaded people.Person targets; ``descriptors``: track -> descriptor of
+        the tracks the generator drew (Pipeline.generate)."""
+        if not targets:
+            return
+        from .people import target_of
+
+        self.track_targets = [{"track": t, "target": target_of(t, targets).name}
+                              for t in sorted(k for k in descriptors if isinstance(k, int))]
 
     def add_route_stats(self, router) -> None:
         if router is None:

@@ -136,6 +136,8 @@ def target_response(n_faces: int = 400, passes: int = 1, seed: int = 0, weights:
         if name != "own":
             r["pixels_vs_own_conditioned"] = _mad(out, outs["own"])
             r["cos_to_target_minus_own_conditioned"] = _mean_se(c_t - rep["conditioned_on"]["own"]["_c_t"])
+            r["share_closer_to_target_than_own_conditioned"] = round(
+                float((c_t > rep["conditioned_on"]["own"]["_c_t"]).mean()), 4)
         else:
             r["_c_t"] = c_t
         if jn is not None:
