@@ -2,7 +2,7 @@
 cluster against the plain folder run, and the overhead Ray adds per run and per file.
 
     python research/bench_ray.py [SRC_DIR] [--method generate] [--workers 2] [--rounds 1]
-                                 [--tiny 4,16] [--skip-folder] [--skip-tiny]
+                                 [--tiny 4,32] [--skip-folder] [--skip-tiny]
 
 1. The folder (default ../shared/videos): `deid anonymize SRC OUT --method M` and the same with
    `--ray --ray-workers W` (a local cluster started by deid for the run), alternated for
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -34,14 +35,21 @@ ROOT = Path(__file__).resolve().parents[1]
 DEID = [sys.executable, "-m", "deidcli.cli"]
 
 
-def deid(*args) -> tuple[float, dict]:
-    t = time.perf_counter()
+def deid(*args) -> tuple[float, float, dict]:
+    """(wall seconds, CPU seconds, report) of one `deid ... --json`. The CPU time is that of the
+    deid process and the processes it waited for (with a local cluster: those Ray's shutdown
+    waits for), plus, for a --ray run, each worker's own (``cpu_seconds`` in the report: the
+    workers are not deid's children)."""
+    t, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     p = subprocess.run([*DEID, *map(str, args), "--json"], capture_output=True, text=True,
                        env=dict(os.environ, RAY_DISABLE_USAGE_STATS="1"))
-    wall = time.perf_counter() - t
+    wall, r1 = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode != 0:
         sys.exit(f"deid {' '.join(map(str, args))}: exit {p.returncode}\n{p.stderr[-3000:]}")
-    return wall, json.loads(p.stdout)
+    rep = json.loads(p.stdout)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    cpu += sum(w.get("cpu_seconds", 0.0) for w in (rep.get("cluster") or {}).get("workers", []))
+    return wall, cpu, rep
 
 
 def cut(src: Path, dst: Path, seconds: float) -> None:
@@ -66,9 +74,10 @@ def folder(src: Path, method: str, workers: int, rounds: int, tmp: Path) -> None
             out = tmp / f"{mode}{r}"
             extra = ["--ray", "--ray-workers", str(workers)] if mode == "ray" else []
             load = os.getloadavg()[0]
-            wall, rep = deid("anonymize", src, out, "--method", method, *extra)
+            wall, cpu, rep = deid("anonymize", src, out, "--method", method, *extra)
             frames = sum(f["frames"] for f in rep["files"])
             line = (f"round {r + 1} {mode:5s}: wall {wall:6.1f} s, {frames} frames, {frames / wall:5.1f} frames/s, "
+                    f"CPU {cpu:6.1f} s ({cpu / frames * 1000:.0f} ms/frame), "
                     f"sum of file seconds {sum(f['seconds'] for f in rep['files']):6.1f}, "
                     f"load_seconds {rep['load_seconds']}, load average before {load:.2f}")
             if mode == "ray":
@@ -96,12 +105,13 @@ def tiny(src: Path, counts: list[int], tmp: Path) -> None:
         for mode in ("plain", "ray"):
             out = tmp / f"tiny{n}_{mode}"
             extra = ["--ray", "--ray-workers", "1"] if mode == "ray" else []
-            wall, rep = deid("anonymize", d, out, "--method", "blur", *extra)
+            load = os.getloadavg()[0]
+            wall, cpu, rep = deid("anonymize", d, out, "--method", "blur", *extra)
             walls[mode][n] = wall
             secs = sum(f["seconds"] for f in rep["files"])
             start = f", start {rep['cluster']['start_seconds']} s" if mode == "ray" else ""
-            print(f"N={n:3d} {mode:5s}: wall {wall:6.1f} s, sum of file seconds {secs:5.1f}, "
-                  f"load_seconds {rep['load_seconds']}{start}")
+            print(f"N={n:3d} {mode:5s}: wall {wall:6.1f} s, CPU {cpu:6.1f} s, sum of file seconds {secs:5.1f}, "
+                  f"load_seconds {rep['load_seconds']}{start}, load average before {load:.2f}")
             shutil.rmtree(out)
     if len(counts) >= 2:
         a, b = counts[0], counts[-1]
@@ -120,7 +130,7 @@ def main() -> None:
     ap.add_argument("--method", default="generate")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--tiny", default="4,16", help="file counts of the overhead runs")
+    ap.add_argument("--tiny", default="4,32", help="file counts of the overhead runs")
     ap.add_argument("--skip-folder", action="store_true")
     ap.add_argument("--skip-tiny", action="store_true")
     args = ap.parse_args()

@@ -129,6 +129,21 @@ def test_a_worker_that_does_not_see_dst_refuses(tmp_path):
     assert NotShared.exit_code == 2
 
 
+def test_workers_and_their_resources():
+    """One worker per GPU, else per CPUS_PER_WORKER CPUs; each with up to that many CPUs; never
+    more workers than files; --device cpu: CPU workers on a GPU cluster."""
+    from deidcli.pipeline.cluster import ClusterOptions, worker_resources
+
+    auto = ClusterOptions()
+    assert worker_resources({"CPU": 2.0}, auto, 10) == (1, {"num_cpus": 2})
+    assert worker_resources({"CPU": 2.0}, ClusterOptions(workers=2), 10) == (2, {"num_cpus": 1})
+    assert worker_resources({"CPU": 64.0}, auto, 10) == (10, {"num_cpus": 4})
+    assert worker_resources({"CPU": 64.0}, auto, 100) == (16, {"num_cpus": 4})
+    assert worker_resources({"CPU": 32.0, "GPU": 4.0}, auto, 100) == (4, {"num_gpus": 1, "num_cpus": 4})
+    assert worker_resources({"CPU": 32.0, "GPU": 4.0}, auto, 100, device="cpu") == (8, {"num_cpus": 4})
+    assert worker_resources({"CPU": 4.0, "GPU": 8.0}, auto, 100) == (8, {"num_gpus": 1, "num_cpus": 1})
+
+
 @need_ray
 def test_ray_run_matches_the_plain_folder_run_and_a_rerun_skips(folder, plain, tmp_path):
     plain_out, plain_rep = plain
@@ -194,8 +209,8 @@ def test_a_worker_killed_mid_file_gets_the_file_retried_and_a_bad_input_fails_al
     assert "Traceback" not in stderr, stderr
     rep = json.loads(stdout)
     files = by_name(rep)
-    assert {n: f["status"] for n, f in files.items()} == {"a.mp4": "ok", "broken.mp4": "failed", "c.mp4": "ok",
-                                                         "long.mp4": "ok"}
+    assert {n: f["status"] for n, f in files.items()} == {
+        "a.mp4": "ok", "broken.mp4": "failed", "c.mp4": "ok", "long.mp4": "ok"}
     assert files["long.mp4"]["attempts"] == 2 and files["long.mp4"]["worker"] != f"{owner['host']}:{owner['pid']}"
     assert files["broken.mp4"]["attempts"] == 1 and files["broken.mp4"]["exit_code"] == 1
     assert "broken.mp4" in files["broken.mp4"]["error"] and str(src / "broken.mp4") in files["broken.mp4"]["input"]

@@ -197,7 +197,8 @@ class Worker:
         keys = ("device", "dtype", "generator_backend", "detector_precision", "check_precision", "people")
         return {"worker": self.name, "host": socket.gethostname(), "pid": os.getpid(),
                 "node_id": ray.get_runtime_context().get_node_id(), "gpus": [str(g) for g in ray.get_gpu_ids()],
-                "deid": __version__, "load_seconds": load, "run": {k: run[k] for k in keys}}
+                "deid": __version__, "load_seconds": load, "cpu_seconds": _cpu_seconds(),
+                "run": {k: run[k] for k in keys}}
 
     def process(self, src: str, dst: str, started: float) -> dict:
         """One file, as a folder run does it (anonymize._run_job). Returns ``{"result": FileResult
@@ -213,13 +214,22 @@ class Worker:
             res = _run_job(self._factory, src_p, dst_p, self.options, self.progress, started)
         except _Cancelled:
             res = FileResult(input=src, output=dst, status="interrupted", error="interrupted; partial output removed")
-        return {"result": dict(res.__dict__), "worker": self.name, "stale": [str(q) for q in stale]}
+        return {"result": dict(res.__dict__), "worker": self.name, "stale": [str(q) for q in stale],
+                "cpu_seconds": _cpu_seconds()}
 
     def frames(self) -> int:
         return self.progress.frames
 
     def cancel(self) -> None:
         self.stop.set()
+
+
+def _cpu_seconds() -> float:
+    """CPU time (user + system, every thread) of this process so far."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return round(r.ru_utime + r.ru_stime, 3)
 
 
 def _actor_class(ray):
@@ -249,7 +259,8 @@ class _Slot:
     state: str = "starting"
     ref: object = None  # the pending ready() or process() call
     job: Optional[_Job] = None
-    info: Optional[dict] = None
+    info: Optional[dict] = None  # what ready() returned
+    entry: dict = field(default_factory=dict)  # its entry in the report's cluster.workers
     frames: int = 0  # frames of its current file, as last polled
     poll: object = None  # a pending frames() call
     since: float = field(default_factory=time.monotonic)
@@ -317,10 +328,11 @@ def _connect(ray, cluster: ClusterOptions) -> None:
             signal.signal(s, h)
 
 
-def _worker_resources(ray, cluster: ClusterOptions, n_files: int) -> tuple[int, dict]:
-    """(actors to start, the resources each asks Ray for)."""
-    res = ray.cluster_resources()
-    gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 0))
+def worker_resources(res: dict, cluster: ClusterOptions, n_files: int, device: str = "auto") -> tuple[int, dict]:
+    """(actors to start, the resources each asks Ray for) on a cluster with resources ``res``
+    (``ray.cluster_resources()``). GPU workers where the cluster has GPUs, unless ``device``
+    (--device) is "cpu"."""
+    gpus, cpus = int(res.get("GPU", 0)) if device != "cpu" else 0, int(res.get("CPU", 0))
     if gpus:
         n = cluster.workers or gpus
     else:
@@ -435,27 +447,28 @@ class _Driver:
     def run(self, root: Path) -> None:
         """Start the cluster and the workers, hand out every queued file; Ctrl-C cancels."""
         ray = self.ray
-        for job in self.queue:
-            _estimate(job, probe_it=len(self.queue) <= PROBE_MAX)
-        self.queue = deque(sorted(self.queue, key=lambda j: (-j.cost, j.index)))  # longest first
-        self.progress.start(len(self.queue), sum(j.frames for j in self.queue))
-        root.mkdir(parents=True, exist_ok=True)
         marker = Path(os.path.abspath(root)) / f"{MARKER_PREFIX}{secrets.token_hex(8)}"
-        jobs = list(self.queue)
-        samples = sorted({(j.abs_src, os.stat(j.abs_src).st_size) for j in jobs[:4] + jobs[-4:]
-                          if os.path.isfile(j.abs_src)})
-        self.check = {"marker": str(marker), "token": secrets.token_hex(16), "samples": samples}
         connected = False
         # Ray prints the errors its nodes report (a worker died...) on sys.stdout, which carries only
         # the report: they go to the debug log (-vv); the driver reports what they mean in one line
         quiet_stdout = contextlib.redirect_stdout(_LogLines())
         quiet_stdout.__enter__()
         try:
+            for job in self.queue:
+                _estimate(job, probe_it=len(self.queue) <= PROBE_MAX)
+            self.queue = deque(sorted(self.queue, key=lambda j: (-j.cost, j.index)))  # longest first
+            self.progress.start(len(self.queue), sum(j.frames for j in self.queue))
+            jobs = list(self.queue)
+            samples = sorted({(j.abs_src, os.stat(j.abs_src).st_size) for j in jobs[:4] + jobs[-4:]
+                              if os.path.isfile(j.abs_src)})
+            self.check = {"marker": str(marker), "token": secrets.token_hex(16), "samples": samples}
+            root.mkdir(parents=True, exist_ok=True)
             marker.write_text(self.check["token"])
             t0 = time.perf_counter()
             _connect(ray, self.cluster)
             connected = True
-            n, resources = _worker_resources(ray, self.cluster, len(self.queue))
+            n, resources = worker_resources(ray.cluster_resources(), self.cluster, len(self.queue),
+                                            self.options.device)
             self.info.update(ray=ray.__version__, nodes=sum(1 for nd in ray.nodes() if nd.get("Alive")),
                              resources={k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")},
                              worker_resources=resources)
@@ -479,9 +492,9 @@ class _Driver:
 
             raise Interrupted(signum, rep) from None
         finally:
-            if connected:
-                for slot in self.slots:
-                    _kill(ray, slot.actor)
+            for slot in self.slots:
+                _kill(ray, slot.actor)
+            if connected or ray.is_initialized():  # (a signal may come while ray.init starts a cluster)
                 ray.shutdown()
             quiet_stdout.__exit__(None, None, None)
             try:
@@ -546,9 +559,9 @@ class _Driver:
 
         try:
             info = self.ray.get(ref)
-        except RayTaskError as e:  # models missing, SRC/DST not shared, a bad --keep photo: stop the run
+        except RayTaskError as e:  # models missing, SRC/DST not shared, a bad --keep photo, --device: stop
             cause = getattr(e, "cause", None)
-            if isinstance(cause, DeidError):
+            if isinstance(cause, (DeidError, ValueError)):
                 raise cause from None
             raise ClusterError(f"a deid worker failed to start: {_lost_reason(cause or e)}") from None
         except RayError as e:  # its process died while starting (killed, out of memory)
@@ -558,7 +571,8 @@ class _Driver:
         slot.info, slot.state = info, "idle"
         if self.info["start_seconds"] is None:  # connecting, and the first worker's models loaded
             self.info["start_seconds"] = round(time.perf_counter() - t0, 3)
-        self.infos.append({k: v for k, v in info.items() if k != "run"} | {"device": info["run"]["device"]})
+        slot.entry = {k: v for k, v in info.items() if k != "run"} | {"device": info["run"]["device"]}
+        self.infos.append(slot.entry)
         self.run_info = self.run_info or info["run"]
         log.info("worker %s ready (%s, models loaded in %.1f s)", info["worker"], info["run"]["device"],
                  info["load_seconds"])
@@ -589,6 +603,7 @@ class _Driver:
             return
         slot.state, slot.job = "idle", None
         self.stale.extend(out["stale"])
+        slot.entry["cpu_seconds"] = out["cpu_seconds"]
         self._finish(job, _entry(out["result"], job, out["worker"]))
 
     def _poll(self) -> None:
