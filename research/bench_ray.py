@@ -2,7 +2,7 @@
 cluster against the plain folder run, and the overhead Ray adds per run and per file.
 
     python research/bench_ray.py [SRC_DIR] [--method generate] [--workers 2] [--rounds 1]
-                                 [--tiny 4,32] [--skip-folder] [--skip-tiny]
+                                 [--tiny 4,32] [--skip-folder] [--skip-tiny] [--calls 200]
 
 1. The folder (default ../shared/videos): `deid anonymize SRC OUT --method M` and the same with
    `--ray --ray-workers W` (a local cluster started by deid for the run), alternated for
@@ -12,7 +12,11 @@ cluster against the plain folder run, and the overhead Ray adds per run and per 
    ``--tiny``, plain and with one Ray worker (`--method blur`: little work per file). The slope of
    wall time against N is the cost of one file; the Ray slope minus the plain one is what Ray adds
    per file (driver probe, scheduling, a round trip), the difference at N = 0 what it adds per run
-   (starting and stopping the cluster and its worker processes).
+   (starting and stopping the cluster and its worker processes). CPU time too: on a busy machine
+   wall times mostly measure the other jobs.
+3. Per file, directly (``--calls``): the driver's header read of each video, and one file's
+   round trip to a real worker and back (an output that exists: every step but the work),
+   through Ray against in-process.
 
 Wall times come from the `deid` process as a user runs it (imports, model loading included).
 The figures in docs/cluster.md come from this script.
@@ -124,6 +128,55 @@ def tiny(src: Path, counts: list[int], tmp: Path) -> None:
     print()
 
 
+def round_trip(src: Path, tmp: Path, n: int) -> None:
+    """Ray's own cost per file, measured directly (wall-time slopes drown in a busy machine's
+    noise): the driver's header read of each video, and a file's round trip to a real deid worker
+    (an actor, models loaded) and back, on an output that exists (the worker checks the marker and
+    stale files, then skips it: everything but the work), against the same call in-process."""
+    import ray
+
+    from deidcli.options import AnonymizeOptions
+    from deidcli.pipeline.cluster import Worker, _estimate, _Job
+
+    videos = sorted(p for p in src.iterdir() if p.suffix == ".mp4")
+    t = time.perf_counter()
+    for _ in range(5):
+        for v in videos:
+            _estimate(_Job(0, v, v, str(v), str(v)))
+    probe_ms = (time.perf_counter() - t) / (5 * len(videos)) * 1000
+    out = tmp / "rt"
+    out.mkdir()
+    (out / "done.mp4").write_bytes(b"x")
+    (out / ".deid-ray-bench").write_text("token")
+    check = {"marker": str(out / ".deid-ray-bench"), "token": "token", "samples": []}
+    args = (str(videos[0]), str(out / "done.mp4"), time.time())
+    local = Worker(AnonymizeOptions(method="blur"), check, 1)
+    local._factory()  # (ready() would start Ray: it asks for this node's id)
+    t = time.perf_counter()
+    for _ in range(n):
+        assert local.process(*args)["result"]["status"] == "skipped"
+    local_ms = (time.perf_counter() - t) / n * 1000
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=100 * 2**20,
+             log_to_driver=False, logging_level="ERROR")
+    try:
+        actor = ray.remote(Worker).options(max_concurrency=4, num_cpus=1).remote(
+            AnonymizeOptions(method="blur"), check, 1)
+        ray.get(actor.ready.remote())
+        for _ in range(10):  # warm up
+            ray.get(actor.process.remote(*args))
+        t = time.perf_counter()
+        for _ in range(n):
+            ray.get(actor.process.remote(*args))
+        ray_ms = (time.perf_counter() - t) / n * 1000
+    finally:
+        ray.shutdown()
+    print(f"## per file, measured directly ({n} calls; load average {os.getloadavg()[0]:.2f})\n")
+    print(f"driver's header read (order, frame total): {probe_ms:.1f} ms per video ({len(videos)} videos x 5)")
+    print(f"a file's call, in-process: {local_ms:.2f} ms; through Ray to a worker and back: {ray_ms:.2f} ms "
+          f"-> Ray adds {ray_ms - local_ms:.2f} ms per file, {ray_ms - local_ms + probe_ms:.1f} ms with the header read")
+    print()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("src", nargs="?", type=Path, default=ROOT.parent / "shared" / "videos")
@@ -133,6 +186,7 @@ def main() -> None:
     ap.add_argument("--tiny", default="4,32", help="file counts of the overhead runs")
     ap.add_argument("--skip-folder", action="store_true")
     ap.add_argument("--skip-tiny", action="store_true")
+    ap.add_argument("--calls", type=int, default=200, help="round trips timed (0: skip that part)")
     args = ap.parse_args()
     print(f"machine: {os.cpu_count()} CPUs; nice {os.nice(0)}\n")
     with tempfile.TemporaryDirectory(prefix="bench_ray_") as t:
@@ -141,6 +195,8 @@ def main() -> None:
             folder(args.src, args.method, args.workers, args.rounds, tmp)
         if not args.skip_tiny:
             tiny(args.src, [int(x) for x in args.tiny.split(",")], tmp)
+        if args.calls:
+            round_trip(args.src, tmp, args.calls)
 
 
 if __name__ == "__main__":
