@@ -185,6 +185,20 @@ def test_ray_run_matches_the_plain_folder_run_and_a_rerun_skips(folder, plain, t
     assert time.time() - t < 30
 
 
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from deidcli.pipeline import jobs
+deadline = time.time() + 10
+while (lk := jobs.try_lock(Path(sys.argv[1]))) is None:  # the killed worker's, freed as it dies
+    assert time.time() < deadline
+    time.sleep(0.01)
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+lk.release()
+"""
+
+
 @need_ray
 def test_a_worker_killed_mid_file_gets_the_file_retried_and_a_bad_input_fails_alone(clips, medium, tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
@@ -193,7 +207,7 @@ def test_a_worker_killed_mid_file_gets_the_file_retried_and_a_bad_input_fails_al
     shutil.copy(clips["talking"], src / "a.mp4")
     (src / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(3000))
     shutil.copy(clips["portrait_noaudio"], src / "c.mp4")
-    proc = start("anonymize", src, out, "--method", "blur", "--ray", "--ray-workers", "2", "--json")
+    proc = start("anonymize", src, out, "--method", "blur", "--ray", "--ray-workers", "2", "--json", "-v")
     try:
         wait_for(lambda: temp_of(out, "long.mp4") or proc.poll() is not None, what="long.mp4 to be written")
         assert temp_of(out, "long.mp4"), proc.communicate()
@@ -202,7 +216,13 @@ def test_a_worker_killed_mid_file_gets_the_file_retried_and_a_bad_input_fails_al
         time.sleep(0.5)
         tmp = temp_of(out, "long.mp4")
         os.kill(owner["pid"], signal.SIGKILL)
+        # As a dead node's lock on NFS does until the server gives up on it, the lock stays held
+        # a while: the retry finds it held, waits, and tries again (not reported skipped).
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / "long.mp4"), "8"],
+                                  stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "locked"
         stdout, stderr = proc.communicate(timeout=300)
+        assert holder.wait(30) == 0
     finally:
         proc.kill()
     assert proc.returncode == 1, stderr  # broken.mp4
@@ -215,6 +235,7 @@ def test_a_worker_killed_mid_file_gets_the_file_retried_and_a_bad_input_fails_al
     assert files["broken.mp4"]["attempts"] == 1 and files["broken.mp4"]["exit_code"] == 1
     assert "broken.mp4" in files["broken.mp4"]["error"] and str(src / "broken.mp4") in files["broken.mp4"]["input"]
     assert len([ln for ln in stderr.splitlines() if "ERROR" in ln]) == 1, stderr
+    assert "long.mp4: its lock is still held (in progress in another deid run" in stderr, stderr
     assert len(rep["cluster"]["workers"]) == 3  # two, and the one that replaced the killed one
     assert rep["stale_files_removed"] == [str(tmp[0])]  # the killed try's, removed by the next one
     assert sorted(q.name for q in out.iterdir()) == ["a.mp4", "c.mp4", "long.mp4"]  # no temp, lock or marker

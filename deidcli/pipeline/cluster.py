@@ -53,6 +53,10 @@ CPUS_PER_WORKER = 4
 CANCEL_WAIT_S = 30.0
 #: warn when no worker has started after this many seconds (the cluster lacks the resources asked)
 START_WARN_S = 60.0
+#: a file whose worker died and whose lock is still held (a dead node's lock on a network file
+#: system) is tried again every LOCK_RETRY_S for up to LOCK_WAIT_S, then reported skipped
+LOCK_RETRY_S = 10.0
+LOCK_WAIT_S = 300.0
 #: seconds between two polls of the workers' frame counts (progress bar)
 POLL_S = 0.5
 #: up to this many files to do, the driver reads each video's header to order them (a few ms
@@ -249,6 +253,8 @@ class _Job:
     cost: float = 0.0  # expected work (_estimate): the longest go first
     attempts: int = 0
     lost: list = field(default_factory=list)  # why its workers died, one line per try
+    lost_at: float = 0.0  # when its last worker died (time.monotonic)
+    not_before: float = 0.0  # not handed out before then (time.monotonic): its lock was still held
 
 
 @dataclass
@@ -523,8 +529,8 @@ class _Driver:
         waiting_since = time.monotonic()
         while True:
             for slot in self.slots:  # idle workers take the next file, longest first
-                if slot.state == "idle" and self.queue:
-                    job = self.queue.popleft()
+                job = self._next() if slot.state == "idle" else None
+                if job is not None:
                     job.attempts += 1
                     slot.state, slot.job, slot.frames, slot.poll = "busy", job, 0, None
                     slot.ref = slot.actor.process.remote(job.abs_src, job.abs_dst, self.started)
@@ -593,6 +599,7 @@ class _Driver:
         except RayError as e:  # the worker died: this file again, on a new worker
             why = f"worker {slot.info['worker']} died ({_lost_reason(e)})"
             job.lost.append(why)
+            job.lost_at = time.monotonic()
             log.warning("%s: %s", job.src, why)
             self._replace(slot)
             if job.attempts < self.cluster.attempts:
@@ -604,7 +611,26 @@ class _Driver:
         slot.state, slot.job = "idle", None
         self.stale.extend(out["stale"])
         slot.entry["cpu_seconds"] = out["cpu_seconds"]
-        self._finish(job, _entry(out["result"], job, out["worker"]))
+        res = out["result"]
+        if (job.lost and res["status"] == "skipped" and (res["error"] or "").startswith("in progress")
+                and time.monotonic() - job.lost_at < LOCK_WAIT_S):
+            # The lock of a worker whose node died stays held on a network file system until the
+            # server gives up on that node (NFS: about 90 s); the file is not done: try again later.
+            log.info("%s: its lock is still held (%s): trying again in %.0f s", job.src, res["error"], LOCK_RETRY_S)
+            job.not_before = time.monotonic() + LOCK_RETRY_S
+            job.attempts -= 1  # not a try: nothing was done
+            self.queue.append(job)
+            return
+        self._finish(job, _entry(res, job, out["worker"]))
+
+    def _next(self) -> Optional[_Job]:
+        """The first queued file that may start now (see LOCK_RETRY_S), taken off the queue."""
+        now = time.monotonic()
+        for i, job in enumerate(self.queue):
+            if job.not_before <= now:
+                del self.queue[i]
+                return job
+        return None
 
     def _poll(self) -> None:
         """Frames done in the files in progress, for the progress bar (answers of the last poll)."""
