@@ -38,9 +38,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
-from ..errors import EXIT_USAGE, DeidError, InputError, ModelError
+from ..errors import EXIT_USAGE, DeidError, InputError, ModelError, OutputError
 from ..options import AnonymizeOptions
-from .jobs import clean_stale, counts, select_shard
+from .jobs import clean_stale, counts, dest_reason, select_shard
 from .report import FileResult
 
 log = logging.getLogger(__name__)
@@ -269,7 +269,6 @@ class _Slot:
     entry: dict = field(default_factory=dict)  # its entry in the report's cluster.workers
     frames: int = 0  # frames of its current file, as last polled
     poll: object = None  # a pending frames() call
-    since: float = field(default_factory=time.monotonic)
 
 
 def _estimate(job: _Job, probe_it: bool = True) -> None:
@@ -439,7 +438,9 @@ class _Driver:
         self.files[job.index] = entry
         self.done_files += 1
         self.done_frames += entry.get("frames") or 0
-        if entry["status"] == "failed":
+        if entry["status"] == "failed" and entry["error"].startswith(f"{job.dst}: "):
+            log.error("%s", entry["error"])  # about the destination (disk full...): named as in a folder run
+        elif entry["status"] == "failed":
             log.error("%s: %s", job.src, _strip(entry["error"], job.src))
         elif entry["status"] == "ok":
             log.info("done %s -> %s (%s)", job.src, job.dst, entry["worker"])
@@ -468,8 +469,11 @@ class _Driver:
             samples = sorted({(j.abs_src, os.stat(j.abs_src).st_size) for j in jobs[:4] + jobs[-4:]
                               if os.path.isfile(j.abs_src)})
             self.check = {"marker": str(marker), "token": secrets.token_hex(16), "samples": samples}
-            root.mkdir(parents=True, exist_ok=True)
-            marker.write_text(self.check["token"])
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                marker.write_text(self.check["token"])
+            except OSError as e:  # nothing can be written there: no worker could either
+                raise OutputError(f"{root}: cannot write there ({dest_reason(e) or e.strerror or e})") from None
             t0 = time.perf_counter()
             _connect(ray, self.cluster)
             connected = True
