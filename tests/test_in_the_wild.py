@@ -288,3 +288,28 @@ def test_held_face_is_not_blurred_over_a_face_seen_in_its_frame(shared):
     hx0, hy0, hx1, hy1 = (int(v) for v in held.box)
     beside = (slice(hy0 + 10, hy1 - 10), slice(x1 + 2, hx1 - 10))  # the held face's part outside it
     assert np.abs(both[beside].astype(int) - alone[beside]).mean() > 2  # blurred there
+
+
+# --- faces whose pastes overlap ------------------------------------------------------------------
+
+def test_faces_whose_pastes_overlap_are_the_ones_checked_again():
+    """Pipeline._overlapping: the generated faces of a frame whose boxes (grown by a fifth) meet
+    another generated face's box in the SAME frame; those are checked again once every face is
+    pasted (the later paste renders the other face's pixels its own way: stress set crowd_lfw, a
+    small face passing in front of a large one came out under the large one's paste)."""
+    from types import SimpleNamespace
+
+    from deidcli.pipeline.pipeline import Pipeline
+
+    def face(x0, y0, x1, y1):
+        return SimpleNamespace(box=np.array([x0, y0, x1, y1], np.float32))
+
+    jobs = [(0, None, face(100, 100, 200, 220)),  # 0: frame 0, big
+            (0, None, face(150, 120, 190, 170)),  # 1: frame 0, inside 0
+            (0, None, face(400, 100, 500, 220)),  # 2: frame 0, apart
+            (0, None, face(505, 100, 600, 220)),  # 3: frame 0, 5 px from 2: meets it grown
+            (1, None, face(150, 120, 190, 170)),  # 4: frame 1, alone there
+            (1, None, face(700, 100, 800, 220))]  # 5: frame 1, apart
+    gen = SimpleNamespace(jobs=jobs)
+    assert Pipeline._overlapping(gen, list(range(6)), None) == [0, 1, 2, 3]
+    assert Pipeline._overlapping(gen, [0, 2, 4, 5], None) == []  # 1 and 3 given the fallback
