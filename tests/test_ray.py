@@ -280,4 +280,16 @@ def test_sigint_cancels_the_run_cleanly(clips, medium, tmp_path):
     assert {n: f["status"] for n, f in by_name(rep).items()} == {
         "long.mp4": "interrupted", "short0.mp4": "pending", "short1.mp4": "pending", "short2.mp4": "pending"}
     assert by_name(rep)["long.mp4"]["exit_code"] == 130
-    assert list(out.iterdir()) == []  # nothing half-written: no output, temp, lock or marker
+    assert not out.exists()  # nothing half-written: no output, temp, lock or marker; the folder made for it removed
+
+
+@need_ray
+def test_models_missing_on_the_workers_exit_3(folder, tmp_path):
+    """A worker that cannot load the models stops the run as a plain run stops: exit 3, one line."""
+    env = dict(ENV, DEID_MODELS_DIR=str(tmp_path / "no_models"), XDG_CACHE_HOME=str(tmp_path / "cache"),
+               DEID_OFFLINE="1")
+    p = run("anonymize", folder, tmp_path / "out", "--method", "blur", "--ray", "--json", env=env)
+    assert p.returncode == 3, p.stderr
+    assert [ln.split(":")[:2] for ln in p.stderr.strip().splitlines()] == [["deid", " ERROR"]], p.stderr
+    assert "not found" in json.loads(p.stdout)["error"]
+    assert not (tmp_path / "out").exists()

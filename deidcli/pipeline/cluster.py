@@ -453,9 +453,12 @@ class _Driver:
 
     def run(self, root: Path) -> None:
         """Start the cluster and the workers, hand out every queued file; Ctrl-C cancels."""
+        from .anonymize import _make_dirs
+
         ray = self.ray
         marker = Path(os.path.abspath(root)) / f"{MARKER_PREFIX}{secrets.token_hex(8)}"
         connected = False
+        made: list[Path] = []
         # Ray prints the errors its nodes report (a worker died...) on sys.stdout, which carries only
         # the report: they go to the debug log (-vv); the driver reports what they mean in one line
         quiet_stdout = contextlib.redirect_stdout(_LogLines())
@@ -470,7 +473,7 @@ class _Driver:
                               if os.path.isfile(j.abs_src)})
             self.check = {"marker": str(marker), "token": secrets.token_hex(16), "samples": samples}
             try:
-                root.mkdir(parents=True, exist_ok=True)
+                made = _make_dirs(root)
                 marker.write_text(self.check["token"])
             except OSError as e:  # nothing can be written there: no worker could either
                 raise OutputError(f"{root}: cannot write there ({dest_reason(e) or e.strerror or e})") from None
@@ -509,6 +512,8 @@ class _Driver:
             quiet_stdout.__exit__(None, None, None)
             try:
                 marker.unlink()
+                for folder in made:  # created for this run and left empty (models missing...)
+                    folder.rmdir()
             except OSError:
                 pass
 
