@@ -129,6 +129,17 @@ def test_a_worker_that_does_not_see_dst_refuses(tmp_path):
     assert NotShared.exit_code == 2
 
 
+def test_the_workers_get_absolute_paths(tmp_path, monkeypatch):
+    """Workers run in another folder, on other machines: every path in the options is made absolute."""
+    from deidcli.options import AnonymizeOptions
+    from deidcli.pipeline.cluster import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    o = absolute_paths(AnonymizeOptions(weights=Path("w.pt"), models_dir=Path("m"), keep=(Path("a"), Path("/b"))))
+    assert (o.weights, o.models_dir, o.keep) == (tmp_path / "w.pt", tmp_path / "m", (tmp_path / "a", Path("/b")))
+    assert absolute_paths(AnonymizeOptions()) == AnonymizeOptions()
+
+
 def test_workers_and_their_resources():
     """One worker per GPU, else per CPUS_PER_WORKER CPUs; each with up to that many CPUs; never
     more workers than files; --device cpu: CPU workers on a GPU cluster."""

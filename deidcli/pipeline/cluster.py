@@ -34,7 +34,7 @@ import socket
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
 
@@ -394,16 +394,26 @@ def anonymize_on_ray(src, dst, options: Optional[AnonymizeOptions] = None,
     return run.report()
 
 
+def absolute_paths(options: AnonymizeOptions) -> AnonymizeOptions:
+    """``options`` with every path in it (a Path field, or a tuple of them: --weights, --keep,
+    --target, ...) made absolute, for workers whose working folder is not the driver's."""
+    changes = {}
+    for f in fields(options):
+        v = getattr(options, f.name)
+        if isinstance(v, Path):
+            changes[f.name] = Path(os.path.abspath(v))
+        elif isinstance(v, tuple) and v and all(isinstance(p, Path) for p in v):
+            changes[f.name] = tuple(Path(os.path.abspath(p)) for p in v)
+    return replace(options, **changes)
+
+
 class _Driver:
     """The state of one cluster run, on the driver: the files queued, the workers, the results."""
 
     def __init__(self, ray, options: AnonymizeOptions, cluster: ClusterOptions, progress: ClusterProgress,
                  n_files: int):
         self.ray, self.options, self.cluster, self.progress = ray, options, cluster, progress
-        # the workers run elsewhere: every path they are given is absolute
-        ab = lambda p: Path(os.path.abspath(p)) if p is not None else None  # noqa: E731
-        self.worker_options = replace(options, weights=ab(options.weights), models_dir=ab(options.models_dir),
-                                      keep=tuple(map(ab, options.keep)), only=tuple(map(ab, options.only)))
+        self.worker_options = absolute_paths(options)  # the workers run elsewhere
         self.started = time.time()  # --overwrite: an output written by another run since then is not redone
         self.files: list[Optional[dict]] = [None] * n_files
         self.queue: deque[_Job] = deque()
