@@ -194,10 +194,12 @@ def test_keep_and_only_together_and_dry_run(data, tmp_path):
     assert not tmp_path.joinpath("o.mp4").exists()
 
 
-def test_a_swapped_track_is_anonymized_from_the_swap(data):
+def test_a_swapped_track_is_split_at_each_swap(data):
     """A kept track whose person changes (a tracker swap: the right person's faces under the left
-    person's track id from frame 40) is anonymized from the batch where its last faces stop
-    matching, never the other way; the report says where."""
+    person's track id in frames 40-49, the left person's again from 50) is split at each change:
+    the right person's segment is anonymized from its first face (undecided at the end of the
+    batch it starts in, then decided from its own 5 faces), the left person's third segment is
+    kept again; the report lists the three segments."""
     from deidcli import weights
     from deidcli.faces.track import Face
     from deidcli.generator.embedder import IdentityEmbedder
@@ -211,14 +213,93 @@ def test_a_swapped_track_is_anonymized_from_the_swap(data):
     items = []
     for i, img in enumerate(frames):
         di = det.detect(img)
-        k = _left_right(di)[0 if i < 40 else 1]
+        k = _left_right(di)[1 if 40 <= i < 50 else 0]
         items.append((i, img, [Face(0, di.boxes[k], di.kps[k], float(di.scores[k]), False)]))
-    out = ch.choose(items[:20]) + ch.choose(items[20:40])
-    assert all(fs == [] for fs in out)  # kept: nothing to anonymize
-    out = ch.choose(items[40:])
-    assert all(len(fs) == 1 for fs in out)  # the whole batch anonymized
-    (t,) = ch.report()
-    assert t["decision"] == "anonymized" and 40 <= t["switched_at_frame"] < 45 and t["faces_kept"] == 40
+    out = ch.choose(items[:20]) + ch.choose(items[20:42]) + ch.choose(items[42:])
+    assert [len(fs) for fs in out] == [0] * 40 + [1] * 10 + [0] * 10
+    kept, swapped, back = ch.report()
+    assert [t["segment"] for t in (kept, swapped, back)] == [0, 1, 2]
+    assert kept["decision"] == "kept" and kept["last_frame"] == 39 and kept["faces_kept"] == kept["faces"] == 40
+    assert swapped["decision"] == "anonymized" and (swapped["first_frame"], swapped["last_frame"]) == (40, 49)
+    assert swapped["reason"].startswith("identity changed at frame 40: cosine") and swapped["faces_kept"] == 0
+    assert swapped["similarity"] < KEEP_THRESHOLD and swapped["reason"].endswith("over 5 face(s)")
+    assert back["decision"] == "kept" and back["first_frame"] == 50 and back["faces_kept"] == 10
+    assert all(t["switched_at_frame"] is None for t in (kept, swapped, back))
+
+
+def _swap_clip(path, n=30, m=30):
+    """A 640x720 clip at 30 fps: the left half of ghost_2person's frames 0..n-1 (the left person),
+    then frames n..n+m-1 scaled by 0.6 and shifted so that the right person's face sits where the
+    left one's was (as a tracker swap or a cut at the same place leaves it), the left person's
+    edge blacked out."""
+    import av
+    import cv2
+
+    out = []
+    with av.open(str(VIDEOS / "ghost_2person.mp4")) as c:
+        for i, f in enumerate(c.decode(video=0)):
+            img = f.to_ndarray(format="rgb24")
+            if i < n:
+                out.append(np.ascontiguousarray(img[:, :640]))
+            else:
+                canvas = np.zeros((720, 640, 3), np.uint8)
+                canvas[70:70 + 432, :569] = cv2.resize(img, (768, 432), interpolation=cv2.INTER_AREA)[:, 199:]
+                canvas[:, :100] = 0  # the left person's edge
+                out.append(canvas)
+            if len(out) == n + m:
+                break
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=30)
+        s.width, s.height, s.pix_fmt = 640, 720, "yuv420p"
+        s.options = {"crf": "12"}
+        for img in out:
+            for pkt in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+    return path
+
+
+def test_a_swap_in_a_real_clip_splits_the_track(data, tmp_path):
+    """A clip whose one face changes person at frame 30 (_swap_clip; the tracker carries one track
+    across): --keep left/ keeps the left person's frames (a plain re-encode's) and anonymizes the
+    right person's in every frame; --only right.jpg the other way round; the report and --dry-run
+    list the track's two segments."""
+    from test_cli import plain_reencode
+
+    n = 30
+    clip = _swap_clip(tmp_path / "swap.mp4", n)
+    det = _detector()
+    inp = decode_rgb(clip)
+    boxes = []
+    for im in inp:
+        di = det.detect(im)
+        assert len(di) == 1
+        boxes.append(di.boxes[0].astype(int))
+    plain = decode_rgb(plain_reencode(clip, tmp_path / "plain.mp4"))
+    d = data["dir"]
+
+    def diffs(out):
+        mad = lambda u, v, x0, y0, x1, y1: float(np.abs(u[y0:y1, x0:x1].astype(int) - v[y0:y1, x0:x1]).mean())  # noqa
+        return np.array([mad(a, b, *bx) for a, b, bx in zip(decode_rgb(out), plain, boxes)])
+
+    for mode, ref, untouched in (("--keep", d / "left", slice(0, n)), ("--only", d / "right.jpg", slice(0, n))):
+        out = tmp_path / f"{mode[2:]}.mp4"
+        p = run("anonymize", clip, out, mode, ref, "--method", "blur", "--json", check=0)
+        (f,) = json.loads(p.stdout)["files"]
+        assert f["tracks"] == 1, f  # one track across the change
+        first, second = f["track_decisions"]
+        assert (first["track"], first["segment"], second["track"], second["segment"]) == (0, 0, 0, 1)
+        assert first["decision"] == "kept" and (first["first_frame"], first["last_frame"]) == (0, n - 1), first
+        assert second["decision"] == "anonymized" and second["first_frame"] == n, second
+        assert second["reason"].startswith(f"identity changed at t={n / 30:.2f} s (frame {n}): cosine"), second
+        assert f["faces_kept"] == n and f["faces_anonymized"] == len(inp) - n
+        v = diffs(out)
+        assert v[untouched].max() < 2.5 and v[0] < 0.1, v[untouched]  # the plain re-encode's, within its noise
+        assert v[n:].min() > 6.0, v[n:]  # anonymized in every frame from the change
+    p = run("anonymize", clip, tmp_path / "o.mp4", "--keep", d / "left", "--dry-run", check=0)
+    assert f"track 0 0.00-{(n - 1) / 30:.2f} s, {n} face(s): kept (" in p.stdout, p.stdout
+    assert f"track 0.1 {n / 30:.2f}-" in p.stdout and "anonymized (identity changed at t=1.00 s" in p.stdout, p.stdout
 
 
 def test_bad_reference_with_stdout_fails_before_the_stream(data):

@@ -369,7 +369,8 @@ def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, ident
                     click.echo(f"{'':9s} cannot decide: {f['error']}")
                 for t in f.get("track_decisions", []):  # --keep / --only: what the run would decide
                     span = "" if t["first_time"] is None else f" {t['first_time']:.2f}-{t['last_time'] or 0:.2f} s"
-                    click.echo(f"{'':9s} track {t['track']}{span}, {t['faces']} face(s): {t['decision']} "
+                    seg = f".{t['segment']}" if t.get("segment") else ""  # a segment after an identity change
+                    click.echo(f"{'':9s} track {t['track']}{seg}{span}, {t['faces']} face(s): {t['decision']} "
                                f"({t['reason']})")
             for p in report.get("people", []):
                 click.echo(f"{'keep' if keep else 'only':9s} {p['name']}: {len(p['files'])} photo(s)")

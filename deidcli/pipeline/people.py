@@ -7,8 +7,9 @@ the normalised mean of the normalised embeddings of their photos (MobileFaceNet,
 
 A track is compared with the people by the cosine of its own descriptor (the normalised mean
 of its first :data:`DECIDE_FACES` detected faces' embeddings) with each person's, the highest
-wins. :class:`Chooser` decides once per track, before any of its frames is rendered, and
-re-checks the tracks it leaves untouched on every later detected face.
+wins. :class:`Chooser` decides once per segment of a track (the track, split where its person
+changes), before any of its frames is rendered, and re-checks the segments it leaves untouched on
+every later detected face.
 
 --target references (:func:`list_targets`: in a folder each photo is its own target) are loaded
 the same way; :func:`target_of` assigns them to tracks and :func:`steer_descriptor` makes the
@@ -49,6 +50,14 @@ ONLY_THRESHOLD = 0.22
 DECIDE_FACES = 5
 #: Faces whose mean embedding re-checks an untouched track (a window sliding face by face).
 RECHECK_FACES = 5
+#: A detected face whose cosine to its segment's anchor (the mean of the faces that decided it) is
+#: under this starts a new segment (Chooser: the person under the track changed). The test is
+#: KEEP_THRESHOLD's: one face against the mean of up to DECIDE_FACES faces, where 0.1% of strangers
+#: reach 0.36 on LFW DevTrain. On the tracks of ../shared/videos (9 tracks, 8 clips; every later face
+#: against every 5-face block of its track, python -m deidcli.research.split_rates): the same person
+#: under it in 8 of 144,984 comparisons (all lp_d12; 0.1% quantile 0.454), another person at or
+#: above it in 43 of 1,322,361 (99.9% quantile 0.298).
+SPLIT_THRESHOLD = KEEP_THRESHOLD
 #: Side of the ArcFace crops deid faces writes: such images are embedded without detection.
 CROP_SIDE = 112
 #: --target: the generator is conditioned on normalise(own - TARGET_WEIGHT * target) (see
@@ -187,20 +196,27 @@ def steer_descriptor(own: np.ndarray, target: np.ndarray, weight: float = TARGET
 
 
 @dataclass
-class _Track:
+class _Segment:
+    """A run of one track's faces taken for one person: the track's first, then one more from each
+    identity change (Chooser)."""
+
+    track: int
+    index: int = 0  # 0: the track's first segment; n: after the track's n-th identity change
     untouched: bool = False  # left as decoded (kept with --keep, not listed with --only)
     decided: bool = False
-    similarity: Optional[float] = None  # the deciding cosine (track descriptor . best person)
-    person: Optional[str] = None  # the person nearest to the track at the decision
+    similarity: Optional[float] = None  # the deciding cosine (segment descriptor . best person)
+    person: Optional[str] = None  # the person nearest to the segment at the decision
     reason: str = ""
     faces_compared: int = 0
     first_frame: Optional[int] = None
     last_frame: Optional[int] = None
     first_time: Optional[float] = None  # seconds (None when the caller gives no times)
     last_time: Optional[float] = None
-    faces: int = 0  # the track's faces seen (detected or filled in; not the held ones)
-    switched_at_frame: Optional[int] = None  # where a re-check anonymized an untouched track
-    recent: list = field(default_factory=list)  # last RECHECK_FACES embeddings (untouched tracks)
+    faces: int = 0  # the segment's faces seen (detected or filled in; not the held ones)
+    switched_at_frame: Optional[int] = None  # where a re-check anonymized an untouched segment
+    evidence: list = field(default_factory=list)  # the embeddings that decide it (up to DECIDE_FACES)
+    anchor: Optional[np.ndarray] = None  # their normalised mean, set at the decision
+    recent: list = field(default_factory=list)  # last RECHECK_FACES embeddings (untouched segments)
     faces_untouched: int = 0
 
 
@@ -208,25 +224,34 @@ class Chooser:
     """Per-file track decisions for ``mode`` "keep" or "only" against ``people`` (loaded).
 
     :meth:`choose` takes a batch of (frame index, image, faces) in frame order, before any of it is
-    rendered, and returns the faces to anonymize per item (those of untouched tracks left out).
-    The safe direction wins: with keep a track stays untouched only when its descriptor's cosine to
-    a kept person is >= KEEP_THRESHOLD; with only, a track is anonymized when it is >=
-    ONLY_THRESHOLD. A track without a detected face yet is anonymized and decided later. An
-    untouched track is re-checked on each later detected face (mean of its last RECHECK_FACES
-    embeddings) for a change of person (a tracker swap, a cut): with keep, when it is no longer
-    clearly the kept person (under KEEP_THRESHOLD), with only, when it is clearly a listed person
-    (KEEP_THRESHOLD or above), it is anonymized for the rest of the video, from the start of the
-    batch where that happened. Never the other way round. With only, the re-check asks for clear
-    evidence rather than the decision's ONLY_THRESHOLD because a stranger's faces sway around it
-    from frame to frame (ghost_2person: the two people are at cosine 0.05-0.25 to each other, face
-    by face), while a swap moves the cosine far (0.15 to 0.8 there).
+    rendered, and returns the faces to anonymize per item (those of untouched segments left out).
+    The safe direction wins: with keep a segment stays untouched only when its descriptor's cosine
+    to a kept person is >= KEEP_THRESHOLD; with only, a segment is anonymized when it is >=
+    ONLY_THRESHOLD.
+
+    Segments: a track is one segment until its person changes (a tracker swap at a crossing, a cut
+    at the same place). Every detected face of a decided segment is compared with the segment's
+    anchor (the normalised mean of the embeddings that decided it); a face under SPLIT_THRESHOLD
+    starts a new segment there (with the filled-in faces since the track's last detected face in
+    the batch), which is anonymized until it is decided from its own first DECIDE_FACES detected
+    faces, in the batch where it gets them (its faces of that batch follow the decision). A track's
+    first segment is decided in the batch where it first appears, from up to DECIDE_FACES faces
+    there; one without a detected face yet is anonymized.
+
+    An untouched segment is also re-checked on each later detected face (mean of its last
+    RECHECK_FACES embeddings): with keep, when it is no longer clearly the kept person (under
+    KEEP_THRESHOLD), with only, when it is clearly a listed person (KEEP_THRESHOLD or above), it is
+    anonymized to its end, from the start of the batch where that happened. With only, the
+    re-check asks for clear evidence rather than the decision's ONLY_THRESHOLD because a stranger's
+    faces sway around it from frame to frame (ghost_2person: the two people are at cosine 0.05-0.25
+    to each other, face by face), while a swap moves the cosine far (0.15 to 0.8 there).
     """
 
     def __init__(self, mode: str, people: Sequence[Person], embedder):
         assert mode in ("keep", "only") and people and all(p.descriptor is not None for p in people)
         self.mode, self.people, self.embedder = mode, list(people), embedder
         self.ref = np.stack([p.descriptor for p in people]).astype(np.float32)  # (P, 128)
-        self.tracks: dict[int, _Track] = {}
+        self.tracks: dict[int, list[_Segment]] = {}  # track id -> its segments, in order
 
     def _untouched_by(self, cos: float) -> bool:
         return cos >= KEEP_THRESHOLD if self.mode == "keep" else cos < ONLY_THRESHOLD
@@ -237,77 +262,125 @@ class Chooser:
         k = int(np.argmax(cos))
         return float(cos[k]), self.people[k].name
 
+    def _decide(self, s: _Segment) -> None:
+        ev = np.stack(s.evidence)
+        sim, s.person = self._best(ev)
+        s.similarity = round(sim, 4)
+        a = ev.mean(0)
+        s.anchor = (a / max(float(np.linalg.norm(a)), 1e-12)).astype(np.float32)
+        s.faces_compared += len(ev)
+        s.decided = True
+        s.untouched = self._untouched_by(s.similarity)
+        s.recent = list(ev[-RECHECK_FACES:])
+        thr = KEEP_THRESHOLD if self.mode == "keep" else ONLY_THRESHOLD
+        op = ">=" if s.similarity >= thr else "<"
+        s.reason += ("; " if s.reason else "") + \
+            f"cosine to {s.person} {s.similarity:.3f} {op} {thr} over {len(ev)} face(s)"
+
     def choose(self, items: Sequence[tuple[int, np.ndarray, Sequence]],
                times: Optional[Sequence[Optional[float]]] = None) -> list[list]:
         """``times``: each item's frame time in seconds (None: not known), for the report."""
         from ..faces.align import arcface_crop
 
-        new: dict[int, list] = {}  # undecided track -> crops of its first detected faces here
-        later: list[tuple[int, int, int]] = []  # (track, item, crop index) for untouched tracks' faces
+        whens = [None if times is None or times[i] is None else round(float(times[i]), 3)
+                 for i in range(len(items))]
         crops: list[np.ndarray] = []
-        for i, (idx, img, faces) in enumerate(items):
-            when = None if times is None or times[i] is None else round(float(times[i]), 3)
+        which: list[list[Optional[int]]] = []  # per item and face: its crop's index (None: not embedded)
+        for idx, img, faces in items:
+            row = []
             for f in faces:
-                t = self.tracks.setdefault(f.track_id, _Track(first_frame=idx, first_time=when))
+                row.append(None if f.held or f.interpolated else len(crops))
+                if row[-1] is not None:
+                    crops.append(arcface_crop(img, f.kps))
+            which.append(row)
+        emb = self.embedder.embed(crops) if crops else np.zeros((0, 128), np.float32)
+        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        seg_of: list[list[_Segment]] = []  # per item and face: its segment
+        filled: dict[int, list] = {}  # track -> (item, face) filled in since its last detected face here
+        changed, switched = [], []
+        for i, (idx, _, faces) in enumerate(items):
+            when = whens[i]
+            row = []
+            for k, f in enumerate(faces):
+                segs = self.tracks.setdefault(f.track_id, [_Segment(f.track_id, first_frame=idx, first_time=when)])
+                s = segs[-1]
+                row.append(s)
                 if f.held:
                     continue
-                t.last_frame, t.last_time = idx, when
-                t.faces += 1
-                if f.interpolated:
+                j = which[i][k]
+                if j is not None and s.decided:
+                    cos = float(emb[j] @ s.anchor)
+                    s.faces_compared += 1
+                    if cos < SPLIT_THRESHOLD:  # another person: a new segment from this face on
+                        at = f"t={when:.2f} s (frame {idx})" if when is not None else f"frame {idx}"
+                        s = _Segment(f.track_id, len(segs), first_frame=idx, first_time=when,
+                                     reason=f"identity changed at {at}: cosine {cos:.3f} to the track's earlier "
+                                            f"faces < {SPLIT_THRESHOLD}")
+                        segs.append(s)
+                        row[-1] = s
+                        for i2, k2 in filled.get(f.track_id, []):  # filled in between the two people
+                            old = seg_of[i2][k2] if i2 < i else row[k2]
+                            old.faces -= 1
+                            s.faces += 1
+                            s.first_frame, s.first_time = items[i2][0], whens[i2]
+                            if i2 < i:
+                                seg_of[i2][k2] = s
+                            else:
+                                row[k2] = s
+                        changed.append((f.track_id, idx))
+                filled[f.track_id] = [] if j is not None else filled.get(f.track_id, []) + [(i, k)]
+                s.last_frame, s.last_time = idx, when
+                s.faces += 1
+                if j is None:
                     continue
-                if not t.decided:
-                    lst = new.setdefault(f.track_id, [])
-                    if len(lst) < DECIDE_FACES:
-                        lst.append(len(crops))
-                        crops.append(arcface_crop(img, f.kps))
-                elif t.untouched:
-                    later.append((f.track_id, i, len(crops)))
-                    crops.append(arcface_crop(img, f.kps))
-        emb = self.embedder.embed(crops) if crops else np.zeros((0, 128), np.float32)
-        for tid, idx in new.items():
-            t = self.tracks[tid]
-            t.similarity, t.person = self._best(emb[idx])
-            t.similarity = round(t.similarity, 4)
-            t.faces_compared, t.decided = len(idx), True
-            t.untouched = self._untouched_by(t.similarity)
-            t.recent = list(emb[idx][-RECHECK_FACES:])
-            op = ">=" if t.similarity >= (KEEP_THRESHOLD if self.mode == "keep" else ONLY_THRESHOLD) else "<"
-            thr = KEEP_THRESHOLD if self.mode == "keep" else ONLY_THRESHOLD
-            t.reason = f"cosine to {t.person} {t.similarity:.3f} {op} {thr} over {len(idx)} face(s)"
-        switched: set = set()
-        for tid, i, j in later:
-            t = self.tracks[tid]
-            if not t.untouched:
-                continue
-            t.recent = (t.recent + [emb[j]])[-RECHECK_FACES:]
-            t.faces_compared += 1
-            cos, name = self._best(np.stack(t.recent))
-            if (cos < KEEP_THRESHOLD) if self.mode == "keep" else (cos >= KEEP_THRESHOLD):
-                t.untouched = False
-                t.switched_at_frame = items[i][0]
-                bar = f"< {KEEP_THRESHOLD}" if self.mode == "keep" else f">= {KEEP_THRESHOLD}"
-                t.reason += (f"; anonymized from frame {items[0][0]}: last {len(t.recent)} faces at cosine "
-                             f"{cos:.3f} to {name} ({bar})")
-                switched.add(tid)
+                if not s.decided:
+                    if len(s.evidence) < DECIDE_FACES:
+                        s.evidence.append(emb[j])
+                    if len(s.evidence) == DECIDE_FACES:
+                        self._decide(s)
+                elif s.untouched:
+                    s.recent = (s.recent + [emb[j]])[-RECHECK_FACES:]
+                    cos, name = self._best(np.stack(s.recent))
+                    if (cos < KEEP_THRESHOLD) if self.mode == "keep" else (cos >= KEEP_THRESHOLD):
+                        s.untouched = False
+                        s.switched_at_frame = idx
+                        bar = f"< {KEEP_THRESHOLD}" if self.mode == "keep" else f">= {KEEP_THRESHOLD}"
+                        s.reason += (f"; anonymized from frame {max(items[0][0], s.first_frame)}: last "
+                                     f"{len(s.recent)} faces at cosine {cos:.3f} to {name} ({bar})")
+                        switched.append(f.track_id)
+            seg_of.append(row)
+        for segs in self.tracks.values():  # a track's first segment: decided in the batch where it appears
+            if segs[0].evidence and not segs[0].decided:
+                self._decide(segs[0])
+        if changed:
+            log.warning("identity changed (track, frame): %s: a new segment each, decided from its own faces",
+                        changed)
         if switched:
-            log.warning("track(s) %s changed identity: anonymized from here on", sorted(switched))
+            log.warning("track(s) %s no longer the person decided: anonymized from here on", sorted(set(switched)))
         out = []
-        for _, _, faces in items:
+        for (_, _, faces), row in zip(items, seg_of):
             keep = []
-            for f in faces:
-                t = self.tracks[f.track_id]
-                if t.decided and t.untouched:
-                    t.faces_untouched += 1
+            for f, s in zip(faces, row):
+                if s.decided and s.untouched:
+                    s.faces_untouched += 1
                 else:
                     keep.append(f)
             out.append(keep)
         return out
 
     def report(self) -> list[dict]:
-        """Every track with its decision (kept: left untouched), similarity and reason."""
-        return [{"track": tid, "decision": "kept" if t.decided and t.untouched else "anonymized",
-                 "similarity": t.similarity, "nearest_person": t.person, "reason": t.reason or "no detected face",
-                 "faces_compared": t.faces_compared, "faces_kept": t.faces_untouched, "first_frame": t.first_frame,
-                 "last_frame": t.last_frame, "first_time": t.first_time, "last_time": t.last_time, "faces": t.faces,
-                 "switched_at_frame": t.switched_at_frame}
-                for tid, t in sorted(self.tracks.items())]
+        """Every segment (each track's, in order) with its decision (kept: left untouched),
+        similarity and reason."""
+        out = []
+        for tid, segs in sorted(self.tracks.items()):
+            for s in segs:
+                reason = s.reason or "no detected face"
+                if not s.decided and s.index:
+                    reason += f"; not decided ({len(s.evidence)} detected face(s) of {DECIDE_FACES}): anonymized"
+                out.append({"track": tid, "segment": s.index,
+                            "decision": "kept" if s.decided and s.untouched else "anonymized",
+                            "similarity": s.similarity, "nearest_person": s.person, "reason": reason,
+                            "faces_compared": s.faces_compared, "faces_kept": s.faces_untouched,
+                            "first_frame": s.first_frame, "last_frame": s.last_frame, "first_time": s.first_time,
+                            "last_time": s.last_time, "faces": s.faces, "switched_at_frame": s.switched_at_frame})
+        return out
