@@ -20,10 +20,10 @@ exposure (goal: zero)
     (measures.face_removed). When the network matches that control to the input at least as
     closely as it matches the output, the match comes from what surrounds the face (hair,
     background, a colour cast or haze) or from an input it cannot read (faces of ~30 px, where
-    different LFW people pass the threshold 5% of the time at 24 px), not from the face: such
+    different LFW people pass the threshold 6% of the time at 24 px), not from the face: such
     a face is counted in ``verified_context_only`` instead of exposed. On the stress set's
-    hazy and blue-lit mosaics, deid's blurred faces passed the threshold this way, and a black
-    fill of the whole face ellipse still passed it for 12 of 300 hazy faces.
+    hazy and blue-lit mosaics, deid's blurred faces passed the threshold this way, and the
+    control itself passes it for 40 of 300 hazy faces (research/identity_control.py).
 identity
     cosine between the MobileFaceNet embeddings of the output and input ArcFace crops (mean,
     max) and the fraction of faces still verified as the same person.
