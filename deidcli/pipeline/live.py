@@ -483,6 +483,7 @@ class _Session:
         raises (the output removed) when processing or writing failed."""
         source, sink = self.source, self.sink
         fps = float(source.rate)
+        log.info("ready: models loaded, processing from the next frame")
         if self.gate is not None:
             self.gate.ready()
         gate = self._start_reader(ready=True)
