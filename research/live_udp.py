@@ -79,7 +79,7 @@ def measure(clip: Path, tmp: Path, extra: list) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"udp://127.0.0.1:{port}"
-    out = tmp / f"{clip.stem}_live.mp4"
+    out = tmp / f"{clip.stem}_live_{port}.mp4"  # a clip may be measured more than once
     cmd = [sys.executable, "-m", "deidcli.cli", "live", url, str(out), "--timeout", "5", "--json", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)
