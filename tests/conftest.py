@@ -92,20 +92,52 @@ def _need_shared(path: Path) -> None:
         pytest.skip(f"{path} not present")
 
 
-
-def run_deid(*args, check=None, timeout=300):
-    """``deid ARGS...`` in a subprocess (this interpreter, the shared models); with ``check`` the
-    exit code must be that, else the assertion shows both streams."""
+def run_deid(*args, check=None, timeout=300, env=None, pyflags=()):
+    """``deid ARGS...`` in a subprocess (this interpreter, the shared models, or ``env``;
+    ``pyflags``: the interpreter's own, e.g. ("-X", "importtime")); with ``check`` the exit code
+    must be that, else the assertion shows both streams."""
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, DEID_MODELS_DIR=str(MODELS))
-    p = subprocess.run([sys.executable, "-m", "deidcli.cli", *map(str, args)], capture_output=True, text=True,
-                       env=env, timeout=timeout)
+    env = env or dict(os.environ, DEID_MODELS_DIR=str(MODELS))
+    p = subprocess.run([sys.executable, *pyflags, "-m", "deidcli.cli", *map(str, args)], capture_output=True,
+                       text=True, env=env, timeout=timeout)
     if check is not None:
         assert p.returncode == check, f"exit {p.returncode}\nstdout:{p.stdout}\nstderr:{p.stderr}"
     return p
+
+
+def start_deid(*args, env=None):
+    """``deid ARGS...`` started in a subprocess (as :func:`run_deid`), not waited for."""
+    import os
+    import subprocess
+    import sys
+
+    env = env or dict(os.environ, DEID_MODELS_DIR=str(MODELS))
+    return subprocess.Popen([sys.executable, "-m", "deidcli.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for(pred, timeout=120.0, what="condition", poll=0.1):
+    """Poll ``pred()`` until it is true; AssertionError after ``timeout`` seconds."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def temp_of(folder: Path, name: str) -> list:
+    """Temporary files of output ``name`` in ``folder`` (.NAME.deid-tmp-XXXXXXXX.EXT)."""
+    try:
+        return [q for q in folder.iterdir() if q.name.startswith(f".{name}.deid-tmp-")]
+    except FileNotFoundError:
+        return []
+
 
 def cut_clip(src: Path, dst: Path, seconds: float, audio: bool = True) -> Path:
     """Copy the first ``seconds`` of ``src`` (video from its first keyframe, audio packets as they are)."""

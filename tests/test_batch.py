@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MODELS, VIDEOS, cut_clip, frame_pts
+from conftest import MODELS, VIDEOS, cut_clip, frame_pts, run_deid, start_deid, temp_of, wait_for
 from deidcli.pipeline import jobs
 from deidcli.errors import InputError, OutputError
 
@@ -28,33 +28,11 @@ ENV = dict(os.environ, DEID_MODELS_DIR=str(MODELS))
 
 
 def run(*args, check=None, timeout=300, pyflags=()):
-    p = subprocess.run([DEID[0], *pyflags, *DEID[1:], *map(str, args)], capture_output=True, text=True, env=ENV,
-                       timeout=timeout)
-    if check is not None:
-        assert p.returncode == check, f"exit {p.returncode}\nstdout:{p.stdout}\nstderr:{p.stderr}"
-    return p
+    return run_deid(*args, check=check, timeout=timeout, env=ENV, pyflags=pyflags)
 
 
 def start(*args):
-    return subprocess.Popen([*DEID, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=ENV)
-
-
-def wait_for(pred, timeout=120.0, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if pred():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def temp_of(folder: Path, name: str) -> list:
-    """Temporary files of output ``name`` in ``folder`` (.NAME.deid-tmp-XXXXXXXX.EXT)."""
-    try:
-        return [q for q in folder.iterdir() if q.name.startswith(f".{name}.deid-tmp-")]
-    except FileNotFoundError:
-        return []
+    return start_deid(*args, env=ENV)
 
 
 def tree(root: Path) -> dict:

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import MODELS, audio_packets, decode_rgb, frame_pts
+from conftest import MODELS, audio_packets, decode_rgb, frame_pts, run_deid, start_deid, temp_of
+from conftest import wait_for as wait_until
 from deidcli.pipeline import jobs
 
 DEID = [sys.executable, "-m", "deidcli.cli"]
@@ -36,31 +37,15 @@ need_ray = pytest.mark.skipif(not HAVE_RAY, reason="Ray is not installed (pip in
 
 
 def run(*args, check=None, timeout=300, env=ENV):
-    p = subprocess.run([*DEID, *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
-    if check is not None:
-        assert p.returncode == check, f"exit {p.returncode}\nstdout:{p.stdout}\nstderr:{p.stderr}"
-    return p
+    return run_deid(*args, check=check, timeout=timeout, env=env)
 
 
 def start(*args):
-    return subprocess.Popen([*DEID, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=ENV)
+    return start_deid(*args, env=ENV)
 
 
 def wait_for(pred, timeout=180.0, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def temp_of(folder: Path, name: str) -> list:
-    try:
-        return [q for q in folder.iterdir() if q.name.startswith(f".{name}.deid-tmp-")]
-    except FileNotFoundError:
-        return []
+    return wait_until(pred, timeout, what, poll=0.05)
 
 
 def by_name(report: dict) -> dict:

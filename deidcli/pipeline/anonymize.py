@@ -130,6 +130,21 @@ def _process_file(pipeline_factory: Callable[[], Pipeline], src: Path, dst: Path
     return res
 
 
+def planned_jobs(src, dst, options: AnonymizeOptions) -> list:
+    """The (input, output) pairs of a file or folder run (jobs.plan_jobs, then ``options.shard``),
+    once the paths and options are checked: ValueError for --format (a pipe's option), InputError
+    for a missing SRC. Shared by :func:`anonymize` and cluster.anonymize_on_ray."""
+    if options.encode.format:
+        raise ValueError("--format applies to DST - (stdout) only; a file's container follows its extension")
+    src, dst = Path(src), Path(dst)
+    if not src.exists():
+        raise InputError(f"{src}: no such file or directory")
+    jobs = plan_jobs(src, dst)
+    if options.shard is not None:
+        jobs = select_shard(jobs, src, options.shard)
+    return jobs
+
+
 def anonymize(src, dst, options: Optional[AnonymizeOptions] = None, progress: Optional[Progress] = None) -> dict:
     """Anonymize every face in ``src`` (a video, an image, or a folder of them) into ``dst``.
 
@@ -148,14 +163,7 @@ def anonymize(src, dst, options: Optional[AnonymizeOptions] = None, progress: Op
     progress = progress or Progress()
     if PIPE in (str(src), str(dst)):  # stdin and/or stdout: one stream, its own rules
         return _anonymize_pipe(src, dst, options, progress)
-    if options.encode.format:
-        raise ValueError("--format applies to DST - (stdout) only; a file's container follows its extension")
-    src, dst = Path(src), Path(dst)
-    if not src.exists():
-        raise InputError(f"{src}: no such file or directory")
-    jobs = plan_jobs(src, dst)
-    if options.shard is not None:
-        jobs = select_shard(jobs, src, options.shard)
+    jobs = planned_jobs(src, dst, options)
     if options.dry_run:
         return _dry_run(jobs, options)
     pipeline: Optional[Pipeline] = None

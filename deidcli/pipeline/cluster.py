@@ -38,9 +38,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional
 
-from ..errors import EXIT_USAGE, DeidError, InputError, ModelError, OutputError
+from ..errors import EXIT_USAGE, DeidError, ModelError, OutputError
 from ..options import AnonymizeOptions
-from .jobs import clean_stale, counts, dest_reason, select_shard
+from .jobs import clean_stale, counts, dest_reason
 from .report import FileResult
 
 log = logging.getLogger(__name__)
@@ -359,7 +359,7 @@ def anonymize_on_ray(src, dst, options: Optional[AnonymizeOptions] = None,
     the plan without starting a cluster. Outputs that exist are skipped here, before any worker
     starts: a rerun over a finished folder starts no cluster.
     """
-    from .anonymize import PIPE, anonymize, plan_jobs
+    from .anonymize import PIPE, anonymize, planned_jobs
 
     options = options or AnonymizeOptions()
     cluster = cluster or ClusterOptions()
@@ -368,14 +368,8 @@ def anonymize_on_ray(src, dst, options: Optional[AnonymizeOptions] = None,
         raise ValueError("--ray runs files and folders, not - (stdin/stdout)")
     if options.dry_run:
         return anonymize(src, dst, options)  # the plan is the same; no cluster needed
-    if options.encode.format:
-        raise ValueError("--format applies to DST - (stdout) only; a file's container follows its extension")
+    planned = planned_jobs(src, dst, options)
     src, dst = Path(src), Path(dst)
-    if not src.exists():
-        raise InputError(f"{src}: no such file or directory")
-    planned = plan_jobs(src, dst)
-    if options.shard is not None:
-        planned = select_shard(planned, src, options.shard)
     run = _Driver(ray, options, cluster, progress or ClusterProgress(), len(planned))
     for i, (s, d) in enumerate(planned):
         if d.exists() and not options.overwrite:
