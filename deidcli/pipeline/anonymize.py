@@ -164,6 +164,7 @@ def anonymize(src, dst, options: Optional[AnonymizeOptions] = None, progress: Op
     if PIPE in (str(src), str(dst)):  # stdin and/or stdout: one stream, its own rules
         return _anonymize_pipe(src, dst, options, progress)
     jobs = planned_jobs(src, dst, options)
+    src, dst = Path(src), Path(dst)
     if options.dry_run:
         return _dry_run(jobs, options)
     pipeline: Optional[Pipeline] = None
