@@ -311,5 +311,5 @@ def test_faces_whose_pastes_overlap_are_the_ones_checked_again():
             (1, None, face(150, 120, 190, 170)),  # 4: frame 1, alone there
             (1, None, face(700, 100, 800, 220))]  # 5: frame 1, apart
     gen = SimpleNamespace(jobs=jobs)
-    assert Pipeline._overlapping(gen, list(range(6)), None) == [0, 1, 2, 3]
-    assert Pipeline._overlapping(gen, [0, 2, 4, 5], None) == []  # 1 and 3 given the fallback
+    assert Pipeline._overlapping(gen, list(range(6))) == [0, 1, 2, 3]
+    assert Pipeline._overlapping(gen, [0, 2, 4, 5]) == []  # 1 and 3 given the fallback

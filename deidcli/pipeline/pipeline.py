@@ -207,8 +207,14 @@ class Pipeline:
             fallback = self._check_identity(gen, passes, stats, stages, items, router)
         covered = list(gen.held) + [(i, f, "check") for j, (i, _, f) in enumerate(gen.jobs) if fallback[j]]
         pasted = [j for j in range(len(gen.jobs)) if not fallback[j]]
-        overlaps = self._overlapping(gen, pasted, items) if o.identity_check else []
-        before = [arcface_crop(items[gen.jobs[j][0]][0], gen.jobs[j][2].kps) for j in overlaps]
+        overlaps = self._overlapping(gen, pasted) if o.identity_check else []
+        # the input faces' embeddings: the check's where it made them, else from the frames as they came
+        own = np.zeros((len(overlaps), gen.desc.shape[1]), np.float32)
+        missing = [k for k, j in enumerate(overlaps) if gen.own is None or not gen.own[j].any()]
+        for k, j in enumerate(overlaps):
+            if k not in missing:
+                own[k] = gen.own[j]
+        before = [arcface_crop(items[gen.jobs[overlaps[k]][0]][0], gen.jobs[overlaps[k]][2].kps) for k in missing]
         with stages("blend"):
             for j in pasted:
                 (i, M, f), r, m = gen.jobs[j], gen.raw[j], gen.masks[j]
@@ -224,7 +230,7 @@ class Pipeline:
             with stages("identity"):
                 after = [arcface_crop(items[gen.jobs[j][0]][0], gen.jobs[j][2].kps) for j in overlaps]
                 e = self.embedder.embed_check(before + after)
-                own, out = e[:len(overlaps)], e[len(overlaps):]
+                own[missing], out = e[:len(missing)], e[len(missing):]
                 cos = np.maximum(np.einsum("nd,nd->n", out, own), np.einsum("nd,nd->n", out, gen.desc[overlaps]))
             stats["overlap_checked"] += len(overlaps)
             for j, c in zip(overlaps, cos):
@@ -251,7 +257,7 @@ class Pipeline:
         return rects
 
     @staticmethod
-    def _overlapping(gen: "_Generated", pasted: list, items) -> list:
+    def _overlapping(gen: "_Generated", pasted: list) -> list:
         """The faces of ``pasted`` (indices into gen.jobs) whose paste can overlap another's in
         the same frame (their face boxes, grown by a fifth, intersect): the paste that comes later
         writes its own rendering of the other face's pixels there (stress set crowd_lfw: a small
@@ -410,6 +416,7 @@ class Pipeline:
             stats["skipped"] -= len(late)
             check(late)
         stats["fallback"] += int(fallback.sum())
+        gen.own = own  # rows of the faces checked; zero for the others
         return fallback
 
     def _own_embeddings(self, gen: "_Generated", idx: np.ndarray, crop112) -> tuple[np.ndarray, np.ndarray]:
@@ -643,6 +650,7 @@ class _Generated:
     regions: list
     held: list = field(default_factory=list)
     cond: Optional[np.ndarray] = None
+    own: Optional[np.ndarray] = None  # (N, D) the check's embeddings of the input faces; zero rows: not made
 
 
 def _box_rect(box: np.ndarray, shape: Sequence[int]) -> tuple[int, int, int, int]:
