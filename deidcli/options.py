@@ -34,8 +34,11 @@ class DetectOptions:
     detect_every: int = 1  # run the detector on every Nth frame only (opt-in speed/coverage trade; tracks fill the rest)
     precision: str = "auto"  # detector weights/activations: auto (int8 on CPU, fp32 on CUDA) | fp32 | int8
     zoom_weak: bool = True  # detections under det_thresh are looked at again zoomed (faces.Detector.zoom_score)
+    search_every: int = 4  # search the whole frame for new faces every Nth frame; between, look only around followed faces (faces/looks.py)
 
     def __post_init__(self):
+        if self.search_every < 1:
+            raise ValueError(f"search_every must be >= 1, not {self.search_every}")
         if self.precision not in DETECTOR_PRECISIONS:
             raise ValueError(f"detector precision must be one of {DETECTOR_PRECISIONS}, not {self.precision!r}")
 
@@ -48,6 +51,12 @@ class TrackOptions:
     reach_back: int = 30  # frames a new track reaches back over detections below det_thresh (>= keep_thresh)
     pad: int = 2  # frames a small or edge-cut face's track is extended by at each end (faces.track.PAD_BELOW)
     smooth: float = 1.0  # landmark smoothing strength (0 = off); One-Euro filter min cutoff scale
+
+
+#: deid live's --search-every: every frame between two searches is held until the second (faces
+#: that appear between them are looked for backwards), which a live output waits for; 2 holds one
+#: frame (docs/live.md).
+LIVE_SEARCH_EVERY = 2
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import sys
 import click
 
 from ..errors import EXIT_OK, DeidError
-from ..options import METHODS, PIPE_FORMATS
+from ..options import LIVE_SEARCH_EVERY, METHODS, PIPE_FORMATS
 from .main import (_detector_options, _finish, _generator_options, _run_options, _setup_logging,
                    _signals_to_interrupt, log)
 
@@ -62,7 +62,7 @@ def live_command(src, dst, realtime, max_latency, source_timeout, reconnect, rec
                  input_options, method, weights, device, fp16, batch_size, passes, identity_check, check_thresh,
                  check_precision, max_passes, small_max_passes, fallback, min_generate, max_yaw, min_light,
                  soft_fraction, colour_match, first_pass_mouth, eye_pass, keep_detail, pass_hold, margin, det_thresh,
-                 det_size, keep_thresh, min_face, detector, detector_precision, detect_every, max_gap, smooth, codec,
+                 det_size, keep_thresh, min_face, detector, detector_precision, detect_every, search_every, max_gap, smooth, codec,
                  crf, preset, audio, out_format, overwrite, models_dir, as_json, report_path, quiet, verbose):
     """Anonymize a camera or a stream as it happens: SRC live into DST.
 
@@ -90,7 +90,8 @@ def live_command(src, dst, realtime, max_latency, source_timeout, reconnect, rec
             min_light=min_light, soft_fraction=soft_fraction, first_pass_mouth=first_pass_mouth, eye_pass=eye_pass,
             keep_detail=keep_detail, pass_hold=pass_hold, models_dir=models_dir, overwrite=overwrite,
             detect=DetectOptions(det_thresh=det_thresh, det_size=det_size, min_face=min_face, detector=detector,
-                                 detect_every=detect_every, precision=detector_precision),
+                                 detect_every=detect_every, search_every=search_every or LIVE_SEARCH_EVERY,
+                                 precision=detector_precision),
             track=TrackOptions(max_gap=max_gap, smooth=smooth, keep_thresh=keep_thresh),
             encode=EncodeOptions(codec=codec, crf=crf, preset=preset, audio=audio, format=out_format),
         )

@@ -20,7 +20,8 @@ from .demo import demo_clip
 from .doctor import doctor
 from .lazy import LazyGroup
 from ..errors import EXIT_FAILED, EXIT_MODELS, EXIT_OK, DeidError, Interrupted, ModelError
-from ..options import (AUDIO_MODES, CHECK_PRECISIONS, DETECTOR_PRECISIONS, FALLBACKS, METHODS, PASS_HOLD, PIPE_FORMATS)
+from ..options import (AUDIO_MODES, CHECK_PRECISIONS, DETECTOR_PRECISIONS, FALLBACKS, LIVE_SEARCH_EVERY, METHODS,
+                       PASS_HOLD, PIPE_FORMATS, DetectOptions)
 
 log = logging.getLogger("deidcli")
 
@@ -189,6 +190,9 @@ _detector_options = _stacked(
                  help="Detector arithmetic (auto: CPU int8)."),
     click.option("--detect-every", type=click.IntRange(min=1), default=1,
                  help="Detect on every Nth frame only (faster, less coverage)."),
+    click.option("--search-every", type=click.IntRange(min=1), default=None,
+                 help="Search whole frames for new faces every Nth frame; between, look near followed faces "
+                      f"[default: {DetectOptions.search_every}; live: {LIVE_SEARCH_EVERY}]."),
 )
 
 
@@ -285,7 +289,7 @@ def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, ident
               check_precision, max_passes, small_max_passes, fallback, min_generate, max_yaw, min_light, soft_fraction,
               colour_match, first_pass_mouth, eye_pass, keep_detail, pass_hold,
               margin, det_thresh, keep_thresh, det_size, min_face,
-              detector, detector_precision, detect_every,
+              detector, detector_precision, detect_every, search_every,
               max_gap, smooth, codec, crf, preset, audio, keep_metadata, overwrite, dry_run, shard, models_dir, as_json,
               report_path, quiet, verbose, out_format, keep, only, ray_address, ray_workers, target):
     """Anonymize SRC (video, image, or folder) into DST.
@@ -318,7 +322,9 @@ def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, ident
             models_dir=models_dir, overwrite=overwrite, dry_run=dry_run, shard=shard, keep=keep, only=only,
             target=target,
             detect=DetectOptions(det_thresh=det_thresh, det_size=det_size, min_face=min_face, detector=detector,
-                                 detect_every=detect_every, precision=detector_precision),
+                                 detect_every=detect_every,
+                                 search_every=search_every or DetectOptions.search_every,
+                                 precision=detector_precision),
             track=TrackOptions(max_gap=max_gap, smooth=smooth, keep_thresh=keep_thresh),
             encode=EncodeOptions(codec=codec, crf=crf, preset=preset, audio=audio, keep_metadata=keep_metadata,
                                  format=out_format),

@@ -151,6 +151,7 @@ class _Tentative:
 
     obs: list  # (frame, box (4,) float64, kps (5, 2) float64, score), oldest first
     velocity: np.ndarray = field(default_factory=lambda: np.zeros(4))
+    found_back: int = 0  # of obs, the first ones given as Tracker.push's history, not detected
 
     @property
     def last(self) -> int:
@@ -232,18 +233,41 @@ class Tracker:
         self.n_reached_back = 0  # of those, faces covered by a track that reached back to them
         self.n_predicted = 0  # faces held over undetected frames at a track's start or end
         self._undetected: set[int] = set()  # buffered frames the detector did not look at
+        self._unsearched: set[int] = set()  # buffered frames it looked at only around followed faces
+        self._last_searched = -1  # the last frame searched for new faces
+        self.n_found_back = 0  # faces of new tracks on frames not searched, from ``history``
         self.frame_size: Optional[tuple[int, int]] = None  # (width, height), for padding at the border
 
     # -- public ------------------------------------------------------------------------
 
-    def predicted_boxes(self, index: int) -> np.ndarray:
-        """(T, 4) float64: where the live tracks expect their faces in frame ``index`` (the next
-        one pushed), for a detector that wants to know which faces are already followed."""
-        return np.array([t.predict(index) for t in self._live], np.float64).reshape(-1, 4)
+    def predicted_boxes(self, index: int, tentative: bool = False) -> np.ndarray:
+        """(T, 4) float64: where the live tracks (and with ``tentative`` the tentative ones after
+        them) expect their faces in frame ``index`` (the next one pushed), for a detector that wants
+        to know which faces are already followed."""
+        tracks = self._live + (self._tentative if tentative else [])
+        return np.array([t.predict(index) for t in tracks], np.float64).reshape(-1, 4)
 
-    def push(self, index: int, dets: Optional[Detections]) -> list[tuple[int, list[Face]]]:
+    def match(self, index: int, dets: Detections) -> tuple[list[int], list[int]]:
+        """What :meth:`push` of ``dets`` at frame ``index`` would pair, without pushing: (the live
+        tracks' positions in :meth:`predicted_boxes` that no detection continues, the indices of the
+        detections that continue no live or tentative track, i.e. would start one)."""
+        matches, unmatched = self._associate(index, dets, self._live, range(len(dets)))
+        paired = {id(t) for t, _ in matches}
+        _, new = self._associate(index, dets, self._tentative, unmatched)
+        return [k for k, t in enumerate(self._live) if id(t) not in paired], new
+
+    def push(self, index: int, dets: Optional[Detections], searched: bool = True,
+             history: Optional[dict] = None) -> list[tuple[int, list[Face]]]:
         """Feed the detections of frame `index` (consecutive, from 0), or None for a frame the
         detector did not look at (``--detect-every``).
+
+        ``searched`` False: the detector looked only around the faces already followed
+        (Detector.detect_near), not for new ones. Such frames are kept back until a frame is
+        searched again, and a track that starts there is extended back over them like over frames
+        nobody looked at, except where ``history`` says where its face was: {detection index:
+        [(frame, box (4,), kps (5, 2), score), ...] oldest first}, consecutive frames ending just
+        before ``index``, all of them frames not searched (the caller looked back for a new face in
+        the frames it kept, Detector.detect_near).
 
         Returns the frames that are now final, in order, each as (index, faces sorted
         by track_id). A frame is final once no track can still be filled in it, so the
@@ -269,6 +293,10 @@ class Tracker:
         obs: list[_Obs] = []
         self._frames[index] = obs
         self.max_buffered = max(self.max_buffered, len(self._frames))
+        if searched:
+            self._last_searched = index
+        else:
+            self._unsearched.add(index)
 
         matches, unmatched = self._associate(index, dets, self._live, range(len(dets)))
         for track, j in matches:
@@ -283,10 +311,22 @@ class Tracker:
                 self._promote(tent)
         for j in unmatched:
             box, kps = dets.boxes[j].astype(np.float64), dets.kps[j].astype(np.float64)
+            tent = _Tentative([(index, box, kps, float(dets.scores[j]))])
+            back = (history or {}).get(j)
+            if back:
+                assert back[-1][0] == index - 1 and all(f in self._unsearched for f, *_ in back), \
+                    "history must run up to the frame before, over frames not searched"
+                tent = _Tentative([(back[0][0], np.asarray(back[0][1], np.float64),
+                                    np.asarray(back[0][2], np.float64), float(back[0][3]))])
+                for f, b, k, sc in back[1:]:
+                    tent.add(f, np.asarray(b, np.float64), np.asarray(k, np.float64), float(sc))
+                tent.add(index, box, kps, float(dets.scores[j]))
+                tent.found_back = len(back)
+                self.n_found_back += len(back)
             if dets.scores[j] < self.start_thresh:
-                self._tentative.append(_Tentative([(index, box, kps, float(dets.scores[j]))]))
+                self._tentative.append(tent)
             else:
-                self._promote(_Tentative([(index, box, kps, float(dets.scores[j]))]))
+                self._promote(tent)
 
         # Tracks that can no longer be continued at index + 1 (gap > max_gap) end here; so do
         # tentative ones, and the weak detections older than reach_back are let go.
@@ -295,17 +335,20 @@ class Tracker:
         for tent in list(self._tentative):
             if index - tent.last >= self.options.max_gap + 1:
                 self._tentative.remove(tent)
-                self.n_weak_dropped += len(tent.obs)
+                self.n_weak_dropped += len(tent.obs) - tent.found_back
                 continue
             old = sum(1 for o in tent.obs if o[0] <= index - self.options.reach_back)
             if old:
-                self.n_weak_dropped += old
+                back = min(old, tent.found_back)
+                tent.found_back -= back
+                self.n_weak_dropped += old - back
                 del tent.obs[:old]
                 if not tent.obs:
                     self._tentative.remove(tent)
         # Frames up to the oldest live track's last detection, and before the oldest tentative
         # detection, can no longer change.
-        horizon = min([index - self.options.pad] + [t.last for t in self._live]
+        # Nor can frames after the last searched one: a face found at the next may reach back.
+        horizon = min([index - self.options.pad, self._last_searched] + [t.last for t in self._live]
                       + [t.obs[0][0] - 1 for t in self._tentative])
         return self._finalize(horizon)
 
@@ -316,7 +359,7 @@ class Tracker:
         self.n_tracks += 1
         self._live.append(track)
         f = first - 1
-        while f in self._undetected:  # extend back over the frames nobody looked at
+        while f in self._undetected or f in self._unsearched:  # back over frames nobody searched
             self._frames[f].append(_Obs(track.track_id, track.box.copy(), track.kps.copy(), 0.0, True, True))
             self.n_predicted += 1
             f -= 1
@@ -329,7 +372,7 @@ class Tracker:
         self._add(first, track, score, interpolated=False)
         for f, box, kps, score in tent.obs[1:]:
             self._continue(track, f, box, kps, score)
-        weak = len(tent.obs) - 1
+        weak = len(tent.obs) - 1 - tent.found_back
         self.n_weak_kept += weak
         self.n_reached_back += weak
 
@@ -337,7 +380,7 @@ class Tracker:
         """End of stream: every frame not yet returned, in order. Tracks end here."""
         for track in list(self._live):
             self._end(track)
-        self.n_weak_dropped += sum(len(t.obs) for t in self._tentative)
+        self.n_weak_dropped += sum(len(t.obs) - t.found_back for t in self._tentative)
         self._tentative.clear()
         return self._finalize(self._next - 1)
 
@@ -457,6 +500,7 @@ class Tracker:
         out = []
         for f in range(self._next_final, horizon + 1):
             self._undetected.discard(f)
+            self._unsearched.discard(f)
             faces = []
             for o in sorted(self._frames.pop(f), key=lambda o: o.track_id):
                 box, kps = self._smooth(o)

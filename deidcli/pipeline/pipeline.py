@@ -464,12 +464,19 @@ class Pipeline:
                          stages: Stages = NULL) -> Iterator:
         """(frame, faces) for every decoded frame, in order, once its faces are final (the tracker
         looks up to ``max_gap`` frames ahead to fill detector misses)."""
+        from ..faces.looks import Looks
         from ..faces.track import Tracker
 
         tracker = Tracker(self.options.track, fps=fps, start_thresh=self.options.detect.det_thresh)
         pending: deque = deque()  # decoded frames whose faces are not final yet
         small0, raised0 = self.detector.n_small, self.detector.n_raised
         every = self.options.detect.detect_every
+        # --search-every works with a detector on every frame only
+        looks = Looks(self.detector, self.options.detect.search_every if every == 1 else 1)
+
+        def earlier(index):
+            k = index - pending[0].index if pending else -1
+            return pending[k].image if 0 <= k < len(pending) else None
 
         def take(final):
             for idx, faces in final:
@@ -480,15 +487,15 @@ class Pipeline:
         for vf in frames:
             if tracker.frame_size is None:
                 tracker.frame_size = (vf.image.shape[1], vf.image.shape[0])
-            dets = None
+            dets, searched, history = None, True, None
             if vf.index % every == 0:
                 with stages("detect"):
-                    dets = self.detector.detect(vf.image, tracker.predicted_boxes(vf.index))
+                    dets, searched, history = looks.look(vf.index, vf.image, tracker, earlier)
             else:
                 result.frames_not_detected += 1
             pending.append(vf)
             with stages("track"):
-                final = tracker.push(vf.index, dets)
+                final = tracker.push(vf.index, dets, searched=searched, history=history)
             yield from take(final)
         with stages("track"):
             final = tracker.flush()
@@ -500,6 +507,9 @@ class Pipeline:
         result.faces_predicted = tracker.n_predicted
         result.faces_below_min_size = self.detector.n_small - small0
         result.faces_raised_zoomed = self.detector.n_raised - raised0
+        for key, value in looks.stats.items():
+            setattr(result, key, value)
+        result.faces_found_back = tracker.n_found_back
 
     def process_frames(self, frames: Iterator, result: FileResult, fps: Optional[float],
                        stages: Stages = NULL, threads: bool = True, queue_frames: int = QUEUE_FRAMES,

@@ -100,6 +100,16 @@ class FileResult:
     faces_interpolated: int = 0
     frames_not_detected: int = 0  # frames the detector skipped (--detect-every); their faces come from tracks
     faces_predicted: int = 0  # faces held over skipped frames at a track's start or end (--detect-every)
+    # --search-every (faces/looks.py): frames searched whole and frames looked at only around the
+    # followed faces; searches made early (a followed face not found near its box, a cut, near
+    # looks as costly as a search); faces the near looks found; faces of new tracks found looking back
+    frames_searched: int = 0
+    frames_near: int = 0
+    searches_lost: int = 0
+    searches_cut: int = 0
+    searches_crowded: int = 0
+    faces_near: int = 0
+    faces_found_back: int = 0
     decode_errors: int = 0  # damaged video: errors the decoder reported (rejected packets, concealed frames)
     frames_lost: int = 0  # input frames the decoder could not output (the others are all in the output)
     decode_error_times: list = field(default_factory=list)  # input times (s) of the lost and concealed frames

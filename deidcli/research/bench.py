@@ -43,7 +43,12 @@ def run_one(config: str, clip: str, opts: dict) -> dict:
     from ..options import AnonymizeOptions, DetectOptions, EncodeOptions, TrackOptions
     from ..stages import Stages
 
-    detect = DetectOptions(**opts.pop("detect", {}))
+    detect_opts = dict(opts.pop("detect", {}))
+    if config == "live":  # deid live's own default, unless asked
+        from ..options import LIVE_SEARCH_EVERY
+
+        detect_opts.setdefault("search_every", LIVE_SEARCH_EVERY)
+    detect = DetectOptions(**detect_opts)
     track = TrackOptions(**opts.pop("track", {}))
     encode = EncodeOptions(**opts.pop("encode", {}))
     if "weights" in opts and opts["weights"]:
@@ -77,7 +82,8 @@ def run_one(config: str, clip: str, opts: dict) -> dict:
             out.update(frames=f["frames"], faces=f["faces_anonymized"], wall_s=round(wall - rep["load_seconds"], 3),
                        load_s=rep["load_seconds"], stages=f["stages"], device=rep["device"], dtype=rep["dtype"],
                        interpolated=f["faces_interpolated"], frames_not_detected=f["frames_not_detected"],
-                       detect_every=detect.detect_every,
+                       detect_every=detect.detect_every, search_every=detect.search_every,
+                       frames_searched=f["frames_searched"],
                        detector_precision=rep.get("detector_precision"), check_precision=rep.get("check_precision"))
     if out.get("frames"):
         out["fps"] = round(out["frames"] / out["wall_s"], 2)
@@ -104,7 +110,7 @@ def _live(clip: str, dst: Path, opts: dict, detect, track) -> dict:
     return {"frames": rep["frames_out"], "frames_in": rep["frames_in"], "faces": rep["faces"],
             "dropped_percent": rep["dropped_percent"], "frames_covered": rep["frames_covered"],
             "latency_ms": rep["latency_ms"], "wall_s": rep["seconds"], "device": rep.get("device"),
-            "dtype": rep.get("dtype"), "stages": {}}
+            "dtype": rep.get("dtype"), "stages": {}, "search_every": detect.search_every}
 
 
 def _generator_only(opts: dict, n_batches: int = 10) -> dict:
@@ -170,6 +176,8 @@ def to_markdown(result: dict) -> str:
             name += f" (batch {r['batch_size']}" + (f", {nb} per network call)" if nb != r["batch_size"] else ")")
         if r.get("detect_every", 1) > 1:
             name += f" (detect every {r['detect_every']}: {r['frames_not_detected']} frames by tracking)"
+        if r.get("search_every", 1) > 1:
+            name += f" (search every {r['search_every']}" + (f": {r['frames_searched']} frames searched)" if 'frames_searched' in r else ")")
         row = [name, r.get("frames") or "-", r["wall_s"], r.get("fps", "-"), r.get("faces_per_s", "-"),
                r.get("x_reencode", "-")]
         row += [r.get("stages", {}).get(s, "-") for s in stages]
@@ -202,6 +210,8 @@ def to_markdown(result: dict) -> str:
 @click.option("--crf", type=click.IntRange(0, 63), default=18, help="Encoder quality.")
 @click.option("--detect-every", type=click.IntRange(1, 9), default=1,
               help="Detect on every Nth frame only.")
+@click.option("--search-every", type=click.IntRange(min=1), default=None,
+              help="Search whole frames every Nth frame (default: deid's).")
 @click.option("--detector-precision", type=click.Choice(DETECTOR_PRECISIONS), default="auto",
               help="Detector arithmetic (auto: CPU int8).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -209,7 +219,7 @@ def to_markdown(result: dict) -> str:
 def bench_command(clip, configs, weights, device, fp16, batch_size, passes, identity_check, check_thresh, check_precision,
                   max_passes, small_max_passes, fallback, min_generate, max_yaw, min_light, soft_fraction, colour_match,
                   first_pass_mouth, eye_pass, keep_detail, pass_hold, codec, preset, crf,
-                  detect_every,
+                  detect_every, search_every,
                   detector_precision, json_path):
     """Frames/s on CLIP per stage, next to a plain re-encode.
 
@@ -230,6 +240,8 @@ def bench_command(clip, configs, weights, device, fp16, batch_size, passes, iden
             "weights": str(weights) if weights else None,
             "encode": {"codec": codec, "preset": preset, "crf": crf}, "detect": {"detect_every": detect_every,
                                                                                  "precision": detector_precision}}
+    if search_every is not None:
+        opts["detect"]["search_every"] = search_every
     res = bench(str(clip), configs or ("reencode", "blur", "generate", "generator"), opts)
     res["options"] = opts
     if json_path:
