@@ -18,10 +18,14 @@ search; a face that search finds new is then looked for backwards, frame by fram
 it was found (``history``), so a face that walks in is covered where it was, from its first frame
 the detector can see it on, not just from the search that found it.
 
+A cut also ends every track (``Tracker.push(cut=True)``): a face at the same place after a cut is
+another person, and a track carried over would give the new face the old one's descriptor (the
+stress set's ``cuts`` clip had one such face verified as its person at a cosine of 0.56).
+
     looks = Looks(detector, search_every=4)
     for index, image in enumerate(frames):
-        dets, searched, history = looks.look(index, image, tracker, earlier)
-        tracker.push(index, dets, searched=searched, history=history)
+        dets, searched, history, cut = looks.look(index, image, tracker, earlier)
+        tracker.push(index, dets, searched=searched, history=history, cut=cut)
 
 ``earlier(index)`` gives the image of a frame the caller still holds (the frames the tracker has
 not returned yet), or None.
@@ -59,24 +63,26 @@ class Looks:
         self.n_near = 0  # frames looked at only around followed faces
         self.n_lost = 0  # searches made because a followed face was not found near its box
         self.n_cuts = 0  # searches made at a cut
+        self.n_cut_frames = 0  # cuts seen (with search_every 1 too)
         self.n_crowded = 0  # searches made because near looks would cost as much
         self.n_near_faces = 0  # faces the near looks found
 
     def look(self, index: int, image: np.ndarray, tracker,
-             earlier: Callable[[int], Optional[np.ndarray]]) -> tuple[Detections, bool, Optional[dict]]:
-        """(detections, searched, history) for frame ``index``; image (H, W, 3) uint8 RGB. The
+             earlier: Callable[[int], Optional[np.ndarray]]) -> tuple[Detections, bool, Optional[dict], bool]:
+        """(detections, searched, history, cut) for frame ``index``; image (H, W, 3) uint8 RGB. The
         arguments of ``tracker.push`` for this frame (``faces.track.Tracker``)."""
         import cv2
 
-        if self.every == 1:  # every frame searched: the detector as it always was
-            self.n_searched += 1
-            return self.detector.detect(image, tracker.predicted_boxes(index)), True, None
         step = max(1, image.shape[1] // (4 * THUMB[0]))  # every 5th pixel of 1280: 0.05 ms, not 0.6
         grey = cv2.cvtColor(cv2.resize(image[::step, ::step], THUMB, interpolation=cv2.INTER_AREA),
                             cv2.COLOR_RGB2GRAY)
         grey = grey.astype(np.float32)
         cut = self._thumb is not None and float(np.abs(grey - self._thumb).mean()) >= CUT_MAD
         self._thumb = grey
+        self.n_cut_frames += int(cut)
+        if self.every == 1:  # every frame searched
+            self.n_searched += 1
+            return self.detector.detect(image, tracker.predicted_boxes(index)), True, None, cut
         boxes = tracker.predicted_boxes(index, tentative=True)
         near_cost, full_cost = self.detector.near_cost(len(boxes), image.shape)
         cheap = near_cost < full_cost and not cut
@@ -89,7 +95,7 @@ class Looks:
             elif near is None or not tracker.match(index, near)[0]:
                 self.n_near += 1
                 self.n_near_faces += len(near) if near is not None else 0
-                return near if near is not None else Detections.empty(), False, None
+                return near if near is not None else Detections.empty(), False, None, False
             else:
                 self.n_lost += 1
         elif not cheap and not cut:
@@ -109,7 +115,7 @@ class Looks:
                        if (back := self._back(dets.boxes[j], index, self._last_search, earlier))}
         self._last_search = index
         self.n_searched += 1
-        return dets, True, history or None
+        return dets, True, history or None, cut
 
     def _back(self, box: np.ndarray, index: int, last_search: int, earlier) -> list:
         """A new face found in frame ``index`` at ``box``, looked for in the frames before it back
@@ -133,6 +139,6 @@ class Looks:
 
     @property
     def stats(self) -> dict:
-        return {"frames_searched": self.n_searched, "frames_near": self.n_near,
+        return {"cuts": self.n_cut_frames, "frames_searched": self.n_searched, "frames_near": self.n_near,
                 "searches_lost": self.n_lost, "searches_cut": self.n_cuts,
                 "searches_crowded": self.n_crowded, "faces_near": self.n_near_faces}

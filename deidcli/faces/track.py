@@ -236,6 +236,8 @@ class Tracker:
         self._unsearched: set[int] = set()  # buffered frames it looked at only around followed faces
         self._last_searched = -1  # the last frame searched for new faces
         self.n_found_back = 0  # faces of new tracks on frames not searched, from ``history``
+        self._cut = 0  # the last cut (push(cut=True)): no track reaches back before it
+        self.n_cuts = 0  # cuts pushed
         self.frame_size: Optional[tuple[int, int]] = None  # (width, height), for padding at the border
 
     # -- public ------------------------------------------------------------------------
@@ -257,7 +259,7 @@ class Tracker:
         return [k for k, t in enumerate(self._live) if id(t) not in paired], new
 
     def push(self, index: int, dets: Optional[Detections], searched: bool = True,
-             history: Optional[dict] = None) -> list[tuple[int, list[Face]]]:
+             history: Optional[dict] = None, cut: bool = False) -> list[tuple[int, list[Face]]]:
         """Feed the detections of frame `index` (consecutive, from 0), or None for a frame the
         detector did not look at (``--detect-every``).
 
@@ -268,6 +270,10 @@ class Tracker:
         [(frame, box (4,), kps (5, 2), score), ...] oldest first}, consecutive frames ending just
         before ``index``, all of them frames not searched (the caller looked back for a new face in
         the frames it kept, Detector.detect_near).
+
+        ``cut``: the picture cut at this frame (faces/looks.py). Every track and tentative track
+        ends before it, and no track is extended over it either way (held or padded): a face at
+        the same place after a cut is another face, with its own track and descriptor.
 
         Returns the frames that are now final, in order, each as (index, faces sorted
         by track_id). A frame is final once no track can still be filled in it, so the
@@ -283,6 +289,13 @@ class Tracker:
         """
         assert index == self._next, f"frames must be pushed in order: expected {self._next}"
         self._next += 1
+        if cut:
+            for track in list(self._live):
+                self._end(track)  # before this frame is buffered: nothing is held over into it
+            self.n_weak_dropped += sum(len(t.obs) - t.found_back for t in self._tentative)
+            self._tentative.clear()
+            self._cut = index
+            self.n_cuts += 1
         if dets is None:
             self._frames[index] = []
             self._undetected.add(index)
@@ -359,13 +372,13 @@ class Tracker:
         self.n_tracks += 1
         self._live.append(track)
         f = first - 1
-        while f in self._undetected or f in self._unsearched:  # back over frames nobody searched
+        while f >= self._cut and (f in self._undetected or f in self._unsearched):  # back over frames nobody searched
             self._frames[f].append(_Obs(track.track_id, track.box.copy(), track.kps.copy(), 0.0, True, True))
             self.n_predicted += 1
             f -= 1
         if self._padded(track.box):
             for f in range(f, f - self.options.pad, -1):
-                if f < self._next_final or f not in self._frames:
+                if f < max(self._next_final, self._cut) or f not in self._frames:
                     break
                 self._frames[f].append(_Obs(track.track_id, track.box.copy(), track.kps.copy(), 0.0, True, True))
                 self.n_predicted += 1

@@ -487,15 +487,15 @@ class Pipeline:
         for vf in frames:
             if tracker.frame_size is None:
                 tracker.frame_size = (vf.image.shape[1], vf.image.shape[0])
-            dets, searched, history = None, True, None
+            dets, searched, history, cut = None, True, None, False
             if vf.index % every == 0:
                 with stages("detect"):
-                    dets, searched, history = looks.look(vf.index, vf.image, tracker, earlier)
+                    dets, searched, history, cut = looks.look(vf.index, vf.image, tracker, earlier)
             else:
                 result.frames_not_detected += 1
             pending.append(vf)
             with stages("track"):
-                final = tracker.push(vf.index, dets, searched=searched, history=history)
+                final = tracker.push(vf.index, dets, searched=searched, history=history, cut=cut)
             yield from take(final)
         with stages("track"):
             final = tracker.flush()

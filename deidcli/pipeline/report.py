@@ -103,6 +103,7 @@ class FileResult:
     # --search-every (faces/looks.py): frames searched whole and frames looked at only around the
     # followed faces; searches made early (a followed face not found near its box, a cut, near
     # looks as costly as a search); faces the near looks found; faces of new tracks found looking back
+    cuts: int = 0  # cuts seen (every track ends at a cut)
     frames_searched: int = 0
     frames_near: int = 0
     searches_lost: int = 0

@@ -1,0 +1,91 @@
+"""--search-every (faces/looks.py): the whole frame searched every Nth frame, the followed faces
+looked at near their predicted boxes between, on real clips from ../shared/videos."""
+
+import numpy as np
+import pytest
+
+from conftest import MODELS, VIDEOS, decode_rgb
+
+
+@pytest.fixture(scope="module")
+def pipelines(shared):
+    from deidcli.options import AnonymizeOptions, DetectOptions
+    from deidcli.pipeline.pipeline import Pipeline
+
+    return {n: Pipeline(AnonymizeOptions(method="blur", models_dir=MODELS, detect=DetectOptions(search_every=n)),
+                        render=False) for n in (1, 4)}
+
+
+def _track(pipeline, frames):
+    """[(index, faces)] and the FileResult of detecting and tracking ``frames`` (RGB arrays)."""
+    from types import SimpleNamespace
+
+    from deidcli.pipeline.report import FileResult
+
+    res = FileResult(input="", output="")
+    out = [(vf.index, faces) for vf, faces in pipeline.detect_and_track(
+        iter([SimpleNamespace(index=i, image=im) for i, im in enumerate(frames)]), res, 30.0)]
+    assert [i for i, _ in out] == list(range(len(frames)))
+    return out, res
+
+
+def _covered(face, faces, iou=0.5) -> bool:
+    from deidcli.faces.detect import box_iou
+
+    boxes = np.array([f.box for f in faces], np.float32).reshape(-1, 4)
+    return bool(len(boxes)) and box_iou(face.box[None], boxes).max() >= iou
+
+
+def test_near_looks_follow_the_faces_a_search_of_every_frame_finds(pipelines):
+    frames = decode_rgb(VIDEOS / "ghost_2person.mp4", 40)
+    every, r1 = _track(pipelines[1], frames)
+    sparse, r4 = _track(pipelines[4], frames)
+    assert (r1.frames_searched, r4.frames_searched, r4.frames_near) == (40, 10, 30)
+    assert r4.faces_near == 60 and r4.searches_lost == 0
+    for (i, a), (_, b) in zip(every, sparse):
+        assert len(a) == len(b) == 2, i
+        assert all(_covered(f, b) for f in a) and all(_covered(f, a) for f in b), i
+
+
+def test_a_face_that_appears_between_searches_is_covered_from_its_first_frame(pipelines):
+    """The face is hidden (its region filled flat) in frames 0-5 and visible from frame 6; the
+    searches are at frames 0, 4 and 8. The search at 8 finds it and the look back finds it in 7 and
+    6, where it is covered at its own box, not at frame 8's; frame 5 (not searched, no face) is held
+    at its first box."""
+    frames = decode_rgb(VIDEOS / "ghost_obama_short.mp4", 16)
+    full, _ = _track(pipelines[1], frames)
+    box = full[0][1][0].box
+    w, h = box[2] - box[0], box[3] - box[1]
+    x0, y0 = int(max(box[0] - 0.3 * w, 0)), int(max(box[1] - 0.3 * h, 0))
+    x1, y1 = int(box[2] + 0.3 * w), int(box[3] + 0.3 * h)
+    for im in frames[:6]:
+        im[y0:y1, x0:x1] = im[y0:y1, x0:x1].reshape(-1, 3).mean(0).astype(np.uint8)
+    every, _ = _track(pipelines[1], frames)
+    assert [len(f) for _, f in every[:8]] == [0, 0, 0, 0, 0, 0, 1, 1]  # the face is seen from frame 6
+    sparse, res = _track(pipelines[4], frames)
+    assert res.searches_cut == 0 and res.faces_found_back == 2
+    for i in (6, 7):
+        face, = sparse[i][1]
+        assert not face.held and _covered(face, every[i][1], 0.6), i
+    held, = sparse[5][1]
+    assert held.held
+    assert all(not f for _, f in sparse[:5])
+    # frame 8's box is not where the face was in frame 6 (it moves): the look back is what covers it
+    assert all(_covered(f, every[i][1]) for i in range(6, 16) for f in sparse[i][1])
+
+
+def test_a_cut_is_searched_at_once_and_ends_every_track(pipelines):
+    """ghost_2person cut to ghost_obama_short at frame 10 (not a search frame): the cut frame is
+    searched, the new face is covered from it on at its own box, in a track of its own."""
+    frames = decode_rgb(VIDEOS / "ghost_2person.mp4", 10) + decode_rgb(VIDEOS / "ghost_obama_short.mp4", 10)
+    every, _ = _track(pipelines[1], frames)
+    sparse, res = _track(pipelines[4], frames)
+    assert res.searches_cut == 1
+    for i in range(10, 20):
+        assert every[i][1] and all(_covered(f, sparse[i][1]) for f in every[i][1]), i
+    assert res.faces_found_back == 0
+    # every track ends at the cut, and none is held or padded over it either way
+    before = {f.track_id for _, faces in sparse[:10] for f in faces}
+    after = {f.track_id for _, faces in sparse[10:] for f in faces}
+    assert before and after and not before & after
+    assert res.cuts == 1
