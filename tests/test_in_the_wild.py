@@ -119,21 +119,27 @@ def test_first_frame_face_below_det_thresh_is_anonymized(shared, tmp_path):
     scores = [det.detect(x).scores for x in inp]
     assert all(len(s) == 1 for s in scores)
     assert all(0.3 <= s[0] < 0.5 for s in scores[:3]) and scores[3][0] >= 0.5, scores  # the premise
-    # the tracker alone (no zoomed second look at weak detections, see the next test)
-    res = anonymize(src, tmp_path / "out.mp4",
-                    AnonymizeOptions(method="blur", detect=DetectOptions(zoom_weak=False)))["files"][0]
+    # the tracker alone: every frame searched whole (the near looks of --search-every are zoomed
+    # looks) and no zoomed second look at weak detections (see the next test)
+    res = anonymize(src, tmp_path / "out.mp4", AnonymizeOptions(
+        method="blur", detect=DetectOptions(zoom_weak=False, search_every=1)))["files"][0]
     assert res["faces_anonymized"] == 10 and res["faces_kept_low_score"] == 3 and res["tracks"] == 1
-    # by default the zoomed look scores the blurred face above --det-thresh at frame 0, where the
-    # track starts; frames 1-2 are weak detections of a tracked face and simply continue it
+    # with the zoomed look the blurred face scores above --det-thresh at frame 0, where the track
+    # starts; frames 1-2 are weak detections of a tracked face and simply continue it
+    zoom = anonymize(src, tmp_path / "zoom.mp4", AnonymizeOptions(
+        method="blur", detect=DetectOptions(search_every=1)))["files"][0]
+    assert zoom["faces_anonymized"] == 10 and zoom["tracks"] == 1
+    assert zoom["faces_raised_zoomed"] == 1 and zoom["faces_kept_low_score"] == 2
+    # the defaults (frame 0 searched, frames 1-3 looked at near the face) cover every frame too
     dflt = anonymize(src, tmp_path / "dflt.mp4", AnonymizeOptions(method="blur"))["files"][0]
-    assert dflt["faces_anonymized"] == 10 and dflt["tracks"] == 1
-    assert dflt["faces_raised_zoomed"] == 1 and dflt["faces_kept_low_score"] == 2
-    outp = decode_rgb(tmp_path / "out.mp4")
+    assert dflt["faces_anonymized"] == 10 and dflt["tracks"] == 1 and dflt["frames_near"] > 0
     box = det.detect(inp[3]).boxes[0].astype(int)
     x0, y0, x1, y1 = box
-    for k in range(3):  # the weak frames, the first included, are blurred where the face is
-        d = np.abs(outp[k][y0:y1, x0:x1].astype(int) - inp[k][y0:y1, x0:x1]).mean()
-        assert d > 4, (k, d)
+    for name in ("out.mp4", "dflt.mp4"):
+        outp = decode_rgb(tmp_path / name)
+        for k in range(3):  # the weak frames, the first included, are blurred where the face is
+            d = np.abs(outp[k][y0:y1, x0:x1].astype(int) - inp[k][y0:y1, x0:x1]).mean()
+            assert d > 4, (name, k, d)
     assert json.dumps(res)  # the report stays JSON
 
 
