@@ -332,6 +332,22 @@ class Detector:
                 keep.append(j)
         return Detections(det[keep, :4], det[keep, 4], kps[keep])
 
+    def detect_around(self, image: np.ndarray, box: np.ndarray) -> Detections:
+        """Faces in the square of NEAR_SIDE / NEAR_FACE times ``box``'s longer side around it, at
+        the scale :meth:`detect` would look at ``image`` (so the boxes and landmarks are those a
+        search would give), in pixels of ``image``, highest score first. For looking back for a
+        face a search found (faces/looks.py): rare, so the cost of the larger input does not matter."""
+        w, h = self.input_size_for(image.shape)
+        scale = min(w / image.shape[1], h / image.shape[0])
+        longer = max(float(box[2] - box[0]), float(box[3] - box[1]), 1.0)
+        side = max(32, int(math.ceil(longer * NEAR_SIDE / NEAR_FACE * scale / 32.0)) * 32)
+        sq, (X0, Y0, s) = _square_around(image, box, NEAR_SIDE / NEAR_FACE, side)
+        if sq is None:
+            return Detections.empty()
+        det, kps = self._detect(sq, (side, side))
+        return Detections(det[:, :4] * s + np.array([X0, Y0, X0, Y0], np.float32), det[:, 4],
+                          kps * s + np.array([X0, Y0], np.float32))
+
     def near_cost(self, n_boxes: int, shape: Sequence[int]) -> tuple[int, int]:
         """(pixels for :meth:`detect_near` of ``n_boxes`` boxes, pixels for :meth:`detect` of an
         image of ``shape``), each with every call's fixed cost (CALL_PIXELS) added."""

@@ -119,14 +119,16 @@ class Looks:
 
     def _back(self, box: np.ndarray, index: int, last_search: int, earlier) -> list:
         """A new face found in frame ``index`` at ``box``, looked for in the frames before it back
-        to (not including) the last search, around where it was a frame later: [(frame, box, kps,
+        to (not including) the last search, around where it was a frame later, at the search's
+        scale (``Detector.detect_around``: the boxes and landmarks a search would have given; an
+        enlarged or shrunk look gives a blurred face a box of another size): [(frame, box, kps,
         score), ...] oldest first, up to the first frame it is not found in."""
         found = []
         for f in range(index - 1, last_search, -1):
             image = earlier(f)
             if image is None:
                 break
-            dets = self.detector.detect_near(image, box[None])
+            dets = self.detector.detect_around(image, box)
             if not len(dets):
                 break
             iou = box_iou(box[None], dets.boxes)[0]
