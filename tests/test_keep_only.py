@@ -227,15 +227,18 @@ def test_a_swapped_track_is_split_at_each_swap(data):
     assert all(t["switched_at_frame"] is None for t in (kept, swapped, back))
 
 
-def _swap_clip(path, n=30, m=30):
+def _swap_clip(path, n=30, m=30, local=False):
     """A 640x720 clip at 30 fps: the left half of ghost_2person's frames 0..n-1 (the left person),
     then frames n..n+m-1 scaled by 0.6 and shifted so that the right person's face sits where the
-    left one's was (as a tracker swap or a cut at the same place leaves it), the left person's
-    edge blacked out."""
+    left one's was (a cut at the same place), the left person's edge blacked out. ``local``: only
+    the region around the left person's face (its box in frame 0 grown by a quarter each side)
+    is taken from those, the rest of the picture goes on as before: no cut, one face replaced by
+    another at the same place (as a tracker swap at a crossing leaves it)."""
     import av
     import cv2
 
     out = []
+    region = None
     with av.open(str(VIDEOS / "ghost_2person.mp4")) as c:
         for i, f in enumerate(c.decode(video=0)):
             img = f.to_ndarray(format="rgb24")
@@ -245,6 +248,14 @@ def _swap_clip(path, n=30, m=30):
                 canvas = np.zeros((720, 640, 3), np.uint8)
                 canvas[70:70 + 432, :569] = cv2.resize(img, (768, 432), interpolation=cv2.INTER_AREA)[:, 199:]
                 canvas[:, :100] = 0  # the left person's edge
+                if local:
+                    if region is None:
+                        (x0, y0, x1, y1), = _detector().detect(out[0]).boxes
+                        gx, gy = (x1 - x0) / 4, (y1 - y0) / 4
+                        region = (slice(max(int(y0 - gy), 0), int(y1 + gy)), slice(max(int(x0 - gx), 0), int(x1 + gx)))
+                    local_frame = np.ascontiguousarray(img[:, :640])
+                    local_frame[region] = canvas[region]
+                    canvas = local_frame
                 out.append(canvas)
             if len(out) == n + m:
                 break
@@ -268,7 +279,7 @@ def test_a_swap_in_a_real_clip_splits_the_track(data, tmp_path):
     from test_cli import plain_reencode
 
     n = 30
-    clip = _swap_clip(tmp_path / "swap.mp4", n)
+    clip = _swap_clip(tmp_path / "swap.mp4", n, local=True)
     det = _detector()
     inp = decode_rgb(clip)
     boxes = []
@@ -300,6 +311,22 @@ def test_a_swap_in_a_real_clip_splits_the_track(data, tmp_path):
     p = run("anonymize", clip, tmp_path / "o.mp4", "--keep", d / "left", "--dry-run", check=0)
     assert f"track 0 0.00-{(n - 1) / 30:.2f} s, {n} face(s): kept (" in p.stdout, p.stdout
     assert f"track 0.1 {n / 30:.2f}-" in p.stdout and "anonymized (identity changed at t=1.00 s" in p.stdout, p.stdout
+
+
+def test_a_cut_to_another_person_at_the_same_place_starts_a_new_track(data, tmp_path):
+    """The same change made by a cut (the whole picture changes): the cut ends the track (faces/
+    looks.py), and the face after it is decided from its own faces: --keep left/ keeps frames 0-29
+    and anonymizes every frame after."""
+    n = 30
+    clip = _swap_clip(tmp_path / "cut.mp4", n)
+    p = run("anonymize", clip, tmp_path / "keep.mp4", "--keep", data["dir"] / "left", "--method", "blur", "--json",
+            check=0)
+    (f,) = json.loads(p.stdout)["files"]
+    assert f["cuts"] == 1 and f["tracks"] == 2, f
+    first, second = f["track_decisions"]
+    assert (first["track"], first["decision"], first["first_frame"], first["last_frame"]) == (0, "kept", 0, n - 1)
+    assert (second["track"], second["decision"], second["first_frame"]) == (1, "anonymized", n), second
+    assert f["faces_kept"] == n and f["faces_anonymized"] == n
 
 
 def test_bad_reference_with_stdout_fails_before_the_stream(data):

@@ -242,12 +242,10 @@ class Tracker:
 
     # -- public ------------------------------------------------------------------------
 
-    def predicted_boxes(self, index: int, tentative: bool = False) -> np.ndarray:
-        """(T, 4) float64: where the live tracks (and with ``tentative`` the tentative ones after
-        them) expect their faces in frame ``index`` (the next one pushed), for a detector that wants
-        to know which faces are already followed."""
-        tracks = self._live + (self._tentative if tentative else [])
-        return np.array([t.predict(index) for t in tracks], np.float64).reshape(-1, 4)
+    def predicted_boxes(self, index: int) -> np.ndarray:
+        """(T, 4) float64: where the live tracks expect their faces in frame ``index`` (the next
+        one pushed), for a detector that wants to know which faces are already followed."""
+        return np.array([t.predict(index) for t in self._live], np.float64).reshape(-1, 4)
 
     def match(self, index: int, dets: Detections) -> tuple[list[int], list[int]]:
         """What :meth:`push` of ``dets`` at frame ``index`` would pair, without pushing: (the live
