@@ -99,18 +99,14 @@ ZOOM_FACE = 64
 #: Detector.detect_near: the square looked at around each box (px), the box's height in it, and
 #: the squares side by side in one detector input. 48 px faces: the landmarks differ from the
 #: frame-sized look's by 3.5% of the inter-ocular distance (median; ghost_2person, mosaic3), as
-#: much as at 64 or 96 px, for 3.6 ms a square (int8, one core) against 4.5 and 8.3.
+#: much as at 64 or 96 px, for 3.6 ms a square (int8, one core) against 4.5 and 8.3. Larger
+#: squares for fewer faces were tried (2026-12-06) and left: two 720p faces in 192 px squares ran
+#: ghost_2person at 28-31 frames/s (33 in 128 px); one face in 192 px sent 27 of
+#: ghost_obama_short's 208 faces to the fallback (none in 128 px); lp_d12 in 320 px: lip-opening
+#: agreement r 0.79 (0.73 in 128 px, 0.88 searched every frame).
 NEAR_SIDE = 128
 NEAR_FACE = 51.2
-#: Fewer faces get larger squares, up to NEAR_SIDE_MAX, as long as the near looks of a frame cost
-#: at most NEAR_BUDGET of a search (Detector.near_side): on 1-2 large faces the landmarks at 51 px
-#: follow the lips less well than the search's (lp_d12, 512x512, one face: lip-opening agreement
-#: r 0.88 searched every frame, 0.73 with 128 px squares, 0.79 with 320). The budget keeps two
-#: 720p faces at 128 px: ghost_2person at 33 frames/s (29 with 192 px squares).
-NEAR_SIDE_MAX = 320
-NEAR_BUDGET = 0.25
-#: Squares side by side in one detector input, up to this width.
-NEAR_CANVAS = 640
+NEAR_PER_CALL = 5
 #: Detector.near_cost: each detector call's fixed cost in pixels of input (2.1 ms at 0.0875 ms a
 #: 1,000 px on the 2-core machine the figures above come from).
 CALL_PIXELS = 24_000
@@ -289,9 +285,9 @@ class Detector:
 
     def detect_near(self, image: np.ndarray, boxes: np.ndarray) -> Detections:
         """Faces looked for only around ``boxes`` (T, 4) (where a tracker expects its faces): each
-        a square of 2.5 times the box's longer side around it (NEAR_SIDE / NEAR_FACE), scaled to
-        :meth:`near_side` px (128-320: larger for fewer faces), and as many such squares side by
-        side in one detector input as fit in NEAR_CANVAS px. Returns Detections in pixels of ``image`` (overlapping squares may see a face twice:
+        a square of NEAR_SIDE / NEAR_FACE times the box's longer side around it, scaled so the box
+        is NEAR_FACE px high, and up to NEAR_PER_CALL such squares side by side in one detector
+        input. Returns Detections in pixels of ``image`` (overlapping squares may see a face twice:
         duplicates, IoU > 0.5, are dropped), highest score first, without ``min_face``'s filter and
         without a zoomed second look (these are zoomed already).
 
@@ -301,8 +297,6 @@ class Detector:
         for a 640x384 frame)."""
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8, image.shape
-        side = self.near_side(len(boxes), image.shape)
-        per_call = max(1, NEAR_CANVAS // side)
         # a face smaller than NEAR_FACE at the search's scale is looked at at that scale (a wider
         # square), not enlarged: its landmarks then agree with the search's (mosaic3_blur, a 45 px
         # face: 10-12% of the inter-ocular distance apart enlarged, and the identity check, on the
@@ -310,27 +304,27 @@ class Detector:
         w, h = self.input_size_for(image.shape)
         search_scale = min(w / image.shape[1], h / image.shape[0])
         dets, kpss = [], []
-        for start in range(0, len(boxes), per_call):
-            part = boxes[start:start + per_call]
-            canvas = np.zeros((side, side * len(part), 3), np.uint8)
+        for start in range(0, len(boxes), NEAR_PER_CALL):
+            part = boxes[start:start + NEAR_PER_CALL]
+            canvas = np.zeros((NEAR_SIDE, NEAR_SIDE * len(part), 3), np.uint8)
             places = []
             for i, box in enumerate(part):
                 longer = max(box[2] - box[0], box[3] - box[1], 1.0)
-                ratio = max(NEAR_SIDE / NEAR_FACE, side / (longer * search_scale))
-                sq, place = _square_around(image, box, ratio, side, fast=True)
+                ratio = max(NEAR_SIDE / NEAR_FACE, NEAR_SIDE / (longer * search_scale))
+                sq, place = _square_around(image, box, ratio, NEAR_SIDE, fast=True)
                 if sq is not None:
-                    canvas[:, i * side:(i + 1) * side] = sq
+                    canvas[:, i * NEAR_SIDE:(i + 1) * NEAR_SIDE] = sq
                 places.append(place)
-            det, kps = self._detect(canvas, (canvas.shape[1], side))
-            tile = np.clip(((det[:, 0] + det[:, 2]) / 2 // side).astype(int), 0, len(part) - 1)
+            det, kps = self._detect(canvas, (canvas.shape[1], NEAR_SIDE))
+            tile = np.clip(((det[:, 0] + det[:, 2]) / 2 // NEAR_SIDE).astype(int), 0, len(part) - 1)
             for j in range(len(det)):
                 X0, Y0, scale = places[tile[j]]
-                off = tile[j] * side
+                off = tile[j] * NEAR_SIDE
                 det[j, :4] = (det[j, :4] - [off, 0, off, 0]) * scale + [X0, Y0, X0, Y0]
                 kps[j] = (kps[j] - [off, 0]) * scale + [X0, Y0]
             dets.append(det)
             kpss.append(kps)
-        self.n_near_calls += (len(boxes) + per_call - 1) // per_call
+        self.n_near_calls += (len(boxes) + NEAR_PER_CALL - 1) // NEAR_PER_CALL
         if not dets:
             return Detections.empty()
         det, kps = np.concatenate(dets), np.concatenate(kpss)
@@ -358,27 +352,12 @@ class Detector:
         return Detections(det[:, :4] * s + np.array([X0, Y0, X0, Y0], np.float32), det[:, 4],
                           kps * s + np.array([X0, Y0], np.float32))
 
-    def near_cost(self, n_boxes: int, shape: Sequence[int], side: int = NEAR_SIDE) -> tuple[int, int]:
-        """(pixels for :meth:`detect_near` of ``n_boxes`` boxes in squares of ``side`` px, pixels
-        for :meth:`detect` of an image of ``shape``), each with every call's fixed cost
-        (CALL_PIXELS) added."""
+    def near_cost(self, n_boxes: int, shape: Sequence[int]) -> tuple[int, int]:
+        """(pixels for :meth:`detect_near` of ``n_boxes`` boxes, pixels for :meth:`detect` of an
+        image of ``shape``), each with every call's fixed cost (CALL_PIXELS) added."""
         w, h = self.input_size_for(shape)
-        per_call = max(1, NEAR_CANVAS // side)
-        calls = (n_boxes + per_call - 1) // per_call
-        return n_boxes * side * side + calls * CALL_PIXELS, w * h + CALL_PIXELS
-
-    def near_side(self, n_boxes: int, shape: Sequence[int]) -> int:
-        """The squares' side for :meth:`detect_near` of ``n_boxes`` boxes in an image of ``shape``:
-        the largest multiple of 32 from NEAR_SIDE to NEAR_SIDE_MAX whose near looks cost at most
-        NEAR_BUDGET of a search (NEAR_SIDE where none does). 1280x720: 192 px for one face, 128
-        from two; 512x512 (searched at 640x640): 288 for one face, 192 for two, 128 from four."""
-        side = NEAR_SIDE
-        for s in range(NEAR_SIDE + 32, NEAR_SIDE_MAX + 1, 32):
-            near, full = self.near_cost(n_boxes, shape, s)
-            if near > NEAR_BUDGET * full:
-                break
-            side = s
-        return side
+        calls = (n_boxes + NEAR_PER_CALL - 1) // NEAR_PER_CALL
+        return n_boxes * NEAR_SIDE * NEAR_SIDE + calls * CALL_PIXELS, w * h + CALL_PIXELS
 
     def _detect(self, image: np.ndarray, input_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """InsightFace's ``SCRFD.detect(bgr, input_size, max_num=0)`` for an RGB image, with the same
