@@ -30,6 +30,13 @@ from ..options import DETECTOR_PRECISIONS
 STAGE_ORDER = ("decode", "detect", "track", "identity", "align", "generate", "blend", "encode")
 
 
+def default_search(config: str) -> int:
+    """The --search-every a configuration runs with unless told (deid live's own for live)."""
+    from ..options import LIVE_SEARCH_EVERY, DetectOptions
+
+    return LIVE_SEARCH_EVERY if config == "live" else DetectOptions.search_every
+
+
 def _peak_rss_mb() -> float:
     import resource
 
@@ -44,10 +51,7 @@ def run_one(config: str, clip: str, opts: dict) -> dict:
     from ..stages import Stages
 
     detect_opts = dict(opts.pop("detect", {}))
-    if config == "live":  # deid live's own default, unless asked
-        from ..options import LIVE_SEARCH_EVERY
-
-        detect_opts.setdefault("search_every", LIVE_SEARCH_EVERY)
+    detect_opts.setdefault("search_every", default_search(config))
     detect = DetectOptions(**detect_opts)
     track = TrackOptions(**opts.pop("track", {}))
     encode = EncodeOptions(**opts.pop("encode", {}))
@@ -176,7 +180,7 @@ def to_markdown(result: dict) -> str:
             name += f" (batch {r['batch_size']}" + (f", {nb} per network call)" if nb != r["batch_size"] else ")")
         if r.get("detect_every", 1) > 1:
             name += f" (detect every {r['detect_every']}: {r['frames_not_detected']} frames by tracking)"
-        if r.get("search_every", 1) > 1:
+        if r.get("search_every", default_search(r["config"])) != default_search(r["config"]):
             name += f" (search every {r['search_every']}" + (f": {r['frames_searched']} frames searched)" if 'frames_searched' in r else ")")
         row = [name, r.get("frames") or "-", r["wall_s"], r.get("fps", "-"), r.get("faces_per_s", "-"),
                r.get("x_reencode", "-")]
