@@ -105,7 +105,7 @@ ZOOM_FACE = 64
 #: ghost_obama_short's 208 faces to the fallback (none in 128 px); lp_d12 in 320 px: lip-opening
 #: agreement r 0.79 (0.73 in 128 px, 0.88 searched every frame).
 NEAR_SIDE = 128
-NEAR_FACE = 51.2
+NEAR_RATIO = 2.5  # the square's side over the box's longer side: the box is 51.2 px high in it
 NEAR_PER_CALL = 5
 #: Detector.near_cost: each detector call's fixed cost in pixels of input (2.1 ms at 0.0875 ms a
 #: 1,000 px on the 2-core machine the figures above come from).
@@ -216,7 +216,11 @@ class Detector:
         self.rescore_below = float(rescore_below)
         self.n_rescored = 0  # detections looked at again, zoomed (rescore_below)
         self.n_raised = 0  # of those, the ones the zoomed look scored at rescore_below or above
-        self.n_near_calls = 0  # detector calls of detect_near
+
+    def search_scale(self, shape: Sequence[int]) -> float:
+        """Detector input pixels per image pixel when :meth:`detect` looks at an image of ``shape``."""
+        w, h = self.input_size_for(shape)
+        return min(w / shape[1], h / shape[0])
 
     def input_size_for(self, shape: Sequence[int]) -> tuple[int, int]:
         """Detector input (width, height) for an image of ``shape``: the longer side is scaled to
@@ -285,9 +289,8 @@ class Detector:
 
     def detect_near(self, image: np.ndarray, boxes: np.ndarray) -> Detections:
         """Faces looked for only around ``boxes`` (T, 4) (where a tracker expects its faces): each
-        a square of NEAR_SIDE / NEAR_FACE times the box's longer side around it, scaled so the box
-        is NEAR_FACE px high, and up to NEAR_PER_CALL such squares side by side in one detector
-        input. Returns Detections in pixels of ``image`` (overlapping squares may see a face twice:
+        a square of NEAR_RATIO times the box's longer side around it, scaled to NEAR_SIDE px, and up
+        to NEAR_PER_CALL such squares side by side in one detector input. Returns Detections in pixels of ``image`` (overlapping squares may see a face twice:
         duplicates, IoU > 0.5, are dropped), highest score first, without ``min_face``'s filter and
         without a zoomed second look (these are zoomed already).
 
@@ -297,12 +300,12 @@ class Detector:
         for a 640x384 frame)."""
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8, image.shape
-        # a face smaller than NEAR_FACE at the search's scale is looked at at that scale (a wider
-        # square), not enlarged: its landmarks then agree with the search's (mosaic3_blur, a 45 px
-        # face: 10-12% of the inter-ocular distance apart enlarged, and the identity check, on the
-        # enlarged look's landmarks, passed faces an independent audit still verified at 0.65)
-        w, h = self.input_size_for(image.shape)
-        search_scale = min(w / image.shape[1], h / image.shape[0])
+        # a face smaller than NEAR_SIDE / NEAR_RATIO at the search's scale is looked at at that
+        # scale (a wider square), not enlarged: its landmarks then agree with the search's
+        # (mosaic3_blur, a 45 px face: 10-12% of the inter-ocular distance apart enlarged, and the
+        # identity check, on the enlarged look's landmarks, passed faces an independent audit still
+        # verified at 0.65)
+        search_scale = self.search_scale(image.shape)
         dets, kpss = [], []
         for start in range(0, len(boxes), NEAR_PER_CALL):
             part = boxes[start:start + NEAR_PER_CALL]
@@ -310,21 +313,21 @@ class Detector:
             places = []
             for i, box in enumerate(part):
                 longer = max(box[2] - box[0], box[3] - box[1], 1.0)
-                ratio = max(NEAR_SIDE / NEAR_FACE, NEAR_SIDE / (longer * search_scale))
+                ratio = max(NEAR_RATIO, NEAR_SIDE / (longer * search_scale))
                 sq, place = _square_around(image, box, ratio, NEAR_SIDE, fast=True)
                 if sq is not None:
                     canvas[:, i * NEAR_SIDE:(i + 1) * NEAR_SIDE] = sq
                 places.append(place)
             det, kps = self._detect(canvas, (canvas.shape[1], NEAR_SIDE))
             tile = np.clip(((det[:, 0] + det[:, 2]) / 2 // NEAR_SIDE).astype(int), 0, len(part) - 1)
-            for j in range(len(det)):
-                X0, Y0, scale = places[tile[j]]
-                off = tile[j] * NEAR_SIDE
-                det[j, :4] = (det[j, :4] - [off, 0, off, 0]) * scale + [X0, Y0, X0, Y0]
-                kps[j] = (kps[j] - [off, 0]) * scale + [X0, Y0]
+            X0, Y0, scale = (v[:, None] for v in np.array(places, np.float64).reshape(-1, 3)[tile].T)
+            off = tile[:, None] * NEAR_SIDE  # the tile's left edge in the canvas
+            det[:, 0:4:2] = (det[:, 0:4:2] - off) * scale + X0
+            det[:, 1:4:2] = det[:, 1:4:2] * scale + Y0
+            kps[:, :, 0] = (kps[:, :, 0] - off) * scale + X0
+            kps[:, :, 1] = kps[:, :, 1] * scale + Y0
             dets.append(det)
             kpss.append(kps)
-        self.n_near_calls += (len(boxes) + NEAR_PER_CALL - 1) // NEAR_PER_CALL
         if not dets:
             return Detections.empty()
         det, kps = np.concatenate(dets), np.concatenate(kpss)
@@ -337,15 +340,13 @@ class Detector:
         return Detections(det[keep, :4], det[keep, 4], kps[keep])
 
     def detect_around(self, image: np.ndarray, box: np.ndarray) -> Detections:
-        """Faces in the square of NEAR_SIDE / NEAR_FACE times ``box``'s longer side around it, at
+        """Faces in the square of NEAR_RATIO times ``box``'s longer side around it, at
         the scale :meth:`detect` would look at ``image`` (so the boxes and landmarks are those a
         search would give), in pixels of ``image``, highest score first. For looking back for a
         face a search found (faces/looks.py): rare, so the cost of the larger input does not matter."""
-        w, h = self.input_size_for(image.shape)
-        scale = min(w / image.shape[1], h / image.shape[0])
         longer = max(float(box[2] - box[0]), float(box[3] - box[1]), 1.0)
-        side = max(32, int(math.ceil(longer * NEAR_SIDE / NEAR_FACE * scale / 32.0)) * 32)
-        sq, (X0, Y0, s) = _square_around(image, box, NEAR_SIDE / NEAR_FACE, side)
+        side = max(32, int(math.ceil(longer * NEAR_RATIO * self.search_scale(image.shape) / 32.0)) * 32)
+        sq, (X0, Y0, s) = _square_around(image, box, NEAR_RATIO, side)
         if sq is None:
             return Detections.empty()
         det, kps = self._detect(sq, (side, side))

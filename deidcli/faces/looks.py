@@ -104,7 +104,7 @@ class Looks:
                 self.n_lost += 1
         elif not cheap and not cut:
             self.n_crowded += int(self._last_search is not None and index - self._last_search < self.every)
-        dets = self.detector.detect(image, tracker.predicted_boxes(index))
+        dets = self.detector.detect(image, boxes)
         if near is not None and len(near):
             # The followed faces keep their near look (the same scale as on the frames between, so
             # their landmarks do not jump at every search); the search adds the faces it alone saw.

@@ -237,7 +237,6 @@ class Tracker:
         self._last_searched = -1  # the last frame searched for new faces
         self.n_found_back = 0  # faces of new tracks on frames not searched, from ``history``
         self._cut = 0  # the last cut (push(cut=True)): no track reaches back before it
-        self.n_cuts = 0  # cuts pushed
         self.frame_size: Optional[tuple[int, int]] = None  # (width, height), for padding at the border
 
     # -- public ------------------------------------------------------------------------
@@ -293,7 +292,6 @@ class Tracker:
             self.n_weak_dropped += sum(len(t.obs) - t.found_back for t in self._tentative)
             self._tentative.clear()
             self._cut = index
-            self.n_cuts += 1
         if dets is None:
             self._frames[index] = []
             self._undetected.add(index)
@@ -322,18 +320,15 @@ class Tracker:
                 self._promote(tent)
         for j in unmatched:
             box, kps = dets.boxes[j].astype(np.float64), dets.kps[j].astype(np.float64)
-            tent = _Tentative([(index, box, kps, float(dets.scores[j]))])
-            back = (history or {}).get(j)
-            if back:
-                assert back[-1][0] == index - 1 and all(f in self._unsearched for f, *_ in back), \
-                    "history must run up to the frame before, over frames not searched"
-                tent = _Tentative([(back[0][0], np.asarray(back[0][1], np.float64),
-                                    np.asarray(back[0][2], np.float64), float(back[0][3]))])
-                for f, b, k, sc in back[1:]:
-                    tent.add(f, np.asarray(b, np.float64), np.asarray(k, np.float64), float(sc))
-                tent.add(index, box, kps, float(dets.scores[j]))
-                tent.found_back = len(back)
-                self.n_found_back += len(back)
+            back = (history or {}).get(j) or []
+            assert not back or (back[-1][0] == index - 1 and all(f in self._unsearched for f, *_ in back)), \
+                "history must run up to the frame before, over frames not searched"
+            obs = [(f, np.asarray(b, np.float64), np.asarray(k, np.float64), float(sc)) for f, b, k, sc in back]
+            obs.append((index, box, kps, float(dets.scores[j])))
+            tent = _Tentative(obs[:1], found_back=len(back))
+            for o in obs[1:]:
+                tent.add(*o)
+            self.n_found_back += len(back)
             if dets.scores[j] < self.start_thresh:
                 self._tentative.append(tent)
             else:

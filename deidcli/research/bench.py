@@ -181,7 +181,8 @@ def to_markdown(result: dict) -> str:
         if r.get("detect_every", 1) > 1:
             name += f" (detect every {r['detect_every']}: {r['frames_not_detected']} frames by tracking)"
         if r.get("search_every", default_search(r["config"])) != default_search(r["config"]):
-            name += f" (search every {r['search_every']}" + (f": {r['frames_searched']} frames searched)" if 'frames_searched' in r else ")")
+            searched = f": {r['frames_searched']} frames searched" if "frames_searched" in r else ""
+            name += f" (search every {r['search_every']}{searched})"
         row = [name, r.get("frames") or "-", r["wall_s"], r.get("fps", "-"), r.get("faces_per_s", "-"),
                r.get("x_reencode", "-")]
         row += [r.get("stages", {}).get(s, "-") for s in stages]
