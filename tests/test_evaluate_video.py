@@ -361,3 +361,23 @@ def test_the_control_verifies_only_faces_the_network_cannot_read(shared, clip):
     e = emb.embed([clear, removed, tiny, face_removed(tiny)])
     assert float(e[0] @ e[1]) < VERIFY_THRESHOLD - 0.1
     assert float(e[2] @ e[3]) >= VERIFY_THRESHOLD
+
+
+def test_a_cut_ends_the_audits_tracks(shared, tmp_path):
+    """lp_d12 cut to retalk_face4 (both stretched to 640x360, the faces at the same place): the
+    audit ends every track at the cut, as the
+    anonymizer does (faces.looks.Cuts). A track carried over smooths the new face's first landmarks
+    with the old one's, and the misaligned crops of the stress set's `cuts` clip read generated faces
+    as their person (0.35 and 0.45; 0.10 and 0.07 at the detector's own landmarks)."""
+    from deidcli.research.evaluate_video import evaluate_video
+
+    import cv2
+
+    frames = [cv2.resize(f, (640, 360), interpolation=cv2.INTER_AREA)
+              for f in decode_rgb(VIDEOS / "lp_d12.mp4", 8) + decode_rgb(VIDEOS / "retalk_face4.mp4", 8)]
+    clip = write_video(tmp_path / "cut.mp4", frames, 30)
+    r = evaluate_video(clip, clip)
+    assert r["cuts"] == 1
+    spans = [(t["first_frame"], t["last_frame"]) for t in r["per_track"]]
+    assert any(a == 8 for a, _ in spans), spans  # a track starts at the cut
+    assert all(b < 8 or a >= 8 for a, b in spans), spans

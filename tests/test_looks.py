@@ -40,8 +40,9 @@ def test_near_looks_follow_the_faces_a_search_of_every_frame_finds(pipelines):
     frames = decode_rgb(VIDEOS / "ghost_2person.mp4", 40)
     every, r1 = _track(pipelines[1], frames)
     sparse, r4 = _track(pipelines[4], frames)
-    assert (r1.frames_searched, r4.frames_searched, r4.frames_near) == (40, 10, 30)
-    assert r4.faces_near == 60 and r4.searches_lost == 0
+    # searched: 0, 4, ..., 36 and the last frame, 39
+    assert (r1.frames_searched, r4.frames_searched, r4.frames_near) == (40, 11, 29)
+    assert r4.faces_near == 58 and r4.searches_lost == 0
     for (i, a), (_, b) in zip(every, sparse):
         assert len(a) == len(b) == 2, i
         assert all(_covered(f, b) for f in a) and all(_covered(f, a) for f in b), i
@@ -54,12 +55,7 @@ def test_a_face_that_appears_between_searches_is_covered_from_its_first_frame(pi
     at its first box."""
     frames = decode_rgb(VIDEOS / "ghost_obama_short.mp4", 16)
     full, _ = _track(pipelines[1], frames)
-    box = full[0][1][0].box
-    w, h = box[2] - box[0], box[3] - box[1]
-    x0, y0 = int(max(box[0] - 0.3 * w, 0)), int(max(box[1] - 0.3 * h, 0))
-    x1, y1 = int(box[2] + 0.3 * w), int(box[3] + 0.3 * h)
-    for im in frames[:6]:
-        im[y0:y1, x0:x1] = im[y0:y1, x0:x1].reshape(-1, 3).mean(0).astype(np.uint8)
+    _hide_face(frames, full[0][1][0].box, 6)
     every, _ = _track(pipelines[1], frames)
     assert [len(f) for _, f in every[:8]] == [0, 0, 0, 0, 0, 0, 1, 1]  # the face is seen from frame 6
     sparse, res = _track(pipelines[4], frames)
@@ -72,6 +68,32 @@ def test_a_face_that_appears_between_searches_is_covered_from_its_first_frame(pi
     assert all(not f for _, f in sparse[:5])
     # frame 8's box is not where the face was in frame 6 (it moves): the look back is what covers it
     assert all(_covered(f, every[i][1]) for i in range(6, 16) for f in sparse[i][1])
+
+
+def _hide_face(frames, box, upto):
+    """Fill the region around ``box`` (grown by 0.3 of its size) flat in frames[:upto]."""
+    w, h = box[2] - box[0], box[3] - box[1]
+    x0, y0 = int(max(box[0] - 0.3 * w, 0)), int(max(box[1] - 0.3 * h, 0))
+    x1, y1 = int(box[2] + 0.3 * w), int(box[3] + 0.3 * h)
+    for im in frames[:upto]:
+        im[y0:y1, x0:x1] = im[y0:y1, x0:x1].reshape(-1, 3).mean(0).astype(np.uint8)
+
+
+def test_a_face_that_appears_after_the_last_search_is_found_at_the_last_frame(pipelines):
+    """16 frames, the face hidden in frames 0-12: the searches in the cycle are at 0, 4, 8 and 12,
+    none of which sees it. The last frame (15) is searched anyway, and the look back covers 14 and 13
+    at the face's own boxes; without that the face would go untracked to the end of the file."""
+    frames = decode_rgb(VIDEOS / "ghost_obama_short.mp4", 16)
+    full, _ = _track(pipelines[1], frames)
+    _hide_face(frames, full[0][1][0].box, 13)
+    every, _ = _track(pipelines[1], frames)
+    assert [len(f) for _, f in every[11:]] == [0, 0, 1, 1, 1]
+    sparse, res = _track(pipelines[4], frames)
+    assert res.frames_searched == 5 and res.faces_found_back == 2
+    for i in (13, 14, 15):
+        face, = sparse[i][1]
+        assert not face.held and _covered(face, every[i][1], 0.6), i
+    assert all(not f for _, f in sparse[:12])
 
 
 def test_a_cut_is_searched_at_once_and_ends_every_track(pipelines):

@@ -9,8 +9,9 @@ whole (``Detector.detect``) when:
 - the picture cut (the mean absolute difference of 64x36 grey thumbnails of consecutive frames is
   CUT_MAD or more),
 - a followed face was not found again around its predicted box (it moved fast, was hidden, or
-  left: the frame is searched at once, in place of the near look), or
-- the near looks would cost as much as the search (many faces: Detector.near_cost);
+  left: the frame is searched at once, in place of the near look),
+- the near looks would cost as much as the search (many faces: Detector.near_cost), or
+- it is the file's last frame (``last``: a face that came in after the last search is found there);
 
 and otherwise only around the followed faces (the tracker's live tracks). Weak detections that do
 not yet make a track (tentative ones) are looked at on the searches only, as with every frame
@@ -53,6 +54,29 @@ THUMB = (64, 36)
 BACK_IOU = 0.3
 
 
+class Cuts:
+    """Tells, frame by frame, whether the picture cut since the previous frame (the mean absolute
+    difference of THUMB grey thumbnails is CUT_MAD or more). Shared by the pipeline (Looks) and the
+    evaluation's own tracking, so that neither carries a face's track, landmarks or descriptor over
+    a cut to another person."""
+
+    def __init__(self):
+        self._thumb: Optional[np.ndarray] = None
+        self.n_cuts = 0
+
+    def __call__(self, image: np.ndarray) -> bool:
+        """image (H, W, 3) uint8 RGB, the next frame."""
+        import cv2
+
+        step = max(1, image.shape[1] // (4 * THUMB[0]))  # every 5th pixel of 1280: 0.05 ms, not 0.6
+        grey = cv2.cvtColor(cv2.resize(image[::step, ::step], THUMB, interpolation=cv2.INTER_AREA),
+                            cv2.COLOR_RGB2GRAY).astype(np.float32)
+        cut = self._thumb is not None and float(np.abs(grey - self._thumb).mean()) >= CUT_MAD
+        self._thumb = grey
+        self.n_cuts += int(cut)
+        return cut
+
+
 class Looks:
     """Decides, frame by frame, between a search and near looks; counts what it did."""
 
@@ -62,28 +86,22 @@ class Looks:
         self.detector = detector
         self.every = int(search_every)
         self._last_search: Optional[int] = None
-        self._thumb: Optional[np.ndarray] = None
+        self._cuts = Cuts()
         self.n_searched = 0  # frames searched whole
         self.n_near = 0  # frames looked at only around followed faces
         self.n_lost = 0  # searches made because a followed face was not found near its box
         self.n_cuts = 0  # searches made at a cut
-        self.n_cut_frames = 0  # cuts seen (with search_every 1 too)
         self.n_crowded = 0  # searches made because near looks would cost as much
         self.n_near_faces = 0  # faces the near looks found
 
     def look(self, index: int, image: np.ndarray, tracker,
-             earlier: Callable[[int], Optional[np.ndarray]]) -> tuple[Detections, bool, Optional[dict], bool]:
+             earlier: Callable[[int], Optional[np.ndarray]],
+             last: bool = False) -> tuple[Detections, bool, Optional[dict], bool]:
         """(detections, searched, history, cut) for frame ``index``; image (H, W, 3) uint8 RGB. The
-        arguments of ``tracker.push`` for this frame (``faces.track.Tracker``)."""
-        import cv2
-
-        step = max(1, image.shape[1] // (4 * THUMB[0]))  # every 5th pixel of 1280: 0.05 ms, not 0.6
-        grey = cv2.cvtColor(cv2.resize(image[::step, ::step], THUMB, interpolation=cv2.INTER_AREA),
-                            cv2.COLOR_RGB2GRAY)
-        grey = grey.astype(np.float32)
-        cut = self._thumb is not None and float(np.abs(grey - self._thumb).mean()) >= CUT_MAD
-        self._thumb = grey
-        self.n_cut_frames += int(cut)
+        arguments of ``tracker.push`` for this frame (``faces.track.Tracker``). ``last``: the
+        stream's last frame, always searched (a face that came in after the last search would
+        otherwise never be found)."""
+        cut = self._cuts(image)
         if self.every == 1:  # every frame searched
             self.n_searched += 1
             return self.detector.detect(image, tracker.predicted_boxes(index)), True, None, cut
@@ -93,7 +111,8 @@ class Looks:
         near = None
         if cheap and len(boxes):
             near = self.detector.detect_near(image, boxes)
-        if self._last_search is not None and index - self._last_search < self.every and (cheap or cut):
+        if (self._last_search is not None and index - self._last_search < self.every and (cheap or cut)
+                and not last):
             if cut:
                 self.n_cuts += 1
             elif near is None or not tracker.match(index, near)[0]:
@@ -145,6 +164,6 @@ class Looks:
 
     @property
     def stats(self) -> dict:
-        return {"cuts": self.n_cut_frames, "frames_searched": self.n_searched, "frames_near": self.n_near,
+        return {"cuts": self._cuts.n_cuts, "frames_searched": self.n_searched, "frames_near": self.n_near,
                 "searches_lost": self.n_lost, "searches_cut": self.n_cuts,
                 "searches_crowded": self.n_crowded, "faces_near": self.n_near_faces}

@@ -226,6 +226,8 @@ class LivePipeline(Pipeline):
     """The Pipeline with the live rules: held-over boxes after a track ends, and faces covered
     instead of generated when generating them would be too late (see the module docstring)."""
 
+    SEARCH_LAST = False  # no frame waits for the next to know whether the stream ends
+
     def __init__(self, options: AnonymizeOptions, state: _State, hold_over: int):
         super().__init__(options)
         self.state = state

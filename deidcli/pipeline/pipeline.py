@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -46,6 +46,11 @@ DETAIL_SCALE = 2
 
 class Pipeline:
     """Models loaded once and reused across the files of a run."""
+
+    #: With --search-every N > 1, search a file's last frame whatever its place in the cycle, so a
+    #: face that came in after the last search is found (and looked for backwards). This needs to
+    #: know which frame is last, one frame ahead; live streams (pipeline/live.py) do not wait for it.
+    SEARCH_LAST = True
 
     def __init__(self, options: AnonymizeOptions, render: bool = True):
         """``render`` False: only detection, tracking and the --keep / --only decisions
@@ -484,13 +489,13 @@ class Pipeline:
                 assert vf.index == idx, (vf.index, idx)
                 yield vf, faces
 
-        for vf in frames:
+        for vf, last in _with_last(frames, self.SEARCH_LAST and looks.every > 1):
             if tracker.frame_size is None:
                 tracker.frame_size = (vf.image.shape[1], vf.image.shape[0])
             dets, searched, history, cut = None, True, None, False
             if vf.index % every == 0:
                 with stages("detect"):
-                    dets, searched, history, cut = looks.look(vf.index, vf.image, tracker, earlier)
+                    dets, searched, history, cut = looks.look(vf.index, vf.image, tracker, earlier, last=last)
             else:
                 result.frames_not_detected += 1
             pending.append(vf)
@@ -661,6 +666,24 @@ class _Generated:
     held: list = field(default_factory=list)
     cond: Optional[np.ndarray] = None
     own: Optional[np.ndarray] = None  # (N, D) the check's embeddings of the input faces; zero rows: not made
+
+
+def _with_last(items: Iterator, peek: bool) -> Iterator[tuple[Any, bool]]:
+    """(item, whether it is the last) for each item; with ``peek`` False, never marked last (no
+    item waits for the next)."""
+    if not peek:
+        for item in items:
+            yield item, False
+        return
+    items = iter(items)
+    item = next(items, _END)
+    while item is not _END:
+        nxt = next(items, _END)
+        yield item, nxt is _END
+        item = nxt
+
+
+_END = object()
 
 
 def _box_rect(box: np.ndarray, shape: Sequence[int]) -> tuple[int, int, int, int]:

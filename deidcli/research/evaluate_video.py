@@ -3,7 +3,9 @@
 Compares an input clip with its anonymized output, frame by frame (deid keeps the frame
 count and timestamps, so frame i of one is frame i of the other). The faces are found in the
 INPUT: SCRFD-2.5G on every frame, linked and smoothed by deid's own tracker (a face the
-detector misses for a few frames inside a track is filled in and still checked). The audit is
+detector misses for a few frames inside a track is filled in and still checked; a cut, as the
+anonymizer sees one, faces.looks.Cuts, ends every track, so no face's landmarks are smoothed
+with another person's across it). The audit is
 stricter than the anonymizer: detections down to ``audit_thresh`` (0.3) are tracked, and a
 track counts when one of its detections reaches ``det_thresh`` (0.5, the anonymizer's
 default); tracks that never do are listed as unconfirmed and left out. Each face is cropped at
@@ -293,6 +295,7 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
     """
     from ..errors import InputError
     from ..faces.align import arcface_crop
+    from ..faces.looks import Cuts
     from ..faces.track import Tracker
     from ..media.probe import probe
     from ..options import TrackOptions
@@ -314,6 +317,7 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
     models = _Models(models_dir, det_thresh, audit_thresh, det_size, min_face)
     fps = float(info_in.average_rate) if info_in.average_rate else None
     tracker = Tracker(TrackOptions(pad=0), fps=fps)  # the faces seen, none held past a track
+    cuts = Cuts()
     n_expected = info_in.frames or (round(info_in.duration * fps) if info_in.duration and fps else 0)
     strip_at = set(np.linspace(0, max(n_expected - 1, 0), STRIP_FRAMES).round().astype(int).tolist()) \
         if strip_png else set()
@@ -478,7 +482,7 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
                 frames_small.append(n_in)
             dets_out = models.det_out.detect(img_out)
             pending.append((n_in, img_in, img_out, dets_in, dets_out))
-            finalize(tracker.push(n_in, dets_in))
+            finalize(tracker.push(n_in, dets_in, cut=cuts(img_in)))
             n = n_in + 1
         if next(frames_out, None) is not None:
             raise InputError(f"{output_path.name} has more frames than {input_path.name} ({n}); "
@@ -513,6 +517,7 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
         "faces": sum(len(t.frames) for t in tracks.values()),
         "faces_interpolated": sum(t.interpolated for t in tracks.values()),
         "tracks": len(tracks),
+        "cuts": cuts.n_cuts,
         # tracks whose detections all stayed below det_thresh: not counted anywhere else
         "unconfirmed_tracks": [{"track": k, "first_frame": t.frames[0], "last_frame": t.frames[-1],
                                 "faces": len(t.frames), "max_score": round(t.max_score, 3)}
