@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 #: The best faces of a track whose embeddings are averaged into its identity descriptor (the
-#: anonymize pipeline averages the first 5: pipeline.DESCRIPTOR_FACES).
+#: anonymize pipeline averages the first 5: pipeline/descriptors.DESCRIPTOR_FACES).
 BEST_FACES = 5
 #: quality(): a face turned this far (routing.yaw, eye distances; 0.3 is about 30 degrees) counts half.
 YAW_HALF = 0.3

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..options import AnonymizeOptions
 from ..stages import NULL, QUEUE_FRAMES, Stages, prefetch
+from .descriptors import Descriptors, describe_new
 from .people import DECIDE_FACES
 from .report import FileResult, PassLevels, new_check_stats
 
@@ -22,8 +23,6 @@ MAX_PENDING_FRAMES = 64
 #: The first generator batch of a video holds batch_size // FIRST_BATCH_DIVISOR faces, each next
 #: one twice as many, up to batch_size (Pipeline.process_frames).
 FIRST_BATCH_DIVISOR = 4
-#: Faces of a new track averaged into its fixed identity descriptor.
-DESCRIPTOR_FACES = 5
 #: A track whose last CALM_FACES checked faces all came out at least CALM_MARGIN under
 #: --check-thresh is checked on every other face only (until a check comes out closer): most of
 #: the check's cost goes to tracks the generator handles with room to spare.
@@ -166,7 +165,7 @@ class Pipeline:
         for i, _, f in jobs:
             drawn[i].append(f)
         with stages("identity"):  # only the tracks the generator draws need a descriptor
-            self._describe_new_tracks([(img, fs) for (img, _), fs in zip(items, drawn)], descriptors)
+            describe_new(descriptors, self.embedder, [(img, fs) for (img, _), fs in zip(items, drawn)])
         tracks = [f.track_id for _, _, f in jobs]
         desc = np.stack([descriptors[t] for t in tracks]).astype(np.float32) if jobs else np.zeros((0, 128), np.float32)
         cond = self.conditioning(tracks, desc)
@@ -176,7 +175,7 @@ class Pipeline:
         with stages("generate"):
             raw, mask = self.runner.run(crops, cond, levels)
         return _Generated(jobs, crops, desc, tracks, levels, raw, [feather(m, S) for m in mask], [None] * len(jobs),
-                          held, cond)
+                          held, cond, descriptors=descriptors)
 
     def conditioning(self, tracks: Sequence, desc: np.ndarray) -> np.ndarray:
         """The descriptors (N, D) float32 the generator is conditioned on for faces of ``tracks``
@@ -333,6 +332,26 @@ class Pipeline:
             for j, rj, mj in zip(behind, r, m):
                 masks[j] = feather(mj, S)
                 raw[j] = rj
+
+        def refresh() -> None:
+            """Generate again, at their passes, the faces whose track's descriptor was revised
+            (pipeline/descriptors.py) since they were generated, with the new one."""
+            now = gen.descriptors
+            if not isinstance(now, Descriptors) or not now.revisions:
+                return
+            stale = np.array([j for j, t in enumerate(tracks) if t in now.revisions and not np.array_equal(desc[j], now[t])],
+                             np.int64)
+            if not len(stale):
+                return
+            desc[stale] = np.stack([now[tracks[j]] for j in stale])
+            cond[stale] = self.conditioning([tracks[j] for j in stale], desc[stale])
+            with stages("generate"):
+                r, m = self.runner.run(crops[stale], cond[stale], levels[stale])
+            for j, rj, mj in zip(stale, r, m):
+                masks[j] = feather(mj, S)
+                raw[j] = rj
+
+        refresh()
         todo = np.arange(len(crops))
         calm = np.array([passes.calm.get(t, 0) >= CALM_FACES for t in tracks])
         if calm.any():  # every other face of a calm track (in the batch's order, which is frame order)
@@ -368,12 +387,26 @@ class Pipeline:
             input_crop = None
         own = np.zeros((len(crops), desc.shape[1]), np.float32)
         own112 = np.zeros((len(crops), 112, 112, 3), np.uint8)
+        # A face the detector scored under the start threshold (found back over frames it barely
+        # saw, kept at a low score, filled in) is raised or given the fallback on its own, and
+        # leaves its track as it was: the stress set's fadein had its first face (found back at
+        # 0.38, blurred and dark) fail at 4 passes, which put the 25 sharp faces after it on the
+        # fallback and the rest of the track at 4 passes.
+        weak = np.array([f.score < o.detect.det_thresh for _, _, f in gen.jobs], bool)
 
         def check(todo: np.ndarray) -> set:
             """The check's rounds over the faces ``todo``; returns the tracks of those that failed
             the first round."""
             with stages("identity"):
                 own[todo], own112[todo] = self._own_embeddings(gen, todo, input_crop)
+            if isinstance(gen.descriptors, Descriptors):
+                revised = 0
+                for j in todo:
+                    f = gen.jobs[j][2]
+                    revised += gen.descriptors.observe(tracks[j], own[j], float(f.score), face_height(f.box))
+                if revised:
+                    stats["redescribed"] += revised
+                    refresh()
             failed = None
             while len(todo):
                 with stages("identity"):
@@ -395,12 +428,14 @@ class Pipeline:
                 top = levels[todo] >= most[todo]
                 fallback[todo[top]] = True
                 for j in todo[top]:
-                    router.failed_check(tracks[j])
+                    if not weak[j]:
+                        router.failed_check(tracks[j])
                 up = todo[~top]
                 levels[up] += 1
                 stats["regenerated"] += len(up)
                 for j in up:
-                    passes.raise_to(tracks[j], int(levels[j]))
+                    if not weak[j]:
+                        passes.raise_to(tracks[j], int(levels[j]))
                 todo = up
                 if not len(todo):
                     break
@@ -439,30 +474,6 @@ class Pipeline:
         c112 = np.stack([crop112(j) for j in idx] if crop112 is not None
                         else arcface_squares(gen.crops[idx], self.runner.size, self.runner.margin))
         return self.embedder.embed_check(list(c112)), c112
-
-    def _describe_new_tracks(self, items, descriptors: dict) -> None:
-        """Fixed identity descriptor per track: mean embedding of its first (up to 5) detected faces
-        in the batch where it first appears, held for the whole track."""
-        from ..faces.align import arcface_crop
-
-        todo: dict[int, list] = {}
-        for img, faces in items:
-            for f in faces:
-                if f.track_id in descriptors:
-                    continue
-                lst = todo.setdefault(f.track_id, [])
-                if len(lst) < DESCRIPTOR_FACES and (not f.interpolated or not lst):
-                    lst.append(arcface_crop(img, f.kps))
-        if not todo:
-            return
-        ids = list(todo)
-        flat = [c for t in ids for c in todo[t]]
-        emb = self.embedder.embed(flat)
-        k = 0
-        for t in ids:
-            e = emb[k:k + len(todo[t])].mean(0)
-            k += len(todo[t])
-            descriptors[t] = e / max(float(np.linalg.norm(e)), 1e-12)
 
     # -- one video ---------------------------------------------------------------------------
     def detect_and_track(self, frames: Iterator, result: FileResult, fps: Optional[float],
@@ -536,7 +547,7 @@ class Pipeline:
         tracked = self.detect_and_track(frames, result, fps, stages)
         if threads:
             tracked = prefetch(tracked, queue_frames, "deid-detect")
-        descriptors: dict = {}
+        descriptors = Descriptors()
         passes = self.new_pass_levels()
         router = self.new_router()
         check = new_check_stats()
@@ -631,7 +642,7 @@ class Pipeline:
         passes = self.new_pass_levels()
         check = new_check_stats()
         router = self.new_router()
-        descriptors: dict = {}
+        descriptors = Descriptors()
         self.render([(out, faces)], descriptors, NULL, passes, check, router)
         result.add_check_stats(check, passes)
         result.add_route_stats(router)
@@ -666,6 +677,7 @@ class _Generated:
     held: list = field(default_factory=list)
     cond: Optional[np.ndarray] = None
     own: Optional[np.ndarray] = None  # (N, D) the check's embeddings of the input faces; zero rows: not made
+    descriptors: Optional[dict] = None  # the run's track descriptors (a Descriptors: the check revises them)
 
 
 def _with_last(items: Iterator, peek: bool) -> Iterator[tuple[Any, bool]]:

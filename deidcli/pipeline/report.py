@@ -13,7 +13,7 @@ from ..stages import Stages
 def new_check_stats() -> dict:
     """Counters of the identity check for one file (see Pipeline._check_identity)."""
     return {"checked": 0, "regenerated": 0, "fallback": 0, "skipped": 0, "faint": 0, "cos_max": -1.0,
-            "overlap_checked": 0, "overlap_failed": 0}
+            "overlap_checked": 0, "overlap_failed": 0, "redescribed": 0}
 
 
 class PassLevels:
@@ -124,6 +124,7 @@ class FileResult:
     faces_blurred_fallback: int = 0
     faces_overlap_checked: int = 0  # generated faces whose paste meets another's, checked again after both
     faces_overlap_failed: int = 0  # of those, the ones that failed then and got the fallback
+    tracks_redescribed: int = 0  # track descriptors revised from sharper faces (pipeline/descriptors.py)
     faces_held_passes: int = 0  # faces generated above --passes because their track was raised (--pass-hold)
     check_cos_max: Optional[float] = None
     track_passes: dict = field(default_factory=dict)  # track -> highest passes it was raised to, where above --passes
@@ -176,6 +177,7 @@ class FileResult:
         self.faces_blurred_fallback += stats["fallback"] + stats["overlap_failed"]
         self.faces_overlap_checked += stats["overlap_checked"]
         self.faces_overlap_failed += stats["overlap_failed"]
+        self.tracks_redescribed += stats["redescribed"]
         self.faces_held_passes += passes.faces_raised
         if stats["checked"]:
             self.check_cos_max = round(max(stats["cos_max"], self.check_cos_max or -1.0), 4)
