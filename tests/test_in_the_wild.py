@@ -319,3 +319,62 @@ def test_faces_whose_pastes_overlap_are_the_ones_checked_again():
     gen = SimpleNamespace(jobs=jobs)
     assert Pipeline._overlapping(gen, list(range(6))) == [0, 1, 2, 3]
     assert Pipeline._overlapping(gen, [0, 2, 4, 5]) == []  # 1 and 3 given the fallback
+
+
+# --- a face that fades in from a blur -------------------------------------------------------------
+
+def test_a_face_fading_in_from_a_blur_is_generated_once_sharp(shared, tmp_path):
+    """The stress set's fadein: the face comes out of a 40 px blur and 40% brightness over 20
+    frames. Its track's first faces (one found back at a score under --det-thresh) describe the
+    blur, not the person, and the first of them fails the identity check at its most passes. That
+    face gets the fallback on its own: its track is neither put on the fallback nor kept at more
+    passes (before: 29 of 89 faces blurred), and the track's descriptor is made again from the sharp
+    faces (pipeline/descriptors.py)."""
+    from deidcli.options import AnonymizeOptions
+    from deidcli.pipeline.anonymize import anonymize
+    from deidcli.research import stress
+
+    src = tmp_path / "fadein.mp4"
+    stress.make_clip("fadein", src, seed=0, seconds=2.0)
+    res = anonymize(src, tmp_path / "out.mp4", AnonymizeOptions())["files"][0]
+    assert res["tracks"] == 1 and res["faces_anonymized"] >= 55, res
+    assert res["tracks_redescribed"] == 1, res
+    assert res["faces_blurred_fallback"] <= 2, res
+    assert res["face_paths"]["generated"] >= res["faces_anonymized"] - 2, res
+
+
+def test_a_descriptor_is_revised_only_from_clearer_agreeing_faces_in_a_row():
+    """Descriptors.observe on unit vectors: three checked faces in a row far from the descriptor,
+    agreeing with each other, seen with a higher detector score (or larger), replace it, once."""
+    from deidcli.pipeline.descriptors import MAX_REVISIONS, REVISE_FACES, Descriptors
+
+    rng = np.random.default_rng(0)
+
+    def unit(v):
+        return (v / np.linalg.norm(v)).astype(np.float32)
+
+    old, person = unit(rng.normal(size=128)), unit(rng.normal(size=128))
+    near = [unit(person + 0.5 * unit(rng.normal(size=128))) for _ in range(8)]
+    assert min(float(a @ person) for a in near) > 0.6  # the premise: the sharp faces agree
+    d = Descriptors()
+    d[7], d.made_from[7] = old, (0.6, 100.0)
+    # not clearer (same score, same size): kept
+    assert not any(d.observe(7, e, 0.62, 100.0) for e in near[:REVISE_FACES + 1])
+    # a face close to the descriptor breaks the row
+    assert not d.observe(7, old, 0.85, 100.0)
+    assert not d.observe(7, near[0], 0.85, 100.0) and not d.observe(7, near[1], 0.85, 100.0)
+    assert not d.observe(7, old, 0.85, 100.0)
+    assert not d.observe(7, near[2], 0.85, 100.0) and not d.observe(7, near[3], 0.85, 100.0)
+    assert d.observe(7, near[4], 0.85, 100.0)  # three in a row: revised
+    assert float(d[7] @ person) > 0.9 and d.n_revised == 1
+    # disagreeing faces (three different people) never make a descriptor
+    d[8], d.made_from[8] = old, (0.5, 50.0)
+    assert not any(d.observe(8, unit(rng.normal(size=128)), 0.9, 200.0) for _ in range(6))
+    # at most MAX_REVISIONS a track; faces filled in (score 0.0) never count
+    assert MAX_REVISIONS == 1
+    assert not any(d.observe(7, e, 0.99, 400.0) for e in [old] * 5)
+    d[9], d.made_from[9] = old, (0.5, 50.0)
+    assert not any(d.observe(9, e, 0.0, 400.0) for e in near)
+    # larger is clearer too
+    d[10], d.made_from[10] = old, (0.8, 40.0)
+    assert [d.observe(10, e, 0.8, 64.0) for e in near[:3]] == [False, False, True]

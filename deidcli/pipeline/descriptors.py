@@ -12,7 +12,7 @@ from that, does not move away from the person, and the check sends the track to 
 
 So the check's embeddings of the input faces (``observe``) also revise the descriptor: when
 REVISE_FACES checked faces in a row are further than REVISE_BELOW from it, agree with each other
-(each at REVISE_AGREE or more from their mean) and were seen better than the faces it was made
+(every two at REVISE_AGREE or more) and were seen better than the faces it was made
 from (a higher mean detector score by SCORE_GAIN, or HEIGHT_GAIN times as high), it becomes their
 mean. The generated face changes person once there, at most MAX_REVISIONS times a track.
 """
@@ -65,7 +65,7 @@ class Descriptors(dict):
         mean /= max(float(np.linalg.norm(mean)), 1e-12)
         s, h = float(np.mean([x for _, x, _ in far])), float(np.mean([x for _, _, x in far]))
         s0, h0 = self.made_from[track]
-        if (e @ mean).min() < REVISE_AGREE or not (s >= s0 + SCORE_GAIN or h >= HEIGHT_GAIN * h0):
+        if (e @ e.T).min() < REVISE_AGREE or not (s >= s0 + SCORE_GAIN or h >= HEIGHT_GAIN * h0):
             return False
         self[track] = mean.astype(np.float32)
         self.made_from[track] = (s, h)
