@@ -25,9 +25,12 @@ import numpy as np
 
 #: Faces of a new track averaged into its descriptor.
 DESCRIPTOR_FACES = 5
-#: A checked input face this far from its track's descriptor (cosine, the check's network) counts
-#: toward a revision. The same person's faces stay at 0.5 or more from their track's descriptor on
-#: the eight shared clips (docs/in_the_wild.md, "Sixth pass").
+#: A checked input face further than this from its track's descriptor (cosine, the check's network)
+#: counts toward a revision. A person's own faces come under it for 1 face in 178 of lp_d12 (a
+#: shaking camera, lowest 0.30) and 1 in 850 of the stress set's mosaic3_dark, none on the other
+#: shared clips and mosaics (lowest 0.28-0.79; research/descriptor_spread.py). Under it: 3.9% of
+#: crowd_lfw's faces (20-80 px faces, and tracks that swap people where faces cross) and 93% of
+#: fadein's (its sharp faces against the descriptor of its blurred first ones).
 REVISE_BELOW = 0.3
 REVISE_FACES = 3
 REVISE_AGREE = 0.5
