@@ -1,0 +1,123 @@
+"""How much of a face's identity each fallback leaves, as the audit of `deid evaluate-video` reads it.
+
+    DEID_MODELS_DIR=../shared/models python research/fallback_strength.py CLIP ... [--every 6] [--json OUT]
+
+On every ``--every``-th frame of each clip, each face the audit's detector finds at 0.5 or more is
+given, alone on a copy of the frame, each variant below (the face ellipse at the default
+``--margin`` 0.25, as ``deidcli.faces.methods.apply_classic`` draws it), and the audit's network
+(MobileFaceNet, fp32) compares the ArcFace crop of the result with the input's. A face counts as
+verified when the cosine is at or over the audit's threshold (0.33514) and over the control's
+(``research.measures.face_removed``: the face region filled flat), as in the audit. Prints, per
+variant and face height: faces, verified, the mean cosine.
+
+Variants: ``blurN`` (the shipped blur shrinks the face to N px across, blurs with sigma 1.5 there
+and enlarges back; the shipped N is 12), ``pixN`` (N blocks across the face; the shipped
+``pixelate`` is 8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+THRESHOLD = 0.33514
+BINS = ("<48", "48-96", "96-192", ">=192")
+
+
+def _blur(n: float, sigma: float = 1.5):
+    def obscure(roi, face_px, _method):
+        import cv2
+
+        h, w = roi.shape[:2]
+        f = min(1.0, n / max(face_px, 1.0))
+        small = cv2.resize(roi, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
+        small = cv2.GaussianBlur(small, (0, 0), sigmaX=sigma, borderType=cv2.BORDER_REPLICATE)
+        return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+    return obscure
+
+
+def _pixelate(n: float):
+    def obscure(roi, face_px, _method):
+        import cv2
+
+        h, w = roi.shape[:2]
+        block = max(face_px / n, 2.0)
+        small = cv2.resize(roi, (max(1, round(w / block)), max(1, round(h / block))), interpolation=cv2.INTER_AREA)
+        return cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST)
+    return obscure
+
+
+VARIANTS = {"blur12": _blur(12), "blur8": _blur(8), "pix8": _pixelate(8), "pix6": _pixelate(6), "pix5": _pixelate(5)}
+
+
+def size_bin(h: float) -> str:
+    return BINS[0] if h < 48 else BINS[1] if h < 96 else BINS[2] if h < 192 else BINS[3]
+
+
+def measure(clip: Path, models, every: int) -> list:
+    """[{clip, frame, h, ctl, <variant>: cosine, ...}] for the faces of ``clip``."""
+    import av
+
+    import deidcli.faces.methods as methods
+    from deidcli.faces.align import arcface_crop
+    from deidcli.research.measures import face_removed
+
+    rows = []
+    shipped = methods._obscured
+    with av.open(str(clip)) as c:
+        for i, frame in enumerate(c.decode(video=0)):
+            if i % every:
+                continue
+            img = frame.to_ndarray(format="rgb24")
+            dets = models.det_in.detect(img)
+            for box, kps, score in zip(dets.boxes, dets.kps, dets.scores):
+                if score < 0.5:
+                    continue
+                crop = arcface_crop(img, kps)
+                crops = [crop, face_removed(crop)]
+                face = type("Face", (), {"box": box, "kps": kps})
+                for obscure in VARIANTS.values():
+                    out = img.copy()
+                    methods._obscured = obscure
+                    try:
+                        methods.apply_classic(out, [face], "blur", 0.25)
+                    finally:
+                        methods._obscured = shipped
+                    crops.append(arcface_crop(out, kps))
+                e = models.embedder.embed(crops)
+                cos = e[1:] @ e[0]
+                rows.append({"clip": clip.name, "frame": i, "h": float(box[3] - box[1]), "ctl": float(cos[0]),
+                             **{k: float(v) for k, v in zip(VARIANTS, cos[1:])}})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("clips", nargs="+", type=Path)
+    ap.add_argument("--every", type=int, default=6, help="every Nth frame (default 6)")
+    ap.add_argument("--json", type=Path, help="write every face's cosines here")
+    args = ap.parse_args()
+    from deidcli.research.evaluate_video import _Models
+
+    models = _Models(os.environ.get("DEID_MODELS_DIR"), 0.5, 0.3, 640, 0)
+    rows = []
+    for clip in args.clips:
+        rows += measure(clip, models, args.every)
+    if args.json:
+        args.json.write_text(json.dumps(rows))
+    print("| variant | face height | faces | verified | mean cosine |\n|---|---|---|---|---|")
+    for name in VARIANTS:
+        for b in BINS + ("all",):
+            sel = [r for r in rows if b == "all" or size_bin(r["h"]) == b]
+            if sel:
+                v = sum(r[name] >= THRESHOLD and r[name] > r["ctl"] for r in sel)
+                print(f"| {name} | {b} | {len(sel)} | {v} ({100 * v / len(sel):.1f}%) | "
+                      f"{np.mean([r[name] for r in sel]):.3f} |")
+
+
+if __name__ == "__main__":
+    main()
