@@ -107,6 +107,12 @@ ZOOM_FACE = 64
 NEAR_SIDE = 128
 NEAR_RATIO = 2.5  # the square's side over the box's longer side: the box is 51.2 px high in it
 NEAR_PER_CALL = 5
+#: A face smaller than NEAR_SIDE / NEAR_RATIO at the search's scale is looked at in a SMALL_SIDE px
+#: square of the search's own input, cut on the network's 32 px grid (Detector.detect_near). The
+#: network sees far beyond a face: for a 45 px face in motion blur (stress set mosaic3_blur) the
+#: landmarks of such a square were 2.5-6.3% of the inter-ocular distance from the search's at 128
+#: px, 1.9-5.2% at 192 and 0.3-3.7% at 256 (frames 58-89, median 1.2%).
+SMALL_SIDE = 256
 #: Detector.near_cost: each detector call's fixed cost in pixels of input (2.1 ms at 0.0875 ms a
 #: 1,000 px on the 2-core machine the figures above come from).
 CALL_PIXELS = 24_000
@@ -288,46 +294,80 @@ class Detector:
         return float(det[int(iou.argmax()), 4]) if iou.max() > 0.3 else 0.0
 
     def detect_near(self, image: np.ndarray, boxes: np.ndarray) -> Detections:
-        """Faces looked for only around ``boxes`` (T, 4) (where a tracker expects its faces): each
-        a square of NEAR_RATIO times the box's longer side around it, scaled to NEAR_SIDE px, and up
-        to NEAR_PER_CALL such squares side by side in one detector input. Returns Detections in pixels of ``image`` (overlapping squares may see a face twice:
+        """Faces looked for only around ``boxes`` (T, 4) (where a tracker expects its faces), in
+        NEAR_SIDE px squares, up to NEAR_PER_CALL of them side by side in one detector input.
+        Returns Detections in pixels of ``image`` (overlapping squares may see a face twice:
         duplicates, IoU > 0.5, are dropped), highest score first, without ``min_face``'s filter and
         without a zoomed second look (these are zoomed already).
 
-        Cost: about (NEAR_SIDE^2 + 24,000) pixels of detector input a box against the frame's
-        input plus 24,000 (:meth:`near_cost`; the 24,000 is each call's fixed cost, measured with
-        the int8 detector on this project's 2-core machine: 3.6 ms for one 128 px square, 23.7
-        for a 640x384 frame)."""
+        - A face at least NEAR_SIDE / NEAR_RATIO px high at the search's scale: a square of
+          NEAR_RATIO times the box's longer side around it, scaled to NEAR_SIDE px (the face is
+          51.2 px high there).
+        - A smaller face is looked at as the search sees it: the SMALL_SIDE px square of the
+          search's own detector input (the frame resized and letterboxed as :meth:`detect` does)
+          around it, cut on the network's 32 px grid, so that the network computes what it
+          computes there in a search, up to what lies beyond the square. Its landmarks then agree
+          with the search's, and the identity check and the audit of ``deid evaluate-video`` align
+          it alike (45 px faces of the stress set's mosaic3 and mosaic3_blur: 4.4-4.8% of the
+          inter-ocular distance apart, median, in a 128 px square around each at the search's
+          scale; a 45 px track in motion blur was checked at 0.19-0.30 on the near looks'
+          landmarks and verified at 0.61-0.65 by the audit).
+
+        Cost: about NEAR_SIDE^2 (SMALL_SIDE^2 for a small face) pixels of detector input a box, and
+        24,000 a call, against the frame's input plus 24,000 (:meth:`near_cost`; the 24,000 is each
+        call's fixed cost, measured with the int8 detector on this project's 2-core machine: 3.6
+        ms for one 128 px square, 23.7 for a 640x384 frame)."""
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8, image.shape
-        # a face smaller than NEAR_SIDE / NEAR_RATIO at the search's scale is looked at at that
-        # scale (a wider square), not enlarged: its landmarks then agree with the search's
-        # (mosaic3_blur, a 45 px face: 10-12% of the inter-ocular distance apart enlarged, and the
-        # identity check, on the enlarged look's landmarks, passed faces an independent audit still
-        # verified at 0.65)
         search_scale = self.search_scale(image.shape)
+        longer = np.maximum(np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]), 1.0)
+        small = longer * search_scale < NEAR_SIDE / NEAR_RATIO
+        groups = []  # (side, tiles (side, side, 3) RGB or None, places (X0, Y0, image px per tile px))
+        tiles, places = [], []
+        for box in boxes[~small]:
+            sq, place = _square_around(image, box, NEAR_RATIO, NEAR_SIDE, fast=True)
+            tiles.append(sq)
+            places.append(place)
+        groups.append((NEAR_SIDE, tiles, places))
+        if small.any():
+            import cv2
+
+            in_w, in_h = self.input_size_for(image.shape)
+            h, w = image.shape[:2]
+            new_w, new_h = (int(in_h / (h / w)), in_h) if h / w > in_h / in_w else (in_w, int(in_w * (h / w)))
+            scale = float(new_h) / h  # as _detect: the search's input, and how it maps back
+            searched = np.zeros((in_h, in_w, 3), np.uint8)
+            searched[:new_h, :new_w] = cv2.resize(image, (new_w, new_h))
+            tiles, places = [], []
+            for box in boxes[small]:
+                cx, cy = (box[0] + box[2]) / 2 * scale, (box[1] + box[3]) / 2 * scale
+                ox = int(min(max(round((cx - SMALL_SIDE / 2) / 32) * 32, 0), max(in_w - SMALL_SIDE, 0)))
+                oy = int(min(max(round((cy - SMALL_SIDE / 2) / 32) * 32, 0), max(in_h - SMALL_SIDE, 0)))
+                sq = np.zeros((SMALL_SIDE, SMALL_SIDE, 3), np.uint8)
+                part = searched[oy:oy + SMALL_SIDE, ox:ox + SMALL_SIDE]
+                sq[:part.shape[0], :part.shape[1]] = part
+                tiles.append(sq)
+                places.append((ox / scale, oy / scale, 1.0 / scale))
+            groups.append((SMALL_SIDE, tiles, places))
         dets, kpss = [], []
-        for start in range(0, len(boxes), NEAR_PER_CALL):
-            part = boxes[start:start + NEAR_PER_CALL]
-            canvas = np.zeros((NEAR_SIDE, NEAR_SIDE * len(part), 3), np.uint8)
-            places = []
-            for i, box in enumerate(part):
-                longer = max(box[2] - box[0], box[3] - box[1], 1.0)
-                ratio = max(NEAR_RATIO, NEAR_SIDE / (longer * search_scale))
-                sq, place = _square_around(image, box, ratio, NEAR_SIDE, fast=True)
-                if sq is not None:
-                    canvas[:, i * NEAR_SIDE:(i + 1) * NEAR_SIDE] = sq
-                places.append(place)
-            det, kps = self._detect(canvas, (canvas.shape[1], NEAR_SIDE))
-            tile = np.clip(((det[:, 0] + det[:, 2]) / 2 // NEAR_SIDE).astype(int), 0, len(part) - 1)
-            X0, Y0, scale = (v[:, None] for v in np.array(places, np.float64).reshape(-1, 3)[tile].T)
-            off = tile[:, None] * NEAR_SIDE  # the tile's left edge in the canvas
-            det[:, 0:4:2] = (det[:, 0:4:2] - off) * scale + X0
-            det[:, 1:4:2] = det[:, 1:4:2] * scale + Y0
-            kps[:, :, 0] = (kps[:, :, 0] - off) * scale + X0
-            kps[:, :, 1] = kps[:, :, 1] * scale + Y0
-            dets.append(det)
-            kpss.append(kps)
+        for side, tiles, places in groups:
+            for start in range(0, len(tiles), NEAR_PER_CALL):
+                part = tiles[start:start + NEAR_PER_CALL]
+                canvas = np.zeros((side, side * len(part), 3), np.uint8)
+                for i, sq in enumerate(part):
+                    if sq is not None:
+                        canvas[:, i * side:(i + 1) * side] = sq
+                det, kps = self._detect(canvas, (canvas.shape[1], side))
+                tile = np.clip(((det[:, 0] + det[:, 2]) / 2 // side).astype(int), 0, len(part) - 1)
+                X0, Y0, sc = (v[:, None] for v in np.array(places[start:start + NEAR_PER_CALL], np.float64)
+                              .reshape(-1, 3)[tile].T)
+                off = tile[:, None] * side  # the tile's left edge in the canvas
+                det[:, 0:4:2] = (det[:, 0:4:2] - off) * sc + X0
+                det[:, 1:4:2] = det[:, 1:4:2] * sc + Y0
+                kps[:, :, 0] = (kps[:, :, 0] - off) * sc + X0
+                kps[:, :, 1] = kps[:, :, 1] * sc + Y0
+                dets.append(det)
+                kpss.append(kps)
         if not dets:
             return Detections.empty()
         det, kps = np.concatenate(dets), np.concatenate(kpss)
@@ -353,12 +393,17 @@ class Detector:
         return Detections(det[:, :4] * s + np.array([X0, Y0, X0, Y0], np.float32), det[:, 4],
                           kps * s + np.array([X0, Y0], np.float32))
 
-    def near_cost(self, n_boxes: int, shape: Sequence[int]) -> tuple[int, int]:
-        """(pixels for :meth:`detect_near` of ``n_boxes`` boxes, pixels for :meth:`detect` of an
+    def near_cost(self, boxes: np.ndarray, shape: Sequence[int]) -> tuple[int, int]:
+        """(pixels for :meth:`detect_near` of ``boxes`` (T, 4), pixels for :meth:`detect` of an
         image of ``shape``), each with every call's fixed cost (CALL_PIXELS) added."""
+        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         w, h = self.input_size_for(shape)
-        calls = (n_boxes + NEAR_PER_CALL - 1) // NEAR_PER_CALL
-        return n_boxes * NEAR_SIDE * NEAR_SIDE + calls * CALL_PIXELS, w * h + CALL_PIXELS
+        longer = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+        n_small = int(np.count_nonzero(longer * self.search_scale(shape) < NEAR_SIDE / NEAR_RATIO))
+        cost = 0
+        for n, side in ((len(boxes) - n_small, NEAR_SIDE), (n_small, SMALL_SIDE)):
+            cost += n * side * side + (n + NEAR_PER_CALL - 1) // NEAR_PER_CALL * CALL_PIXELS
+        return cost, w * h + CALL_PIXELS
 
     def _detect(self, image: np.ndarray, input_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """InsightFace's ``SCRFD.detect(bgr, input_size, max_num=0)`` for an RGB image, with the same

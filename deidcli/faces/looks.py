@@ -106,7 +106,7 @@ class Looks:
             self.n_searched += 1
             return self.detector.detect(image, tracker.predicted_boxes(index)), True, None, cut
         boxes = tracker.predicted_boxes(index)
-        near_cost, full_cost = self.detector.near_cost(len(boxes), image.shape)
+        near_cost, full_cost = self.detector.near_cost(boxes, image.shape)
         cheap = near_cost < full_cost and not cut
         near = None
         if cheap and len(boxes):
