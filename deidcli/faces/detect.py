@@ -319,9 +319,7 @@ class Detector:
         ms for one 128 px square, 23.7 for a 640x384 frame)."""
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8, image.shape
-        search_scale = self.search_scale(image.shape)
-        longer = np.maximum(np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]), 1.0)
-        small = longer * search_scale < NEAR_SIDE / NEAR_RATIO
+        small = self._small(boxes, image.shape)
         groups = []  # (side, tiles (side, side, 3) RGB or None, places (X0, Y0, image px per tile px))
         tiles, places = [], []
         for box in boxes[~small]:
@@ -333,9 +331,8 @@ class Detector:
             import cv2
 
             in_w, in_h = self.input_size_for(image.shape)
-            h, w = image.shape[:2]
-            new_w, new_h = (int(in_h / (h / w)), in_h) if h / w > in_h / in_w else (in_w, int(in_w * (h / w)))
-            scale = float(new_h) / h  # as _detect: the search's input, and how it maps back
+            new_w, new_h = _letterbox_size(image.shape, (in_w, in_h))
+            scale = float(new_h) / image.shape[0]  # as _detect: the search's input, and how it maps back
             searched = np.zeros((in_h, in_w, 3), np.uint8)
             searched[:new_h, :new_w] = cv2.resize(image, (new_w, new_h))
             tiles, places = [], []
@@ -393,13 +390,18 @@ class Detector:
         return Detections(det[:, :4] * s + np.array([X0, Y0, X0, Y0], np.float32), det[:, 4],
                           kps * s + np.array([X0, Y0], np.float32))
 
+    def _small(self, boxes: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+        """(T,) bool: the boxes (T, 4) under NEAR_SIDE / NEAR_RATIO px at the search's scale, which
+        :meth:`detect_near` looks at in SMALL_SIDE px squares of the search's input."""
+        longer = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+        return longer * self.search_scale(shape) < NEAR_SIDE / NEAR_RATIO
+
     def near_cost(self, boxes: np.ndarray, shape: Sequence[int]) -> tuple[int, int]:
         """(pixels for :meth:`detect_near` of ``boxes`` (T, 4), pixels for :meth:`detect` of an
         image of ``shape``), each with every call's fixed cost (CALL_PIXELS) added."""
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         w, h = self.input_size_for(shape)
-        longer = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-        n_small = int(np.count_nonzero(longer * self.search_scale(shape) < NEAR_SIDE / NEAR_RATIO))
+        n_small = int(np.count_nonzero(self._small(boxes, shape)))
         cost = 0
         for n, side in ((len(boxes) - n_small, NEAR_SIDE), (n_small, SMALL_SIDE)):
             cost += n * side * side + (n + NEAR_PER_CALL - 1) // NEAR_PER_CALL * CALL_PIXELS
@@ -417,14 +419,9 @@ class Detector:
         import cv2
 
         m = self.model
-        h, w = image.shape[:2]
+        h = image.shape[0]
         in_w, in_h = input_size
-        if h / w > in_h / in_w:
-            new_h = in_h
-            new_w = int(new_h / (h / w))
-        else:
-            new_w = in_w
-            new_h = int(new_w * (h / w))
+        new_w, new_h = _letterbox_size(image.shape, input_size)
         scale = float(new_h) / h
         det_img = np.zeros((in_h, in_w, 3), np.uint8)
         det_img[:new_h, :new_w] = cv2.resize(image, (new_w, new_h))[:, :, ::-1]
@@ -436,6 +433,16 @@ class Detector:
         kps = (np.vstack(kpss) / scale)[order]
         keep = m.nms(pre)
         return pre[keep], kps[keep]
+
+
+def _letterbox_size(shape: Sequence[int], input_size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) an image of ``shape`` is resized to inside a detector input of
+    ``input_size`` (width, height), letterboxed at the top left: InsightFace's SCRFD.detect."""
+    h, w = shape[:2]
+    in_w, in_h = input_size
+    if h / w > in_h / in_w:
+        return int(in_h / (h / w)), in_h
+    return in_w, int(in_w * (h / w))
 
 
 def _square_around(image: np.ndarray, box, ratio: float, side_out: int, fast: bool = False):

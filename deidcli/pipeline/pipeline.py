@@ -324,14 +324,19 @@ class Pipeline:
         cond = gen.desc if gen.cond is None else gen.cond  # what the generator is fed (--target), desc: the person
         most = np.array([router.passes_for(face_height(f.box)) for _, _, f in gen.jobs], np.int64)
         fallback = np.zeros(len(crops), bool)
+
+        def regenerate(idx: np.ndarray) -> None:
+            """Run the generator again on faces ``idx`` at their levels and conditioning."""
+            with stages("generate"):
+                r, m = self.runner.run(crops[idx], cond[idx], levels[idx])
+            for j, rj, mj in zip(idx, r, m):
+                masks[j] = feather(mj, S)
+                raw[j] = rj
+
         behind = np.flatnonzero([min(passes.get(t), m) > lv for t, lv, m in zip(tracks, levels, most)])
         if len(behind):
             levels[behind] = [min(passes.get(tracks[j]), most[j]) for j in behind]  # not counted: no check asked
-            with stages("generate"):
-                r, m = self.runner.run(crops[behind], cond[behind], levels[behind])
-            for j, rj, mj in zip(behind, r, m):
-                masks[j] = feather(mj, S)
-                raw[j] = rj
+            regenerate(behind)
 
         def refresh() -> None:
             """Generate again, at their passes, the faces whose track's descriptor was revised
@@ -345,11 +350,7 @@ class Pipeline:
                 return
             desc[stale] = np.stack([now[tracks[j]] for j in stale])
             cond[stale] = self.conditioning([tracks[j] for j in stale], desc[stale])
-            with stages("generate"):
-                r, m = self.runner.run(crops[stale], cond[stale], levels[stale])
-            for j, rj, mj in zip(stale, r, m):
-                masks[j] = feather(mj, S)
-                raw[j] = rj
+            regenerate(stale)
 
         refresh()
         todo = np.arange(len(crops))
@@ -439,11 +440,7 @@ class Pipeline:
                 todo = up
                 if not len(todo):
                     break
-                with stages("generate"):
-                    r, m = self.runner.run(crops[todo], cond[todo], levels[todo])
-                for j, rj, mj in zip(todo, r, m):
-                    masks[j] = feather(mj, S)
-                    raw[j] = rj
+                regenerate(todo)
             return failed or set()
 
         failed = check(todo)
