@@ -57,6 +57,12 @@ class TrackOptions:
 #: that appear between them are looked for backwards), which a live output waits for; 2 holds one
 #: frame (docs/live.md).
 LIVE_SEARCH_EVERY = 2
+#: Fewest generator passes for a face routing.LARGE_FACE px high or more: in files (--large-passes
+#: default) and live (its default: the second pass would take the latency budget). On the shared
+#: clips lp_d12 and lp_d13 an independent recognizer (dlib) matched 13.5% and 11.3% of one-pass
+#: faces to the person, none at two (docs/in_the_wild.md, eighth pass).
+LARGE_PASSES = 2
+LIVE_LARGE_PASSES = 1
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,7 @@ class AnonymizeOptions:
     min_light: float = 20.0  # generate: faces darker than this (mean CIELAB L*, 0-255) get the fallback
     soft_fraction: float = 0.0  # generate: faces less sharp than this share of a sharp face of their size get the fallback (0: off)
     small_max_passes: int = 2  # generate: most passes for faces under routing.LARGE_FACE px before the fallback
+    large_passes: int = LARGE_PASSES  # generate: fewest passes for faces routing.LARGE_FACE px high or more
     models_dir: Optional[Path] = None  # first place to look for model files
     overwrite: bool = False  # replace existing outputs (folder runs skip them otherwise)
     dry_run: bool = False  # only list what would be done (no model loaded, nothing written)
@@ -140,6 +147,9 @@ class AnonymizeOptions:
             raise ValueError("min_generate, max_yaw, min_light and soft_fraction must be >= 0")
         if self.small_max_passes < 1:
             raise ValueError(f"small_max_passes must be >= 1, not {self.small_max_passes}")
+        if not 1 <= self.large_passes <= self.max_passes:
+            raise ValueError(f"large_passes must be between 1 and max_passes = {self.max_passes}, "
+                             f"not {self.large_passes}")
         if self.check_precision not in CHECK_PRECISIONS:
             raise ValueError(f"check precision must be one of {CHECK_PRECISIONS}, not {self.check_precision!r}")
         if not -1.0 <= self.check_thresh <= 1.0:

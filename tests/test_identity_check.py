@@ -130,7 +130,7 @@ def test_identity_check_regenerates_then_blurs(clips, tmp_path):
     result is the same picture as --method blur. A threshold no face reaches changes nothing."""
     src = clips["talking"]
     forced = tmp_path / "forced.mp4"
-    f = _report((src, forced, "--check-thresh", "-1", "--max-passes", "2", "--crf", "0"))
+    f = _report((src, forced, "--check-thresh", "-1", "--max-passes", "2", "--large-passes", "1", "--crf", "0"))
     n = f["faces_anonymized"]
     # the first batch is generated again at 2 passes, fails again and is blurred; each failed face
     # holds its track on the fallback for --pass-hold faces, so later faces are not generated at all

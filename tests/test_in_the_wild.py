@@ -64,6 +64,10 @@ def test_router_decides_with_hysteresis_and_holds_after_a_failed_check():
     r.soft_fraction = 0.5  # a sharp face of 128 px or more is about 9 sharp: under 4.5 it is too soft to draw on
     assert r.decide(6, 400, 0.1, 100, sharp=4.0) == "soft" and r.decide(7, 400, 0.1, 100, sharp=5.0) == "generated"
     assert r.passes_for(95) == 2 and r.passes_for(96) == 4
+    assert r.least_passes(96) == 1 and r.level(1, 96) == 1  # --large-passes 1: the track's count
+    r.large_passes = 2  # faces of 96 px and more start at 2 passes, smaller ones at the track's count
+    assert [r.level(1, h) for h in (95, 96)] == [1, 2] and [r.level(3, h) for h in (95, 96)] == [2, 3]
+    assert r.level(9, 500) == 4
     r.failed_check(5)
     assert [r.decide(5, 100, 0, 100) for _ in range(4)] == ["check"] * 3 + ["generated"]
     r.count("generated", 100)
@@ -89,6 +93,34 @@ def test_small_faces_get_the_fallback_and_are_counted(shared, tmp_path):
     assert max(np.abs(x.astype(int) - y).mean() for x, y in zip(a, b)) < 0.5  # the blur fallback
     gen = anonymize(src, tmp_path / "gen.mp4", AnonymizeOptions(min_generate=0))["files"][0]
     assert gen["face_paths"].get("generated", 0) > 0 and "small" not in gen["face_paths"]
+
+
+def test_large_faces_start_at_two_passes_and_an_independent_recognizer_no_longer_matches(shared, tmp_path):
+    """lp_d12's first 2.4 s (a 512 px clip, its face about 290 px high): generated at one pass, an
+    independent recognizer (dlib, not trained with by deid) still matches some faces to the
+    person, though deid's own check passes them; at the default (--large-passes 2) it matches none
+    and sits further from the person."""
+    pytest.importorskip("dlib", reason="judge extra not installed (pip install 'deid-video[judge]')")
+    from conftest import cut_clip
+    from deidcli.options import AnonymizeOptions
+    from deidcli.pipeline.anonymize import anonymize
+    from deidcli.research.evaluate_video import evaluate_video
+    from deidcli.research.judges import load_judge
+
+    src = cut_clip(VIDEOS / "lp_d12.mp4", tmp_path / "in.mp4", 2.4, audio=False)
+    judge = load_judge("dlib")
+    dist = {}
+    for k in (1, 2):
+        out = tmp_path / f"large{k}.mp4"
+        f = anonymize(src, out, AnonymizeOptions() if k == 2 else AnonymizeOptions(large_passes=1))["files"][0]
+        assert f["face_paths"] == {"generated": f["faces_anonymized"]}
+        rows = []
+        evaluate_video(src, out, judge=judge, judge_every=3,
+                       face_hook=lambda face: rows.append(face["judge"]) if face["judge"] is not None else None)
+        dist[k] = np.array(rows)
+    assert len(dist[1]) >= 15 and len(dist[2]) == len(dist[1])
+    assert (dist[1] < 0.6).any() and not (dist[2] < 0.6).any()  # dlib's same-person distance: 0.6
+    assert dist[2].mean() > dist[1].mean() + 0.05
 
 
 # --- a face that starts weak ------------------------------------------------------------------

@@ -20,8 +20,8 @@ from .demo import demo_clip
 from .doctor import doctor
 from .lazy import LazyGroup
 from ..errors import EXIT_FAILED, EXIT_MODELS, EXIT_OK, DeidError, Interrupted, ModelError
-from ..options import (AUDIO_MODES, CHECK_PRECISIONS, DETECTOR_PRECISIONS, FALLBACKS, LIVE_SEARCH_EVERY, METHODS,
-                       PASS_HOLD, PIPE_FORMATS, DetectOptions)
+from ..options import (AUDIO_MODES, CHECK_PRECISIONS, DETECTOR_PRECISIONS, FALLBACKS, LARGE_PASSES, LIVE_SEARCH_EVERY,
+                       METHODS, PASS_HOLD, PIPE_FORMATS, DetectOptions)
 
 log = logging.getLogger("deidcli")
 
@@ -217,6 +217,8 @@ _generator_options = _stacked(
     click.option("--batch-size", type=click.IntRange(min=1), default=32, help="Faces per generator batch."),
     click.option("--passes", type=click.IntRange(1, 8), default=1,
                  help="Generator passes per face."),
+    click.option("--large-passes", type=click.IntRange(1, 8), default=None,
+                 help="Fewest passes for faces 96 px up [anonymize: 2, live: 1]."),
     click.option("--identity-check/--no-identity-check", default=True,
                  help="Redo or blur faces still like the person."),
     click.option("--check-thresh", type=click.FloatRange(-1, 1), default=0.25,
@@ -286,7 +288,8 @@ _generator_options = _stacked(
               help="Steer generated faces towards these faces (repeatable).")
 @_run_options
 def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, identity_check, check_thresh,
-              check_precision, max_passes, small_max_passes, fallback, min_generate, max_yaw, min_light, soft_fraction,
+              check_precision, max_passes, small_max_passes, large_passes, fallback, min_generate, max_yaw, min_light,
+              soft_fraction,
               colour_match, first_pass_mouth, eye_pass, keep_detail, pass_hold,
               margin, det_thresh, keep_thresh, det_size, min_face,
               detector, detector_precision, detect_every, search_every,
@@ -316,7 +319,8 @@ def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, ident
             method=method, weights=weights, device=device, fp16=fp16, batch_size=batch_size, margin=margin,
             passes=passes, identity_check=identity_check, check_thresh=check_thresh,
             check_precision=check_precision, max_passes=max_passes, colour_match=colour_match,
-            small_max_passes=small_max_passes, fallback=fallback, min_generate=min_generate, max_yaw=max_yaw,
+            small_max_passes=small_max_passes, large_passes=min(LARGE_PASSES, max_passes) if large_passes is None else large_passes,
+            fallback=fallback, min_generate=min_generate, max_yaw=max_yaw,
             min_light=min_light, soft_fraction=soft_fraction, first_pass_mouth=first_pass_mouth, eye_pass=eye_pass,
             keep_detail=keep_detail, pass_hold=pass_hold,
             models_dir=models_dir, overwrite=overwrite, dry_run=dry_run, shard=shard, keep=keep, only=only,

@@ -170,8 +170,8 @@ class Pipeline:
         desc = np.stack([descriptors[t] for t in tracks]).astype(np.float32) if jobs else np.zeros((0, 128), np.float32)
         cond = self.conditioning(tracks, desc)
         crops = np.stack(crops) if jobs else np.zeros((0, S, S, 3), np.uint8)
-        levels = np.array([min(passes.take(t), router.passes_for(face_height(f.box)))
-                           for t, (_, _, f) in zip(tracks, jobs)], np.int64)
+        levels = np.array([router.level(passes.take(t), face_height(f.box)) for t, (_, _, f) in zip(tracks, jobs)],
+                          np.int64)
         with stages("generate"):
             raw, mask = self.runner.run(crops, cond, levels)
         return _Generated(jobs, crops, desc, tracks, levels, raw, [feather(m, S) for m in mask], [None] * len(jobs),
@@ -322,7 +322,8 @@ class Pipeline:
         S = self.runner.size
         crops, desc, tracks, levels, raw, masks = gen.crops, gen.desc, gen.tracks, gen.levels, gen.raw, gen.masks
         cond = gen.desc if gen.cond is None else gen.cond  # what the generator is fed (--target), desc: the person
-        most = np.array([router.passes_for(face_height(f.box)) for _, _, f in gen.jobs], np.int64)
+        heights = [face_height(f.box) for _, _, f in gen.jobs]
+        most = np.array([router.passes_for(h) for h in heights], np.int64)
         fallback = np.zeros(len(crops), bool)
 
         def regenerate(idx: np.ndarray) -> None:
@@ -333,9 +334,9 @@ class Pipeline:
                 masks[j] = feather(mj, S)
                 raw[j] = rj
 
-        behind = np.flatnonzero([min(passes.get(t), m) > lv for t, lv, m in zip(tracks, levels, most)])
+        behind = np.flatnonzero([router.level(passes.get(t), h) > lv for t, lv, h in zip(tracks, levels, heights)])
         if len(behind):
-            levels[behind] = [min(passes.get(tracks[j]), most[j]) for j in behind]  # not counted: no check asked
+            levels[behind] = [router.level(passes.get(tracks[j]), heights[j]) for j in behind]  # not counted: no check asked
             regenerate(behind)
 
         def refresh() -> None:

@@ -40,8 +40,8 @@ from typing import Optional
 
 import numpy as np
 
-#: Faces at least this high (px) may use every pass up to --max-passes; smaller ones at most
-#: --small-max-passes.
+#: Faces at least this high (px) get at least --large-passes passes and may use every pass up to
+#: --max-passes; smaller ones start at --passes and get at most --small-max-passes.
 LARGE_FACE = 96
 #: Report bins of face height (px): "<48", "48-96", "96-192", ">=192".
 SIZE_BINS = (48, 96, 192)
@@ -111,10 +111,12 @@ class Router:
     threads): each track's current path, the check's holds, and the counts by path and size."""
 
     def __init__(self, min_generate: float = 0, max_yaw: float = float("inf"), min_light: float = 0,
-                 max_passes: int = 4, small_max_passes: int = 4, hold: int = 25, soft_fraction: float = 0.0):
+                 max_passes: int = 4, small_max_passes: int = 4, hold: int = 25, soft_fraction: float = 0.0,
+                 large_passes: int = 1):
         self.min_generate, self.max_yaw, self.min_light = float(min_generate), float(max_yaw), float(min_light)
         self.soft_fraction = float(soft_fraction)
         self.max_passes, self.small_max_passes, self.hold = int(max_passes), int(small_max_passes), int(hold)
+        self.large_passes = int(large_passes)
         self._lock = threading.Lock()
         self._on: dict = {}  # track -> path it is on ("generated" or a fallback reason)
         self._held: dict = {}  # track -> faces it stays on the fallback after a failed check
@@ -123,6 +125,14 @@ class Router:
     def passes_for(self, height: float) -> int:
         """The most passes a face of this height may get before the check gives it the fallback."""
         return self.max_passes if height >= LARGE_FACE else min(self.max_passes, self.small_max_passes)
+
+    def least_passes(self, height: float) -> int:
+        """The fewest passes a face of this height gets, whatever its track's count (1: none)."""
+        return min(self.large_passes, self.max_passes) if height >= LARGE_FACE else 1
+
+    def level(self, track_count: int, height: float) -> int:
+        """The passes of a face of this height whose track is at ``track_count`` (PassLevels)."""
+        return min(max(int(track_count), self.least_passes(height)), self.passes_for(height))
 
     def decide(self, track, height: float, turned: float, light: float, sharp: float = float("inf")) -> str:
         """The path of the next face of ``track``: "generated", or the fallback's reason."""
@@ -170,4 +180,4 @@ def new_router(options) -> Optional[Router]:
     if options.method != "generate":
         return None
     return Router(options.min_generate, options.max_yaw, options.min_light, options.max_passes,
-                  options.small_max_passes, options.pass_hold or 25, options.soft_fraction)
+                  options.small_max_passes, options.pass_hold or 25, options.soft_fraction, options.large_passes)

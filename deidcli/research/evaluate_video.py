@@ -391,7 +391,8 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
         if face_hook is not None:
             face_hook({"index": i, "track": tr.track_id, "in112": f["in112"], "out112": f["out112"],
                        "height": f["height"], "verdict": v, "cos": cos, "score": f["score"],
-                       "interpolated": f["interpolated"], "lost": f["lost"], "box": f["box"]})
+                       "interpolated": f["interpolated"], "lost": f["lost"], "box": f["box"],
+                       "judge": f["judge"]})
         if f["lm"] is not None:
             tr.lm_checked += 1
             if f["lm"] >= 0:
