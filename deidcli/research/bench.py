@@ -37,6 +37,13 @@ def default_search(config: str) -> int:
     return LIVE_SEARCH_EVERY if config == "live" else DetectOptions.search_every
 
 
+def default_large_passes(config: str) -> int:
+    """The --large-passes a configuration runs with unless told (deid live's own for live)."""
+    from ..options import LARGE_PASSES, LIVE_LARGE_PASSES
+
+    return LIVE_LARGE_PASSES if config == "live" else LARGE_PASSES
+
+
 def _peak_rss_mb() -> float:
     import resource
 
@@ -53,6 +60,8 @@ def run_one(config: str, clip: str, opts: dict) -> dict:
     detect_opts = dict(opts.pop("detect", {}))
     detect_opts.setdefault("search_every", default_search(config))
     detect = DetectOptions(**detect_opts)
+    if opts.get("large_passes") is None:
+        opts["large_passes"] = min(default_large_passes(config), opts.get("max_passes", 4))
     track = TrackOptions(**opts.pop("track", {}))
     encode = EncodeOptions(**opts.pop("encode", {}))
     if "weights" in opts and opts["weights"]:
@@ -221,8 +230,8 @@ def to_markdown(result: dict) -> str:
               help="Detector arithmetic (auto: CPU int8).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON here.")
-def bench_command(clip, configs, weights, device, fp16, batch_size, passes, identity_check, check_thresh, check_precision,
-                  max_passes, small_max_passes, fallback, min_generate, max_yaw, min_light, soft_fraction, colour_match,
+def bench_command(clip, configs, weights, device, fp16, batch_size, passes, large_passes, identity_check, check_thresh,
+                  check_precision, max_passes, small_max_passes, fallback, min_generate, max_yaw, min_light, soft_fraction, colour_match,
                   first_pass_mouth, eye_pass, keep_detail, pass_hold, codec, preset, crf,
                   detect_every, search_every,
                   detector_precision, json_path):
@@ -236,7 +245,7 @@ def bench_command(clip, configs, weights, device, fp16, batch_size, passes, iden
 
     if passes > max_passes:
         raise click.UsageError(f"--passes {passes} is above --max-passes {max_passes}")
-    opts = {"device": device, "fp16": fp16, "batch_size": batch_size, "passes": passes,
+    opts = {"device": device, "fp16": fp16, "batch_size": batch_size, "passes": passes, "large_passes": large_passes,
             "identity_check": identity_check, "check_thresh": check_thresh, "check_precision": check_precision,
             "max_passes": max_passes, "colour_match": colour_match, "first_pass_mouth": first_pass_mouth,
             "small_max_passes": small_max_passes, "fallback": fallback, "min_generate": min_generate,
