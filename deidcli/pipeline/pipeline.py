@@ -302,7 +302,8 @@ class Pipeline:
                         items: Sequence[tuple[np.ndarray, Sequence]], router) -> np.ndarray:
         """The identity check (``--identity-check``): embed every generated face as it will be
         pasted (feathered mask; with ``--keep-detail``, the ArcFace crop of the frame as the paste
-        will leave it, align.pasted_region + region_arcface, since the frame's own finer detail stays) and compare
+        will leave it, align.pasted_region + region_arcface, since the frame's own finer detail stays,
+        after a JPEG stand-in for what the encoder at ``--crf`` takes away, encode_loss.py) and compare
         it with its track's descriptor and with the input face of the same frame (a pose far from
         the track's first faces can be closer to the input than to the descriptor). A face whose
         higher cosine is >= ``check_thresh``, or whose ArcFace crop differs from the input's by less
@@ -368,14 +369,24 @@ class Pipeline:
             stats["skipped"] += int(skip.sum())
         if self.detail:
             from ..faces.align import arcface_crop, pasted_region, region_arcface
+            from .encode_loss import encoded_region, jpeg_quality
 
             frames = [items[i][0] for i, _, _ in gen.jobs]
 
-            def seen(idx):  # as the output frame will show them; finish writes the same pixels
+            quality = jpeg_quality(o.encode.crf)
+
+            def seen(idx):
+                """Embeddings of the faces as the output frame will show them (finish writes the same
+                pixels) after a stand-in for the encoder's loss (encode_loss.py), and their ArcFace
+                crops as written (for the faint test: JPEG's own noise is no change)."""
                 for j in idx:
                     gen.regions[j] = pasted_region(frames[j], raw[j], masks[j], gen.jobs[j][1], self.detail)
                 c112 = [region_arcface(frames[j], gen.regions[j], gen.jobs[j][2].kps) for j in idx]
-                return self.embedder.embed_check(c112), np.stack(c112)
+                if quality is None:
+                    return self.embedder.embed_check(c112), np.stack(c112)
+                enc = [region_arcface(frames[j], encoded_region(gen.regions[j], quality), gen.jobs[j][2].kps)
+                       for j in idx]
+                return self.embedder.embed_check(enc), np.stack(c112)
 
             def input_crop(j):
                 return arcface_crop(frames[j], gen.jobs[j][2].kps)
