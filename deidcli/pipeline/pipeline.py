@@ -369,11 +369,9 @@ class Pipeline:
             stats["skipped"] += int(skip.sum())
         if self.detail:
             from ..faces.align import arcface_crop, pasted_region, region_arcface
-            from .encode_loss import encoded_region, jpeg_quality
+            from .encode_loss import encoded_region, quality_for
 
             frames = [items[i][0] for i, _, _ in gen.jobs]
-
-            quality = jpeg_quality(o.encode.crf)
 
             def seen(idx):
                 """Embeddings of the faces as the output frame will show them (finish writes the same
@@ -382,10 +380,9 @@ class Pipeline:
                 for j in idx:
                     gen.regions[j] = pasted_region(frames[j], raw[j], masks[j], gen.jobs[j][1], self.detail)
                 c112 = [region_arcface(frames[j], gen.regions[j], gen.jobs[j][2].kps) for j in idx]
-                if quality is None:
-                    return self.embedder.embed_check(c112), np.stack(c112)
-                enc = [region_arcface(frames[j], encoded_region(gen.regions[j], quality), gen.jobs[j][2].kps)
-                       for j in idx]
+                quality = [quality_for(o.encode.crf, heights[j]) for j in idx]
+                enc = [c if q is None else region_arcface(frames[j], encoded_region(gen.regions[j], q), gen.jobs[j][2].kps)
+                       for c, j, q in zip(c112, idx, quality)]
                 return self.embedder.embed_check(enc), np.stack(c112)
 
             def input_crop(j):
