@@ -164,6 +164,25 @@ def test_small_faces_in_blue_light_stay_anonymized_through_a_lossy_encode(shared
     assert r["faces"] >= 250 and r["exposed_faces"] <= 2, [t["exposed_frames"] for t in r["per_track"]]
 
 
+def test_a_face_whose_fallback_would_still_be_recognized_stays_generated(shared, tmp_path):
+    """The stress set's motion-blurred 3x3 mosaic, 0.5 s, with a check threshold every face fails:
+    each face gets its most passes, then the blur, except where the blur itself would be
+    recognized (its cosine at the network's verification threshold or more) and the generated
+    face is further from the person: the 45 px face in motion blur, whose blur keeps what the
+    network sees of it. Those faces stay generated and are counted."""
+    from deidcli.options import AnonymizeOptions
+    from deidcli.pipeline.anonymize import anonymize
+    from deidcli.research import stress
+
+    src = tmp_path / "blur.mp4"
+    stress.make_clip("mosaic3_blur", src, seed=0, seconds=0.5)
+    f = anonymize(src, tmp_path / "out.mp4", AnonymizeOptions(check_thresh=-1.0))["files"][0]
+    kept = f["faces_fallback_closer"]
+    assert kept >= 5 and f["face_paths"].get("generated") == kept, f["face_paths"]
+    assert f["faces_by_size"]["<48"].get("generated") == kept  # the small face in motion blur
+    assert f["face_paths"]["check"] >= 100  # every other face: blurred
+
+
 # --- a face that starts weak ------------------------------------------------------------------
 
 def test_first_frame_face_below_det_thresh_is_anonymized(shared, tmp_path):

@@ -13,7 +13,7 @@ import numpy as np
 from ..options import AnonymizeOptions
 from ..stages import NULL, QUEUE_FRAMES, Stages, prefetch
 from .descriptors import Descriptors, describe_new
-from .people import DECIDE_FACES
+from .people import DECIDE_FACES, LFW_FAR_THRESHOLD
 from .report import FileResult, PassLevels, new_check_stats
 
 log = logging.getLogger(__name__)
@@ -367,11 +367,10 @@ class Pipeline:
                 skip[j] = k % 2 == 1
             todo = np.flatnonzero(~skip)
             stats["skipped"] += int(skip.sum())
+        frames = [items[i][0] for i, _, _ in gen.jobs]
         if self.detail:
             from ..faces.align import arcface_crop, pasted_region, region_arcface
             from .encode_loss import encoded_region, quality_for
-
-            frames = [items[i][0] for i, _, _ in gen.jobs]
 
             def seen(idx):
                 """Embeddings of the faces as the output frame will show them (finish writes the same
@@ -430,14 +429,27 @@ class Pipeline:
                 for j, c, f in zip(todo, cos, faint):
                     t = tracks[j]
                     passes.calm[t] = passes.calm.get(t, 0) + 1 if c < o.check_thresh - CALM_MARGIN and not f else 0
-                todo = todo[(cos >= o.check_thresh) | faint]
+                again = (cos >= o.check_thresh) | faint
+                todo, cos, faint = todo[again], cos[again], faint[again]
                 if failed is None:
                     failed = {tracks[j] for j in todo}
                 if not len(todo):
                     break
                 top = levels[todo] >= most[todo]
-                fallback[todo[top]] = True
-                for j in todo[top]:
+                # The fallback, unless it would itself be recognized (the network verifies at
+                # LFW_FAR_THRESHOLD) and the generated face is further from the person: a blur of a
+                # face the input already shows blurred keeps what the network sees of it (stress set
+                # mosaic3_blur: a 45 px face in motion blur, verified at up to 0.71 once blurred).
+                further = np.ones(len(todo), bool)
+                closer = np.flatnonzero(top & ~faint)
+                if len(closer):
+                    with stages("identity"):
+                        fb = self._fallback_cos(gen, todo[closer], frames, desc, own)
+                    further[closer] = (fb < LFW_FAR_THRESHOLD) | (fb <= cos[closer])
+                kept = todo[top & ~further]
+                stats["fallback_closer"] += len(kept)
+                fallback[todo[top & further]] = True
+                for j in todo[top & further]:
                     if not weak[j]:
                         router.failed_check(tracks[j])
                 up = todo[~top]
@@ -464,6 +476,27 @@ class Pipeline:
         stats["fallback"] += int(fallback.sum())
         gen.own = own  # rows of the faces checked; zero for the others
         return fallback
+
+    def _fallback_cos(self, gen: "_Generated", idx: np.ndarray, frames: Sequence[np.ndarray], desc: np.ndarray,
+                      own: np.ndarray) -> np.ndarray:
+        """The check's cosine (the higher of track descriptor and input face) of faces ``idx`` of
+        ``gen`` given the ``--fallback`` instead, each on a copy of its frame, seen through the
+        encoder's stand-in as the generated faces are (encode_loss.py)."""
+        from ..faces.align import arcface_crop
+        from ..faces.methods import apply_classic
+        from .encode_loss import quality_for, through_encoder
+        from .routing import face_height
+
+        o = self.options
+        c112 = []
+        for j in idx:
+            f = gen.jobs[j][2]
+            img = frames[j].copy()
+            for x0, y0, x1, y1 in apply_classic(img, [f], o.fallback, o.margin):
+                img[y0:y1, x0:x1] = through_encoder(img[y0:y1, x0:x1], quality_for(o.encode.crf, face_height(f.box)))
+            c112.append(arcface_crop(img, f.kps))
+        e = self.embedder.embed_check(c112)
+        return np.maximum(np.einsum("nd,nd->n", e, desc[idx]), np.einsum("nd,nd->n", e, own[idx]))
 
     def _own_embeddings(self, gen: "_Generated", idx: np.ndarray, crop112) -> tuple[np.ndarray, np.ndarray]:
         """(len(idx), D) embeddings of the input faces ``idx`` of ``gen`` for the identity check and
