@@ -57,7 +57,7 @@ class TrackOptions:
 #: that appear between them are looked for backwards), which a live output waits for; 2 holds one
 #: frame (docs/live.md).
 LIVE_SEARCH_EVERY = 2
-#: Fewest generator passes for a face routing.LARGE_FACE px high or more: in files (--large-passes
+#: Fewest generator passes for a face routing.TWO_PASS_FACE px high or more: in files (--large-passes
 #: default) and live (its default: the second pass would take the latency budget). On the shared
 #: clips lp_d12 and lp_d13 an independent recognizer (dlib) matched 13.5% and 11.3% of one-pass
 #: faces to the person, none at two (docs/in_the_wild.md, eighth pass).
@@ -116,7 +116,7 @@ class AnonymizeOptions:
     min_light: float = 20.0  # generate: faces darker than this (mean CIELAB L*, 0-255) get the fallback
     soft_fraction: float = 0.0  # generate: faces less sharp than this share of a sharp face of their size get the fallback (0: off)
     small_max_passes: int = 2  # generate: most passes for faces under routing.LARGE_FACE px before the fallback
-    large_passes: int = LARGE_PASSES  # generate: fewest passes for faces routing.LARGE_FACE px high or more
+    large_passes: int = LARGE_PASSES  # generate: fewest passes for faces routing.TWO_PASS_FACE px high or more
     models_dir: Optional[Path] = None  # first place to look for model files
     overwrite: bool = False  # replace existing outputs (folder runs skip them otherwise)
     dry_run: bool = False  # only list what would be done (no model loaded, nothing written)

@@ -64,9 +64,10 @@ def test_router_decides_with_hysteresis_and_holds_after_a_failed_check():
     r.soft_fraction = 0.5  # a sharp face of 128 px or more is about 9 sharp: under 4.5 it is too soft to draw on
     assert r.decide(6, 400, 0.1, 100, sharp=4.0) == "soft" and r.decide(7, 400, 0.1, 100, sharp=5.0) == "generated"
     assert r.passes_for(95) == 2 and r.passes_for(96) == 4
-    assert r.least_passes(96) == 1 and r.level(1, 96) == 1  # --large-passes 1: the track's count
-    r.large_passes = 2  # faces of 96 px and more start at 2 passes, smaller ones at the track's count
-    assert [r.level(1, h) for h in (95, 96)] == [1, 2] and [r.level(3, h) for h in (95, 96)] == [2, 3]
+    assert r.least_passes(128) == 1 and r.level(1, 128) == 1  # --large-passes 1: the track's count
+    r.large_passes = 2  # faces of 128 px and more start at 2 passes, smaller ones at the track's count
+    assert [r.level(1, h) for h in (95, 96, 127, 128)] == [1, 1, 1, 2]
+    assert [r.level(3, h) for h in (95, 127, 128)] == [2, 3, 3]
     assert r.level(9, 500) == 4
     r.failed_check(5)
     assert [r.decide(5, 100, 0, 100) for _ in range(4)] == ["check"] * 3 + ["generated"]

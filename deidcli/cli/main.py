@@ -218,7 +218,7 @@ _generator_options = _stacked(
     click.option("--passes", type=click.IntRange(1, 8), default=1,
                  help="Generator passes per face."),
     click.option("--large-passes", type=click.IntRange(1, 8), default=None,
-                 help="Fewest passes for faces 96 px up [anonymize: 2, live: 1]."),
+                 help="Fewest passes for faces 128 px up [anonymize: 2, live: 1]."),
     click.option("--identity-check/--no-identity-check", default=True,
                  help="Redo or blur faces still like the person."),
     click.option("--check-thresh", type=click.FloatRange(-1, 1), default=0.25,

@@ -18,6 +18,8 @@ crf 18 / 23 / 28, JPEG 0.083 at quality 70, 0.132 at 40, 0.173 at 30, 0.250 at 1
 at 0.1): the check's 0.085 of margin under the audit's 0.335 covers the rest. Above crf 28 JPEG
 falls short of x264 (crf 35: 0.275).
 What is written is the pasted region itself; only the check's view of it goes through JPEG.
+Image outputs are checked at the run's ``--crf`` too (default 18), though written as JPEG at
+quality 95 or as PNG: a slightly stricter check there.
 
 Array contract: regions are (H, W, 3) uint8 RGB frame pixels.
 """
