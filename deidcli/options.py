@@ -65,6 +65,13 @@ LARGE_PASSES = 2
 LIVE_LARGE_PASSES = 1
 
 
+def large_passes_or_default(value: Optional[int], max_passes: int, live: bool = False) -> int:
+    """``--large-passes`` as given, else the default of files or of live, at most ``max_passes``."""
+    if value is not None:
+        return int(value)
+    return min(LIVE_LARGE_PASSES if live else LARGE_PASSES, int(max_passes))
+
+
 @dataclass(frozen=True)
 class LiveOptions:
     """deid live (pipeline/live.py): how a live source is read and how late a frame may leave."""

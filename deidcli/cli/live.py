@@ -12,7 +12,7 @@ import sys
 import click
 
 from ..errors import EXIT_OK, DeidError
-from ..options import LIVE_LARGE_PASSES, LIVE_SEARCH_EVERY, METHODS, PIPE_FORMATS
+from ..options import LIVE_SEARCH_EVERY, METHODS, PIPE_FORMATS, large_passes_or_default
 from .main import (_detector_options, _finish, _generator_options, _run_options, _setup_logging,
                    _signals_to_interrupt, log)
 
@@ -86,7 +86,7 @@ def live_command(src, dst, realtime, max_latency, source_timeout, reconnect, rec
             method=method, weights=weights, device=device, fp16=fp16, batch_size=batch_size, margin=margin,
             passes=passes, identity_check=identity_check, check_thresh=check_thresh,
             check_precision=check_precision, max_passes=max_passes, colour_match=colour_match,
-            small_max_passes=small_max_passes, large_passes=min(LIVE_LARGE_PASSES, max_passes) if large_passes is None else large_passes,
+            small_max_passes=small_max_passes, large_passes=large_passes_or_default(large_passes, max_passes, live=True),
             fallback=fallback, min_generate=min_generate, max_yaw=max_yaw,
             min_light=min_light, soft_fraction=soft_fraction, first_pass_mouth=first_pass_mouth, eye_pass=eye_pass,
             keep_detail=keep_detail, pass_hold=pass_hold, models_dir=models_dir, overwrite=overwrite,

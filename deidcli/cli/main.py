@@ -20,8 +20,8 @@ from .demo import demo_clip
 from .doctor import doctor
 from .lazy import LazyGroup
 from ..errors import EXIT_FAILED, EXIT_MODELS, EXIT_OK, DeidError, Interrupted, ModelError
-from ..options import (AUDIO_MODES, CHECK_PRECISIONS, DETECTOR_PRECISIONS, FALLBACKS, LARGE_PASSES, LIVE_SEARCH_EVERY,
-                       METHODS, PASS_HOLD, PIPE_FORMATS, DetectOptions)
+from ..options import (AUDIO_MODES, CHECK_PRECISIONS, DETECTOR_PRECISIONS, FALLBACKS, LIVE_SEARCH_EVERY, METHODS,
+                       PASS_HOLD, PIPE_FORMATS, DetectOptions, large_passes_or_default)
 
 log = logging.getLogger("deidcli")
 
@@ -319,7 +319,7 @@ def anonymize(src, dst, method, weights, device, fp16, batch_size, passes, ident
             method=method, weights=weights, device=device, fp16=fp16, batch_size=batch_size, margin=margin,
             passes=passes, identity_check=identity_check, check_thresh=check_thresh,
             check_precision=check_precision, max_passes=max_passes, colour_match=colour_match,
-            small_max_passes=small_max_passes, large_passes=min(LARGE_PASSES, max_passes) if large_passes is None else large_passes,
+            small_max_passes=small_max_passes, large_passes=large_passes_or_default(large_passes, max_passes),
             fallback=fallback, min_generate=min_generate, max_yaw=max_yaw,
             min_light=min_light, soft_fraction=soft_fraction, first_pass_mouth=first_pass_mouth, eye_pass=eye_pass,
             keep_detail=keep_detail, pass_hold=pass_hold,

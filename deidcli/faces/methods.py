@@ -77,6 +77,23 @@ def _obscured(roi: np.ndarray, face_px: float, method: str) -> np.ndarray:
     raise ValueError(f"not a classic method: {method}")
 
 
+def classic_region(image: np.ndarray, face, method: str, margin: float) -> tuple[Rect, np.ndarray] | None:
+    """What :func:`apply_classic` writes for one face, ``image`` untouched: ``(rect, pixels)``, the
+    rectangle (x0, y0, x1, y1) and its new (y1 - y0, x1 - x0, 3) uint8 content, or None where the
+    face ellipse falls outside the frame (the form of align.pasted_region)."""
+    em = ellipse_mask(image.shape, face.box, getattr(face, "kps", None), margin)
+    if em is None:
+        return None
+    (x0, y0, x1, y1), mask = em
+    roi = image[y0:y1, x0:x1].copy()
+    face_px = float(max(face.box[2] - face.box[0], face.box[3] - face.box[1]))
+    # obscure a slightly larger context so blur has no dark border effects at the edge
+    out = _obscured(roi, face_px, method)
+    sel = mask > 0
+    roi[sel] = out[sel]
+    return (x0, y0, x1, y1), roi
+
+
 def apply_classic(image: np.ndarray, faces: Sequence, method: str, margin: float) -> list[Rect]:
     """Blur / pixelate / fill each face ellipse of ``image`` (H, W, 3) uint8 RGB in place.
 
@@ -85,15 +102,10 @@ def apply_classic(image: np.ndarray, faces: Sequence, method: str, margin: float
     assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8, (image.shape, image.dtype)
     rects: list[Rect] = []
     for face in faces:
-        em = ellipse_mask(image.shape, face.box, getattr(face, "kps", None), margin)
-        if em is None:
+        region = classic_region(image, face, method, margin)
+        if region is None:
             continue
-        (x0, y0, x1, y1), mask = em
-        roi = image[y0:y1, x0:x1]
-        face_px = float(max(face.box[2] - face.box[0], face.box[3] - face.box[1]))
-        # obscure a slightly larger context so blur has no dark border effects at the edge
-        out = _obscured(roi, face_px, method)
-        sel = mask > 0
-        roi[sel] = out[sel]
+        (x0, y0, x1, y1), px = region
+        image[y0:y1, x0:x1] = px
         rects.append((x0, y0, x1, y1))
     return rects

@@ -323,8 +323,11 @@ class Pipeline:
         S = self.runner.size
         crops, desc, tracks, levels, raw, masks = gen.crops, gen.desc, gen.tracks, gen.levels, gen.raw, gen.masks
         cond = gen.desc if gen.cond is None else gen.cond  # what the generator is fed (--target), desc: the person
+        from .encode_loss import quality_for
+
         heights = [face_height(f.box) for _, _, f in gen.jobs]
         most = np.array([router.passes_for(h) for h in heights], np.int64)
+        quality = [quality_for(o.encode.crf, h) for h in heights]  # the encoder's stand-in, per face
         fallback = np.zeros(len(crops), bool)
 
         def regenerate(idx: np.ndarray) -> None:
@@ -370,7 +373,7 @@ class Pipeline:
         frames = [items[i][0] for i, _, _ in gen.jobs]
         if self.detail:
             from ..faces.align import arcface_crop, pasted_region, region_arcface
-            from .encode_loss import encoded_region, quality_for
+            from .encode_loss import encoded_region
 
             def seen(idx):
                 """Embeddings of the faces as the output frame will show them (finish writes the same
@@ -379,9 +382,9 @@ class Pipeline:
                 for j in idx:
                     gen.regions[j] = pasted_region(frames[j], raw[j], masks[j], gen.jobs[j][1], self.detail)
                 c112 = [region_arcface(frames[j], gen.regions[j], gen.jobs[j][2].kps) for j in idx]
-                quality = [quality_for(o.encode.crf, heights[j]) for j in idx]
-                enc = [c if q is None else region_arcface(frames[j], encoded_region(gen.regions[j], q), gen.jobs[j][2].kps)
-                       for c, j, q in zip(c112, idx, quality)]
+                enc = [c if quality[j] is None else
+                       region_arcface(frames[j], encoded_region(gen.regions[j], quality[j]), gen.jobs[j][2].kps)
+                       for c, j in zip(c112, idx)]
                 return self.embedder.embed_check(enc), np.stack(c112)
 
             def input_crop(j):
@@ -444,10 +447,9 @@ class Pipeline:
                 closer = np.flatnonzero(top & ~faint)
                 if len(closer):
                     with stages("identity"):
-                        fb = self._fallback_cos(gen, todo[closer], frames, desc, own)
+                        fb = self._fallback_cos(gen, todo[closer], frames, quality, desc, own)
                     further[closer] = (fb < LFW_FAR_THRESHOLD) | (fb <= cos[closer])
-                kept = todo[top & ~further]
-                stats["fallback_closer"] += len(kept)
+                stats["fallback_closer"] += int((top & ~further).sum())
                 fallback[todo[top & further]] = True
                 for j in todo[top & further]:
                     if not weak[j]:
@@ -477,24 +479,21 @@ class Pipeline:
         gen.own = own  # rows of the faces checked; zero for the others
         return fallback
 
-    def _fallback_cos(self, gen: "_Generated", idx: np.ndarray, frames: Sequence[np.ndarray], desc: np.ndarray,
-                      own: np.ndarray) -> np.ndarray:
+    def _fallback_cos(self, gen: "_Generated", idx: np.ndarray, frames: Sequence[np.ndarray],
+                      quality: Sequence, desc: np.ndarray, own: np.ndarray) -> np.ndarray:
         """The check's cosine (the higher of track descriptor and input face) of faces ``idx`` of
-        ``gen`` given the ``--fallback`` instead, each on a copy of its frame, seen through the
-        encoder's stand-in as the generated faces are (encode_loss.py)."""
-        from ..faces.align import arcface_crop
-        from ..faces.methods import apply_classic
-        from .encode_loss import quality_for, through_encoder
-        from .routing import face_height
+        ``gen`` given the ``--fallback`` instead, seen through the encoder's stand-in at
+        ``quality[j]`` as the generated faces are (encode_loss.py)."""
+        from ..faces.align import region_arcface
+        from ..faces.methods import classic_region
+        from .encode_loss import encoded_region
 
         o = self.options
         c112 = []
         for j in idx:
             f = gen.jobs[j][2]
-            img = frames[j].copy()
-            for x0, y0, x1, y1 in apply_classic(img, [f], o.fallback, o.margin):
-                img[y0:y1, x0:x1] = through_encoder(img[y0:y1, x0:x1], quality_for(o.encode.crf, face_height(f.box)))
-            c112.append(arcface_crop(img, f.kps))
+            region = classic_region(frames[j], f, o.fallback, o.margin)
+            c112.append(region_arcface(frames[j], encoded_region(region, quality[j]), f.kps))
         e = self.embedder.embed_check(c112)
         return np.maximum(np.einsum("nd,nd->n", e, desc[idx]), np.einsum("nd,nd->n", e, own[idx]))
 

@@ -37,13 +37,6 @@ def default_search(config: str) -> int:
     return LIVE_SEARCH_EVERY if config == "live" else DetectOptions.search_every
 
 
-def default_large_passes(config: str) -> int:
-    """The --large-passes a configuration runs with unless told (deid live's own for live)."""
-    from ..options import LARGE_PASSES, LIVE_LARGE_PASSES
-
-    return LIVE_LARGE_PASSES if config == "live" else LARGE_PASSES
-
-
 def _peak_rss_mb() -> float:
     import resource
 
@@ -54,14 +47,14 @@ def run_one(config: str, clip: str, opts: dict) -> dict:
     """Run one configuration in this process; returns its measurements."""
     import tempfile
 
-    from ..options import AnonymizeOptions, DetectOptions, EncodeOptions, TrackOptions
+    from ..options import AnonymizeOptions, DetectOptions, EncodeOptions, TrackOptions, large_passes_or_default
     from ..stages import Stages
 
     detect_opts = dict(opts.pop("detect", {}))
     detect_opts.setdefault("search_every", default_search(config))
     detect = DetectOptions(**detect_opts)
-    if opts.get("large_passes") is None:
-        opts["large_passes"] = min(default_large_passes(config), opts.get("max_passes", 4))
+    opts["large_passes"] = large_passes_or_default(opts.get("large_passes"), opts.get("max_passes", 4),
+                                                   live=config == "live")  # deid live's own for live
     track = TrackOptions(**opts.pop("track", {}))
     encode = EncodeOptions(**opts.pop("encode", {}))
     if "weights" in opts and opts["weights"]:
