@@ -273,6 +273,12 @@ class Detector:
         self.n_faces += len(dets)
         return dets
 
+    def look(self, image: np.ndarray) -> Detections:
+        """Faces in one image (H, W, 3) uint8 RGB as :meth:`detect` first sees them: the frame-sized
+        look alone, without the zoomed second look, ``min_face``'s filter or the counters."""
+        det, kps = self._detect(image, self.input_size_for(image.shape))
+        return Detections(det[:, :4], det[:, 4], kps)
+
     def zoom_score(self, image: np.ndarray, box: np.ndarray) -> float:
         """The detector's score for the face in ``box`` (4,) of ``image`` looked at again, zoomed:
         a square of ZOOM_SIDE / ZOOM_FACE times the box's longer side around it (the frame's edge

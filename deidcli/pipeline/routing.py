@@ -25,6 +25,10 @@ check
     the identity check still found the person after the most passes this face may have
     (``max_passes``; ``small_max_passes`` for faces under :data:`LARGE_FACE` px: repeated passes
     are what draw masks on small faces). The track then stays on the fallback for ``hold`` faces.
+lost
+    the face check: the detector no longer finds a generated face of 40 to 95 px that it found
+    confidently in the input (pipeline.LOST_MIN). The track then stays on the fallback for ``hold``
+    faces, as after a failed check.
 held
     (not decided here) a face the tracker holds past its track's first or last detection
     (faces.Face.held, TrackOptions.pad): where the face may still be, not where it was seen.
@@ -54,7 +58,7 @@ SIZE_BINS = (48, 96, 192)
 #: Hysteresis: a track leaves the path it is on only when a measurement is this far (as a factor)
 #: beyond the threshold; a new track takes the plain threshold.
 HYSTERESIS = 0.1
-PATHS = ("generated", "small", "turned", "soft", "dark", "check", "held")
+PATHS = ("generated", "small", "turned", "soft", "dark", "check", "lost", "held")
 #: expected_sharpness: a sharp face of height h px has sharpness about SHARP_AT_45 + SHARP_SLOPE *
 #: (h - 45) in its 128 px crop, at most SHARP_MAX (fitted by eye to the upper half of the stress
 #: set's clean 3x3 and 4x4 mosaic faces, 32-175 px: small faces are upscaled into the crop and so
@@ -147,7 +151,7 @@ class Router:
             left = self._held.get(track, 0)
             if left > 0:
                 self._held[track] = left - 1
-                return "check"
+                return self._on.get(track, "check")
             was = self._on.get(track)
             # the side of each threshold the track must cross to change path
             k = 1.0 if was is None else (1.0 - h if was == "generated" else 1.0 + h)
@@ -165,11 +169,12 @@ class Router:
             self._on[track] = path
             return path
 
-    def failed_check(self, track) -> None:
-        """The check gave a face of ``track`` the fallback: the track stays there ``hold`` faces."""
+    def failed_check(self, track, path: str = "check") -> None:
+        """The check (``path`` "check") or the face check ("lost") gave a face of ``track`` the
+        fallback: the track stays there ``hold`` faces."""
         with self._lock:
             self._held[track] = self.hold
-            self._on[track] = "check"
+            self._on[track] = path
 
     def count(self, path: str, height: float) -> None:
         with self._lock:
