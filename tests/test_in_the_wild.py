@@ -471,3 +471,80 @@ def test_a_descriptor_is_revised_only_from_clearer_agreeing_faces_in_a_row():
     # larger is clearer too
     d[10], d.made_from[10] = old, (0.8, 40.0)
     assert [d.observe(10, e, 0.8, 64.0) for e in near[:3]] == [False, False, True]
+
+
+# --- the face check -------------------------------------------------------------------------------
+
+def test_the_face_check_finds_a_face_the_detector_no_longer_sees():
+    """face_check.lost_faces on the stress set's crowd (first frame, as built): of the faces under 96
+    px the detector finds at 0.4 or more, the one painted over flat is lost, the others, untouched,
+    are not; a face filled in by the tracker (interpolated, score 0) is not looked at."""
+    from deidcli.faces.detect import Detector
+    from deidcli.faces.track import Face
+    from deidcli.pipeline.face_check import LOST_BELOW, LOST_INPUT_SCORE, lost_faces
+    from deidcli.research.stress import Crowd, _seed_of
+
+    img = next(Crowd(np.random.default_rng(_seed_of("crowd_lfw", 0)), 90))
+    detector = Detector(VIDEOS.parent / "models" / "det_scrfd_2.5g_kps.onnx", det_thresh=0.3)
+    det = detector.look(img)
+    h = det.boxes[:, 3] - det.boxes[:, 1]
+    pick = np.flatnonzero((h >= 30) & (h < LOST_BELOW) & (det.scores >= LOST_INPUT_SCORE))
+    assert len(pick) >= 3, (h, det.scores)  # the premise: several such faces in the frame
+    faces = [Face(k, det.boxes[j], det.kps[j], float(det.scores[j]), False) for k, j in enumerate(pick)]
+    out = img.copy()
+    x0, y0, x1, y1 = (int(v) for v in faces[0].box)
+    out[y0:y1, x0:x1] = out[y0:y1, x0:x1].reshape(-1, 3).mean(0).astype(np.uint8)  # face 0: gone
+    jobs = [(0, None, f) for f in faces]
+    assert lost_faces(detector, [(img, faces)], jobs) == []
+    assert lost_faces(detector, [(out, faces)], jobs) == [0]
+    filled = Face(9, faces[0].box, faces[0].kps, 0.0, True)
+    assert lost_faces(detector, [(out, [filled])], [(0, None, filled)]) == []
+
+
+def test_generated_faces_the_detector_loses_get_the_fallback(shared, tmp_path):
+    """The stress set's crowd_lfw, first 50 frames: without the face check the detector no longer
+    found 4 generated faces of 40-47 px (deid evaluate-video: garish, "lost"; dark sockets and
+    brows); with it they and their tracks' next faces are blurred, counted as the path "lost"
+    (one was left while the check began at 40 px: the pipeline's box of that 41 px face was 39)."""
+    from deidcli.options import AnonymizeOptions
+    from deidcli.pipeline.anonymize import anonymize
+    from deidcli.research.evaluate_video import evaluate_video
+
+    src = _crowd_clip(tmp_path / "crowd.mp4", 50)
+    res = anonymize(src, tmp_path / "out.mp4", AnonymizeOptions())["files"][0]
+    assert res["faces_lost_fallback"] > 0 and res["face_paths"]["lost"] >= res["faces_lost_fallback"], res
+    r = evaluate_video(src, tmp_path / "out.mp4")
+    assert r["garish_lost"] == 0, r["garish_lost"]
+
+
+def _crowd_clip(path, frames: int):
+    """The first ``frames`` frames of the stress set's crowd_lfw, encoded as stress.py does."""
+    import av
+
+    from deidcli.research.stress import FPS, H, W, Crowd, _seed_of
+
+    crowd = Crowd(np.random.default_rng(_seed_of("crowd_lfw", 0)), 90)  # the stress clip's plan
+    with av.open(str(path), "w") as out:
+        vs = out.add_stream("libx264", rate=FPS, options={"crf": "18", "preset": "fast"})
+        vs.width, vs.height, vs.pix_fmt = W, H, "yuv420p"
+        for _ in range(frames):
+            out.mux(vs.encode(av.VideoFrame.from_ndarray(next(crowd), format="rgb24")))
+        out.mux(vs.encode(None))
+    return path
+
+
+def test_the_audit_judges_a_face_behind_another_by_its_person(shared, tmp_path):
+    """deid evaluate-video of crowd_lfw's first 50 frames against themselves: every face is
+    unchanged, so exposed, except the faces filled in behind a face passing in front (frames
+    45-47: a 47 px face behind a 67 px one), whose input crops show the face in front, not their
+    person: counted as hidden, and not exposed, since the output there does not show the person."""
+    from deidcli.research.evaluate_video import evaluate_video
+
+    src = _crowd_clip(tmp_path / "crowd.mp4", 50)
+    r = evaluate_video(src, src)
+    assert r["faces_hidden"] >= 3, r["faces_hidden"]
+    behind = [t for t in r["per_track"] if t["faces_hidden"]]
+    for t in behind:  # each of their faces exposed (unchanged) but the hidden ones
+        assert len(t["exposed_frames"]) == t["faces"] - t["faces_hidden"], t
+    assert any(not set(range(45, 48)) & set(t["exposed_frames"]) and t["first_frame"] < 45 < t["last_frame"]
+               for t in behind)

@@ -13,6 +13,7 @@ import numpy as np
 from ..options import AnonymizeOptions
 from ..stages import NULL, QUEUE_FRAMES, Stages, prefetch
 from .descriptors import Descriptors, describe_new
+from .face_check import lost_faces
 from .people import DECIDE_FACES, LFW_FAR_THRESHOLD
 from .report import FileResult, PassLevels, new_check_stats
 
@@ -33,15 +34,6 @@ CALM_MARGIN = 0.1
 #: face nearly as it was (flat, hazy faces under tone matching), which deid evaluate-video counts
 #: as unchanged below 2.0.
 CHECK_MIN_CHANGE = 2.2
-#: The face check: a generated face from LOST_MIN to under LOST_BELOW px high that the detector
-#: found in the input at LOST_INPUT_SCORE or more and no longer finds (at --keep-thresh, box IoU >=
-#: LOST_IOU) once pasted gets the fallback, and its track with it for --pass-hold faces, as after a
-#: failed identity check. These are the sizes where the generator draws masks: dark sockets and
-#: brows on 40-47 px faces of the stress set's crowd_lfw, which deid evaluate-video counted as
-#: garish ("lost", 14 faces); under 40 px every face has the fallback already (--min-generate).
-#: LOST_INPUT_SCORE: with 0.5 (the start threshold, the audit's) 3 of them stayed, input faces
-#: the pipeline's int8 look scored 0.45-0.5 and the audit's fp32 look 0.5 or more; with 0.4 none.
-LOST_MIN, LOST_BELOW, LOST_IOU, LOST_INPUT_SCORE = 40, 96, 0.3, 0.4
 #: --keep-detail pastes the generated face's change at this many times the generator's crop size
 #: (256 px for the 128 px generator): the frame keeps only what is finer than that. The ArcFace
 #: square an identity network sees at 112 px spans 183 px of a 256 crop, so what is kept lies
@@ -264,10 +256,12 @@ class Pipeline:
                 rects[i].extend(apply_classic(img, [f], o.fallback, o.margin))
                 for (x0, y0, x1, y1), px in zip(seen, saved):
                     img[y0:y1, x0:x1] = px
+        # the face check (face_check.py) on the frames as they now are: a generated face the
+        # detector no longer finds gets the fallback after all
         shown = [j for j in pasted if not fallback[j]]
         if o.identity_check and shown:
             with stages("identity"):
-                lost = self._lost_faces(items, [gen.jobs[j] for j in shown])
+                lost = lost_faces(self.detector, items, [gen.jobs[j] for j in shown])
             stats["lost"] += len(lost)
             with stages("blend"):
                 for k in lost:
@@ -275,32 +269,11 @@ class Pipeline:
                     rects[i].extend(apply_classic(items[i][0], [f], o.fallback, o.margin))
                     router.failed_check(f.track_id, "lost")
                     router.count("lost", face_height(f.box))
-            shown = [j for k, j in enumerate(shown) if k not in set(lost)]
+            gone = set(lost)
+            shown = [j for k, j in enumerate(shown) if k not in gone]
         for j in shown:
             router.count("generated", face_height(gen.jobs[j][2].box))
         return rects
-
-    def _lost_faces(self, items: Sequence[tuple[np.ndarray, Sequence]], jobs: Sequence) -> list:
-        """The face check (LOST_MIN, LOST_BELOW): the indices into ``jobs`` ((item index, M, face)
-        each, generated and pasted) of the faces the detector no longer finds in their frame as
-        finish left it. One frame-sized look (Detector.look) at each frame with such a face: a
-        look around each face alone (Detector.detect_near) scores these faces, near the detector's
-        threshold, 0.1-0.2 apart from the frame's look with other surroundings in its square (stress
-        set crowd_lfw). Only faces the detector found in this frame at LOST_INPUT_SCORE are looked at."""
-        from ..faces.detect import box_iou
-        from .routing import face_height
-
-        by_item: dict = {}
-        for k, (i, _, f) in enumerate(jobs):
-            if f.score >= LOST_INPUT_SCORE and LOST_MIN <= face_height(f.box) < LOST_BELOW:
-                by_item.setdefault(i, []).append(k)
-        lost = []
-        for i, ks in by_item.items():
-            boxes = np.stack([np.asarray(jobs[k][2].box[:4], np.float32) for k in ks])
-            found = self.detector.look(items[i][0]).boxes
-            iou = box_iou(boxes, found) if len(found) else np.zeros((len(ks), 1))
-            lost.extend(k for k, v in zip(ks, iou.max(1)) if v < LOST_IOU)
-        return lost
 
     @staticmethod
     def _overlapping(gen: "_Generated", pasted: list) -> list:

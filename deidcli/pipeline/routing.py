@@ -26,8 +26,8 @@ check
     (``max_passes``; ``small_max_passes`` for faces under :data:`LARGE_FACE` px: repeated passes
     are what draw masks on small faces). The track then stays on the fallback for ``hold`` faces.
 lost
-    the face check: the detector no longer finds a generated face of 40 to 95 px that it found
-    confidently in the input (pipeline.LOST_MIN). The track then stays on the fallback for ``hold``
+    the face check: the detector no longer finds a generated face under 96 px that it found in the
+    input at 0.4 or more (pipeline/face_check.py). The track then stays on the fallback for ``hold``
     faces, as after a failed check.
 held
     (not decided here) a face the tracker holds past its track's first or last detection

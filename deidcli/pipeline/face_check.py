@@ -1,0 +1,48 @@
+"""The face check: is a generated face still a face to the detector?
+
+A generated face under LOST_BELOW px high that the detector found in the input at
+LOST_INPUT_SCORE or more and no longer finds (at --keep-thresh, box IoU >= LOST_IOU) once pasted
+gets the fallback, and its track with it for --pass-hold faces, as after a failed identity check
+(routing.Router.failed_check, path "lost"). These are the sizes where the generator draws masks:
+dark sockets and brows on 39-47 px faces of the stress set's crowd_lfw, which deid evaluate-video
+counted as garish ("lost", 14 faces). No lower bound: a generated track goes on down to 36 px
+(--min-generate less the router's hysteresis).
+
+LOST_INPUT_SCORE: with 0.5 (the start threshold, the audit's) 3 of those faces stayed: input faces
+the pipeline's int8 look scored 0.45-0.5 and the audit's fp32 look 0.5 or more; with 0.4 none.
+
+Array contract: frames (H, W, 3) uint8 RGB as Pipeline.finish left them; face boxes (4,) float
+pixels x0, y0, x1, y1.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+LOST_BELOW, LOST_IOU, LOST_INPUT_SCORE = 96, 0.3, 0.4
+
+
+def lost_faces(detector, items: Sequence[tuple[np.ndarray, Sequence]], jobs: Sequence) -> list:
+    """The indices into ``jobs`` ((item index into ``items``, M, face) each, generated and pasted)
+    of the faces ``detector`` (faces.detect.Detector) no longer finds in their frame. One
+    frame-sized look (Detector.look) at each frame with such a face: a look around each face alone
+    (Detector.detect_near) scored these faces, near the detector's threshold, 0.1-0.2 apart from the
+    frame's look, with other surroundings in its square (stress set crowd_lfw). Only faces the
+    detector found in this frame at LOST_INPUT_SCORE or more are looked at (a face filled in by the
+    tracker has score 0)."""
+    from ..faces.detect import box_iou
+    from .routing import face_height
+
+    by_item: dict = {}
+    for k, (i, _, f) in enumerate(jobs):
+        if f.score >= LOST_INPUT_SCORE and face_height(f.box) < LOST_BELOW:
+            by_item.setdefault(i, []).append(k)
+    lost = []
+    for i, ks in by_item.items():
+        boxes = np.stack([np.asarray(jobs[k][2].box[:4], np.float32) for k in ks])
+        found = detector.look(items[i][0]).boxes
+        iou = box_iou(boxes, found) if len(found) else np.zeros((len(ks), 1))
+        lost.extend(k for k, v in zip(ks, iou.max(1)) if v < LOST_IOU)
+    return lost
