@@ -1,6 +1,7 @@
 """How much of a face's identity each fallback leaves, as the audit of `deid evaluate-video` reads it.
 
     DEID_MODELS_DIR=../shared/models python research/fallback_strength.py CLIP ... [--every 6] [--json OUT]
+        [--judge dlib]
 
 On every ``--every``-th frame of each clip, each face the audit's detector finds at 0.5 or more is
 given, alone on a copy of the frame, each variant below (the face ellipse at the default
@@ -8,9 +9,11 @@ given, alone on a copy of the frame, each variant below (the face ellipse at the
 (MobileFaceNet, fp32) compares the ArcFace crop of the result with the input's. A face counts as
 verified when the cosine is at or over the audit's threshold (0.33514) and over the control's
 (``research.measures.face_removed``: the face region filled flat), as in the audit. Prints, per
-variant and face height: faces, verified, the mean cosine.
+variant and face height: faces, verified, the mean cosine. With ``--judge dlib``, also dlib's
+descriptor distance between the input and the result at the detector's box (dlib's own alignment):
+the share under 0.6 (dlib's same person) and the mean, per variant and face height.
 
-Variants: ``blurN`` (the shipped blur shrinks the face to N px across, blurs with sigma 1.5 there
+Variants: ``blurN`` (N 12, 8, 5: the shipped blur shrinks the face to N px across, blurs with sigma 1.5 there
 and enlarges back; the shipped N is 12), ``pixN`` (N blocks across the face; the shipped
 ``pixelate`` is 8).
 """
@@ -51,15 +54,17 @@ def _pixelate(n: float):
     return obscure
 
 
-VARIANTS = {"blur12": _blur(12), "blur8": _blur(8), "pix8": _pixelate(8), "pix6": _pixelate(6), "pix5": _pixelate(5)}
+VARIANTS = {"blur12": _blur(12), "blur8": _blur(8), "blur5": _blur(5), "pix8": _pixelate(8), "pix6": _pixelate(6),
+            "pix5": _pixelate(5)}
 
 
 def size_bin(h: float) -> str:
     return BINS[0] if h < 48 else BINS[1] if h < 96 else BINS[2] if h < 192 else BINS[3]
 
 
-def measure(clip: Path, models, every: int) -> list:
-    """[{clip, frame, h, ctl, <variant>: cosine, ...}] for the faces of ``clip``."""
+def measure(clip: Path, models, every: int, judge=None) -> list:
+    """[{clip, frame, h, ctl, <variant>: cosine, ..., and with ``judge`` (a research.judges judge)
+    dlib_<variant>: its descriptor distance, ...}] for the faces of ``clip``."""
     import av
 
     import deidcli.faces.methods as methods
@@ -80,7 +85,9 @@ def measure(clip: Path, models, every: int) -> list:
                 crop = arcface_crop(img, kps)
                 crops = [crop, face_removed(crop)]
                 face = type("Face", (), {"box": box, "kps": kps})
-                for obscure in VARIANTS.values():
+                dist = {}
+                ref = judge.describe_boxes(img, [box])[0] if judge is not None else None
+                for name, obscure in VARIANTS.items():
                     out = img.copy()
                     methods._obscured = obscure
                     try:
@@ -88,10 +95,12 @@ def measure(clip: Path, models, every: int) -> list:
                     finally:
                         methods._obscured = shipped
                     crops.append(arcface_crop(out, kps))
+                    if judge is not None:
+                        dist[f"dlib_{name}"] = float(np.linalg.norm(judge.describe_boxes(out, [box])[0] - ref))
                 e = models.embedder.embed(crops)
                 cos = e[1:] @ e[0]
                 rows.append({"clip": clip.name, "frame": i, "h": float(box[3] - box[1]), "ctl": float(cos[0]),
-                             **{k: float(v) for k, v in zip(VARIANTS, cos[1:])}})
+                             **{k: float(v) for k, v in zip(VARIANTS, cos[1:])}, **dist})
     return rows
 
 
@@ -100,13 +109,19 @@ def main() -> None:
     ap.add_argument("clips", nargs="+", type=Path)
     ap.add_argument("--every", type=int, default=6, help="every Nth frame (default 6)")
     ap.add_argument("--json", type=Path, help="write every face's cosines here")
+    ap.add_argument("--judge", choices=["dlib"], help="also dlib's distance (same person under 0.6)")
     args = ap.parse_args()
     from deidcli.research.evaluate_video import _Models
 
     models = _Models(os.environ.get("DEID_MODELS_DIR"), 0.5, 0.3, 640, 0)
+    judge = None
+    if args.judge:
+        from deidcli.research.judges import load_judge
+
+        judge = load_judge(args.judge)
     rows = []
     for clip in args.clips:
-        rows += measure(clip, models, args.every)
+        rows += measure(clip, models, args.every, judge)
     if args.json:
         args.json.write_text(json.dumps(rows))
     print("| variant | face height | faces | verified | mean cosine |\n|---|---|---|---|---|")
@@ -117,6 +132,15 @@ def main() -> None:
                 v = sum(r[name] >= THRESHOLD and r[name] > r["ctl"] for r in sel)
                 print(f"| {name} | {b} | {len(sel)} | {v} ({100 * v / len(sel):.1f}%) | "
                       f"{np.mean([r[name] for r in sel]):.3f} |")
+    if judge is not None:
+        print("\n| variant | face height | faces | dlib same person (< 0.6) | mean distance |\n|---|---|---|---|---|")
+        for name in VARIANTS:
+            for b in BINS + ("all",):
+                sel = [r for r in rows if b == "all" or size_bin(r["h"]) == b]
+                if sel:
+                    d = [r[f"dlib_{name}"] for r in sel]
+                    v = sum(x < 0.6 for x in d)
+                    print(f"| {name} | {b} | {len(sel)} | {v} ({100 * v / len(sel):.1f}%) | {np.mean(d):.3f} |")
 
 
 if __name__ == "__main__":
