@@ -356,11 +356,10 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
         i = f["index"]
         cos = float(np.dot(e_in, e_out))
         verified, unchanged = cos >= thr, f["mad"] < UNCHANGED_MAD
-        person = None if tr.ref is None else tr.ref / max(float(np.linalg.norm(tr.ref)), 1e-6)
         hidden = False
         if not f["interpolated"]:
             tr.ref = e_in if tr.ref is None else tr.ref + e_in
-        elif person is not None and float(np.dot(e_in, person)) < thr:
+        elif tr.ref is not None and float(np.dot(e_in, person := tr.ref / np.linalg.norm(tr.ref))) < thr:
             # filled in, and the input crop is not the person: the face is behind something (another
             # face passing in front) and the crop shows that. Judged by whether the output shows the
             # person (the track's detected faces so far), not whether it still shows what hides it.
