@@ -14,7 +14,7 @@ descriptor distance between the input and the result at the detector's box (dlib
 the share under 0.6 (dlib's same person) and the mean, per variant and face height.
 
 Variants: ``blurN`` (N 12, 8, 5: the shipped blur shrinks the face to N px across, blurs with sigma 1.5 there
-and enlarges back; the shipped N is 12), ``pixN`` (N blocks across the face; the shipped
+and enlarges back; the shipped N is 8 since 2026-12-07, 12 before), ``pixN`` (N blocks across the face; the shipped
 ``pixelate`` is 8).
 """
 

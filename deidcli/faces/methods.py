@@ -18,6 +18,12 @@ import numpy as np
 
 Rect = tuple[int, int, int, int]
 
+#: The blur shrinks a face to this many pixels across, blurs it there (sigma 1.5) and enlarges it
+#: back. 8 rather than 12 (until 2026-12-07): over the stress set and the shared clips (2,315
+#: faces, research/fallback_strength.py --judge dlib) dlib still called 8 blurred faces the same
+#: person against 24, and deid's identity network verified 28 against 33.
+BLUR_ACROSS = 8.0
+
 
 def face_ellipse(box: np.ndarray, kps: np.ndarray | None, margin: float) -> tuple[tuple[float, float], tuple[float, float], float]:
     """Ellipse ((cx, cy), (half_w, half_h), angle_deg) covering a face box with ``margin``.
@@ -65,9 +71,9 @@ def _obscured(roi: np.ndarray, face_px: float, method: str) -> np.ndarray:
         small = cv2.resize(roi, (sw, sh), interpolation=cv2.INTER_AREA)
         return cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST)
     if method == "blur":
-        # Downscale so the face is ~12 px across, blur there, upscale: a very strong blur at
-        # a cost independent of face size.
-        f = min(1.0, 12.0 / max(face_px, 1.0))
+        # Downscale so the face is BLUR_ACROSS px across, blur there, upscale: a very strong blur
+        # at a cost independent of face size.
+        f = min(1.0, BLUR_ACROSS / max(face_px, 1.0))
         sw, sh = max(1, round(w * f)), max(1, round(h * f))
         small = cv2.resize(roi, (sw, sh), interpolation=cv2.INTER_AREA)
         small = cv2.GaussianBlur(small, (0, 0), sigmaX=1.5, borderType=cv2.BORDER_REPLICATE)
