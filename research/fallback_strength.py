@@ -14,8 +14,14 @@ descriptor distance between the input and the result at the detector's box (dlib
 the share under 0.6 (dlib's same person) and the mean, per variant and face height.
 
 Variants: ``blurN`` (N 12, 8, 5: the shipped blur shrinks the face to N px across, blurs with sigma 1.5 there
-and enlarges back; the shipped N is 8 since 2026-12-07, 12 before), ``pixN`` (N blocks across the face; the shipped
-``pixelate`` is 8).
+and enlarges back; the shipped N is 8 since 2026-12-07, 12 before), ``blurNsS`` (the same with sigma S), ``blur8c`` (blur8, then the central half
+of the region shifted back to the input's mean colour there),
+``pixN`` (N blocks across the face; the shipped ``pixelate`` is 8). ``--variants`` picks some.
+
+Each result is also classified by the garish measure of ``deid evaluate-video``
+(``deidcli.research.garish.assess`` on the ArcFace crops): a fallback should come out "blurred" or
+"pixelated" (its detail gone, the input's mean colour kept); one classified "generated" moved the
+face's colour (mostly towards what surrounds a small face) and counts as garish there.
 """
 
 from __future__ import annotations
@@ -43,6 +49,17 @@ def _blur(n: float, sigma: float = 1.5):
     return obscure
 
 
+def _centre_kept(obscure):
+    """``obscure``, then its central half (each way) shifted to the input's mean colour there."""
+    def kept(roi, face_px, method):
+        out = obscure(roi, face_px, method).astype(np.float32)
+        h, w = roi.shape[:2]
+        c = (slice(h // 4, h - h // 4), slice(w // 4, w - w // 4))
+        shift = roi[c].reshape(-1, 3).mean(0) - out[c].reshape(-1, 3).mean(0)
+        return np.clip(np.rint(out + shift), 0, 255).astype(np.uint8)
+    return kept
+
+
 def _pixelate(n: float):
     def obscure(roi, face_px, _method):
         import cv2
@@ -54,17 +71,21 @@ def _pixelate(n: float):
     return obscure
 
 
-VARIANTS = {"blur12": _blur(12), "blur8": _blur(8), "blur5": _blur(5), "pix8": _pixelate(8), "pix6": _pixelate(6),
-            "pix5": _pixelate(5)}
+VARIANTS = {"blur12": _blur(12), "blur8": _blur(8), "blur8s1.0": _blur(8, 1.0), "blur8s0.7": _blur(8, 0.7),
+            "blur8c": _centre_kept(_blur(8)), "blur6s0.75": _blur(6, 0.75),
+            "blur5": _blur(5), "pix8": _pixelate(8), "pix6": _pixelate(6), "pix5": _pixelate(5)}
 
 
 def size_bin(h: float) -> str:
     return BINS[0] if h < 48 else BINS[1] if h < 96 else BINS[2] if h < 192 else BINS[3]
 
 
-def measure(clip: Path, models, every: int, judge=None) -> list:
-    """[{clip, frame, h, ctl, <variant>: cosine, ..., and with ``judge`` (a research.judges judge)
-    dlib_<variant>: its descriptor distance, ...}] for the faces of ``clip``."""
+def measure(clip: Path, models, every: int, judge=None, variants=VARIANTS) -> list:
+    """[{clip, frame, h, ctl, <variant>: cosine, kind_<variant>: the garish measure's class ("blurred",
+    "pixelated", "generated" or "unchanged"), garish_<variant>: 0/1, ..., and with ``judge`` (a
+    research.judges judge) dlib_<variant>: its descriptor distance, ...}] for the faces of ``clip``."""
+    from deidcli.research import garish
+
     import av
 
     import deidcli.faces.methods as methods
@@ -85,9 +106,11 @@ def measure(clip: Path, models, every: int, judge=None) -> list:
                 crop = arcface_crop(img, kps)
                 crops = [crop, face_removed(crop)]
                 face = type("Face", (), {"box": box, "kps": kps})
-                dist = {}
+                dist, kinds = {}, {}
                 ref = judge.describe_boxes(img, [box])[0] if judge is not None else None
-                for name, obscure in VARIANTS.items():
+                region_in = garish.box_region(img, box)
+                for name in variants:
+                    obscure = VARIANTS[name]
                     out = img.copy()
                     methods._obscured = obscure
                     try:
@@ -95,12 +118,14 @@ def measure(clip: Path, models, every: int, judge=None) -> list:
                     finally:
                         methods._obscured = shipped
                     crops.append(arcface_crop(out, kps))
+                    v = garish.assess(crop, crops[-1], region_in, garish.box_region(out, box))
+                    kinds[f"kind_{name}"], kinds[f"garish_{name}"] = v.kind, int(v.garish)
                     if judge is not None:
                         dist[f"dlib_{name}"] = float(np.linalg.norm(judge.describe_boxes(out, [box])[0] - ref))
                 e = models.embedder.embed(crops)
                 cos = e[1:] @ e[0]
                 rows.append({"clip": clip.name, "frame": i, "h": float(box[3] - box[1]), "ctl": float(cos[0]),
-                             **{k: float(v) for k, v in zip(VARIANTS, cos[1:])}, **dist})
+                             **{k: float(v) for k, v in zip(variants, cos[1:])}, **dist, **kinds})
     return rows
 
 
@@ -110,6 +135,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=6, help="every Nth frame (default 6)")
     ap.add_argument("--json", type=Path, help="write every face's cosines here")
     ap.add_argument("--judge", choices=["dlib"], help="also dlib's distance (same person under 0.6)")
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), help="default: all")
     args = ap.parse_args()
     from deidcli.research.evaluate_video import _Models
 
@@ -121,20 +147,23 @@ def main() -> None:
         judge = load_judge(args.judge)
     rows = []
     for clip in args.clips:
-        rows += measure(clip, models, args.every, judge)
+        rows += measure(clip, models, args.every, judge, args.variants)
     if args.json:
         args.json.write_text(json.dumps(rows))
-    print("| variant | face height | faces | verified | mean cosine |\n|---|---|---|---|---|")
-    for name in VARIANTS:
+    print("| variant | face height | faces | verified | mean cosine | classed a fallback | garish |\n"
+          "|---|---|---|---|---|---|---|")
+    for name in args.variants:
         for b in BINS + ("all",):
             sel = [r for r in rows if b == "all" or size_bin(r["h"]) == b]
             if sel:
                 v = sum(r[name] >= THRESHOLD and r[name] > r["ctl"] for r in sel)
+                fb = sum(r[f"kind_{name}"] in ("blurred", "pixelated") for r in sel)
+                g = sum(r[f"garish_{name}"] for r in sel)
                 print(f"| {name} | {b} | {len(sel)} | {v} ({100 * v / len(sel):.1f}%) | "
-                      f"{np.mean([r[name] for r in sel]):.3f} |")
+                      f"{np.mean([r[name] for r in sel]):.3f} | {fb} ({100 * fb / len(sel):.1f}%) | {g} |")
     if judge is not None:
         print("\n| variant | face height | faces | dlib same person (< 0.6) | mean distance |\n|---|---|---|---|---|")
-        for name in VARIANTS:
+        for name in args.variants:
             for b in BINS + ("all",):
                 sel = [r for r in rows if b == "all" or size_bin(r["h"]) == b]
                 if sel:
