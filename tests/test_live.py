@@ -348,3 +348,14 @@ def test_bad_source_or_destination(clip, tmp_path):
         assert p.returncode == code, (words, err)
         assert words in err and len([x for x in err.splitlines() if x.strip()]) <= (3 if code == 2 else 1), err
     assert not list(tmp_path.iterdir()) and clip.stat().st_mtime_ns == before
+
+
+def test_a_session_that_drops_most_frames_says_what_to_change(clip, tmp_path):
+    """Fail closed drops what cannot be anonymized in time (a crowd on 2 cores: 4 of 360 frames out
+    with the generator, 329 with --method blur); a stream that stays dark must say why at the end,
+    not only count it. A budget no frame can meet drops every frame."""
+    rc, stdout, err = deid("live", clip, tmp_path / "out.mp4", "--realtime", "--json", "--max-latency", "0.01")
+    assert rc == 0, err
+    r = json.loads(stdout)
+    assert r["frames_in"] > 0 and r["dropped_percent"] >= 50, r
+    assert "of the frames were dropped" in err and "--max-latency 0.01" in err and "--method blur" in err, err

@@ -17,6 +17,10 @@ from .main import (_detector_options, _finish, _generator_options, _run_options,
                    _signals_to_interrupt, log)
 
 
+#: At this share of the frames dropped or more, the session ends with a warning that says what to change.
+SLOW_WARN_PERCENT = 50.0
+
+
 def _input_option(ctx, param, values):
     out = []
     for v in values:
@@ -120,6 +124,12 @@ def live_command(src, dst, realtime, max_latency, source_timeout, reconnect, rec
         log.error("%s", e)
         _finish(as_json, report_path, getattr(e, "report", None) or {"error": str(e), "options": options.to_dict()},
                 e.exit_code)
+    if report["frames_in"] and report["dropped_percent"] >= SLOW_WARN_PERCENT:
+        # fail closed is right, but a stream that stays dark must say why
+        hint = ", or use --method blur" if options.method == "generate" else ""
+        log.warning("%s%% of the frames were dropped: this machine could not anonymize them within "
+                    "--max-latency %g s; raise it%s (docs/live.md)", report["dropped_percent"],
+                    live_options.max_latency, hint)
     if not as_json and not quiet:
         lat = report["latency_ms"]
         click.echo(f"{report['source']} -> {report['destination']}: {report['frames_out']} of {report['frames_in']} "
