@@ -161,6 +161,7 @@ class LiveFrame(VideoFrame):
     pulled: float = 0.0  # when the detector took it
     generating: float = 0.0  # when the generator started on it (0: it did not)
     covered: bool = False  # its faces got the fallback because generating them would be too late
+    probe: bool = False  # generated as the first try after covered frames (the pipeline's back-off)
     faces: list = field(default_factory=list)  # the faces anonymized in it (set by the pipeline)
 
     def load(self, reformatter=None) -> None:

@@ -72,6 +72,14 @@ EMA = 0.1
 #: After a covered batch the generator-to-output estimate shrinks by this factor, so that
 #: generation is tried again once the pipeline has caught up.
 COVER_DECAY = 0.8
+#: ... by its ``backoff``-th root instead while generated frames keep leaving late: each generated
+#: frame that leaves (or is dropped) late doubles ``backoff`` up to this, each one on time resets it
+#: to 1. The first batch generated after covered ones is a probe: until it is out, the batches
+#: behind it are covered too. A crowd this machine cannot generate within the budget then comes
+#: out covered, with one probe now and then, where before, every 4th frame and the ones behind it
+#: were generated and held up the rest until nearly all were dropped (a 12 s crowd of 15-20 faces
+#: on 2 cores: 7 of 360 frames out; docs/live.md).
+MAX_BACKOFF = 16
 #: A held-over box (a track that ended) is grown by this share of its size on each side.
 HOLD_GROW = 0.25
 #: Seconds between progress lines (INFO, -v).
@@ -97,7 +105,34 @@ class _State:
         self.to_output = 0.0  # recent seconds from the detector taking a frame to its output
         self.gen_to_output = 0.0  # recent seconds from the generator starting a frame to its output
         self.write = 0.0  # recent seconds to encode and write a frame
+        self.backoff = 1  # covered batches count 1 / backoff towards trying the generator again
+        self.covering = False  # the last batch with faces was covered
+        self.probe = False  # a batch generated after covered ones is on its way: cover until it is out
         self.frames: dict[int, object] = {}  # id(frame image) -> LiveFrame, while in the pipeline
+
+    def cover(self, ages: list, has_faces: bool, live_router: bool = True) -> tuple[bool, bool]:
+        """For the batch the generator takes next (its frames ``ages`` s old): ``(late, probe)``,
+        whether its faces get the fallback instead (too late to generate them, or a probe still
+        on its way) and whether it is a probe (the first batch generated after covered ones). Keeps
+        the state (``live_router`` False: only says)."""
+        late = has_faces and bool(ages) and (max(ages) + self.gen_to_output > self.budget or self.probe)
+        probe = has_faces and not late and self.covering
+        if has_faces and live_router:
+            self.covering, self.probe = late, self.probe or probe
+            if late:
+                self.gen_to_output *= COVER_DECAY ** (1.0 / self.backoff)
+        return late, probe
+
+    def out(self, gen_seconds: float, generated: bool, probe: bool, late: bool) -> None:
+        """A batch left (or was dropped ``late``), ``gen_seconds`` after the generator took it;
+        ``generated``: its faces were generated (not covered)."""
+        if generated:
+            self.gen_to_output += EMA * (gen_seconds - self.gen_to_output)
+            self.backoff = min(2 * self.backoff, MAX_BACKOFF) if late else 1
+        if probe:  # fresh evidence: a late probe sets the estimate, not a tenth of it
+            self.probe = False
+            if generated:
+                self.gen_to_output = max(self.gen_to_output, gen_seconds)
 
 
 class FrameGate:
@@ -291,14 +326,14 @@ class LivePipeline(Pipeline):
         frames = [st.frames.get(id(img)) for img, _ in items]
         ages = [now - f.arrival for f in frames if f is not None]
         has_faces = any(not isinstance(f.track_id, tuple) for _, faces in items for f in faces)
-        late = has_faces and bool(ages) and max(ages) + st.gen_to_output > st.budget
+        late, probe = st.cover(ages, has_faces, isinstance(router, _LiveRouter))
         for f in frames:
             if f is not None:
                 f.generating = now
                 f.covered = late and any(not isinstance(x.track_id, tuple) for x in f.faces)
+                f.probe = probe
         if not (late and isinstance(router, _LiveRouter)):
             return super().generate(items, descriptors, stages, passes, router)
-        st.gen_to_output *= COVER_DECAY
         router.late = True
         try:
             return super().generate(items, descriptors, stages, passes, router)
@@ -573,8 +608,7 @@ class _Session:
                     st.write += EMA * ((t - t0) - st.write)
                 # what the gate and the generator's cover decision go by (late frames too)
                 st.to_output += EMA * ((t - vf.pulled) - st.to_output)
-                if vf.generating and not vf.covered and vf.faces:
-                    st.gen_to_output += EMA * ((t - vf.generating) - st.gen_to_output)
+                st.out(t - vf.generating, bool(vf.generating and not vf.covered and vf.faces), vf.probe, late)
                 if late:
                     self.late += 1
                     continue
