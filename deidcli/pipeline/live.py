@@ -12,7 +12,9 @@ Fail closed, bounded latency (``LiveOptions.max_latency``, the budget):
   pipeline within the budget (its age plus the recent time from the detector to the output).
 * A frame whose faces could not be generated in time (its age plus the recent time from the
   generator to the output exceeds the budget) gets the fallback (``--fallback``, blur) on its
-  tracked faces instead: it is *covered*, and counted.
+  tracked faces instead: it is *covered*, and counted. The first frame generated after covered ones
+  is a probe: the frames behind it are covered until it is out, and while probes leave late the
+  generator is tried less often (``MAX_BACKOFF``, :meth:`_State.cover`).
 * A frame that would still leave past the budget (its age plus the recent time to encode and
   write one) is dropped at the output (*late*).
 * The tracker's lookahead (``--max-gap``, ``reach_back``, ``pad``: frames held back to fill
