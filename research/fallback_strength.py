@@ -50,13 +50,12 @@ def _blur(n: float, sigma: float = 1.5):
 
 
 def _centre_kept(obscure):
-    """``obscure``, then its central half (each way) shifted to the input's mean colour there."""
+    """``obscure``, then its central half (each way) shifted to the input's mean colour there
+    (``deidcli.faces.methods.centre_colour_kept``, the shipped blur's last step)."""
     def kept(roi, face_px, method):
-        out = obscure(roi, face_px, method).astype(np.float32)
-        h, w = roi.shape[:2]
-        c = (slice(h // 4, h - h // 4), slice(w // 4, w - w // 4))
-        shift = roi[c].reshape(-1, 3).mean(0) - out[c].reshape(-1, 3).mean(0)
-        return np.clip(np.rint(out + shift), 0, 255).astype(np.uint8)
+        from deidcli.faces.methods import centre_colour_kept
+
+        return centre_colour_kept(roi, obscure(roi, face_px, method))
     return kept
 
 

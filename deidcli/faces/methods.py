@@ -63,6 +63,15 @@ def ellipse_mask(shape: Sequence[int], box: np.ndarray, kps: np.ndarray | None, 
     return (x0 + tx0, y0 + ty0, x0 + tx1, y0 + ty1), mask[ty0:ty1, tx0:tx1]
 
 
+def centre_colour_kept(roi: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out`` (h, w, 3) uint8, an obscured ``roi`` (same shape), shifted so that its central half
+    each way (the face inside its ellipse) has ``roi``'s mean colour there."""
+    h, w = roi.shape[:2]
+    c = (slice(h // 4, h - h // 4), slice(w // 4, w - w // 4))
+    shift = roi[c].reshape(-1, 3).mean(0) - out[c].reshape(-1, 3).mean(0)
+    return np.clip(np.rint(out + shift), 0, 255).astype(np.uint8)
+
+
 def _obscured(roi: np.ndarray, face_px: float, method: str) -> np.ndarray:
     """The obscured version of a region (h, w, 3) uint8 for a face about ``face_px`` wide."""
     h, w = roi.shape[:2]
@@ -79,11 +88,7 @@ def _obscured(roi: np.ndarray, face_px: float, method: str) -> np.ndarray:
         sw, sh = max(1, round(w * f)), max(1, round(h * f))
         small = cv2.resize(roi, (sw, sh), interpolation=cv2.INTER_AREA)
         small = cv2.GaussianBlur(small, (0, 0), sigmaX=1.5, borderType=cv2.BORDER_REPLICATE)
-        out = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR).astype(np.float32)
-        # the central half each way (the face inside its ellipse) keeps its mean colour
-        c = (slice(h // 4, h - h // 4), slice(w // 4, w - w // 4))
-        shift = roi[c].reshape(-1, 3).mean(0) - out[c].reshape(-1, 3).mean(0)
-        return np.clip(np.rint(out + shift), 0, 255).astype(np.uint8)
+        return centre_colour_kept(roi, cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR))
     if method == "solid":
         return np.zeros_like(roi)
     raise ValueError(f"not a classic method: {method}")
