@@ -9,6 +9,9 @@ from typing import Optional
 METHODS = ("generate", "blur", "pixelate", "solid")
 FALLBACKS = ("blur", "pixelate", "solid")  # what --method generate gives a face it does not draw
 AUDIO_MODES = ("copy", "aac", "none")
+#: DetectOptions.det_size that follows the frame: the detector looks at it shrunk at most 2 times (its
+#: longer side to 640 px at least; faces.detect.auto_side), so 1080p is searched at 960 px, 4K at 1920.
+DET_SIZE_AUTO = 0
 DETECTOR_PRECISIONS = ("auto", "fp32", "int8")  # auto: int8 on the CPU execution provider, fp32 on CUDA
 CHECK_PRECISIONS = ("auto", "fp32", "int8")  # the identity check's embedder, the same way
 PASS_HOLD = 25  # default --pass-hold (AnonymizeOptions.pass_hold): about 1 s of a track at 25 fps
@@ -28,7 +31,7 @@ class EncodeOptions:
 @dataclass(frozen=True)
 class DetectOptions:
     det_thresh: float = 0.5  # SCRFD score threshold
-    det_size: int = 640  # detector input size (square, multiple of 32)
+    det_size: int = 0  # detector input's longer side (multiple of 32); DET_SIZE_AUTO (0): half the frame's, at least 640
     min_face: int = 0  # ignore faces whose box is smaller than this many pixels (shorter side)
     detector: str = "det_scrfd_2.5g_kps.onnx"  # registry name of the detector model
     detect_every: int = 1  # run the detector on every Nth frame only (opt-in speed/coverage trade; tracks fill the rest)

@@ -314,3 +314,17 @@ def test_detector_precision_option_and_report(clips, tmp_path):
     assert a["faces_anonymized"] == b["faces_anonymized"]
     p = run("anonymize", src, tmp_path / "bad.mp4", "--detector-precision", "int4")
     assert p.returncode == 2 and "int4" in p.stderr and not (tmp_path / "bad.mp4").exists()
+
+
+def test_det_size_takes_auto_or_a_multiple_of_32():
+    import click
+
+    from deidcli.cli.det_size import DetSize
+    from deidcli.options import DET_SIZE_AUTO
+
+    t = DetSize()
+    assert t.convert("auto", None, None) == DET_SIZE_AUTO == 0
+    assert t.convert("AUTO", None, None) == 0 and t.convert("960", None, None) == 960 and t.convert(640, None, None) == 640
+    for bad in ("100", "0", "-32", "big"):
+        with pytest.raises(click.BadParameter):
+            t.convert(bad, None, None)

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from ..errors import EXIT_FAILED, EXIT_OK, DeidError
+from .det_size import det_size_option
 from .main import _finish, _RichProgress, _setup_logging, _signals_to_interrupt, log
 
 
@@ -22,7 +23,7 @@ from .main import _finish, _RichProgress, _setup_logging, _signals_to_interrupt,
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--det-thresh", type=click.FloatRange(0, 1), default=0.5, help="Detector score that starts a track.")
-@click.option("--det-size", type=click.IntRange(min=32), default=640, help="Detector input size (multiple of 32).")
+@det_size_option()
 @click.option("--keep-thresh", type=click.FloatRange(0, 1), default=0.3, help="Lower score that keeps a track going.")
 @click.option("--min-face", type=click.IntRange(min=0), default=0, help="Ignore smaller faces (px).")
 @click.option("--detector", default="det_scrfd_2.5g_kps.onnx", help="Detector model file (see `deid models`).")

@@ -17,6 +17,7 @@ import click
 
 from .. import __version__
 from .demo import demo_clip
+from .det_size import det_size_option
 from .doctor import doctor
 from .lazy import LazyGroup
 from ..errors import EXIT_FAILED, EXIT_MODELS, EXIT_OK, DeidError, Interrupted, ModelError
@@ -180,8 +181,7 @@ _detector_options = _stacked(
                  help="Margin around the face box (fraction)."),
     click.option("--det-thresh", type=click.FloatRange(0, 1), default=0.5,
                  help="Detector score that starts a track."),
-    click.option("--det-size", type=click.IntRange(min=32), default=640,
-                 help="Detector input size (multiple of 32)."),
+    det_size_option(),
     click.option("--keep-thresh", type=click.FloatRange(0, 1), default=0.3,
                  help="Lower score that keeps a track going."),
     click.option("--min-face", type=click.IntRange(min=0), default=0, help="Ignore smaller faces (px)."),

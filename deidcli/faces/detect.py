@@ -29,6 +29,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import ModelError
+from ..options import DET_SIZE_AUTO as AUTO
 from ..options import DETECTOR_PRECISIONS as PRECISIONS
 from ..stages import ort_session_options
 
@@ -119,13 +120,27 @@ CALL_PIXELS = 24_000
 #: Detector.detect: a weak detection overlapping a tracked face's box this much continues it and
 #: is not looked at again zoomed (lp_d6: 319 second looks at its one face in 336 frames before).
 TRACKED_IOU = 0.5
+#: det_size AUTO: the whole-image search looks at an image shrunk AUTO_DOWNSCALE times at most (its
+#: longer side to AUTO_MIN px at least). A fixed 640 px look misses small faces in large frames: on
+#: a frame of the stress set's crowd_lfw tiled 3x3 into 3840x2160, it found 4 of the ~100 faces
+#: that 1920 px found (its faces 20-80 px, 3-13 px once shrunk six times); tiled 2x2 into 2560x1440,
+#: 23 against 58. Up to 1280 px frames AUTO is 640, as before.
+AUTO_MIN, AUTO_DOWNSCALE = 640, 2.0
+
+
+def auto_side(long_side: int) -> int:
+    """The detector input's longer side (px, a multiple of 32) for an image whose longer side is
+    ``long_side`` px, under det_size AUTO."""
+    return max(AUTO_MIN, int(math.ceil(long_side / AUTO_DOWNSCALE / 32.0)) * 32)
 
 
 class Detector:
     """SCRFD face detector with five landmarks, loaded from an ONNX file by path.
 
     model_path: an InsightFace SCRFD ``*_kps.onnx`` model (dynamic or fixed input size).
-    det_thresh: score threshold. det_size: the square input size, a multiple of 32; a
+    det_thresh: score threshold. det_size: the detector input's longer side, a multiple of 32, or
+    :data:`AUTO` (0): half the image's longer side, at least :data:`AUTO_MIN` (:func:`auto_side`),
+    so that the smallest face found is the same number of image pixels at any resolution; a
     model with a fixed input size (det_scrfd_500m_kps_640.onnx: 640x640) uses its own and
     says so when `det_size` differs. min_face: faces whose box has a shorter side below
     this many pixels are dropped and counted in ``n_small``. providers: ONNX Runtime
@@ -155,8 +170,8 @@ class Detector:
         model_path = Path(model_path)
         if not model_path.is_file():
             raise ModelError(f"face detector model not found: {model_path}")
-        if det_size <= 0 or det_size % 32:
-            raise ValueError(f"det_size must be a positive multiple of 32, not {det_size}")
+        if det_size < 0 or det_size % 32:
+            raise ValueError(f"det_size must be a positive multiple of 32 or 0 (auto), not {det_size}")
         if not 0.0 <= det_thresh <= 1.0:
             raise ValueError(f"det_thresh must be in [0, 1], not {det_thresh}")
         if min_face < 0:
@@ -195,7 +210,7 @@ class Detector:
         shape = model.session.get_inputs()[0].shape
         if all(isinstance(v, int) and v > 0 for v in shape[2:4]):
             fixed = (int(shape[3]), int(shape[2]))
-            if fixed != (det_size, det_size):
+            if det_size and fixed != (det_size, det_size):
                 logger.warning(
                     "%s has a fixed %dx%d input: det_size %d ignored",
                     model_path.name, fixed[0], fixed[1], det_size,
@@ -203,7 +218,7 @@ class Detector:
             self.input_size = fixed
             self.fixed_size = True
         else:
-            self.input_size = (det_size, det_size)
+            self.input_size = (det_size or AUTO_MIN, det_size or AUTO_MIN)
             self.fixed_size = False
         self.det_size = det_size
         ctx_id = -1 if all(p == "CPUExecutionProvider" for p in providers) else 0
@@ -230,14 +245,16 @@ class Detector:
 
     def input_size_for(self, shape: Sequence[int]) -> tuple[int, int]:
         """Detector input (width, height) for an image of ``shape``: the longer side is scaled to
-        det_size and the shorter side to the next multiple of 32 that holds it, so a 16:9 frame
-        is not padded to a square (same resolution on the face, ~40% less computation)."""
+        det_size (:func:`auto_side` when det_size is AUTO) and the shorter side to the next
+        multiple of 32 that holds it, so a 16:9 frame is not padded to a square (same resolution
+        on the face, ~40% less computation)."""
         if self.fixed_size:
             return self.input_size
         h, w = int(shape[0]), int(shape[1])
         long_side, short_side = max(h, w), min(h, w)
-        short = int(math.ceil(self.det_size * short_side / long_side / 32.0)) * 32
-        return (self.det_size, short) if w >= h else (short, self.det_size)
+        side = self.det_size or auto_side(long_side)
+        short = int(math.ceil(side * short_side / long_side / 32.0)) * 32
+        return (side, short) if w >= h else (short, side)
 
     def detect(self, image: np.ndarray, tracked: Optional[np.ndarray] = None) -> Detections:
         """Faces in one image.

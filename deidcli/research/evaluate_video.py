@@ -80,6 +80,8 @@ from typing import Any, Callable, Optional
 import click
 import numpy as np
 
+from ..cli.det_size import det_size_option
+from ..options import DET_SIZE_AUTO
 from .measures import (
     EYES_MIN_STD,
     MOUTH_MIN_STD,
@@ -285,7 +287,7 @@ def _best_iou(box: np.ndarray, boxes: np.ndarray) -> Optional[int]:
 
 def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir: Optional[os.PathLike] = None,
                    det_thresh: float = 0.5, min_face: int = 0, verify_threshold: Optional[float] = None,
-                   strip_png: Optional[os.PathLike] = None, det_size: int = 640,
+                   strip_png: Optional[os.PathLike] = None, det_size: int = DET_SIZE_AUTO,
                    audit_thresh: float = AUDIT_THRESH, judge: Any = None, judge_every: int = 5,
                    face_hook: Optional[Callable[[dict], None]] = None) -> dict:
     """Measure exposure, identity, temporal stability and perception of ``output_path`` against
@@ -573,7 +575,9 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
             "verify_threshold": thr, "unchanged_mad": UNCHANGED_MAD, "det_thresh": det_thresh,
             "garish": garish_settings(),
             "audit_thresh": audit_thresh,
-            "det_size": det_size, "min_face": min_face, "match_iou": MATCH_IOU,
+            "det_size": "auto" if det_size == DET_SIZE_AUTO else det_size,
+            "det_input": list(models.det_in.input_size_for((info_in.height, info_in.width))),
+            "min_face": min_face, "match_iou": MATCH_IOU,
             "detector": "det_scrfd_2.5g_kps.onnx", "identity": "rec_mobilefacenet.onnx",
             "lips": "dlib shape_predictor_68_face_landmarks" if lips else None,
             "judge": judge_net.name if judge_net else None, "judge_every": judge_every if judge_net else None,
@@ -612,7 +616,7 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
 @click.option("--det-thresh", type=click.FloatRange(0, 1), default=0.5, help="Face detector score threshold.")
 @click.option("--audit-thresh", type=click.FloatRange(0, 1), default=AUDIT_THRESH,
               help="Input detections down to this score are tracked and checked, in tracks that reach --det-thresh.")
-@click.option("--det-size", type=click.IntRange(min=32), default=640, help="Detector input size (multiple of 32).")
+@det_size_option()
 @click.option("--verify-threshold", type=float, default=None,
               help=f"Identity cosine threshold [default: {VERIFY_THRESHOLD}, FAR 0.1% on LFW].")
 @click.option("--models-dir", type=click.Path(file_okay=False, path_type=Path), default=None,

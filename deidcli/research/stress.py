@@ -3,7 +3,7 @@ light, blur, compression, haze, scene cuts and moving LFW crowds.
 
     python -m deidcli.research.stress OUT_DIR [--seed 0] [--seconds 3] [--only NAME ...] [--list]
 
-Every clip is 1280x720 at 30 frames/s, H.264 (libx264 crf 18, crf 35 for ``*_crf35``), no audio,
+Every clip but the large crowds is 1280x720 at 30 frames/s, H.264 (libx264 crf 18, crf 35 for ``*_crf35``), no audio,
 and is made deterministically from ``--seed`` (which shared clip goes in which cell, where each
 starts, the noise, the LFW people and their paths). The videos are never committed: this script
 is. ``OUT_DIR/manifest.json`` lists what each clip is made of. Existing clips are kept unless
@@ -29,6 +29,10 @@ fadein
     one shared talking head, full frame, coming into focus over its first 20 frames (a Gaussian
     blur of 40 px down to none) while fading in from 40% brightness: the detector scores the face
     below the start threshold, or not at all, in the first frames.
+crowd_1080, crowd_4k
+    the same kind of LFW crowd, 30 faces at a time, in a 1920x1080 frame (faces 20-80 px) and a
+    3840x2160 one (30-120 px): small faces in large frames, which a detector looking at the whole
+    frame at a fixed 640 px shrinks below what it can find.
 cuts
     hard scene cuts every 20 frames between a full-frame shared clip and 2x2, 3x3 and 4x4
     mosaics (a face in the very first frame; tracks that must end at a cut).
@@ -62,6 +66,10 @@ HAZE_LEVEL = 0.85  # its brightness (0-1)
 CUT_EVERY = 20  # frames between scene cuts
 CROWD_AT_ONCE = 20
 FADE_FRAMES, FADE_FROM, FADE_BLUR = 20, 0.4, 40.0
+#: Crowds in larger frames (Crowd's keyword arguments): the same kind of faces, as many at a time,
+#: in a frame a detector looking at 640 px shrinks 3 and 6 times.
+LARGE_CROWDS = {"crowd_1080": {"size": (1920, 1080), "at_once": 30, "face_px": (20, 80)},
+                "crowd_4k": {"size": (3840, 2160), "at_once": 30, "face_px": (30, 120)}}
 
 
 def shared_clips() -> list[Path]:
@@ -207,31 +215,34 @@ def _lfw_people(rng: np.random.Generator, k: int) -> list[Path]:
     return out
 
 
-def _smooth_background(rng: np.random.Generator) -> np.ndarray:
+def _smooth_background(rng: np.random.Generator, size: tuple[int, int] = (W, H)) -> np.ndarray:
     import cv2
 
+    w, h = size
     grey = rng.uniform(60, 170, (9, 16, 1))
     tint = rng.uniform(-20, 20, (9, 16, 3))
-    bg = cv2.resize((grey + tint).astype(np.float32), (W, H), interpolation=cv2.INTER_CUBIC)
-    bg += rng.normal(0, 3, (H, W, 1)).astype(np.float32)
+    bg = cv2.resize((grey + tint).astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
+    bg += rng.normal(0, 3, (h, w, 1)).astype(np.float32)
     return np.clip(bg, 0, 255)
 
 
 class Crowd:
     """Moving LFW faces over a smooth background (see the module docstring)."""
 
-    def __init__(self, rng: np.random.Generator, frames: int):
+    def __init__(self, rng: np.random.Generator, frames: int, size: tuple[int, int] = (W, H),
+                 at_once: int = CROWD_AT_ONCE, face_px: tuple[float, float] = (20, 80)):
         import cv2
 
-        self.bg = _smooth_background(rng)
+        fw, fh = self.size = size
+        self.bg = _smooth_background(rng, size)
         self.sprites = []
         self.plan = []
-        total = CROWD_AT_ONCE * 2
+        total = at_once * 2
         photos = _lfw_people(rng, total)
         for k, photo in enumerate(photos):
             img = cv2.cvtColor(cv2.imread(str(photo)), cv2.COLOR_BGR2RGB)
             img = img[55:195, 55:195]  # the deep-funneled face and a little around it (140 px)
-            face = float(rng.uniform(20, 80))  # face height, px
+            face = float(rng.uniform(*face_px))  # face height, px
             side = max(8, int(round(face * 140 / 100)))
             variant = rng.choice(["plain", "mirrored", "squeezed", "cut"], p=[0.4, 0.2, 0.25, 0.15])
             sw = side
@@ -249,15 +260,15 @@ class Crowd:
             start = int(rng.integers(-frames // 2, frames))
             life = int(rng.integers(frames // 2, 2 * frames))
             if k % 8 == 0 and k + 1 < total:  # pairs that cross: same row, opposite directions
-                y = float(rng.uniform(0.2, 0.8) * H)
-                p0, p1 = np.array([-side, y]), np.array([W + side, y + rng.uniform(-40, 40)])
+                y = float(rng.uniform(0.2, 0.8) * fh)
+                p0, p1 = np.array([-side, y]), np.array([fw + side, y + rng.uniform(-40, 40)])
             elif k % 8 == 1:
                 p0, p1 = self.sprites[-1]["p1"].copy(), self.sprites[-1]["p0"].copy()
                 start = self.sprites[-1]["start"]
                 life = self.sprites[-1]["life"]
             else:
-                p0 = rng.uniform([-side, -side], [W + side, H + side])
-                p1 = rng.uniform([0, 0], [W, H])
+                p0 = rng.uniform([-side, -side], [fw + side, fh + side])
+                p1 = rng.uniform([0, 0], [fw, fh])
             self.sprites.append({"img": sprite, "alpha": alpha[..., None], "p0": np.asarray(p0, float),
                                  "p1": np.asarray(p1, float), "start": start, "life": life})
             self.plan.append({"photo": str(photo.relative_to(LFW / "lfw_deepfunneled")), "face_px": round(face, 1),
@@ -265,6 +276,7 @@ class Crowd:
         self.t = 0
 
     def __next__(self) -> np.ndarray:
+        fw, fh = self.size
         out = self.bg.copy()
         for s in self.sprites:
             u = (self.t - s["start"]) / max(s["life"], 1)
@@ -273,7 +285,7 @@ class Crowd:
             cx, cy = s["p0"] + u * (s["p1"] - s["p0"])
             h, w = s["img"].shape[:2]
             x0, y0 = int(round(cx - w / 2)), int(round(cy - h / 2))
-            xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + w, W), min(y0 + h, H)
+            xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + w, fw), min(y0 + h, fh)
             if xa >= xb or ya >= yb:
                 continue
             a = s["alpha"][ya - y0:yb - y0, xa - x0:xb - x0]
@@ -327,7 +339,7 @@ def clip_names(all_grids: bool = False) -> list[str]:
     grids = (2, 3, 4)
     names = [f"mosaic{n}" for n in grids]
     names += [f"mosaic{n}_{c}" for n in (grids if all_grids else (3,)) for c in CONDITIONS]
-    return names + ["crowd_lfw", "cuts", "fadein"]
+    return names + ["crowd_lfw", "cuts", "fadein"] + list(LARGE_CROWDS)
 
 
 def _seed_of(name: str, seed: int) -> int:
@@ -342,7 +354,8 @@ def make_clip(name: str, path: Path, seed: int = 0, seconds: float = 3.0) -> dic
     rng = np.random.default_rng(_seed_of(name, seed))
     frames = int(round(seconds * FPS))
     condition = None
-    entry: dict = {"name": name, "file": path.name, "frames": frames, "fps": FPS, "size": [W, H], "seed": seed}
+    size = LARGE_CROWDS[name]["size"] if name in LARGE_CROWDS else (W, H)
+    entry: dict = {"name": name, "file": path.name, "frames": frames, "fps": FPS, "size": list(size), "seed": seed}
     if name.startswith("mosaic"):
         n = int(name[len("mosaic")])
         condition = name.split("_", 1)[1] if "_" in name else None
@@ -352,6 +365,9 @@ def make_clip(name: str, path: Path, seed: int = 0, seconds: float = 3.0) -> dic
         entry.update(kind="mosaic", grid=n, condition=condition, cells=src.plan)
     elif name == "crowd_lfw":
         src = Crowd(rng, frames)
+        entry.update(kind="crowd", faces=src.plan)
+    elif name in LARGE_CROWDS:
+        src = Crowd(rng, frames, **LARGE_CROWDS[name])
         entry.update(kind="crowd", faces=src.plan)
     elif name == "fadein":
         src = FadeIn(rng)
@@ -368,7 +384,7 @@ def make_clip(name: str, path: Path, seed: int = 0, seconds: float = 3.0) -> dic
     try:
         with av.open(str(tmp), "w") as out:
             vs = out.add_stream("libx264", rate=FPS, options={"crf": str(crf), "preset": "fast"})
-            vs.width, vs.height, vs.pix_fmt = W, H, "yuv420p"
+            (vs.width, vs.height), vs.pix_fmt = size, "yuv420p"
             for _ in range(frames):
                 img = apply_condition(next(src), condition, rng, angle)
                 out.mux(vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
