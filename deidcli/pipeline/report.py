@@ -41,6 +41,7 @@ class PassLevels:
         self.peak: dict = {}  # track -> highest count it was raised to
         self.faces_raised = 0  # faces generated above base by the hold (regenerations not counted)
         self.calm: dict = {}  # track -> checked faces in a row at least CALM_MARGIN under the threshold
+        self.calm_turn: dict = {}  # track -> faces of it seen while calm, checked or not (pipeline.calm_skips)
 
     def get(self, track) -> int:
         """Current count of ``track`` (no face is counted)."""
