@@ -773,3 +773,23 @@ def test_detect_equals_insightface_on_the_bgr_frame(fp32_detector, int8_detector
             assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), (det.precision, img.shape)
             n += len(got[0])
     assert n > 20  # faces were found: the comparison is not between empty results
+
+
+def test_a_weak_face_confirmed_while_an_earlier_one_waits_starts_its_track():
+    """Two faces seen below the start threshold wait as tentative tracks; the second reaches the
+    threshold first. Taking it out of the waiting list compared it with the first by value, arrays
+    and all, and raised (``deid live`` on a 1920x1080 clip, 2026-12-07): tentatives are compared
+    by identity."""
+    def dets(scores):
+        boxes = np.array([[100, 100, 200, 220], [600, 100, 700, 220]], np.float32)[: len(scores)]
+        kps = np.stack([np.array([[130, 150], [170, 150], [150, 175], [135, 195], [165, 195]], np.float32)
+                        + [b[0] - 100, 0] for b in boxes])
+        return Detections(boxes, np.array(scores, np.float32), kps)
+
+    tracker = Tracker(TrackOptions(), fps=30, start_thresh=0.5)
+    out = []
+    for i, scores in enumerate([(0.4, 0.4), (0.4, 0.6), (0.6, 0.6), (0.6, 0.6)]):
+        out += tracker.push(i, dets(scores))
+    out += tracker.flush()
+    tracks = by_track(out)
+    assert len(tracks) == 2 and all(len(v) == 4 for v in tracks.values())  # each from its first frame

@@ -131,7 +131,7 @@ class _Obs:
     held: bool = False
 
 
-@dataclass
+@dataclass(eq=False)
 class _Track:
     track_id: int
     last: int  # frame of the last detection
@@ -143,11 +143,12 @@ class _Track:
         return self.box + self.velocity * (index - self.last)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Tentative:
     """Detections below the start threshold linked over frames: not a track (yet). Its frames are
     held back so that, if one of its detections reaches the threshold, the new track covers them
-    all (a face fading in, or sharpening, is anonymized from its first detection on)."""
+    all (a face fading in, or sharpening, is anonymized from its first detection on). Compared by
+    identity (it holds arrays): list.remove compares by value, which raised."""
 
     obs: list  # (frame, box (4,) float64, kps (5, 2) float64, score), oldest first
     velocity: np.ndarray = field(default_factory=lambda: np.zeros(4))
