@@ -42,9 +42,12 @@ def main() -> None:
     models = _Models(os.environ.get("DEID_MODELS_DIR"), 0.5, 0.3, 640, 0)
     judge = load_judge("dlib")
 
-    def person(box) -> str:
+    def person(box):
+        """The clip of the cell holding the box's centre; None for a centre outside every cell (a
+        box reaching past the frame's edge), whose face is then left out."""
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        return next(c["clip"] for c in cells if c["cell"][0] <= cx < c["cell"][2] and c["cell"][1] <= cy < c["cell"][3])
+        return next((c["clip"] for c in cells if c["cell"][0] <= cx < c["cell"][2] and c["cell"][1] <= cy < c["cell"][3]),
+                    None)
 
     rows = []  # (frame, person, height, input descriptor, output descriptor)
     with av.open(str(a.stress / f"{a.mosaic}.mp4")) as ci, av.open(str(a.output)) as co:
@@ -54,7 +57,7 @@ def main() -> None:
             img_in, img_out = fi.to_ndarray(format="rgb24"), fo.to_ndarray(format="rgb24")
             d = models.det_in.detect(img_in)
             for box, score in zip(d.boxes, d.scores):
-                if score >= 0.5:
+                if score >= 0.5 and person(box) is not None:
                     rows.append((i, person(box), float(box[3] - box[1]), judge.describe_boxes(img_in, [box])[0],
                                  judge.describe_boxes(img_out, [box])[0]))
     same = DLIB_SAME_DISTANCE
