@@ -589,19 +589,19 @@ def test_small_faces_in_a_4k_frame_are_found_at_the_automatic_detector_size(shar
     the crowd's own plan (whole, unturned faces in frame 30 of the stress set's crowd_4k)."""
     from deidcli.faces.detect import Detector, box_iou
     from deidcli.options import DetectOptions
-    from deidcli.research.stress import LARGE_CROWDS, Crowd, _seed_of
+    from deidcli.research.stress import CROWDS, Crowd, _seed_of
 
-    crowd = Crowd(np.random.default_rng(_seed_of("crowd_4k", 0)), 90, **LARGE_CROWDS["crowd_4k"])
+    crowd = Crowd(np.random.default_rng(_seed_of("crowd_4k", 0)), 90, **CROWDS["crowd_4k"])
     for _ in range(31):
         img = next(crowd)
     t, (fw, fh) = crowd.t - 1, crowd.size
     truth = []
     for s, p in zip(crowd.sprites, crowd.plan):
-        u = (t - s["start"]) / max(s["life"], 1)
-        cx, cy = s["p0"] + u * (s["p1"] - s["p0"])
+        c = crowd.centre(s, t)
         h, w = s["img"].shape[:2]
-        if (0 <= u <= 1 and p["variant"] in ("plain", "mirrored") and w / 2 <= cx <= fw - w / 2
-                and h / 2 <= cy <= fh - h / 2):
+        if (c is not None and p["variant"] in ("plain", "mirrored") and w / 2 <= c[0] <= fw - w / 2
+                and h / 2 <= c[1] <= fh - h / 2):
+            cx, cy = c
             f = p["face_px"]
             truth.append([cx - 0.4 * f, cy - 0.5 * f, cx + 0.4 * f, cy + 0.5 * f])
     truth = np.array(truth)

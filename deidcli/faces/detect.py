@@ -218,7 +218,7 @@ class Detector:
             self.input_size = fixed
             self.fixed_size = True
         else:
-            self.input_size = (det_size or AUTO_MIN, det_size or AUTO_MIN)
+            self.input_size = (det_size or AUTO_MIN,) * 2
             self.fixed_size = False
         self.det_size = det_size
         ctx_id = -1 if all(p == "CPUExecutionProvider" for p in providers) else 0

@@ -66,10 +66,11 @@ HAZE_LEVEL = 0.85  # its brightness (0-1)
 CUT_EVERY = 20  # frames between scene cuts
 CROWD_AT_ONCE = 20
 FADE_FRAMES, FADE_FROM, FADE_BLUR = 20, 0.4, 40.0
-#: Crowds in larger frames (Crowd's keyword arguments): the same kind of faces, as many at a time,
-#: in a frame a detector looking at 640 px shrinks 3 and 6 times.
-LARGE_CROWDS = {"crowd_1080": {"size": (1920, 1080), "at_once": 30, "face_px": (20, 80)},
-                "crowd_4k": {"size": (3840, 2160), "at_once": 30, "face_px": (30, 120)}}
+#: The crowds (Crowd's keyword arguments). crowd_1080 and crowd_4k: the same kind of faces in larger
+#: frames, which a detector looking at 640 px shrinks 3 and 6 times.
+CROWDS = {"crowd_lfw": {},
+          "crowd_1080": {"size": (1920, 1080), "at_once": 30, "face_px": (20, 80)},
+          "crowd_4k": {"size": (3840, 2160), "at_once": 30, "face_px": (30, 120)}}
 
 
 def shared_clips() -> list[Path]:
@@ -275,14 +276,21 @@ class Crowd:
                               "variant": str(variant), "start": start, "frames": life})
         self.t = 0
 
+    @staticmethod
+    def centre(sprite: dict, t: int) -> Optional[np.ndarray]:
+        """(x, y) of ``sprite``'s centre in frame ``t`` (float pixels; may be off the frame), or
+        None when it is not on its path then."""
+        u = (t - sprite["start"]) / max(sprite["life"], 1)
+        return sprite["p0"] + u * (sprite["p1"] - sprite["p0"]) if 0.0 <= u <= 1.0 else None
+
     def __next__(self) -> np.ndarray:
         fw, fh = self.size
         out = self.bg.copy()
         for s in self.sprites:
-            u = (self.t - s["start"]) / max(s["life"], 1)
-            if not 0.0 <= u <= 1.0:
+            c = self.centre(s, self.t)
+            if c is None:
                 continue
-            cx, cy = s["p0"] + u * (s["p1"] - s["p0"])
+            cx, cy = c
             h, w = s["img"].shape[:2]
             x0, y0 = int(round(cx - w / 2)), int(round(cy - h / 2))
             xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + w, fw), min(y0 + h, fh)
@@ -339,7 +347,7 @@ def clip_names(all_grids: bool = False) -> list[str]:
     grids = (2, 3, 4)
     names = [f"mosaic{n}" for n in grids]
     names += [f"mosaic{n}_{c}" for n in (grids if all_grids else (3,)) for c in CONDITIONS]
-    return names + ["crowd_lfw", "cuts", "fadein"] + list(LARGE_CROWDS)
+    return names + ["crowd_lfw", "cuts", "fadein"] + [c for c in CROWDS if c != "crowd_lfw"]
 
 
 def _seed_of(name: str, seed: int) -> int:
@@ -354,7 +362,7 @@ def make_clip(name: str, path: Path, seed: int = 0, seconds: float = 3.0) -> dic
     rng = np.random.default_rng(_seed_of(name, seed))
     frames = int(round(seconds * FPS))
     condition = None
-    size = LARGE_CROWDS[name]["size"] if name in LARGE_CROWDS else (W, H)
+    size = CROWDS.get(name, {}).get("size", (W, H))
     entry: dict = {"name": name, "file": path.name, "frames": frames, "fps": FPS, "size": list(size), "seed": seed}
     if name.startswith("mosaic"):
         n = int(name[len("mosaic")])
@@ -363,11 +371,8 @@ def make_clip(name: str, path: Path, seed: int = 0, seconds: float = 3.0) -> dic
             raise ValueError(f"unknown condition in {name!r}")
         src = Mosaic(n, rng)
         entry.update(kind="mosaic", grid=n, condition=condition, cells=src.plan)
-    elif name == "crowd_lfw":
-        src = Crowd(rng, frames)
-        entry.update(kind="crowd", faces=src.plan)
-    elif name in LARGE_CROWDS:
-        src = Crowd(rng, frames, **LARGE_CROWDS[name])
+    elif name in CROWDS:
+        src = Crowd(rng, frames, **CROWDS[name])
         entry.update(kind="crowd", faces=src.plan)
     elif name == "fadein":
         src = FadeIn(rng)
