@@ -49,7 +49,7 @@ class DetectOptions:
 @dataclass(frozen=True)
 class TrackOptions:
     iou_thresh: float = 0.2  # minimum IoU to continue a track
-    keep_thresh: float = 0.3  # detector score that keeps an existing track going (new tracks need det_thresh)
+    keep_thresh: float = 0.2  # detector score that keeps an existing track going (new tracks need det_thresh; weak ones that may start one, faces.detect.WEAK_MIN)
     max_gap: int = 8  # frames a track may miss and still be filled by interpolation
     reach_back: int = 30  # frames a new track reaches back over detections below det_thresh (>= keep_thresh)
     pad: int = 2  # frames a small or edge-cut face's track is extended by at each end (faces.track.PAD_BELOW)

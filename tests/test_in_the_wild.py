@@ -517,20 +517,102 @@ def test_generated_faces_the_detector_loses_get_the_fallback(shared, tmp_path):
     assert r["garish_lost"] == 0, r["garish_lost"]
 
 
-def _crowd_clip(path, frames: int):
-    """The first ``frames`` frames of the stress set's crowd_lfw, encoded as stress.py does."""
+def _crowd_clip(path, frames: int, name: str = "crowd_lfw"):
+    """The first ``frames`` frames of the stress set's crowd ``name`` (stress.CROWDS), encoded as
+    stress.py does."""
     import av
 
-    from deidcli.research.stress import FPS, H, W, Crowd, _seed_of
+    from deidcli.research.stress import CROWDS, FPS, Crowd, _seed_of
 
-    crowd = Crowd(np.random.default_rng(_seed_of("crowd_lfw", 0)), 90)  # the stress clip's plan
+    crowd = Crowd(np.random.default_rng(_seed_of(name, 0)), 90, **CROWDS[name])  # the stress clip's plan
     with av.open(str(path), "w") as out:
         vs = out.add_stream("libx264", rate=FPS, options={"crf": "18", "preset": "fast"})
-        vs.width, vs.height, vs.pix_fmt = W, H, "yuv420p"
+        vs.width, vs.height, vs.pix_fmt = crowd.size[0], crowd.size[1], "yuv420p"
         for _ in range(frames):
             out.mux(vs.encode(av.VideoFrame.from_ndarray(next(crowd), format="rgb24")))
         out.mux(vs.encode(None))
     return path
+
+
+# --- the blotch guard ------------------------------------------------------------------------------
+
+def _shared_face_crop(clip: str = "ghost_2person.mp4"):
+    """The generator crop (128 px) of the first face of a shared clip's first frame, and its landmarks
+    in the crop."""
+    from deidcli.faces.align import CROP_MARGIN, CROP_SIZE, estimate_transform, warp_crop
+    from deidcli.faces.detect import Detector
+
+    img = decode_rgb(VIDEOS / clip, 1)[0]
+    det = Detector(VIDEOS.parent / "models" / "det_scrfd_2.5g_kps.onnx").detect(img)
+    M = estimate_transform(det.kps[0], CROP_SIZE, CROP_MARGIN)
+    kps = det.kps[0] @ M[:, :2].T + M[:, 2]
+    return warp_crop(img, M, CROP_SIZE), kps
+
+
+def test_the_blotch_guard_measures_dark_sockets_not_a_changed_face(shared):
+    """faces/blotch.blotchy on a real face (ghost_2person): the face itself, a face brighter or
+    darker all over by 6 L* and a face blurred (what a generated face differs by) stay under
+    GUARD_SHARE; the same face with black eye sockets (what the generator drew on a 40-50 px dark
+    face of the stress set's crowd_1080) is over it, and so is a white smear over one eye."""
+    import cv2
+
+    from deidcli.faces.blotch import GUARD_SHARE, blotchy
+
+    crop, kps = _shared_face_crop()
+    assert blotchy(crop, crop) == 0.0
+    lab = cv2.cvtColor(crop, cv2.COLOR_RGB2LAB).astype(np.int16)
+    for d in (-15, 15):  # 6 L* of 100 is 15 of OpenCV's 255
+        shifted = cv2.cvtColor(np.clip(lab + [d, 0, 0], 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
+        assert blotchy(crop, shifted) < GUARD_SHARE / 2, d
+    assert blotchy(crop, cv2.GaussianBlur(crop, (0, 0), 2.0)) < GUARD_SHARE / 2
+    iod = float(np.hypot(*(kps[1] - kps[0])))
+    sockets, smear = crop.copy(), crop.copy()
+    for eye in kps[:2]:
+        cv2.ellipse(sockets, tuple(int(v) for v in eye), (int(0.22 * iod), int(0.14 * iod)), 0, 0, 360,
+                    (12, 8, 8), -1)
+    cv2.ellipse(smear, tuple(int(v) for v in kps[0]), (int(0.25 * iod), int(0.15 * iod)), 0, 0, 360,
+                (250, 250, 250), -1)
+    assert blotchy(crop, sockets) > GUARD_SHARE
+    assert blotchy(crop, smear) > GUARD_SHARE
+
+
+def test_a_face_drawn_with_black_sockets_gets_the_fallback(shared, tmp_path, monkeypatch):
+    """The pipeline's blotch guard: lp_d12 (a ~200 px face), with the generator's output given black
+    eye sockets every 2nd run (what it drew on a 40-50 px dark face of the stress set's crowd_1080:
+    10 faces garish, "blotch", before the guard). The blotched faces get the fallback, counted as
+    the path "blotch" with their track's next faces, and the audit finds no blotched face; without
+    the marks nothing takes that path."""
+    import cv2
+
+    from conftest import cut_clip
+    from deidcli.faces.align import crop_template
+    from deidcli.generator.engine import GeneratorRunner
+    from deidcli.options import AnonymizeOptions
+    from deidcli.pipeline.anonymize import anonymize
+    from deidcli.research.evaluate_video import evaluate_video
+
+    src = cut_clip(VIDEOS / "lp_d12.mp4", tmp_path / "in.mp4", 1.0, audio=False)
+    opts = AnonymizeOptions(pass_hold=4)
+    clean = anonymize(src, tmp_path / "clean.mp4", opts)["files"][0]
+    assert clean["faces_blotch_fallback"] == 0 and "blotch" not in clean["face_paths"], clean["face_paths"]
+    run, calls = GeneratorRunner.run, []
+
+    def with_sockets(self, crops, desc, passes=1, colour_match=None):
+        raw, mask = run(self, crops, desc, passes, colour_match)
+        calls.append(len(raw))
+        if len(calls) % 2 == 0:
+            for r in raw:  # at the crop template's eyes
+                for x, y in crop_template(r.shape[0])[:2]:
+                    cv2.ellipse(r, (int(x), int(y)), (11, 7), 0, 0, 360, (10, 8, 8), -1)
+        return raw, mask
+
+    monkeypatch.setattr(GeneratorRunner, "run", with_sockets)
+    res = anonymize(src, tmp_path / "out.mp4", opts)["files"][0]
+    assert res["faces_blotch_fallback"] > 0, res
+    assert res["face_paths"]["blotch"] >= res["faces_blotch_fallback"], res["face_paths"]
+    assert res["face_paths"].get("generated", 0) > 0, res["face_paths"]  # the others stay generated
+    r = evaluate_video(src, tmp_path / "out.mp4")
+    assert r["garish_blotch"] == 0 and r["exposed_faces"] == 0, (r["garish_blotch"], r["exposed_faces"])
 
 
 def test_the_audit_judges_a_face_behind_another_by_its_person(shared, tmp_path):

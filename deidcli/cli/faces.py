@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from ..errors import EXIT_FAILED, EXIT_OK, DeidError
+from ..options import TrackOptions
 from .det_size import det_size_option
 from .main import _finish, _RichProgress, _setup_logging, _signals_to_interrupt, log
 
@@ -24,7 +25,8 @@ from .main import _finish, _RichProgress, _setup_logging, _signals_to_interrupt,
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--det-thresh", type=click.FloatRange(0, 1), default=0.5, help="Detector score that starts a track.")
 @det_size_option()
-@click.option("--keep-thresh", type=click.FloatRange(0, 1), default=0.3, help="Lower score that keeps a track going.")
+@click.option("--keep-thresh", type=click.FloatRange(0, 1), default=TrackOptions.keep_thresh,
+              help="Lower score that keeps a track going.")
 @click.option("--min-face", type=click.IntRange(min=0), default=0, help="Ignore smaller faces (px).")
 @click.option("--detector", default="det_scrfd_2.5g_kps.onnx", help="Detector model file (see `deid models`).")
 @click.option("--detect-every", type=click.IntRange(min=1), default=1,

@@ -22,7 +22,7 @@ from .doctor import doctor
 from .lazy import LazyGroup
 from ..errors import EXIT_FAILED, EXIT_MODELS, EXIT_OK, DeidError, Interrupted, ModelError
 from ..options import (AUDIO_MODES, CHECK_PRECISIONS, DETECTOR_PRECISIONS, FALLBACKS, LIVE_SEARCH_EVERY, METHODS,
-                       PASS_HOLD, PIPE_FORMATS, DetectOptions, large_passes_or_default)
+                       PASS_HOLD, PIPE_FORMATS, DetectOptions, TrackOptions, large_passes_or_default)
 
 log = logging.getLogger("deidcli")
 
@@ -182,7 +182,7 @@ _detector_options = _stacked(
     click.option("--det-thresh", type=click.FloatRange(0, 1), default=0.5,
                  help="Detector score that starts a track."),
     det_size_option(),
-    click.option("--keep-thresh", type=click.FloatRange(0, 1), default=0.3,
+    click.option("--keep-thresh", type=click.FloatRange(0, 1), default=TrackOptions.keep_thresh,
                  help="Lower score that keeps a track going."),
     click.option("--min-face", type=click.IntRange(min=0), default=0, help="Ignore smaller faces (px)."),
     click.option("--detector", default="det_scrfd_2.5g_kps.onnx", help="Detector model file (see `deid models`)."),

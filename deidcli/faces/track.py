@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from ..options import TrackOptions
-from .detect import Detections, box_iou
+from .detect import WEAK_MIN, Detections, box_iou
 
 
 def _box_size(boxes: np.ndarray) -> np.ndarray:
@@ -312,6 +312,10 @@ class Tracker:
         for track, j in matches:
             self._continue(track, index, dets.boxes[j], dets.kps[j], float(dets.scores[j]))
             self.n_weak_kept += int(dets.scores[j] < self.start_thresh)
+        # under WEAK_MIN a detection only continues a track (above)
+        faint = [j for j in unmatched if dets.scores[j] < min(WEAK_MIN, self.start_thresh)]
+        self.n_weak_dropped += len(faint)
+        unmatched = [j for j in unmatched if j not in faint]
         grown, unmatched = self._associate(index, dets, self._tentative, unmatched)
         for tent, j in grown:
             box, kps = dets.boxes[j].astype(np.float64), dets.kps[j].astype(np.float64)

@@ -1,7 +1,7 @@
 """The face check: is a generated face still a face to the detector?
 
 A generated face under LOST_BELOW px high that the detector found in the input at
-LOST_INPUT_SCORE or more and no longer finds (at --keep-thresh, box IoU >= LOST_IOU) once pasted
+LOST_INPUT_SCORE or more and no longer finds (at LOST_FOUND, box IoU >= LOST_IOU) once pasted
 gets the fallback, and its track with it for --pass-hold faces, as after a failed identity check
 (routing.Router.failed_check, path "lost"). These are the sizes where the generator draws masks:
 dark sockets and brows on 39-47 px faces of the stress set's crowd_lfw, which deid evaluate-video
@@ -22,6 +22,9 @@ from typing import Sequence
 import numpy as np
 
 LOST_BELOW, LOST_IOU, LOST_INPUT_SCORE = 96, 0.3, 0.4
+#: The score at which the pasted face counts as found: faces.detect.WEAK_MIN, the least that may
+#: start a face (the detector itself reports down to --keep-thresh, 0.2, which only continues one).
+LOST_FOUND = 0.3
 
 
 def lost_faces(detector, items: Sequence[tuple[np.ndarray, Sequence]], jobs: Sequence) -> list:
@@ -42,7 +45,8 @@ def lost_faces(detector, items: Sequence[tuple[np.ndarray, Sequence]], jobs: Seq
     lost = []
     for i, ks in by_item.items():
         boxes = np.stack([np.asarray(jobs[k][2].box[:4], np.float32) for k in ks])
-        found = detector.look(items[i][0]).boxes
+        look = detector.look(items[i][0])
+        found = look.boxes[look.scores >= LOST_FOUND]
         iou = box_iou(boxes, found) if len(found) else np.zeros((len(ks), 1))
         lost.extend(k for k, v in zip(ks, iou.max(1)) if v < LOST_IOU)
     return lost

@@ -289,7 +289,7 @@ class LivePipeline(Pipeline):
                          stages: Stages = NULL) -> Iterator:
         """Pipeline.detect_and_track, plus (faces with a tuple track id, which the router sends to
         the fallback) the held-over boxes of ended tracks and the weak detections no track holds."""
-        from ..faces.detect import box_iou
+        from ..faces.detect import WEAK_MIN, box_iou
         from ..faces.track import Face
 
         seen = _Remember(self.detector)
@@ -313,7 +313,7 @@ class LivePipeline(Pipeline):
                                           self.hold_over)
                 dets = seen.last.pop(id(vf.image), None)
                 if dets is not None:
-                    weak = [k for k in range(len(dets)) if dets.scores[k] < self.options.detect.det_thresh
+                    weak = [k for k in range(len(dets)) if WEAK_MIN <= dets.scores[k] < self.options.detect.det_thresh
                             and not _overlaps(dets.boxes[k], boxes, box_iou)]
                     extra += [Face(("weak", k), _grow(dets.boxes[k]), dets.kps[k], float(dets.scores[k]), True)
                               for k in weak]

@@ -14,7 +14,7 @@ def new_check_stats() -> dict:
     """Counters of the identity check for one file (see Pipeline._check_identity)."""
     return {"checked": 0, "regenerated": 0, "fallback": 0, "skipped": 0, "faint": 0, "cos_max": -1.0,
             "overlap_checked": 0, "overlap_failed": 0, "redescribed": 0, "fallback_closer": 0,
-            "lost": 0}
+            "lost": 0, "blotch": 0}
 
 
 class PassLevels:
@@ -126,6 +126,7 @@ class FileResult:
     faces_blurred_fallback: int = 0
     faces_fallback_closer: int = 0  # failed at their most passes, left generated: the fallback left more of the person
     faces_lost_fallback: int = 0  # generated, then given the fallback: the detector no longer found them (face check)
+    faces_blotch_fallback: int = 0  # generated, then given the fallback: black or white patches (blotch guard, faces/blotch.py)
     faces_overlap_checked: int = 0  # generated faces whose paste meets another's, checked again after both
     faces_overlap_failed: int = 0  # of those, the ones that failed then and got the fallback
     tracks_redescribed: int = 0  # track descriptors revised from sharper faces (pipeline/descriptors.py)
@@ -184,6 +185,7 @@ class FileResult:
         self.tracks_redescribed += stats["redescribed"]
         self.faces_fallback_closer += stats["fallback_closer"]
         self.faces_lost_fallback += stats["lost"]
+        self.faces_blotch_fallback += stats["blotch"]
         self.faces_held_passes += passes.faces_raised
         if stats["checked"]:
             self.check_cos_max = round(max(stats["cos_max"], self.check_cos_max or -1.0), 4)

@@ -29,6 +29,10 @@ lost
     the face check: the detector no longer finds a generated face under 96 px that it found in the
     input at 0.4 or more (pipeline/face_check.py). The track then stays on the fallback for ``hold``
     faces, as after a failed check.
+blotch
+    the blotch guard: the generated face, as it would be pasted, has black or white patches where
+    the input face has none (faces/blotch.py). The track then stays on the fallback for ``hold``
+    faces, as after a failed check.
 held
     (not decided here) a face the tracker holds past its track's first or last detection
     (faces.Face.held, TrackOptions.pad): where the face may still be, not where it was seen.
@@ -58,7 +62,7 @@ SIZE_BINS = (48, 96, 192)
 #: Hysteresis: a track leaves the path it is on only when a measurement is this far (as a factor)
 #: beyond the threshold; a new track takes the plain threshold.
 HYSTERESIS = 0.1
-PATHS = ("generated", "small", "turned", "soft", "dark", "check", "lost", "held")
+PATHS = ("generated", "small", "turned", "soft", "dark", "check", "lost", "blotch", "held")
 #: expected_sharpness: a sharp face of height h px has sharpness about SHARP_AT_45 + SHARP_SLOPE *
 #: (h - 45) in its 128 px crop, at most SHARP_MAX (fitted by eye to the upper half of the stress
 #: set's clean 3x3 and 4x4 mosaic faces, 32-175 px: small faces are upscaled into the crop and so

@@ -57,6 +57,8 @@ from typing import Optional
 import cv2
 import numpy as np
 
+from ..faces.blotch import BLOTCH_DROP, BLOTCH_OPEN, BLOTCH_SHARE, BRIGHT_L, DARK_L, MID_L, blotch_shares
+
 CROP = 112
 #: The inner face in the ArcFace 112 crop: ellipse centre and half axes (px). Brows to chin,
 #: cheek to cheek, little hair or background on frontal faces.
@@ -88,23 +90,13 @@ COLOUR_DAB = 14.0
 FOREIGN_DE = 10.0
 FOREIGN_SHARE = 0.04
 FOREIGN_SIZE = 56
-#: Blotches. Dark pixel: output L* below both the input's L* there - BLOTCH_DROP and the input
-#: face's 2nd percentile of L* (darker than the input face ever is, which catches dark patches on
-#: hazy, low-contrast faces), or below DARK_L where the input's L* is within MID_L. Bright pixel:
-#: the same upwards (input + BLOTCH_DROP and 98th percentile, or above BRIGHT_L). The pixels are
-#: opened by a BLOTCH_OPEN px square (patches, not specks) and a face with more than
-#: BLOTCH_SHARE of its area in either is garish: 2% of the ellipse is a 10 x 10 px patch of the
-#: 112 crop. At 2% no face of a plain re-encode or of the shared clips is flagged; dark eye
-#: sockets, black eye patches and "sunglasses" on the hazy mosaic, dark noses on crowd_lfw and
-#: black eye holes under blue light are. The figure is a continuum: between 1.5 and 2% the eye
-#: saw as many mild cases (a browner nose, white brows) as garish ones (dark eye sockets); in two
-#: blind gradings of 90 faces each, 2% agreed with the eye on 86 + 81, 1.5% on 86 + 76.
-BLOTCH_DROP = 15.0
-DARK_L = 15.0
-BRIGHT_L = 92.0
-MID_L = (25.0, 80.0)
-BLOTCH_OPEN = 3
-BLOTCH_SHARE = 0.02
+#: Blotches (deidcli/faces/blotch.py, shared with the anonymizer's own blotch guard): a face with
+#: more than BLOTCH_SHARE of its area in dark or in bright blotches is garish. At 2% no face of a
+#: plain re-encode or of the shared clips is flagged; dark eye sockets, black eye patches and
+#: "sunglasses" on the hazy mosaic, dark noses on crowd_lfw and black eye holes under blue light
+#: are. The figure is a continuum: between 1.5 and 2% the eye saw as many mild cases (a browner
+#: nose, white brows) as garish ones (dark eye sockets); in two blind gradings of 90 faces each,
+#: 2% agreed with the eye on 86 + 81, 1.5% on 86 + 76.
 #: Blurred: fine detail of the output face over the input's (mean |Laplacian| of the grey ArcFace
 #: crops brought down to DETAIL_SIZE px, i.e. at a scale tied to the face, inside the ellipse)
 #: below this, colour kept. deid's blur gives <= 0.13 (95th percentile, faces >= 48 px; the rest
@@ -209,20 +201,6 @@ def foreign_share(lab_in: np.ndarray, lab_out: np.ndarray, tol: float = FOREIGN_
     return float(np.mean(d[:, -1] > tol))
 
 
-def blotch_shares(lab_in: np.ndarray, lab_out: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
-    """(dark, bright): shares of ``mask`` covered by dark / bright blotches (see BLOTCH_DROP), after
-    an opening by BLOTCH_OPEN px."""
-    li, lo = lab_in[:, :, 0], lab_out[:, :, 0]
-    p2, p98 = np.percentile(li[mask], [2, 98])
-    mid = (li >= MID_L[0]) & (li <= MID_L[1])
-    dark = (lo < np.minimum(li - BLOTCH_DROP, p2)) | ((lo < DARK_L) & mid)
-    bright = (lo > np.maximum(li + BLOTCH_DROP, p98)) | ((lo > BRIGHT_L) & mid)
-    k = np.ones((BLOTCH_OPEN, BLOTCH_OPEN), np.uint8)
-    n = max(int(mask.sum()), 1)
-    return tuple(float(cv2.morphologyEx((sel & mask).astype(np.uint8), cv2.MORPH_OPEN, k).sum()) / n
-                 for sel in (dark, bright))
-
-
 def detail(crop: np.ndarray, size: int = DETAIL_SIZE, mask: Optional[np.ndarray] = None) -> float:
     """Mean |Laplacian| (0-255 grey) of an ArcFace crop brought down to ``size`` px, inside ``mask``
     (112 px, default :func:`face_mask`)."""
@@ -312,7 +290,7 @@ def assess(in112: np.ndarray, out112: np.ndarray, region_in: Optional[np.ndarray
     if mad < unchanged_mad:
         return Verdict("unchanged", metrics=m)
     fg = foreign_share(lab_in, lab_out, mask=mask)
-    dark, bright = blotch_shares(lab_in, lab_out, mask)
+    dark, bright = blotch_shares(lab_in[..., 0], lab_out[..., 0], mask)
     dr = detail_ratio(in112, out112, mask)
     m.update({"foreign": round(fg, 4), "dark": round(dark, 4), "bright": round(bright, 4), "detail": round(dr, 3)})
     same_colour = abs(dl) <= FALLBACK_DL and dab <= FALLBACK_DAB
