@@ -173,6 +173,23 @@ def test_fast_motion_centre_gate(jump, n_tracks):
     assert tracker.n_tracks == n_tracks
 
 
+def test_a_fast_small_face_is_one_track_from_its_first_frame():
+    """A face moving 0.9 face sizes a frame from its first detection on (the stress set's
+    crowd_4k: a 26 px face, 18 px right and 14 down a frame). Its second detection has no overlap
+    with the first and lies past CENTRE_GATE, and a track seen once has no speed yet: YOUNG_GATE
+    lets it continue, and from then on its predicted box is close. Before, every frame started a
+    new track of one detection, and the frames between them went out as they were."""
+    from deidcli.faces.track import CENTRE_GATE, YOUNG_GATE
+
+    step = np.array([18.0, 14.0])
+    frames = [dets_of([face_at(*(np.array([300.0, 300.0]) + step * i), 26)]) for i in range(12)]
+    assert box_iou(frames[0].boxes, frames[1].boxes)[0, 0] < TrackOptions().iou_thresh
+    assert CENTRE_GATE < float(np.hypot(*step)) / 26 < YOUNG_GATE
+    tracker = Tracker(TrackOptions())
+    out = run(tracker, frames)
+    assert tracker.n_tracks == 1 and all(len(faces) == 1 for _, faces in out if _ < 12)
+
+
 def test_gap_longer_than_max_gap_splits_and_is_not_filled():
     max_gap = 4
     opts = TrackOptions(max_gap=max_gap, smooth=0.0)

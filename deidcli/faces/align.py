@@ -17,6 +17,8 @@ identity network without another warp.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import cv2
 import numpy as np
 from insightface.utils import face_align
@@ -263,3 +265,10 @@ def _from_origin(M: np.ndarray, x0: int, y0: int) -> np.ndarray:
     Ms = M.astype(np.float64).copy()
     Ms[:, 2] += Ms[:, 0] * x0 + Ms[:, 1] * y0
     return Ms
+
+
+def blend_crops(crops: np.ndarray, raw: np.ndarray, masks: Sequence[np.ndarray]) -> np.ndarray:
+    """The crops (N, S, S, 3) uint8 as they will be pasted: ``mask * raw + (1 - mask) * crop``, with
+    ``raw`` (N, S, S, 3) uint8 the generated faces and ``masks`` N (S, S) float32 in [0, 1]."""
+    m = np.stack(masks)[..., None]
+    return np.rint(m * raw + (1 - m) * crops.astype(np.float32)).clip(0, 255).astype(np.uint8)

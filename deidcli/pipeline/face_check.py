@@ -1,4 +1,4 @@
-"""The face check: is a generated face still a face to the detector?
+"""The face checks: is a generated face still a face to the detector, and is it free of blotches?
 
 A generated face under LOST_BELOW px high that the detector found in the input at
 LOST_INPUT_SCORE or more and no longer finds (at LOST_FOUND, box IoU >= LOST_IOU) once pasted
@@ -7,6 +7,9 @@ gets the fallback, and its track with it for --pass-hold faces, as after a faile
 dark sockets and brows on 39-47 px faces of the stress set's crowd_lfw, which deid evaluate-video
 counted as garish ("lost", 14 faces). No lower bound: a generated track goes on down to 36 px
 (--min-generate less the router's hysteresis).
+
+The blotch guard (:func:`blotched_faces`) gives the fallback, the same way (path "blotch"), to a
+generated face with black or white patches the input face has not (faces/blotch.py).
 
 LOST_INPUT_SCORE: with 0.5 (the start threshold, the audit's) 3 of those faces stayed: input faces
 the pipeline's int8 look scored 0.45-0.5 and the audit's fp32 look 0.5 or more; with 0.4 none.
@@ -25,6 +28,23 @@ LOST_BELOW, LOST_IOU, LOST_INPUT_SCORE = 96, 0.3, 0.4
 #: The score at which the pasted face counts as found: faces.detect.WEAK_MIN, the least that may
 #: start a face (the detector itself reports down to --keep-thresh, 0.2, which only continues one).
 LOST_FOUND = 0.3
+
+
+def blotched_faces(crops: np.ndarray, raw: np.ndarray, masks: Sequence[np.ndarray], todo: np.ndarray) -> set:
+    """The blotch guard: the faces of ``todo`` (indices) whose generator crop as it will be pasted
+    (``raw`` blended into ``crops`` by ``masks``: (N, S, S, 3) uint8, (N, S, S, 3) uint8, N (S, S)
+    float32) has black or white patches the input face has not, over faces.blotch.GUARD_SHARE of
+    the face (faces/blotch.py). They get the fallback instead, and their track with them for
+    --pass-hold faces (routing.Router.failed_check, path "blotch"): escalation and colour matching
+    keep most faces clear of them, this catches what they let through (stress set crowd_1080: a
+    40-50 px dark-skinned face drawn with black eye sockets)."""
+    from ..faces.align import blend_crops
+    from ..faces.blotch import GUARD_SHARE, blotchy
+
+    if not len(todo):
+        return set()
+    pasted = blend_crops(crops[todo], raw[todo], [masks[j] for j in todo])
+    return {int(j) for j, p in zip(todo, pasted) if blotchy(crops[j], p) > GUARD_SHARE}
 
 
 def lost_faces(detector, items: Sequence[tuple[np.ndarray, Sequence]], jobs: Sequence) -> list:

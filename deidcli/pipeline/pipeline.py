@@ -13,7 +13,7 @@ import numpy as np
 from ..options import AnonymizeOptions
 from ..stages import NULL, QUEUE_FRAMES, Stages, prefetch
 from .descriptors import Descriptors, describe_new
-from .face_check import lost_faces
+from .face_check import blotched_faces, lost_faces
 from .people import DECIDE_FACES, LFW_FAR_THRESHOLD
 from .report import FileResult, PassLevels, new_check_stats
 
@@ -210,7 +210,8 @@ class Pipeline:
         fallback = np.zeros(len(gen.jobs), bool)
         if o.identity_check and len(gen.jobs):
             fallback = self._check_identity(gen, passes, stats, stages, items, router)
-        blotched = self._blotched(gen, fallback, stages)
+        with stages("blend"):  # the blotch guard (face_check.py)
+            blotched = blotched_faces(gen.crops, gen.raw, gen.masks, np.flatnonzero(~fallback))
         for j in blotched:
             fallback[j] = True
             router.failed_check(gen.tracks[j], "blotch")
@@ -280,23 +281,6 @@ class Pipeline:
         for j in shown:
             router.count("generated", face_height(gen.jobs[j][2].box))
         return rects
-
-    @staticmethod
-    def _blotched(gen: "_Generated", fallback: np.ndarray, stages: Stages = NULL) -> set:
-        """The blotch guard: the faces of ``gen`` not already given the fallback whose crop as it
-        will be pasted has black or white patches the input face has not (faces/blotch.py, more
-        than GUARD_SHARE of the face): they get the fallback instead, and their track with them for
-        ``hold`` faces (routing.Router.failed_check, path "blotch"). Escalation and colour matching
-        keep most faces clear of them; this catches what they let through (stress set
-        crowd_1080: a 40-50 px dark-skinned face drawn with black eye sockets)."""
-        from ..faces.blotch import GUARD_SHARE, blotchy
-
-        idx = np.flatnonzero(~fallback)
-        if not len(idx):
-            return set()
-        with stages("blend"):
-            pasted = _blend_crops(gen.crops[idx], gen.raw[idx], [gen.masks[j] for j in idx])
-            return {int(j) for j, p in zip(idx, pasted) if blotchy(gen.crops[j], p) > GUARD_SHARE}
 
     @staticmethod
     def _overlapping(gen: "_Generated", pasted: list) -> list:
@@ -421,10 +405,10 @@ class Pipeline:
             def input_crop(j):
                 return arcface_crop(frames[j], gen.jobs[j][2].kps)
         else:
-            from ..faces.align import arcface_squares
+            from ..faces.align import arcface_squares, blend_crops
 
             def seen(idx):
-                squares = arcface_squares(_blend_crops(crops[idx], raw[idx], [masks[j] for j in idx]), S,
+                squares = arcface_squares(blend_crops(crops[idx], raw[idx], [masks[j] for j in idx]), S,
                                           self.runner.margin)
                 return self.embedder.embed_check(squares), np.stack(squares)
             input_crop = None
@@ -800,12 +784,6 @@ def _box_rect(box: np.ndarray, shape: Sequence[int]) -> tuple[int, int, int, int
 def _overlap(a: Sequence[int], b: Sequence[int]) -> bool:
     """Whether rectangles (x0, y0, x1, y1) share a pixel."""
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
-
-
-def _blend_crops(crops: np.ndarray, raw: np.ndarray, masks: Sequence[np.ndarray]) -> np.ndarray:
-    """The crops (N, S, S, 3) uint8 as they will be pasted: ``mask * raw + (1 - mask) * crop``."""
-    m = np.stack(masks)[..., None]
-    return np.rint(m * raw + (1 - m) * crops.astype(np.float32)).clip(0, 255).astype(np.uint8)
 
 
 # --- files and folders -------------------------------------------------------------------------
