@@ -25,9 +25,11 @@ from typing import Sequence
 import numpy as np
 
 LOST_BELOW, LOST_IOU, LOST_INPUT_SCORE = 96, 0.3, 0.4
-#: The score at which the pasted face counts as found: faces.detect.WEAK_MIN, the least that may
-#: start a face (the detector itself reports down to --keep-thresh, 0.2, which only continues one).
-LOST_FOUND = 0.3
+#: The score at which the pasted face counts as found: the audit's 0.3 (deid evaluate-video, fp32, on
+#: the encoded output) and a margin for the int8 look before the encode. At 0.3 a 47 px face of the
+#: stress set's crowd_lfw the check found at 0.32 came out garish ("lost") in 2 runs of 3, at 0.35
+#: in none of 4 (tests/test_in_the_wild.py::test_generated_faces_the_detector_loses_get_the_fallback).
+LOST_FOUND = 0.35
 
 
 def blotched_faces(crops: np.ndarray, raw: np.ndarray, masks: Sequence[np.ndarray], todo: np.ndarray) -> set:
