@@ -95,7 +95,7 @@ SIZE_GATE = 1.5
 #: The centre gate of a track or tentative track seen once, whose speed is not known yet (it is
 #: predicted where it was). The stress set's crowd_4k has a 26 px face moving 0.88 face sizes a
 #: frame: at CENTRE_GATE every frame of it started a new track, and the frames between those
-#: one-detection tracks went out as they were (10 of 50).
+#: one-detection tracks went out as they were.
 YOUNG_GATE = 1.5
 _INFEASIBLE = 1e6
 
