@@ -537,16 +537,24 @@ def _crowd_clip(path, frames: int, name: str = "crowd_lfw"):
 # --- the blotch guard ------------------------------------------------------------------------------
 
 def _shared_face_crop(clip: str = "ghost_2person.mp4"):
-    """The generator crop (128 px) of the first face of a shared clip's first frame, and its landmarks
-    in the crop."""
+    """The generator crop (128 px) of the first face of a shared clip's first frame."""
     from deidcli.faces.align import CROP_MARGIN, CROP_SIZE, estimate_transform, warp_crop
     from deidcli.faces.detect import Detector
 
     img = decode_rgb(VIDEOS / clip, 1)[0]
     det = Detector(VIDEOS.parent / "models" / "det_scrfd_2.5g_kps.onnx").detect(img)
-    M = estimate_transform(det.kps[0], CROP_SIZE, CROP_MARGIN)
-    kps = det.kps[0] @ M[:, :2].T + M[:, 2]
-    return warp_crop(img, M, CROP_SIZE), kps
+    return warp_crop(img, estimate_transform(det.kps[0], CROP_SIZE, CROP_MARGIN), CROP_SIZE)
+
+
+def _paint_eyes(crop, colour, axes, eyes: int = 2) -> None:
+    """Paint filled ellipses of ``axes`` (px) in ``colour`` over the first ``eyes`` eyes of the crop
+    template (where alignment puts a generator crop's eyes), in place."""
+    import cv2
+
+    from deidcli.faces.align import crop_template
+
+    for x, y in crop_template(crop.shape[0])[:eyes]:
+        cv2.ellipse(crop, (int(x), int(y)), axes, 0, 0, 360, colour, -1)
 
 
 def test_the_blotch_guard_measures_dark_sockets_not_a_changed_face(shared):
@@ -556,22 +564,21 @@ def test_the_blotch_guard_measures_dark_sockets_not_a_changed_face(shared):
     face of the stress set's crowd_1080) is over it, and so is a white smear over one eye."""
     import cv2
 
+    from deidcli.faces.align import crop_template
     from deidcli.faces.blotch import GUARD_SHARE, blotchy
 
-    crop, kps = _shared_face_crop()
+    crop = _shared_face_crop()
     assert blotchy(crop, crop) == 0.0
     lab = cv2.cvtColor(crop, cv2.COLOR_RGB2LAB).astype(np.int16)
     for d in (-15, 15):  # 6 L* of 100 is 15 of OpenCV's 255
         shifted = cv2.cvtColor(np.clip(lab + [d, 0, 0], 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)
         assert blotchy(crop, shifted) < GUARD_SHARE / 2, d
     assert blotchy(crop, cv2.GaussianBlur(crop, (0, 0), 2.0)) < GUARD_SHARE / 2
-    iod = float(np.hypot(*(kps[1] - kps[0])))
+    left, right = crop_template(crop.shape[0])[:2]
+    iod = float(np.hypot(*(right - left)))
     sockets, smear = crop.copy(), crop.copy()
-    for eye in kps[:2]:
-        cv2.ellipse(sockets, tuple(int(v) for v in eye), (int(0.22 * iod), int(0.14 * iod)), 0, 0, 360,
-                    (12, 8, 8), -1)
-    cv2.ellipse(smear, tuple(int(v) for v in kps[0]), (int(0.25 * iod), int(0.15 * iod)), 0, 0, 360,
-                (250, 250, 250), -1)
+    _paint_eyes(sockets, (12, 8, 8), (int(0.22 * iod), int(0.14 * iod)))
+    _paint_eyes(smear, (250, 250, 250), (int(0.25 * iod), int(0.15 * iod)), eyes=1)
     assert blotchy(crop, sockets) > GUARD_SHARE
     assert blotchy(crop, smear) > GUARD_SHARE
 
@@ -582,10 +589,7 @@ def test_a_face_drawn_with_black_sockets_gets_the_fallback(shared, tmp_path, mon
     10 faces garish, "blotch", before the guard). The blotched faces get the fallback, counted as
     the path "blotch" with their track's next faces, and the audit finds no blotched face; without
     the marks nothing takes that path."""
-    import cv2
-
     from conftest import cut_clip
-    from deidcli.faces.align import crop_template
     from deidcli.generator.engine import GeneratorRunner
     from deidcli.options import AnonymizeOptions
     from deidcli.pipeline.anonymize import anonymize
@@ -601,9 +605,8 @@ def test_a_face_drawn_with_black_sockets_gets_the_fallback(shared, tmp_path, mon
         raw, mask = run(self, crops, desc, passes, colour_match)
         calls.append(len(raw))
         if len(calls) % 2 == 0:
-            for r in raw:  # at the crop template's eyes
-                for x, y in crop_template(r.shape[0])[:2]:
-                    cv2.ellipse(r, (int(x), int(y)), (11, 7), 0, 0, 360, (10, 8, 8), -1)
+            for r in raw:
+                _paint_eyes(r, (10, 8, 8), (11, 7))
         return raw, mask
 
     monkeypatch.setattr(GeneratorRunner, "run", with_sockets)

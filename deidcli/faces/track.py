@@ -325,9 +325,9 @@ class Tracker:
             self._continue(track, index, dets.boxes[j], dets.kps[j], float(dets.scores[j]))
             self.n_weak_kept += int(dets.scores[j] < self.start_thresh)
         # under WEAK_MIN a detection only continues a track (above)
-        faint = [j for j in unmatched if dets.scores[j] < min(WEAK_MIN, self.start_thresh)]
-        self.n_weak_dropped += len(faint)
-        unmatched = [j for j in unmatched if j not in faint]
+        n_unmatched = len(unmatched)
+        unmatched = [j for j in unmatched if dets.scores[j] >= min(WEAK_MIN, self.start_thresh)]
+        self.n_weak_dropped += n_unmatched - len(unmatched)
         grown, unmatched = self._associate(index, dets, self._tentative, unmatched)
         for tent, j in grown:
             box, kps = dets.boxes[j].astype(np.float64), dets.kps[j].astype(np.float64)
