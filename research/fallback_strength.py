@@ -16,7 +16,11 @@ the share under 0.6 (dlib's same person) and the mean, per variant and face heig
 Variants: ``blurN`` (N 12, 8, 5: the shipped blur shrinks the face to N px across, blurs with sigma 1.5 there
 and enlarges back; the shipped N is 8 since 2026-12-07, 12 before), ``blurNsS`` (the same with sigma S), ``blur8c`` (blur8, then the central half
 of the region shifted back to the input's mean colour there),
-``pixN`` (N blocks across the face; the shipped ``pixelate`` is 8). ``--variants`` picks some.
+``blur8fK`` (blur8c with K% of its contrast about the face's mean colour left), ``fill`` (the
+face ellipse filled flat with that colour), ``pixN`` (N blocks across the face; the shipped
+``pixelate`` is 8), ``<variant>_mNN`` (the same over an ellipse of margin NN / 100) and
+``shipped`` (``deidcli.faces.methods.apply_classic`` as it is: since 2026-12-07 blur8f25_m50 for
+faces under 96 px, blur8c above). ``--variants`` picks some.
 
 Each result is also classified by the garish measure of ``deid evaluate-video``
 (``deidcli.research.garish.assess`` on the ArcFace crops): a fallback should come out "blurred" or
@@ -38,7 +42,7 @@ BINS = ("<48", "48-96", "96-192", ">=192")
 
 
 def _blur(n: float, sigma: float = 1.5):
-    def obscure(roi, face_px, _method):
+    def obscure(roi, face_px, _method, _centre=None):
         import cv2
 
         h, w = roi.shape[:2]
@@ -52,7 +56,7 @@ def _blur(n: float, sigma: float = 1.5):
 def _centre_kept(obscure):
     """``obscure``, then its central half (each way) shifted to the input's mean colour there
     (``deidcli.faces.methods.centre_colour_kept``, the shipped blur's last step)."""
-    def kept(roi, face_px, method):
+    def kept(roi, face_px, method, _centre=None):
         from deidcli.faces.methods import centre_colour_kept
 
         return centre_colour_kept(roi, obscure(roi, face_px, method))
@@ -60,7 +64,7 @@ def _centre_kept(obscure):
 
 
 def _pixelate(n: float):
-    def obscure(roi, face_px, _method):
+    def obscure(roi, face_px, _method, _centre=None):
         import cv2
 
         h, w = roi.shape[:2]
@@ -70,9 +74,30 @@ def _pixelate(n: float):
     return obscure
 
 
+def _flattened(obscure, keep: float):
+    """``obscure``, then its variation about the input's central mean colour scaled by ``keep``
+    (0: the region filled flat with that colour)."""
+    def flat(roi, face_px, method, _centre=None):
+        h, w = roi.shape[:2]
+        mean = roi[h // 4:h - h // 4, w // 4:w - w // 4].reshape(-1, 3).mean(0)
+        out = obscure(roi, face_px, method).astype(np.float32)
+        return np.clip(np.rint(mean + keep * (out - mean)), 0, 255).astype(np.uint8)
+    return flat
+
+
 VARIANTS = {"blur12": _blur(12), "blur8": _blur(8), "blur8s1.0": _blur(8, 1.0), "blur8s0.7": _blur(8, 0.7),
             "blur8c": _centre_kept(_blur(8)), "blur6s0.75": _blur(6, 0.75),
-            "blur5": _blur(5), "pix8": _pixelate(8), "pix6": _pixelate(6), "pix5": _pixelate(5)}
+            "blur5": _blur(5),
+            "blur8f50": _flattened(_centre_kept(_blur(8)), 0.5), "blur8f25": _flattened(_centre_kept(_blur(8)), 0.25),
+            "fill": _flattened(_centre_kept(_blur(8)), 0.0), "pix8": _pixelate(8), "pix6": _pixelate(6), "pix5": _pixelate(5)}
+#: ``<variant>_mNN``: the same over an ellipse with margin NN / 100 (the shipped ``--margin`` is 0.25)
+VARIANTS["shipped"] = None  # deidcli.faces.methods as it is (blur at the default margin 0.25)
+VARIANTS.update({f"{name}_m{m}": VARIANTS[name] for name in ("blur8c", "blur8f25", "fill") for m in (50, 75)})
+
+
+def margin(variant: str) -> float:
+    """The ellipse margin of a variant: 0.25 unless it is named ``..._mNN``."""
+    return int(variant.rsplit("_m", 1)[1]) / 100 if "_m" in variant else 0.25
 
 
 def size_bin(h: float) -> str:
@@ -92,7 +117,7 @@ def measure(clip: Path, models, every: int, judge=None, variants=VARIANTS) -> li
     from deidcli.research.measures import face_removed
 
     rows = []
-    shipped = methods._obscured
+    shipped = methods._obscured, methods.covered_margin
     with av.open(str(clip)) as c:
         for i, frame in enumerate(c.decode(video=0)):
             if i % every:
@@ -109,13 +134,15 @@ def measure(clip: Path, models, every: int, judge=None, variants=VARIANTS) -> li
                 ref = judge.describe_boxes(img, [box])[0] if judge is not None else None
                 region_in = garish.box_region(img, box)
                 for name in variants:
-                    obscure = VARIANTS[name]
                     out = img.copy()
-                    methods._obscured = obscure
-                    try:
+                    if name == "shipped":  # methods.apply_classic as it is
                         methods.apply_classic(out, [face], "blur", 0.25)
-                    finally:
-                        methods._obscured = shipped
+                    else:  # the variant's blur, over its own margin whatever the face's size
+                        methods._obscured, methods.covered_margin = VARIANTS[name], lambda _m, _px, m: m
+                        try:
+                            methods.apply_classic(out, [face], "blur", margin(name))
+                        finally:
+                            methods._obscured, methods.covered_margin = shipped
                     crops.append(arcface_crop(out, kps))
                     v = garish.assess(crop, crops[-1], region_in, garish.box_region(out, box))
                     kinds[f"kind_{name}"], kinds[f"garish_{name}"] = v.kind, int(v.garish)

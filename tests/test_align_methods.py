@@ -6,7 +6,7 @@ import pytest
 
 from deidcli.faces.align import (ARCFACE_112, arcface_box, arcface_crop, arcface_squares, crop_template,
                                  estimate_transform, feather, paste, pasted_arcface, warp_crop)
-from deidcli.faces.methods import apply_classic, ellipse_mask
+from deidcli.faces.methods import apply_classic, covered_margin, ellipse_mask
 
 
 class F:
@@ -113,14 +113,19 @@ def test_paste_keeps_the_frames_detail(shared):
 
 
 @pytest.mark.parametrize("method", ["blur", "pixelate", "solid"])
-def test_classic_methods_change_only_the_ellipse(method):
+@pytest.mark.parametrize("scale", [1, 2])
+def test_classic_methods_change_only_the_ellipse(method, scale):
+    """Each method changes its face's ellipse and nothing else: at --margin for a 160 px face, and
+    for a blurred 80 px one at the wider covered_margin."""
     rng = np.random.default_rng(2)
-    img = rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    img = rng.integers(0, 256, (200 * scale, 300 * scale, 3), dtype=np.uint8)
     orig = img.copy()
-    face = F([100, 50, 160, 130])
+    face = F(np.float32([100, 50, 160, 130]) * scale)
     rects = apply_classic(img, [face], method, 0.25)
     assert len(rects) == 1
-    (x0, y0, x1, y1), mask = ellipse_mask(img.shape, face.box, None, 0.25)
+    margin = covered_margin(method, 80 * scale, 0.25)
+    assert margin == (0.5 if method == "blur" and scale == 1 else 0.25)
+    (x0, y0, x1, y1), mask = ellipse_mask(img.shape, face.box, None, margin)
     changed = np.any(img != orig, axis=2)
     assert not changed[:y0].any() and not changed[y1:].any()
     assert not changed[:, :x0].any() and not changed[:, x1:].any()
@@ -128,9 +133,54 @@ def test_classic_methods_change_only_the_ellipse(method):
     assert inside.mean() > 0.9  # the face area is really obscured
     assert not changed[y0:y1, x0:x1][mask == 0].any()  # corners of the box outside the ellipse untouched
     # obscured: high-frequency content gone (except solid which is constant)
-    cx, cy = 130, 90
+    cx, cy = 130 * scale, 90 * scale
     patch = img[cy - 15:cy + 15, cx - 15:cx + 15].astype(float)
     assert np.abs(np.diff(patch, axis=1)).mean() < np.abs(np.diff(orig[cy - 15:cy + 15, cx - 15:cx + 15].astype(float), axis=1)).mean() / 3
+
+
+def test_a_small_faces_blur_keeps_its_colour_and_a_quarter_of_the_contrast(shared):
+    """Under SMALL_FACE px the blur keeps SMALL_KEEP of its variation about the face's own mean
+    colour (CIELAB, 5/8 of the box about the landmarks), over the wider ellipse; a face at SMALL_FACE px or more is
+    blurred as before. A real face (ghost_2person, frame 0) shrunk to 60 px and to 120 px."""
+    import cv2
+    import deidcli.faces.methods as methods
+    from conftest import MODELS, VIDEOS, decode_rgb
+    from deidcli import weights
+    from deidcli.faces.detect import Detector
+
+    frame = decode_rgb(VIDEOS / "ghost_2person.mp4", 1)[0]
+    det = Detector(weights.model_path("det_scrfd_2.5g_kps.onnx", MODELS), det_thresh=0.5)
+    for px in (60, 120):
+        faces = det.detect(frame)
+        box = faces.boxes[np.argmax(faces.boxes[:, 3] - faces.boxes[:, 1])]
+        s = px / float(max(box[2] - box[0], box[3] - box[1]))
+        img = cv2.resize(frame, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
+        f = F(box * s, faces.kps[np.argmax(faces.boxes[:, 3] - faces.boxes[:, 1])] * s)
+        outs = {}
+        for keep in (methods.SMALL_KEEP, 1.0):
+            out = img.copy()
+            old = methods.SMALL_KEEP
+            methods.SMALL_KEEP = keep
+            try:
+                apply_classic(out, [f], "blur", 0.25)
+            finally:
+                methods.SMALL_KEEP = old
+            outs[keep] = out.astype(np.float32)
+        (x0, y0, x1, y1), mask = ellipse_mask(img.shape, f.box, f.kps, covered_margin("blur", px, 0.25))
+        sel = mask > 0
+        a, b = outs[methods.SMALL_KEEP][y0:y1, x0:x1][sel], outs[1.0][y0:y1, x0:x1][sel]
+        ratio = a.std(0).mean() / b.std(0).mean()
+        if px < methods.SMALL_FACE:
+            assert 0.2 < ratio < 0.3, ratio  # a quarter of the blur's contrast
+            bx0, by0, bx1, by1 = f.box
+            qw, qh = (bx1 - bx0) * 5 / 16, (by1 - by0) * 5 / 16
+            cx, cy = f.kps.mean(0)  # about the landmarks
+            c = (slice(int(cy - qh) + 1, int(cy + qh)), slice(int(cx - qw) + 1, int(cx + qw)))
+            lab = [cv2.cvtColor(im[c].astype(np.float32) / 255, cv2.COLOR_RGB2LAB).reshape(-1, 3).mean(0)
+                   for im in (outs[methods.SMALL_KEEP], img)]
+            np.testing.assert_allclose(lab[0], lab[1], atol=1.5)  # its mean L*, a*, b* kept
+        else:
+            assert ratio == 1.0  # as before
 
 
 def test_face_at_frame_edge_is_clipped():
