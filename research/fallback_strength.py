@@ -19,8 +19,8 @@ of the region shifted back to the input's mean colour there),
 ``blur8fK`` (blur8c with K% of its contrast about the face's mean colour left), ``fill`` (the
 face ellipse filled flat with that colour), ``pixN`` (N blocks across the face; the shipped
 ``pixelate`` is 8), ``<variant>_mNN`` (the same over an ellipse of margin NN / 100) and
-``shipped`` (``deidcli.faces.methods.apply_classic`` as it is: since 2026-12-07 blur8f25_m50 for
-faces under 96 px, blur8c above). ``--variants`` picks some.
+``shipped`` (``deidcli.faces.methods.apply_classic`` as it is: since 2026-12-07 blur8f25 for
+faces under 96 px, its colour taken about the landmarks in CIELAB, blur8c above). ``--variants`` picks some.
 
 Each result is also classified by the garish measure of ``deid evaluate-video``
 (``deidcli.research.garish.assess`` on the ArcFace crops): a fallback should come out "blurred" or
@@ -117,7 +117,7 @@ def measure(clip: Path, models, every: int, judge=None, variants=VARIANTS) -> li
     from deidcli.research.measures import face_removed
 
     rows = []
-    shipped = methods._obscured, methods.covered_margin
+    shipped = methods._obscured
     with av.open(str(clip)) as c:
         for i, frame in enumerate(c.decode(video=0)):
             if i % every:
@@ -137,12 +137,12 @@ def measure(clip: Path, models, every: int, judge=None, variants=VARIANTS) -> li
                     out = img.copy()
                     if name == "shipped":  # methods.apply_classic as it is
                         methods.apply_classic(out, [face], "blur", 0.25)
-                    else:  # the variant's blur, over its own margin whatever the face's size
-                        methods._obscured, methods.covered_margin = VARIANTS[name], lambda _m, _px, m: m
+                    else:  # the variant's blur, over its own margin
+                        methods._obscured = VARIANTS[name]
                         try:
                             methods.apply_classic(out, [face], "blur", margin(name))
                         finally:
-                            methods._obscured, methods.covered_margin = shipped
+                            methods._obscured = shipped
                     crops.append(arcface_crop(out, kps))
                     v = garish.assess(crop, crops[-1], region_in, garish.box_region(out, box))
                     kinds[f"kind_{name}"], kinds[f"garish_{name}"] = v.kind, int(v.garish)

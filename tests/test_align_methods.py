@@ -6,7 +6,7 @@ import pytest
 
 from deidcli.faces.align import (ARCFACE_112, arcface_box, arcface_crop, arcface_squares, crop_template,
                                  estimate_transform, feather, paste, pasted_arcface, warp_crop)
-from deidcli.faces.methods import apply_classic, covered_margin, ellipse_mask
+from deidcli.faces.methods import apply_classic, ellipse_mask
 
 
 class F:
@@ -115,17 +115,15 @@ def test_paste_keeps_the_frames_detail(shared):
 @pytest.mark.parametrize("method", ["blur", "pixelate", "solid"])
 @pytest.mark.parametrize("scale", [1, 2])
 def test_classic_methods_change_only_the_ellipse(method, scale):
-    """Each method changes its face's ellipse and nothing else: at --margin for a 160 px face, and
-    for a blurred 80 px one at the wider covered_margin."""
+    """Each method changes its face's ellipse at --margin and nothing else, for an 80 px face (a
+    small face's blur is flattened) and a 160 px one."""
     rng = np.random.default_rng(2)
     img = rng.integers(0, 256, (200 * scale, 300 * scale, 3), dtype=np.uint8)
     orig = img.copy()
     face = F(np.float32([100, 50, 160, 130]) * scale)
     rects = apply_classic(img, [face], method, 0.25)
     assert len(rects) == 1
-    margin = covered_margin(method, 80 * scale, 0.25)
-    assert margin == (0.5 if method == "blur" and scale == 1 else 0.25)
-    (x0, y0, x1, y1), mask = ellipse_mask(img.shape, face.box, None, margin)
+    (x0, y0, x1, y1), mask = ellipse_mask(img.shape, face.box, None, 0.25)
     changed = np.any(img != orig, axis=2)
     assert not changed[:y0].any() and not changed[y1:].any()
     assert not changed[:, :x0].any() and not changed[:, x1:].any()
@@ -140,7 +138,7 @@ def test_classic_methods_change_only_the_ellipse(method, scale):
 
 def test_a_small_faces_blur_keeps_its_colour_and_a_quarter_of_the_contrast(shared):
     """Under SMALL_FACE px the blur keeps SMALL_KEEP of its variation about the face's own mean
-    colour (CIELAB, 5/8 of the box about the landmarks), over the wider ellipse; a face at SMALL_FACE px or more is
+    colour (CIELAB, 5/8 of the box about the landmarks); a face at SMALL_FACE px or more is
     blurred as before. A real face (ghost_2person, frame 0) shrunk to 60 px and to 120 px."""
     import cv2
     import deidcli.faces.methods as methods
@@ -166,7 +164,7 @@ def test_a_small_faces_blur_keeps_its_colour_and_a_quarter_of_the_contrast(share
             finally:
                 methods.SMALL_KEEP = old
             outs[keep] = out.astype(np.float32)
-        (x0, y0, x1, y1), mask = ellipse_mask(img.shape, f.box, f.kps, covered_margin("blur", px, 0.25))
+        (x0, y0, x1, y1), mask = ellipse_mask(img.shape, f.box, f.kps, 0.25)
         sel = mask > 0
         a, b = outs[methods.SMALL_KEEP][y0:y1, x0:x1][sel], outs[1.0][y0:y1, x0:x1][sel]
         ratio = a.std(0).mean() / b.std(0).mean()

@@ -26,15 +26,14 @@ Rect = tuple[int, int, int, int]
 #: network verified 29 against 33, and the garish measure classes every one a blur.
 BLUR_ACROSS = 8.0
 
-#: Faces under this many pixels (the box's larger side) are blurred over a wider ellipse
-#: (``margin`` + :data:`SMALL_MARGIN`) and keep :data:`SMALL_KEEP` of the blur's contrast about the
-#: face's own mean colour. On the stress set (research/fallback_strength.py, 2026-12-07: 501 faces
-#: under 96 px of crowd_lfw, mosaic3_haze, mosaic3_blur, mosaic4 and mosaic3_dark, each blurred
-#: alone), the audit's network verified 28 of the shipped blurs and 14 of these, dlib called 8 the
-#: same person against 0; under 48 px a flat fill of the face region still leaves 8-17% verified on
-#: what surrounds the face.
+#: The blur of a face under this many pixels (the box's larger side) keeps :data:`SMALL_KEEP` of
+#: its contrast about the face's own mean colour. On the stress set (research/fallback_strength.py,
+#: 2026-12-07: 501 faces under 96 px of crowd_lfw, mosaic3_haze, mosaic3_blur, mosaic4 and
+#: mosaic3_dark, each blurred alone), dlib called 8 of the 8 px blurs the same person and none of
+#: these. Blurring them over a wider ellipse as well (margin + 0.25) halved what the audit's network
+#: verified under 48 px (26 -> 14 of 127), but in a crowd it laid the flat patch over the chins of
+#: generated neighbours (crowd_lfw: 2 garish faces against 0), so the ellipse is ``margin``'s.
 SMALL_FACE = 96.0
-SMALL_MARGIN = 0.25
 SMALL_KEEP = 0.25
 
 
@@ -94,11 +93,6 @@ def centre_colour_kept(roi: np.ndarray, out: np.ndarray, keep: float = 1.0,
     return np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8)
 
 
-def covered_margin(method: str, face_px: float, margin: float) -> float:
-    """The ellipse margin ``method`` covers a face ``face_px`` across with (wider for small blurs)."""
-    return margin + SMALL_MARGIN if method == "blur" and face_px < SMALL_FACE else margin
-
-
 def _obscured(roi: np.ndarray, face_px: float, method: str,
               centre: tuple[slice, slice] | None = None) -> np.ndarray:
     """The obscured version of a region (h, w, 3) uint8 for a face about ``face_px`` wide;
@@ -146,13 +140,13 @@ def classic_region(image: np.ndarray, face, method: str, margin: float) -> tuple
     rectangle (x0, y0, x1, y1) and its new (y1 - y0, x1 - x0, 3) uint8 content, or None where the
     face ellipse falls outside the frame (the form of align.pasted_region)."""
     face_px = float(max(face.box[2] - face.box[0], face.box[3] - face.box[1]))
-    em = ellipse_mask(image.shape, face.box, getattr(face, "kps", None), covered_margin(method, face_px, margin))
+    em = ellipse_mask(image.shape, face.box, getattr(face, "kps", None), margin)
     if em is None:
         return None
     (x0, y0, x1, y1), mask = em
     roi = image[y0:y1, x0:x1].copy()
     centre = None
-    if covered_margin(method, face_px, margin) != margin:  # the face's centre, not the wider ellipse's
+    if method == "blur" and face_px < SMALL_FACE:  # a flattened face takes its colour about its landmarks
         centre = _face_centre(face.box, getattr(face, "kps", None), (x0, y0, x1, y1))
     out = _obscured(roi, face_px, method, centre)
     sel = mask > 0
