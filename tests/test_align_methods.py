@@ -1,6 +1,7 @@
 """Alignment geometry, pasting and the classic methods (pure functions; synthetic arrays, and a
 real frame where what is measured is the look of a face)."""
 
+import cv2
 import numpy as np
 import pytest
 
@@ -187,3 +188,26 @@ def test_face_at_frame_edge_is_clipped():
     x0, y0, x1, y1 = rects[0]
     assert x0 == 0 and y0 == 0 and x1 <= 100 and y1 <= 100
     assert (img[0, 0] == 0).all()
+
+
+def test_a_small_faces_blur_is_not_flattened_over_another_face():
+    """A flat patch laid over the face in front reads as paint: a small face whose ellipse reaches
+    into another face's box keeps the plain blur (apply_classic's other faces, or ``others``)."""
+    rng = np.random.default_rng(3)
+    img = cv2.resize(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8), (300, 200), interpolation=cv2.INTER_CUBIC)
+    small, near, far = F([100, 50, 150, 110]), F([140, 60, 200, 130]), F([250, 140, 290, 190])
+
+    def contrast(others=()):
+        out = img.copy()
+        apply_classic(out, [small], "blur", 0.25, others)
+        (x0, y0, x1, y1), mask = ellipse_mask(img.shape, small.box, None, 0.25)
+        return out[y0:y1, x0:x1][(mask > 0)].astype(np.float32).std(0).mean()
+
+    flat, plain = contrast(), contrast([near.box])
+    assert flat < 0.5 * plain, (flat, plain)
+    assert contrast([far.box]) == flat  # a face clear of its ellipse changes nothing
+    both, apart = img.copy(), img.copy()  # the frame's other faces in the same call count as others
+    apply_classic(both, [small, near], "blur", 0.25)
+    apply_classic(apart, [small], "blur", 0.25, [near.box])
+    apply_classic(apart, [near], "blur", 0.25, [small.box])
+    np.testing.assert_array_equal(both, apart)

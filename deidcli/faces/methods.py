@@ -32,7 +32,9 @@ BLUR_ACROSS = 8.0
 #: mosaic3_dark, each blurred alone), dlib called 8 of the 8 px blurs the same person and none of
 #: these. Blurring them over a wider ellipse as well (margin + 0.25) halved what the audit's network
 #: verified under 48 px (26 -> 14 of 127), but in a crowd it laid the flat patch over the chins of
-#: generated neighbours (crowd_lfw: 2 garish faces against 0), so the ellipse is ``margin``'s.
+#: generated neighbours (crowd_lfw: 2 garish faces against 0), so the ellipse is ``margin``'s; and
+#: a face whose ellipse reaches into another face's box keeps the plain blur (a flat patch of its
+#: colour on the face in front of it read as paint there).
 SMALL_FACE = 96.0
 SMALL_KEEP = 0.25
 
@@ -94,9 +96,11 @@ def centre_colour_kept(roi: np.ndarray, out: np.ndarray, keep: float = 1.0,
 
 
 def _obscured(roi: np.ndarray, face_px: float, method: str,
-              centre: tuple[slice, slice] | None = None) -> np.ndarray:
+              flat_centre: tuple[slice, slice] | None = None) -> np.ndarray:
     """The obscured version of a region (h, w, 3) uint8 for a face about ``face_px`` wide;
-    ``centre``: the face's central region in ``roi`` (default: the central half each way)."""
+    ``flat_centre``: the face's central region in ``roi`` where a blur is flattened to
+    :data:`SMALL_KEEP` of its contrast about that region's colour (None: a plain blur, its colour
+    kept over the central half each way)."""
     h, w = roi.shape[:2]
     if method == "pixelate":
         # ~8 blocks across the face
@@ -111,8 +115,8 @@ def _obscured(roi: np.ndarray, face_px: float, method: str,
         sw, sh = max(1, round(w * f)), max(1, round(h * f))
         small = cv2.resize(roi, (sw, sh), interpolation=cv2.INTER_AREA)
         small = cv2.GaussianBlur(small, (0, 0), sigmaX=1.5, borderType=cv2.BORDER_REPLICATE)
-        keep = SMALL_KEEP if face_px < SMALL_FACE else 1.0
-        return centre_colour_kept(roi, cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR), keep, centre)
+        keep = 1.0 if flat_centre is None else SMALL_KEEP
+        return centre_colour_kept(roi, cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR), keep, flat_centre)
     if method == "solid":
         return np.zeros_like(roi)
     raise ValueError(f"not a classic method: {method}")
@@ -135,10 +139,12 @@ def _face_centre(box: np.ndarray, kps: np.ndarray | None, rect: Rect) -> tuple[s
     return span(cy - y0, by1 - by0, y1 - y0), span(cx - x0, bx1 - bx0, x1 - x0)
 
 
-def classic_region(image: np.ndarray, face, method: str, margin: float) -> tuple[Rect, np.ndarray] | None:
+def classic_region(image: np.ndarray, face, method: str, margin: float,
+                   others: Sequence[np.ndarray] = ()) -> tuple[Rect, np.ndarray] | None:
     """What :func:`apply_classic` writes for one face, ``image`` untouched: ``(rect, pixels)``, the
     rectangle (x0, y0, x1, y1) and its new (y1 - y0, x1 - x0, 3) uint8 content, or None where the
-    face ellipse falls outside the frame (the form of align.pasted_region)."""
+    face ellipse falls outside the frame (the form of align.pasted_region). ``others``: the boxes
+    (4,) of the frame's other faces (a small face's blur is flattened only clear of them)."""
     face_px = float(max(face.box[2] - face.box[0], face.box[3] - face.box[1]))
     em = ellipse_mask(image.shape, face.box, getattr(face, "kps", None), margin)
     if em is None:
@@ -146,7 +152,7 @@ def classic_region(image: np.ndarray, face, method: str, margin: float) -> tuple
     (x0, y0, x1, y1), mask = em
     roi = image[y0:y1, x0:x1].copy()
     centre = None
-    if method == "blur" and face_px < SMALL_FACE:  # a flattened face takes its colour about its landmarks
+    if method == "blur" and face_px < SMALL_FACE and not any(_meets((x0, y0, x1, y1), b) for b in others):
         centre = _face_centre(face.box, getattr(face, "kps", None), (x0, y0, x1, y1))
     out = _obscured(roi, face_px, method, centre)
     sel = mask > 0
@@ -154,15 +160,23 @@ def classic_region(image: np.ndarray, face, method: str, margin: float) -> tuple
     return (x0, y0, x1, y1), roi
 
 
-def apply_classic(image: np.ndarray, faces: Sequence, method: str, margin: float) -> list[Rect]:
+def _meets(rect: Rect, box: np.ndarray) -> bool:
+    """Whether the rectangle (x0, y0, x1, y1) and a face box (4,) float overlap."""
+    return rect[0] < box[2] and box[0] < rect[2] and rect[1] < box[3] and box[1] < rect[3]
+
+
+def apply_classic(image: np.ndarray, faces: Sequence, method: str, margin: float,
+                  others: Sequence[np.ndarray] = ()) -> list[Rect]:
     """Blur / pixelate / fill each face ellipse of ``image`` (H, W, 3) uint8 RGB in place.
 
-    faces: objects with ``box`` (4,) and ``kps`` (5, 2) attributes (e.g. faces.Face).
+    faces: objects with ``box`` (4,) and ``kps`` (5, 2) attributes (e.g. faces.Face); others: the
+    boxes (4,) of the frame's faces not in ``faces`` (see :func:`classic_region`).
     """
     assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8, (image.shape, image.dtype)
     rects: list[Rect] = []
     for face in faces:
-        region = classic_region(image, face, method, margin)
+        near = [g.box for g in faces if g is not face] + list(others)
+        region = classic_region(image, face, method, margin, near)
         if region is None:
             continue
         (x0, y0, x1, y1), px = region

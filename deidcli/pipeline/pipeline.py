@@ -260,7 +260,7 @@ class Pipeline:
                 # (stress set crowd_lfw: held blur over half of a generated face next to it)
                 seen = [_box_rect(g.box, img.shape) for g in items[i][1] if f.held and not g.held]
                 saved = [img[y0:y1, x0:x1].copy() for x0, y0, x1, y1 in seen]
-                rects[i].extend(apply_classic(img, [f], o.fallback, o.margin))
+                rects[i].extend(apply_classic(img, [f], o.fallback, o.margin, _other_boxes(items[i][1], f)))
                 for (x0, y0, x1, y1), px in zip(seen, saved):
                     img[y0:y1, x0:x1] = px
         # the face check (face_check.py) on the frames as they now are: a generated face the
@@ -273,7 +273,8 @@ class Pipeline:
             with stages("blend"):
                 for k in lost:
                     i, _, f = gen.jobs[shown[k]]
-                    rects[i].extend(apply_classic(items[i][0], [f], o.fallback, o.margin))
+                    rects[i].extend(apply_classic(items[i][0], [f], o.fallback, o.margin,
+                                                  _other_boxes(items[i][1], f)))
                     router.failed_check(f.track_id, "lost")
                     router.count("lost", face_height(f.box))
             gone = set(lost)
@@ -462,7 +463,7 @@ class Pipeline:
                 closer = np.flatnonzero(top & ~faint)
                 if len(closer):
                     with stages("identity"):
-                        fb = self._fallback_cos(gen, todo[closer], frames, quality, desc, own)
+                        fb = self._fallback_cos(gen, todo[closer], items, quality, desc, own)
                     further[closer] = (fb < LFW_FAR_THRESHOLD) | (fb <= cos[closer])
                 stats["fallback_closer"] += int((top & ~further).sum())
                 fallback[todo[top & further]] = True
@@ -494,11 +495,11 @@ class Pipeline:
         gen.own = own  # rows of the faces checked; zero for the others
         return fallback
 
-    def _fallback_cos(self, gen: "_Generated", idx: np.ndarray, frames: Sequence[np.ndarray],
+    def _fallback_cos(self, gen: "_Generated", idx: np.ndarray, items: Sequence,
                       quality: Sequence, desc: np.ndarray, own: np.ndarray) -> np.ndarray:
         """The check's cosine (the higher of track descriptor and input face) of faces ``idx`` of
-        ``gen`` given the ``--fallback`` instead, seen through the encoder's stand-in at
-        ``quality[j]`` as the generated faces are (encode_loss.py)."""
+        ``gen`` given the ``--fallback`` instead (in their frames of ``items``), seen through the
+        encoder's stand-in at ``quality[j]`` as the generated faces are (encode_loss.py)."""
         from ..faces.align import region_arcface
         from ..faces.methods import classic_region
         from .encode_loss import encoded_region
@@ -506,9 +507,10 @@ class Pipeline:
         o = self.options
         c112 = []
         for j in idx:
-            f = gen.jobs[j][2]
-            region = classic_region(frames[j], f, o.fallback, o.margin)
-            c112.append(region_arcface(frames[j], encoded_region(region, quality[j]), f.kps))
+            i, _, f = gen.jobs[j]
+            frame, faces = items[i]
+            region = classic_region(frame, f, o.fallback, o.margin, _other_boxes(faces, f))
+            c112.append(region_arcface(frame, encoded_region(region, quality[j]), f.kps))
         e = self.embedder.embed_check(c112)
         return np.maximum(np.einsum("nd,nd->n", e, desc[idx]), np.einsum("nd,nd->n", e, own[idx]))
 
@@ -779,6 +781,11 @@ def _box_rect(box: np.ndarray, shape: Sequence[int]) -> tuple[int, int, int, int
     x0, y0 = (max(0, min(int(np.floor(v)), n)) for v, n in zip(box[:2], (w, h)))
     x1, y1 = (max(0, min(int(np.ceil(v)), n)) for v, n in zip(box[2:4], (w, h)))
     return x0, y0, max(x0, x1), max(y0, y1)
+
+
+def _other_boxes(faces: Sequence, face) -> list:
+    """The boxes of ``faces`` (a frame's) other than ``face``'s."""
+    return [g.box for g in faces if g is not face]
 
 
 def _overlap(a: Sequence[int], b: Sequence[int]) -> bool:
