@@ -269,7 +269,10 @@ def test_finish_writes_what_the_check_saw(check_thresh):
     """Pipeline.finish writes the pixels the identity check embedded (its pasted_region) instead of
     pasting again; the frames must equal pasting every face's final raw and mask in order, also
     where a face overlaps one pasted before it in the same frame (there the region the check saw is
-    stale and the face is pasted again) and where faces were regenerated (threshold 0: most are)."""
+    stale and the face is pasted again) and where faces were regenerated (threshold 0: most are).
+    The faces the check gave the fallback are covered after every paste, and a pasted face a paste
+    or a cover overlaps is looked at again on the frame as they left it (at threshold 0 it fails
+    and is covered too, last)."""
     import copy
     from pathlib import Path
 
@@ -297,24 +300,30 @@ def test_finish_writes_what_the_check_saw(check_thresh):
 
     def spy(*a, **k):  # which faces the check gave the fallback
         seen["fallback"] = check(*a, **k)
+        seen["checked"] = seen["fallback"].copy()  # finish adds the second look's to the first
         return seen["fallback"]
 
     p._check_identity = spy
     gen = p.generate(got, descriptors, passes=passes)
     rects = p.finish(got, gen, passes=passes, stats=stats)
     assert stats["checked"] >= 9 and (stats["regenerated"] > 0) == (check_thresh == 0.0)
-    fallback = seen["fallback"]
-    assert stats["fallback"] == fallback.sum() and (check_thresh == 0.0 or not fallback.any())
+    checked, fallback = seen["checked"], seen["fallback"]
+    again = fallback & ~checked  # failed the second look
+    assert stats["fallback"] == checked.sum() and stats["overlap_failed"] == again.sum()
+    assert check_thresh == 0.0 or not fallback.any()
+    assert again.any() == (check_thresh == 0.0)  # the covered face and the one over it, at 0
     want = [im.copy() for im, _ in items]
-    for (i, M, f), r, m, fb in zip(gen.jobs, gen.raw, gen.masks, fallback):
+    for (i, M, f), r, m, fb in zip(gen.jobs, gen.raw, gen.masks, checked):
         if not fb:
             paste(want[i], r, m, M, p.detail)
-    for (i, M, f), fb in zip(gen.jobs, fallback):  # the fallback last: nothing is pasted over it
-        if fb:
-            apply_classic(want[i], [f], "blur", p.options.margin)
+    for failed in (checked, again):  # the fallback after the pastes: nothing is pasted over it
+        for (i, M, f), fb in zip(gen.jobs, failed):
+            if fb:
+                apply_classic(want[i], [f], "blur", p.options.margin, [g.box for g in items[i][1] if g is not f])
     for (g, _), w in zip(got, want):
         np.testing.assert_array_equal(g, w)
-    assert len(rects[0]) == 3 and rects[0][0][0] < rects[0][2][2] and rects[0][2][0] < rects[0][0][2]
+    n0 = sum(1 for (i, _, _), a in zip(gen.jobs, again) if a and i == 0)
+    assert len(rects[0]) == 3 + n0 and rects[0][0][0] < rects[0][2][2] and rects[0][2][0] < rects[0][0][2]
 
 
 def test_first_generator_batches_ramp_up_to_batch_size():

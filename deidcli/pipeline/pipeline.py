@@ -219,7 +219,7 @@ class Pipeline:
         covered = list(gen.held) + [(i, f, "blotch" if j in blotched else "check")
                                     for j, (i, _, f) in enumerate(gen.jobs) if fallback[j]]
         pasted = [j for j in range(len(gen.jobs)) if not fallback[j]]
-        overlaps = self._overlapping(gen, pasted) if o.identity_check else []
+        overlaps = self._overlapping(gen, pasted, [(i, f) for i, f, _ in covered if not f.held]) if o.identity_check else []
         # the input faces' embeddings: the check's where it made them, else from the frames as they came
         own = np.zeros((len(overlaps), gen.desc.shape[1]), np.float32)
         missing = [k for k, j in enumerate(overlaps) if gen.own is None or not gen.own[j].any()]
@@ -238,7 +238,25 @@ class Pipeline:
                     box = paste(items[i][0], r, m, M, self.detail)
                 if box is not None:
                     rects[i].append(box)
-        if overlaps:  # the check once more, on the frame as the pastes left it
+
+        def cover(faces: list) -> None:
+            """Give ``faces`` ((item, face, path) each) the fallback, drawn over what is pasted."""
+            with stages("blend"):
+                for i, f, path in faces:
+                    router.count(path, face_height(f.box))
+                    img = items[i][0]
+                    # a held face (where a face may still be, past its track) is not covered over the
+                    # boxes of the faces seen in its frame: it is behind them if it is there at all
+                    # (stress set crowd_lfw: held blur over half of a generated face next to it)
+                    seen = [_box_rect(g.box, img.shape) for g in items[i][1] if f.held and not g.held]
+                    saved = [img[y0:y1, x0:x1].copy() for x0, y0, x1, y1 in seen]
+                    rects[i].extend(apply_classic(img, [f], o.fallback, o.margin, _other_boxes(items[i][1], f)))
+                    for (x0, y0, x1, y1), px in zip(seen, saved):
+                        img[y0:y1, x0:x1] = px
+
+        cover(covered)  # before the second look: a cover can leave a face it overlaps recognizable
+        covered = []
+        if overlaps:  # the check once more, on the frame as the pastes and covers left it
             with stages("identity"):
                 after = [arcface_crop(items[gen.jobs[j][0]][0], gen.jobs[j][2].kps) for j in overlaps]
                 e = self.embedder.embed_check(before + after)
@@ -251,18 +269,7 @@ class Pipeline:
                     covered.append((gen.jobs[j][0], gen.jobs[j][2], "check"))
                     router.failed_check(gen.tracks[j])
                     stats["overlap_failed"] += 1
-        with stages("blend"):
-            for i, f, path in covered:
-                router.count(path, face_height(f.box))
-                img = items[i][0]
-                # a held face (where a face may still be, past its track) is not covered over the
-                # boxes of the faces seen in its frame: it is behind them if it is there at all
-                # (stress set crowd_lfw: held blur over half of a generated face next to it)
-                seen = [_box_rect(g.box, img.shape) for g in items[i][1] if f.held and not g.held]
-                saved = [img[y0:y1, x0:x1].copy() for x0, y0, x1, y1 in seen]
-                rects[i].extend(apply_classic(img, [f], o.fallback, o.margin, _other_boxes(items[i][1], f)))
-                for (x0, y0, x1, y1), px in zip(seen, saved):
-                    img[y0:y1, x0:x1] = px
+        cover(covered)
         # the face check (face_check.py) on the frames as they now are: a generated face the
         # detector no longer finds gets the fallback after all
         shown = [j for j in pasted if not fallback[j]]
@@ -284,22 +291,32 @@ class Pipeline:
         return rects
 
     @staticmethod
-    def _overlapping(gen: "_Generated", pasted: list) -> list:
+    def _overlapping(gen: "_Generated", pasted: list, covered: Sequence = ()) -> list:
         """The faces of ``pasted`` (indices into gen.jobs) whose paste can overlap another's in
-        the same frame (their face boxes, grown by a fifth, intersect): the paste that comes later
-        writes its own rendering of the other face's pixels there (stress set crowd_lfw: a small
-        face passing in front of a large one came out under the large face's paste at cosine
-        0.76), so those faces are checked again once all are pasted."""
+        the same frame, or the cover of a face of ``covered`` ((item, face) each) (their face
+        boxes, grown by a fifth, intersect): the paste that comes later writes its own rendering
+        of the other face's pixels there (stress set crowd_lfw: a small face passing in front of a
+        large one came out under the large face's paste at cosine 0.76), and a cover drawn over a
+        generated face can take away what made it another person (crowd_1080: a face found inside
+        another's, its track on the fallback, blurred the eye and nose of an 82 px generated face,
+        which the audit then matched at 0.37), so those faces are checked again once all are
+        pasted and covered."""
+        def grown(box) -> tuple:
+            x0, y0, x1, y1 = (float(v) for v in box[:4])
+            gx, gy = (x1 - x0) / 10, (y1 - y0) / 10
+            return x0 - gx, y0 - gy, x1 + gx, y1 + gy
+
         by_frame: dict = {}
         for j in pasted:
             i, _, f = gen.jobs[j]
-            x0, y0, x1, y1 = (float(v) for v in f.box[:4])
-            gx, gy = (x1 - x0) / 10, (y1 - y0) / 10
-            by_frame.setdefault(i, []).append((j, (x0 - gx, y0 - gy, x1 + gx, y1 + gy)))
+            by_frame.setdefault(i, []).append((j, grown(f.box)))
+        covers: dict = {}
+        for i, f in covered:
+            covers.setdefault(i, []).append(grown(f.box))
         out = []
-        for faces in by_frame.values():
+        for i, faces in by_frame.items():
             for j, a in faces:
-                if any(k != j and _overlap(a, b) for k, b in faces):
+                if any(k != j and _overlap(a, b) for k, b in faces) or any(_overlap(a, b) for b in covers.get(i, ())):
                     out.append(j)
         return sorted(out)
 
