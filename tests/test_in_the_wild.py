@@ -392,13 +392,14 @@ def test_held_face_is_not_blurred_over_a_face_seen_in_its_frame(shared):
 # --- faces whose pastes overlap ------------------------------------------------------------------
 
 def test_faces_whose_pastes_overlap_are_the_ones_checked_again():
-    """Pipeline._overlapping: the generated faces of a frame whose boxes (grown by a fifth) meet
-    another generated face's box in the SAME frame; those are checked again once every face is
-    pasted (the later paste renders the other face's pixels its own way: stress set crowd_lfw, a
-    small face passing in front of a large one came out under the large one's paste)."""
+    """face_check.overlapping_faces: the generated faces of a frame whose boxes (grown by a fifth)
+    meet another generated face's box, or a covered face's, in the SAME frame; those are checked
+    again once every face is pasted and covered (the later paste renders the other face's pixels its
+    own way: stress set crowd_lfw, a small face passing in front of a large one came out under the
+    large one's paste; a cover can blur part of a generated face: crowd_1080)."""
     from types import SimpleNamespace
 
-    from deidcli.pipeline.pipeline import Pipeline
+    from deidcli.pipeline.face_check import overlapping_faces
 
     def face(x0, y0, x1, y1):
         return SimpleNamespace(box=np.array([x0, y0, x1, y1], np.float32))
@@ -409,9 +410,12 @@ def test_faces_whose_pastes_overlap_are_the_ones_checked_again():
             (0, None, face(505, 100, 600, 220)),  # 3: frame 0, 5 px from 2: meets it grown
             (1, None, face(150, 120, 190, 170)),  # 4: frame 1, alone there
             (1, None, face(700, 100, 800, 220))]  # 5: frame 1, apart
-    gen = SimpleNamespace(jobs=jobs)
-    assert Pipeline._overlapping(gen, list(range(6))) == [0, 1, 2, 3]
-    assert Pipeline._overlapping(gen, [0, 2, 4, 5]) == []  # 1 and 3 given the fallback
+    assert overlapping_faces(jobs, list(range(6))) == [0, 1, 2, 3]
+    assert overlapping_faces(jobs, [0, 2, 4, 5]) == []  # 1 and 3 given the fallback
+    covered = [(0, jobs[1][2]), (0, jobs[3][2])]  # ... and drawn over 0 and next to 2
+    assert overlapping_faces(jobs, [0, 2, 4, 5], covered) == [0, 2]
+    assert overlapping_faces(jobs, [0, 2, 4, 5], [(1, jobs[1][2])]) == [4]  # in frame 1: over 4
+    assert overlapping_faces(jobs, [0, 2, 4, 5], [(1, jobs[2][2])]) == []  # 2's box, but in frame 1
 
 
 # --- a face that fades in from a blur -------------------------------------------------------------

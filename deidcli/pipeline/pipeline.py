@@ -13,7 +13,7 @@ import numpy as np
 from ..options import AnonymizeOptions
 from ..stages import NULL, QUEUE_FRAMES, Stages, prefetch
 from .descriptors import Descriptors, describe_new
-from .face_check import blotched_faces, lost_faces
+from .face_check import blotched_faces, lost_faces, overlapping_faces, rects_meet
 from .people import DECIDE_FACES, LFW_FAR_THRESHOLD
 from .report import FileResult, PassLevels, new_check_stats
 
@@ -219,7 +219,8 @@ class Pipeline:
         covered = list(gen.held) + [(i, f, "blotch" if j in blotched else "check")
                                     for j, (i, _, f) in enumerate(gen.jobs) if fallback[j]]
         pasted = [j for j in range(len(gen.jobs)) if not fallback[j]]
-        overlaps = self._overlapping(gen, pasted, [(i, f) for i, f, _ in covered if not f.held]) if o.identity_check else []
+        overlaps = (overlapping_faces(gen.jobs, pasted, [(i, f) for i, f, _ in covered if not f.held])
+                    if o.identity_check else [])
         # the input faces' embeddings: the check's where it made them, else from the frames as they came
         own = np.zeros((len(overlaps), gen.desc.shape[1]), np.float32)
         missing = [k for k, j in enumerate(overlaps) if gen.own is None or not gen.own[j].any()]
@@ -231,7 +232,7 @@ class Pipeline:
             for j in pasted:
                 (i, M, f), r, m = gen.jobs[j], gen.raw[j], gen.masks[j]
                 region = gen.regions[j]
-                if region is not None and not any(_overlap(region[0], b) for b in rects[i]):
+                if region is not None and not any(rects_meet(region[0], b) for b in rects[i]):
                     # what the check embedded, computed on this frame as it still is here
                     box = put_region(items[i][0], region)
                 else:  # no check, or a face already pasted in this frame overlaps it
@@ -289,36 +290,6 @@ class Pipeline:
         for j in shown:
             router.count("generated", face_height(gen.jobs[j][2].box))
         return rects
-
-    @staticmethod
-    def _overlapping(gen: "_Generated", pasted: list, covered: Sequence = ()) -> list:
-        """The faces of ``pasted`` (indices into gen.jobs) whose paste can overlap another's in
-        the same frame, or the cover of a face of ``covered`` ((item, face) each) (their face
-        boxes, grown by a fifth, intersect): the paste that comes later writes its own rendering
-        of the other face's pixels there (stress set crowd_lfw: a small face passing in front of a
-        large one came out under the large face's paste at cosine 0.76), and a cover drawn over a
-        generated face can take away what made it another person (crowd_1080: a face found inside
-        another's, its track on the fallback, blurred the eye and nose of an 82 px generated face,
-        which the audit then matched at 0.37), so those faces are checked again once all are
-        pasted and covered."""
-        def grown(box) -> tuple:
-            x0, y0, x1, y1 = (float(v) for v in box[:4])
-            gx, gy = (x1 - x0) / 10, (y1 - y0) / 10
-            return x0 - gx, y0 - gy, x1 + gx, y1 + gy
-
-        by_frame: dict = {}
-        for j in pasted:
-            i, _, f = gen.jobs[j]
-            by_frame.setdefault(i, []).append((j, grown(f.box)))
-        covers: dict = {}
-        for i, f in covered:
-            covers.setdefault(i, []).append(grown(f.box))
-        out = []
-        for i, faces in by_frame.items():
-            for j, a in faces:
-                if any(k != j and _overlap(a, b) for k, b in faces) or any(_overlap(a, b) for b in covers.get(i, ())):
-                    out.append(j)
-        return sorted(out)
 
     def new_chooser(self):
         """Per-file track decisions for --keep / --only (people.Chooser), or None without them."""
@@ -804,10 +775,6 @@ def _other_boxes(faces: Sequence, face) -> list:
     """The boxes of ``faces`` (a frame's) other than ``face``'s."""
     return [g.box for g in faces if g is not face]
 
-
-def _overlap(a: Sequence[int], b: Sequence[int]) -> bool:
-    """Whether rectangles (x0, y0, x1, y1) share a pixel."""
-    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 # --- files and folders -------------------------------------------------------------------------
