@@ -34,6 +34,11 @@ from ..options import DETECTOR_PRECISIONS as PRECISIONS
 from ..stages import ort_session_options
 
 
+def rects_meet(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Whether two rectangles or boxes (x0, y0, x1, y1) share a pixel (positive overlap)."""
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Intersection over union of every box in `a` (N, 4) with every box in `b` (M, 4).
 

@@ -16,6 +16,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from .detect import rects_meet
+
 Rect = tuple[int, int, int, int]
 
 #: The blur shrinks a face to this many pixels across, blurs it there (sigma 1.5) and enlarges it
@@ -152,17 +154,12 @@ def classic_region(image: np.ndarray, face, method: str, margin: float,
     (x0, y0, x1, y1), mask = em
     roi = image[y0:y1, x0:x1].copy()
     centre = None
-    if method == "blur" and face_px < SMALL_FACE and not any(_meets((x0, y0, x1, y1), b) for b in others):
+    if method == "blur" and face_px < SMALL_FACE and not any(rects_meet((x0, y0, x1, y1), b) for b in others):
         centre = _face_centre(face.box, getattr(face, "kps", None), (x0, y0, x1, y1))
     out = _obscured(roi, face_px, method, centre)
     sel = mask > 0
     roi[sel] = out[sel]
     return (x0, y0, x1, y1), roi
-
-
-def _meets(rect: Rect, box: np.ndarray) -> bool:
-    """Whether the rectangle (x0, y0, x1, y1) and a face box (4,) float overlap."""
-    return rect[0] < box[2] and box[0] < rect[2] and rect[1] < box[3] and box[1] < rect[3]
 
 
 def apply_classic(image: np.ndarray, faces: Sequence, method: str, margin: float,

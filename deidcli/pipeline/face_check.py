@@ -25,6 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..faces.detect import rects_meet
+
 LOST_BELOW, LOST_IOU, LOST_INPUT_SCORE = 96, 0.3, 0.4
 #: The score at which the pasted face counts as found: the audit's 0.3 (deid evaluate-video, fp32, on
 #: the encoded output) and a margin for the int8 look before the encode. At 0.3 a 47 px face of the
@@ -73,11 +75,6 @@ def lost_faces(detector, items: Sequence[tuple[np.ndarray, Sequence]], jobs: Seq
         iou = box_iou(boxes, found) if len(found) else np.zeros((len(ks), 1))
         lost.extend(k for k, v in zip(ks, iou.max(1)) if v < LOST_IOU)
     return lost
-
-
-def rects_meet(a: Sequence[float], b: Sequence[float]) -> bool:
-    """Whether rectangles (x0, y0, x1, y1) share a pixel."""
-    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 def overlapping_faces(jobs: Sequence, pasted: Sequence[int], covered: Sequence = ()) -> list:

@@ -10,10 +10,11 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
+from ..faces.detect import rects_meet
 from ..options import AnonymizeOptions
 from ..stages import NULL, QUEUE_FRAMES, Stages, prefetch
 from .descriptors import Descriptors, describe_new
-from .face_check import blotched_faces, lost_faces, overlapping_faces, rects_meet
+from .face_check import blotched_faces, lost_faces, overlapping_faces
 from .people import DECIDE_FACES, LFW_FAR_THRESHOLD
 from .report import FileResult, PassLevels, new_check_stats
 
