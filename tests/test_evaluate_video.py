@@ -265,10 +265,30 @@ def test_judge_sees_the_spliced_frames(two, blurred, tmp_path):
     for t in r["per_track"]:
         assert t["judge_faces"] == n and t["judge_same_frac"] == pytest.approx(3 / n), t
         assert t["judge_dist_min"] < 0.3 and t["judge_dist_mean"] > 0.5
+        # the judge's control: these faces filled flat are no one to dlib (0.7-0.8 at 30-200 px on
+        # the shared clips), so none of the same-person calls is one it also makes without the face
+        assert t["judge_same_context_frac"] == 0.0
     assert "dlib distance mean" in md.read_text()
     same = evaluate_video(two, two, judge="dlib", judge_every=4)
     assert same["judge_faces"] == 2 * len(range(0, same["frames"], 4)) and same["judge_same_frac"] == 1.0
     assert "judge_faces" not in evaluate_video(two, two)  # not asked for: not measured
+
+
+def test_face_filled_fills_the_face_ellipse_only(two):
+    """The judge's control (measures.face_filled): the face ellipse at deid's default margin filled
+    with its mean colour, the rest of the frame as it was, the input untouched."""
+    from deidcli.faces.methods import ellipse_mask
+    from deidcli.research.measures import face_filled
+
+    img = decode_rgb(two, 1)[0]
+    box, kps = np.array([100, 80, 160, 160], np.float32), None
+    out = face_filled(img, box, kps)
+    (x0, y0, x1, y1), m = ellipse_mask(img.shape, box, kps, 0.25)
+    sel = np.zeros(img.shape[:2], bool)
+    sel[y0:y1, x0:x1] = m > 0
+    assert (out[sel] == out[sel][0]).all() and np.abs(out[sel][0].astype(int) - img[sel].mean(0)).max() <= 0.5
+    np.testing.assert_array_equal(out[~sel], img[~sel])
+    assert not np.array_equal(out, img) and out is not img
 
 
 def test_frame_count_mismatch_is_an_input_error(shared, tmp_path):
@@ -329,6 +349,7 @@ def test_a_softened_but_readable_face_is_not_excused_by_the_control(two, tmp_pat
     r = evaluate_video(two, out)
     assert r["faces"] == 2 * r["frames"] and r["exposed_unchanged"] < r["faces"]
     assert r["exposed_faces"] == r["faces"] and r["verified_context_only"] == 0
+    assert r["exposed_flat_verified"] == 0  # a flat patch is no one to the network, here
 
 
 @pytest.mark.parametrize("clip", ["ghost_obama_short.mp4", "lp_d13.mp4"])
@@ -343,7 +364,7 @@ def test_the_control_verifies_only_faces_the_network_cannot_read(shared, clip):
     from deidcli.faces.align import arcface_crop
     from deidcli.faces.detect import Detector
     from deidcli.generator.embedder import IdentityEmbedder
-    from deidcli.research.measures import VERIFY_THRESHOLD, face_removed
+    from deidcli.research.measures import VERIFY_THRESHOLD, face_removed, flat_patch
 
     with av.open(str(VIDEOS / clip)) as c:
         img = next(c.decode(video=0)).to_ndarray(format="rgb24")
@@ -361,6 +382,12 @@ def test_the_control_verifies_only_faces_the_network_cannot_read(shared, clip):
     e = emb.embed([clear, removed, tiny, face_removed(tiny)])
     assert float(e[0] @ e[1]) < VERIFY_THRESHOLD - 0.1
     assert float(e[2] @ e[3]) >= VERIFY_THRESHOLD
+    flat = flat_patch(tiny)  # the diagnostic's crop: one colour, the crop's mean
+    assert flat.shape == tiny.shape and flat.dtype == np.uint8 and (flat == flat[0, 0]).all()
+    e = emb.embed([clear, flat_patch(clear), tiny, flat])
+    # a clear face is no one like a flat patch (cosine -0.08 and -0.01 on these two clips); the
+    # hazy 24 px one is far nearer to it (0.43 and 0.22)
+    assert float(e[0] @ e[1]) < 0.1 and float(e[2] @ e[3]) > float(e[0] @ e[1]) + 0.15
 
 
 def test_a_cut_ends_the_audits_tracks(shared, tmp_path):

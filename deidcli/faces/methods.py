@@ -36,7 +36,11 @@ BLUR_ACROSS = 8.0
 #: verified under 48 px (26 -> 14 of 127), but in a crowd it laid the flat patch over the chins of
 #: generated neighbours (crowd_lfw: 2 garish faces against 0), so the ellipse is ``margin``'s; and
 #: a face whose ellipse reaches into another face's box keeps the plain blur (a flat patch of its
-#: colour on the face in front of it read as paint there).
+#: colour on the face in front of it read as paint there). Nor is a held face's (faces.track: a box
+#: kept before a track's first detection or moved on past its last): it is where the face may be,
+#: and its colour there can be the background's (crowd_lfw: a 23 px face held at its first box
+#: beside where the face was, a flat patch over the background the garish measure classed
+#: "colour").
 SMALL_FACE = 96.0
 SMALL_KEEP = 0.25
 
@@ -146,7 +150,8 @@ def classic_region(image: np.ndarray, face, method: str, margin: float,
     """What :func:`apply_classic` writes for one face, ``image`` untouched: ``(rect, pixels)``, the
     rectangle (x0, y0, x1, y1) and its new (y1 - y0, x1 - x0, 3) uint8 content, or None where the
     face ellipse falls outside the frame (the form of align.pasted_region). ``others``: the boxes
-    (4,) of the frame's other faces (a small face's blur is flattened only clear of them)."""
+    (4,) of the frame's other faces (a small face's blur is flattened only clear of them, and only
+    where the face was seen: not a held one)."""
     face_px = float(max(face.box[2] - face.box[0], face.box[3] - face.box[1]))
     em = ellipse_mask(image.shape, face.box, getattr(face, "kps", None), margin)
     if em is None:
@@ -154,7 +159,8 @@ def classic_region(image: np.ndarray, face, method: str, margin: float,
     (x0, y0, x1, y1), mask = em
     roi = image[y0:y1, x0:x1].copy()
     centre = None
-    if method == "blur" and face_px < SMALL_FACE and not any(rects_meet((x0, y0, x1, y1), b) for b in others):
+    if (method == "blur" and face_px < SMALL_FACE and not getattr(face, "held", False)
+            and not any(rects_meet((x0, y0, x1, y1), b) for b in others)):
         centre = _face_centre(face.box, getattr(face, "kps", None), (x0, y0, x1, y1))
     out = _obscured(roi, face_px, method, centre)
     sel = mask > 0

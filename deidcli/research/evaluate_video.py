@@ -26,6 +26,8 @@ exposure (goal: zero)
     a face is counted in ``verified_context_only`` instead of exposed. On the stress set's
     hazy and blue-lit mosaics, deid's blurred faces passed the threshold this way, and the
     control itself passes it for 40 of 300 hazy faces (research/identity_control.py).
+    A diagnostic, which changes no count: ``exposed_flat_verified``, the exposed faces whose input
+    the network also verifies against one flat colour, the crop's mean (measures.flat_patch).
     A face filled in by the tracker (not detected in that frame) whose input crop is not the
     track's person (cosine to the mean of its detected faces so far under the threshold) is
     behind something, mostly another face passing in front: its crop shows what hides it, and
@@ -93,6 +95,8 @@ from .measures import (
     _mean,
     _pearson,
     _ratio,
+    face_filled,
+    flat_patch,
     face_removed,
     jaw_drop,
     lfw_far_threshold,
@@ -134,6 +138,7 @@ class _Track:
     exposed_verified: int = 0
     exposed_unchanged: int = 0
     verified_context: int = 0  # verified, but no closer than the crop without its face
+    exposed_flat: int = 0  # exposed (verified), and a flat patch of the input crop's colour is verified too
     hidden: int = 0  # filled in where the input crop is not the person (behind something): judged against ref
     ref: Any = None  # sum of the input embeddings of the track's detected faces so far
     mouth_in: list = field(default_factory=list)
@@ -149,6 +154,7 @@ class _Track:
     lm_disp: list = field(default_factory=list)  # % IOD, faces whose output was detected
     lm_checked: int = 0  # faces with a raw input detection
     judge_dist: list = field(default_factory=list)  # --judge: input-output descriptor distances
+    judge_ctx: int = 0  # --judge: same-person calls where the input with its face filled flat is called the same too
     kinds: dict = field(default_factory=dict)  # garish.KINDS -> faces
     garish: list = field(default_factory=list)  # frame indices of garish faces
     garish_reasons: dict = field(default_factory=dict)  # garish.REASONS -> faces
@@ -177,6 +183,7 @@ class _Track:
             "exposed_verified": self.exposed_verified,
             "exposed_unchanged": self.exposed_unchanged,
             "verified_context_only": self.verified_context,
+            "exposed_flat_verified": self.exposed_flat,
             "faces_hidden": self.hidden,
             "cos_mean": _mean(self.cos),
             "cos_max": float(np.max(self.cos)) if self.cos else None,
@@ -202,7 +209,7 @@ class _Track:
             "eyes_out_std": float(np.std(self.eyes_out)) if self.eyes_out else None,
             "eyes_corr": ecorr,
             "eyes_corr_ci90": _corr_ci90(self.eyes_in, self.eyes_out) if ecorr is not None else None,
-            **_judge_summary(self.judge_dist),
+            **_judge_summary(self.judge_dist, self.judge_ctx),
             **_garish_summary(self.kinds, self.garish, self.garish_reasons),
         }
 
@@ -243,15 +250,18 @@ def _by_size(track_bins: list, names: list) -> dict:
     return out
 
 
-def _judge_summary(dist: list) -> dict:
-    """``--judge`` figures of a list of input-output descriptor distances (empty: no keys)."""
+def _judge_summary(dist: list, context: int = 0) -> dict:
+    """``--judge`` figures of a list of input-output descriptor distances (empty: no keys), and
+    ``context``, how many of its same-person calls the judge also makes on the input with its face
+    filled flat (measures.face_filled): a diagnostic, counted in judge_same_frac all the same."""
     if not dist:
         return {}
     from .judges import DLIB_SAME_DISTANCE
 
     d = np.asarray(dist)
     return {"judge_faces": len(d), "judge_dist_mean": float(d.mean()), "judge_dist_min": float(d.min()),
-            "judge_same_frac": float(np.mean(d < DLIB_SAME_DISTANCE))}
+            "judge_same_frac": float(np.mean(d < DLIB_SAME_DISTANCE)),
+            "judge_same_context_frac": context / len(d)}
 
 
 # --------------------------------------------------------------------------------------
@@ -303,7 +313,10 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
     when the judge is not installed.
 
     ``face_hook``: called with every face of a confirmed-or-not track as it is accounted (a dict:
-    index, track, in112, out112, height, verdict (garish.Verdict), cos); for validation tools.
+    index, track, in112, out112, height, verdict (garish.Verdict), cos, score, interpolated, lost,
+    box, judge (the distance), judge_context (where the judge called the output the same person:
+    whether it calls the input with its face filled flat the same too), exposed (as counted: the
+    control and hidden faces taken into account), hidden); for validation tools.
     """
     from ..errors import InputError
     from ..faces.align import arcface_crop
@@ -383,6 +396,9 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
                 exposed_crops.append((tr.track_id, i, f["in112"], f["out112"], cos))
             tr.exposed.append(i)
             tr.exposed_verified += verified
+            if verified:  # the diagnostic: would the network verify a crop of one flat colour too?
+                e_flat = models.embedder.embed([flat_patch(f["in112"])])[0]
+                tr.exposed_flat += float(np.dot(e_in, e_flat)) >= thr
             tr.exposed_unchanged += unchanged
         tr.mouth_in.append(f["mouth_in"])
         tr.mouth_out.append(f["mouth_out"])
@@ -392,7 +408,8 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
             tr.eyes_in.append(f["eyes_in"])
             tr.eyes_out.append(f["eyes_out"])
         if f["judge"] is not None:
-            tr.judge_dist.append(f["judge"])
+            tr.judge_dist.append(f["judge"][0])
+            tr.judge_ctx += bool(f["judge"][1])
         v = f["verdict"]
         if (verified or unchanged) and "lost" in v.reasons:  # not replaced: exposed, not garish
             v = v.without("lost")
@@ -414,7 +431,9 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
             face_hook({"index": i, "track": tr.track_id, "in112": f["in112"], "out112": f["out112"],
                        "height": f["height"], "verdict": v, "cos": cos, "score": f["score"],
                        "interpolated": f["interpolated"], "lost": f["lost"], "box": f["box"],
-                       "judge": f["judge"]})
+                       "judge": None if f["judge"] is None else f["judge"][0],
+                       "judge_context": None if f["judge"] is None else f["judge"][1],
+                       "exposed": bool(verified or unchanged), "hidden": hidden})
         if f["lm"] is not None:
             tr.lm_checked += 1
             if f["lm"] >= 0:
@@ -441,9 +460,17 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
             ref[k] = prof
         return jaw_drop(prof, ref[k])
 
-    def judged(img_in: np.ndarray, img_out: np.ndarray, box: np.ndarray) -> float:
-        a, b = (judge_net.describe_boxes(x, [box])[0] for x in (img_in, img_out))
-        return float(np.linalg.norm(a - b))
+    def judged(img_in: np.ndarray, img_out: np.ndarray, face) -> tuple[float, Optional[bool]]:
+        """The judge's distance between input and output at the face's box and, where it calls them
+        the same person, whether it calls the input with its face filled flat the same too."""
+        from .judges import DLIB_SAME_DISTANCE
+
+        a, b = (judge_net.describe_boxes(x, [face.box])[0] for x in (img_in, img_out))
+        d = float(np.linalg.norm(a - b))
+        if d >= DLIB_SAME_DISTANCE:
+            return d, None
+        c = judge_net.describe_boxes(face_filled(img_in, face.box, face.kps), [face.box])[0]
+        return d, bool(np.linalg.norm(a - c) < DLIB_SAME_DISTANCE)
 
     def finalize(final):
         for idx, faces in final:
@@ -477,8 +504,8 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
                     "verdict": verdict, "height": height, "lost": lost, "box": face.box,
                     "mouth_in": mouth(face, img_in, 0), "mouth_out": mouth(face, img_out, 1),
                     "lips_in": lips_in, "lips_out": lips_out, "eyes_in": eyes_in, "eyes_out": eyes_out,
-                    "judge": judged(img_in, img_out, face.box) if (judge_net and not face.interpolated
-                                                                   and i % judge_every == 0) else None,
+                    "judge": judged(img_in, img_out, face) if (judge_net and not face.interpolated
+                                                               and i % judge_every == 0) else None,
                 })
                 boxes.append((face.track_id, face.box))
             if i in strip_at:
@@ -552,6 +579,7 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
         "exposed_verified": sum(t.exposed_verified for t in tracks.values()),
         "exposed_unchanged": sum(t.exposed_unchanged for t in tracks.values()),
         "verified_context_only": sum(t.verified_context for t in tracks.values()),
+        "exposed_flat_verified": sum(t.exposed_flat for t in tracks.values()),
         "faces_hidden": sum(t.hidden for t in tracks.values()),
         "cos_mean": _mean(cos),
         "cos_max": float(np.max(cos)) if cos else None,
@@ -566,7 +594,7 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
         "mouth_corr": mouth_corr,
         "lips_corr": lips_corr,
         "eyes_corr": eyes_corr,
-        **_judge_summary(allv("judge_dist")),
+        **_judge_summary(allv("judge_dist"), sum(t.judge_ctx for t in tracks.values())),
         **_garish_summary(_sum_dicts(t.kinds for t in tracks.values()), allv("garish"),
                           _sum_dicts(t.garish_reasons for t in tracks.values())),
         "garish_by_size": _by_size([bins.get(k, {}) for k in tracks], size_bin_names()),

@@ -57,6 +57,36 @@ def face_removed(crop: np.ndarray) -> np.ndarray:
     out[sel] = np.rint(crop[sel].mean(0)).astype(np.uint8)
     return out
 
+def face_filled(image: np.ndarray, box: np.ndarray, kps: np.ndarray | None, margin: float = 0.25) -> np.ndarray:
+    """A copy of the frame ``image`` (H, W, 3) uint8 RGB with the face at ``box`` (4,) / ``kps``
+    (5, 2) filled with its mean colour over deid's face ellipse at ``margin`` (the default
+    --margin; faces.methods.ellipse_mask): the judge's control. dlib, aligning from the full frame,
+    calls such an input the same person as the face for many faces under ~70 px of the stress
+    set's crowd_1080 (distances 0.55-0.6, the ellipse grown to a 0.6 margin as well): there it
+    reads hair, ears and background, and no cover of the face can move its call
+    (evaluate_video: ``judge_same_context_frac``, a diagnostic)."""
+    from ..faces.methods import ellipse_mask
+
+    out = image.copy()
+    em = ellipse_mask(out.shape, np.asarray(box, np.float32), kps, margin)
+    if em is not None:
+        (x0, y0, x1, y1), m = em
+        roi = out[y0:y1, x0:x1]
+        sel = m > 0
+        roi[sel] = np.rint(roi[sel].mean(0)).astype(np.uint8)
+    return out
+
+
+def flat_patch(crop: np.ndarray) -> np.ndarray:
+    """The ArcFace crop (112, 112, 3) uint8 RGB filled everywhere with its mean colour: a crop with
+    no face in it at all. When the identity network verifies this against the input crop, it cannot
+    read that input (faces of ~30-60 px, blurred, half hidden or cut by the frame's edge in the
+    stress set's crowds) and would verify any featureless cover of it as well: evaluate_video
+    counts such exposed faces in ``exposed_flat_verified`` (a diagnostic; they stay exposed)."""
+    assert crop.shape == (112, 112, 3) and crop.dtype == np.uint8, (crop.shape, crop.dtype)
+    return np.broadcast_to(np.rint(crop.reshape(-1, 3).mean(0)).astype(np.uint8), crop.shape).copy()
+
+
 # --------------------------------------------------------------------------------------
 # Mouth opening proxy
 #

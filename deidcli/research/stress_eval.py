@@ -50,7 +50,9 @@ def _row(name: str, run: dict, ev: dict, reenc) -> dict:
         "clip": name, "frames": ev.get("frames"), "faces": faces,
         "exposed": ev.get("exposed_faces"), "verified": ev.get("exposed_verified"),
         "unchanged": ev.get("exposed_unchanged"), "context_only": ev.get("verified_context_only"),
+        "flat_verified": ev.get("exposed_flat_verified"),
         "dlib_same": ev.get("judge_same_frac"), "dlib_faces": ev.get("judge_faces"),
+        "dlib_same_context": ev.get("judge_same_context_frac"),
         "garish": ev.get("garish_faces"), "garish_frac": ev.get("garish_frac"),
         "eval_generated": ev.get("faces_generated"), "eval_blurred": ev.get("faces_blurred"),
         "eval_pixelated": ev.get("faces_pixelated"),
@@ -69,14 +71,17 @@ def _pct(v) -> str:
 
 
 def to_markdown(rows: list) -> str:
-    head = ("| clip | faces | exposed | verified by context only | dlib same | garish | generated / blurred (eval) | anonymizer paths "
+    head = ("| clip | faces | exposed (of them, a flat patch verified too) | verified by context only "
+            "| dlib same (also without the face) | garish | generated / blurred (eval) | anonymizer paths "
             "| fps | x re-encode |")
     out = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in rows:
         paths = ", ".join(f"{k} {v}" for k, v in (r.get("paths") or {}).items()) or (
             f"fallback {r.get('fallback')}")
-        out.append(f"| {r['clip']} | {r['faces']} | {r['exposed']} | {r.get('context_only', '')} "
-                   f"| {_pct(r['dlib_same'])} "
+        flat = "" if r.get("flat_verified") is None else f" ({r['flat_verified']})"
+        ctx = "" if r.get("dlib_same_context") is None else f" ({_pct(r['dlib_same_context'])})"
+        out.append(f"| {r['clip']} | {r['faces']} | {r['exposed']}{flat} | {r.get('context_only', '')} "
+                   f"| {_pct(r['dlib_same'])}{ctx} "
                    f"| {r['garish'] if r['garish'] is not None else ''} ({_pct(r['garish_frac'])}) "
                    f"| {r['eval_generated']} / {r['eval_blurred']} | {paths} | {r['fps']} "
                    f"| {r.get('x_reencode', '')} |")

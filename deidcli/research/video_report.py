@@ -184,9 +184,11 @@ def to_markdown(results) -> str:
 
         name = judged[0][0]["settings"].get("judge")
         out += ["", f"| clip | track | faces judged | {name} distance mean | min | "
-                    f"same person (< {DLIB_SAME_DISTANCE:g}) |", "|---|---|---|---|---|---|"]
+                    f"same person (< {DLIB_SAME_DISTANCE:g}) | of them, also without the face |",
+                "|---|---|---|---|---|---|---|"]
         out += [f"| {Path(r['input']).name} | {t['track']} | {t['judge_faces']} | {t['judge_dist_mean']:.3f} | "
-                f"{t['judge_dist_min']:.3f} | {t['judge_same_frac']:.3f} |" for r, t in judged]
+                f"{t['judge_dist_min']:.3f} | {t['judge_same_frac']:.3f} | {t.get('judge_same_context_frac', 0):.3f} |"
+                for r, t in judged]
     thr = results[0]["settings"]["verify_threshold"] if results else VERIFY_THRESHOLD
     out += ["", f"Exposed: output face verified as the input person (cosine >= {thr:.4f}, FAR 0.1% on LFW) "
                 f"or unchanged (ArcFace crop MAD < {UNCHANGED_MAD:g}). Flicker: mean |crop(t) - crop(t-1)| "
