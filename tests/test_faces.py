@@ -252,6 +252,37 @@ def test_small_and_edge_cut_tracks_are_padded_and_held():
     assert xs == [pytest.approx(moving[3].boxes[0, 0] + 20), pytest.approx(moving[3].boxes[0, 0] + 40)]
 
 
+def test_a_face_coming_in_through_the_border_is_held_where_it_was():
+    """A face first found inside the frame but moving out of the border's way (it came in through
+    it: its first box moved back one step is cut by the border) is held the frame before its first
+    detection, at its first box moved back at its speed, once its second detection gives that speed;
+    a padded face's lead moves back the same way. A face moving along inside the frame is not held."""
+    def frames_of(xs, size=100.0, y=300.0):
+        return [Detections.empty()] * 3 + [dets_of([face_at(x, y, size)]) for x in xs] + [Detections.empty()] * 6
+
+    # stress set crowd_4k: first found 28 px inside the right border, coming in at 0.7 sizes a frame
+    coming = frames_of([1280 - 50 - 28 - 70 * i for i in range(4)])
+    tracker = Tracker(TrackOptions(max_gap=2, pad=2, smooth=0.0))
+    tracker.frame_size = (1280, 720)
+    out = run(tracker, coming)
+    held = {i: [f for f in faces if f.held] for i, faces in out}
+    assert len(held[2]) == 1 and held[1] == []  # one frame back: the earlier one was already out
+    assert held[2][0].box[0] == pytest.approx(coming[3].boxes[0, 0] + 70)  # where the face was
+    # a small (padded) face: its lead moves back along its speed too
+    small = frames_of([600 + 10 * i for i in range(4)], size=40.0)
+    tracker = Tracker(TrackOptions(max_gap=2, pad=2, smooth=0.0))
+    tracker.frame_size = (1280, 720)
+    out = run(tracker, small)
+    xs = {i: f.box[0] for i, faces in out for f in faces if f.held and i < 3}
+    assert xs[2] == pytest.approx(small[3].boxes[0, 0] - 10)  # the frame before: moved back
+    assert xs[1] == pytest.approx(small[3].boxes[0, 0])  # returned before the speed was known
+    # along the frame, away from its border: not held
+    along = frames_of([400 + 70 * i for i in range(4)])
+    tracker = Tracker(TrackOptions(max_gap=2, pad=2, smooth=0.0))
+    tracker.frame_size = (1280, 720)
+    assert not any(f.held for _, faces in run(tracker, along) for f in faces)
+
+
 @pytest.mark.parametrize("pad", [0, 2])
 def test_random_stream_invariants(pad):
     # Faces come and go, with misses; every frame comes back once, in order, with the
