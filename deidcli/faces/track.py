@@ -49,8 +49,7 @@ class OneEuroFilter:
         self.beta = float(beta)
         self.d_cutoff = float(d_cutoff)
         self._x: Optional[np.ndarray] = None  # last output
-        self._dx: Optional[np.ndarray] = None  # filtered speed, scale units per second
-        self._second = False  # the next sample is the second: it sets the speed estimate
+        self._dx: Optional[np.ndarray] = None  # filtered speed, scale units per second; None until the second sample
 
     def _alpha(self, cutoff: float) -> float:
         tau = 1.0 / (2.0 * math.pi * cutoff)
@@ -61,11 +60,9 @@ class OneEuroFilter:
         x = np.asarray(x, dtype=np.float64)
         if self._x is None:
             self._x = x.copy()
-            self._dx = np.zeros_like(x)
-            self._second = True
             return self._x.copy()
         dx = (x - self._x) * self.rate / max(float(scale), 1e-6)
-        if self._second:
+        if self._dx is None:
             # The speed estimate starts at the first step's speed, not at rest: a face whose track
             # starts in motion is followed from its second frame. Started at rest, the estimate
             # took ~5 frames to catch up: at 14 face sizes a second (a 56 px face of the stress
@@ -73,7 +70,6 @@ class OneEuroFilter:
             # the face's size, the third 5% (tests/test_faces.py, the same filter on a straight
             # path; 2-3% now). A face's crop shifted by 9% of its size is a different input to the
             # generator and to the identity check.
-            self._second = False
             self._dx = dx
         else:
             a_d = self._alpha(self.d_cutoff)
@@ -161,6 +157,11 @@ class _Track:
 
     def predict(self, index: int) -> np.ndarray:
         return self.box + self.velocity * (index - self.last)
+
+
+def _moved_kps(track: _Track, box: np.ndarray) -> np.ndarray:
+    """``track``'s last landmarks moved with its last box's centre to ``box``'s (a held face)."""
+    return track.kps + (box[:2] + box[2:] - track.box[:2] - track.box[2:]) / 2
 
 
 @dataclass(eq=False)
@@ -433,7 +434,7 @@ class Tracker:
                 if f not in self._frames:
                     break
                 box = track.predict(f)
-                kps = track.kps + (box[:2] + box[2:] - track.box[:2] - track.box[2:]) / 2
+                kps = _moved_kps(track, box)
                 self._frames[f].append(_Obs(track.track_id, box, kps, 0.0, True, True))
                 self.n_predicted += 1
                 f += 1
@@ -497,7 +498,7 @@ class Tracker:
         """Hold ``track``'s face at frame ``f``, before its first detection: at ``box`` (its first
         box when None; the landmarks moved with the box's centre)."""
         box = track.box.copy() if box is None else box
-        kps = track.kps + (box[:2] + box[2:] - track.box[:2] - track.box[2:]) / 2
+        kps = _moved_kps(track, box)
         o = _Obs(track.track_id, box, kps, 0.0, True, True)
         self._frames[f].append(o)
         track.lead.append((f, o))
@@ -514,7 +515,7 @@ class Tracker:
         for f, o in track.lead:
             if f >= self._next_final:
                 o.box = track.box - velocity * (first - f)
-                o.kps = track.kps + (o.box[:2] + o.box[2:] - track.box[:2] - track.box[2:]) / 2
+                o.kps = _moved_kps(track, o.box)
         if track.lead or self.options.pad <= 0 or not self._cut_by_border(track.box - velocity):
             return
         for f in range(first - 1, first - 1 - self.options.pad, -1):

@@ -57,6 +57,7 @@ def face_removed(crop: np.ndarray) -> np.ndarray:
     out[sel] = np.rint(crop[sel].mean(0)).astype(np.uint8)
     return out
 
+
 def face_filled(image: np.ndarray, box: np.ndarray, kps: np.ndarray | None, margin: float = 0.25) -> np.ndarray:
     """A copy of the frame ``image`` (H, W, 3) uint8 RGB with the face at ``box`` (4,) / ``kps``
     (5, 2) filled with its mean colour over deid's face ellipse at ``margin`` (the default
