@@ -190,6 +190,27 @@ def test_a_fast_small_face_is_one_track_from_its_first_frame():
     assert tracker.n_tracks == 1 and all(len(faces) == 1 for _, faces in out if _ < 12)
 
 
+def test_a_running_face_seen_weakly_is_one_track_over_every_frame():
+    """A 53 px face running 1.6 face sizes a frame (the stress set's crowd_4k: a woman crossing
+    the frame, 80-85 px a frame), which the detector scores under the start threshold in some
+    frames. YOUNG_GATE links her second detection to her first; from then on her speed is known.
+    At 1.5 face sizes, each detection started a track of its own and the weak ones (0.32-0.42)
+    none: those frames went out as they were."""
+    from deidcli.faces.track import CENTRE_GATE, YOUNG_GATE
+
+    step = np.array([82.0, 0.0])
+    scores = [0.84, 0.32, 0.64, 0.55, 0.42, 0.73, 0.32, 0.7, 0.33, 0.35, 0.69, 0.63]
+    frames = [dets_of([face_at(*(np.array([300.0, 300.0]) + step * i), 53)], np.array([s]))
+              for i, s in enumerate(scores)]
+    assert CENTRE_GATE < 82 / 53 < YOUNG_GATE
+    tracker = Tracker(TrackOptions(), start_thresh=0.5)
+    out = run(tracker, frames)
+    assert tracker.n_tracks == 1
+    for i, faces in out:
+        seen = [f for f in faces if not f.held]
+        assert len(seen) == 1 and abs(seen[0].box[0] - (300 - 26.5 + 82 * i)) < 10, (i, faces)
+
+
 def test_gap_longer_than_max_gap_splits_and_is_not_filled():
     max_gap = 4
     opts = TrackOptions(max_gap=max_gap, smooth=0.0)

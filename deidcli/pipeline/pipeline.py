@@ -248,13 +248,16 @@ class Pipeline:
                     router.count(path, face_height(f.box))
                     img = items[i][0]
                     # a held face (where a face may still be, past its track) is not covered over the
-                    # boxes of the faces seen in its frame: it is behind them if it is there at all
-                    # (stress set crowd_lfw: held blur over half of a generated face next to it)
-                    seen = [_box_rect(g.box, img.shape) for g in items[i][1] if f.held and not g.held]
-                    saved = [img[y0:y1, x0:x1].copy() for x0, y0, x1, y1 in seen]
+                    # faces seen in its frame: it is behind them if it is there at all (stress set
+                    # crowd_lfw: held blur over half of a generated face next to it). What is kept of
+                    # them is the ellipse through their box's corners, not the box: a box's straight
+                    # edges across a blur read as a painted patch (crowd_1080: 2 garish faces)
+                    seen = [_ellipse_through(g.box, img.shape) for g in items[i][1] if f.held and not g.held]
+                    saved = [img[y0:y1, x0:x1].copy() for (x0, y0, x1, y1), _ in seen]
                     rects[i].extend(apply_classic(img, [f], o.fallback, o.margin, _other_boxes(items[i][1], f)))
-                    for (x0, y0, x1, y1), px in zip(seen, saved):
-                        img[y0:y1, x0:x1] = px
+                    for ((x0, y0, x1, y1), m), px in zip(seen, saved):
+                        keep = m > 0
+                        img[y0:y1, x0:x1][keep] = px[keep]
 
         cover(covered)  # before the second look: a cover can leave a face it overlaps recognizable
         covered = []
@@ -764,12 +767,18 @@ def _with_last(items: Iterator, peek: bool) -> Iterator[tuple[Any, bool]]:
 _END = object()
 
 
-def _box_rect(box: np.ndarray, shape: Sequence[int]) -> tuple[int, int, int, int]:
-    """A face box (4,) float as the integer rectangle (x0, y0, x1, y1) it covers, inside the image."""
-    h, w = shape[:2]
-    x0, y0 = (max(0, min(int(np.floor(v)), n)) for v, n in zip(box[:2], (w, h)))
-    x1, y1 = (max(0, min(int(np.ceil(v)), n)) for v, n in zip(box[2:4], (w, h)))
-    return x0, y0, max(x0, x1), max(y0, y1)
+#: The margin of the upright ellipse through a box's corners (sqrt(2) - 1, and a little more).
+CORNER_MARGIN = 0.45
+
+
+def _ellipse_through(box: np.ndarray, shape: Sequence[int]) -> tuple[tuple[int, int, int, int], np.ndarray]:
+    """The upright ellipse about a face box (4,) that holds all of it (:data:`CORNER_MARGIN`), as
+    methods.ellipse_mask's (rect, (h, w) uint8 mask), clipped to the image; an empty rect and mask
+    where it falls outside."""
+    from ..faces.methods import ellipse_mask
+
+    em = ellipse_mask(shape, box, None, CORNER_MARGIN)
+    return em if em is not None else ((0, 0, 0, 0), np.zeros((0, 0), np.uint8))
 
 
 def _other_boxes(faces: Sequence, face) -> list:
