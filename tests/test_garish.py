@@ -121,6 +121,34 @@ def test_lost_counts_only_for_large_sharp_faces(face):
     assert not _assess(img, out, f, lost=True, height=30.0, **kw).garish  # too small to count
 
 
+def test_a_face_under_its_neighbours_cover_is_judged_as_occluded(face):
+    """A face half behind another (the stress set's crowd_1080: 90% under the front face's box)
+    comes out under the front face's blur: no detail, the front face's colour. Alone it is
+    "generated" and garish for that colour; occluded it is blurred. And a generated face the
+    detector misses under its neighbour's cover is not "lost"."""
+    from deidcli.research.garish import OCCLUDED_SHARE, occluded_share
+
+    img, f = face
+    x0, y0, x1, y1 = f.box.astype(int)
+    out = img.copy()
+    out[:, :] = cv2.GaussianBlur(img, (0, 0), (x1 - x0) / 8.0)
+    out[y0:y1, x0:x1] = np.clip(out[y0:y1, x0:x1].astype(int) + 45, 0, 255).astype(np.uint8)  # a lighter face
+    alone = _assess(img, out, f)
+    assert alone.kind == "generated" and alone.garish, alone
+    assert _assess(img, out, f, occluded=True).kind == "blurred"
+    # missed by the detector: lost alone, not under a neighbour's cover
+    v = _assess(img, img, f, unchanged_mad=-1.0, lost=True, height=100.0)
+    assert v.reasons == ("lost",), v
+    assert not _assess(img, img, f, unchanged_mad=-1.0, lost=True, height=100.0, occluded=True).garish
+    # the share of a box other boxes cover (their union, not their sum)
+    box = np.array([0.0, 0.0, 100.0, 100.0])
+    assert occluded_share(box, []) == 0.0
+    assert occluded_share(box, [np.array([50.0, 0, 200, 100])]) == 0.5
+    assert occluded_share(box, [np.array([50.0, 0, 200, 100]), np.array([60.0, 0, 200, 100])]) == 0.5
+    assert occluded_share(box, [np.array([-10.0, 80, 50, 200]), np.array([50.0, 0, 200, 100])]) == 0.6
+    assert 0 < OCCLUDED_SHARE < 0.3  # crowd_4k's generated face under a passing face's blur: 0.29
+
+
 def test_size_bins():
     from deidcli.research.garish import size_bin, size_bin_names
 

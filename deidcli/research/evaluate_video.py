@@ -54,7 +54,8 @@ garish faces and fallbacks (goal: no garish face; deidcli/research/garish.py)
     generated, and a generated face is *garish* when its colours are not the input face's
     (colour), it has black or white blotches (blotch), or the detector (down to audit_thresh)
     no longer finds a face the input had at det_thresh and it was replaced (lost, faces >= 40
-    px). Reported per clip (also by face-height bin: <48, 48-96, 96-192, >=192 px) and per
+    px); a face the frame's other faces cover in part (garish.OCCLUDED_SHARE) is blurred
+    whatever its colour and never lost, the cover of the face in front lying over it. Reported per clip (also by face-height bin: <48, 48-96, 96-192, >=192 px) and per
     track: garish_faces, garish_frac, the count of each reason, faces_generated, faces_blurred,
     faces_pixelated. Validation (thresholds in garish.py): on the stress mosaics and shared
     clips, plain re-encodes and deid's blur/pixelate outputs give no garish face and the shared
@@ -324,7 +325,7 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
     from ..faces.track import Tracker
     from ..media.probe import probe
     from ..options import TrackOptions
-    from .garish import assess, box_region, size_bin, size_bin_names
+    from .garish import OCCLUDED_SHARE, assess, box_region, occluded_share, size_bin, size_bin_names
     from .garish import settings as garish_settings
 
     t_start = time.time()
@@ -492,8 +493,9 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
                     if dets_in.scores[j] >= det_thresh:  # a confident input face: is there any output one?
                         lost = _best_iou(dets_in.boxes[j], dets_out.boxes) is None
                 height = float(face.box[3] - face.box[1])
+                hidden_by = occluded_share(face.box, [g.box for g in faces if g is not face])
                 verdict = assess(in112, out112, box_region(img_in, face.box), box_region(img_out, face.box),
-                                 mad, UNCHANGED_MAD, lost=lost, height=height)
+                                 mad, UNCHANGED_MAD, lost=lost, height=height, occluded=hidden_by >= OCCLUDED_SHARE)
                 (lips_in, eyes_in), (lips_out, eyes_out) = (
                     (lips.openings(img_in, face.kps), lips.openings(img_out, face.kps)) if lips
                     else ((None, None), (None, None)))
