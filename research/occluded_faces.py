@@ -20,32 +20,29 @@ import numpy as np
 
 def main() -> None:
     from deidcli.research.evaluate_video import evaluate_video
-    from deidcli.research.garish import OCCLUDED_SHARE, assess, occluded_share
+    from deidcli.research.garish import OCCLUDED_SHARE, assess
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("input")
     ap.add_argument("output")
     ap.add_argument("--sheet", help="PNG of the reclassified faces' crops (the first 40)")
     a = ap.parse_args()
-    faces: list = []
+    changed, occluded, n = [], 0, 0
 
     def hook(f: dict) -> None:
-        faces.append({k: f[k] for k in ("index", "track", "box", "in112", "out112", "lost", "height")})
-
-    report = evaluate_video(a.input, a.output, face_hook=hook)
-    by_frame: dict = {}
-    for f in faces:
-        by_frame.setdefault(f["index"], []).append(f)
-    changed, occluded = [], 0
-    for f in faces:
-        share = occluded_share(f["box"], [g["box"] for g in by_frame[f["index"]] if g is not f])
-        occluded += share >= OCCLUDED_SHARE
+        nonlocal occluded, n
+        n += 1
+        if f["covered"] < OCCLUDED_SHARE:
+            return  # the rule does not apply: the same verdict either way
+        occluded += 1
         kw = {"lost": f["lost"], "height": f["height"]}
         old = assess(f["in112"], f["out112"], **kw)
-        new = assess(f["in112"], f["out112"], occluded=share >= OCCLUDED_SHARE, **kw)
+        new = assess(f["in112"], f["out112"], occluded=True, **kw)
         if (old.kind, old.garish) != (new.kind, new.garish):
-            changed.append((f, share, old, new))
-    print(f"faces {len(faces)}, occluded (>= {OCCLUDED_SHARE}) {occluded}, reclassified {len(changed)} "
+            changed.append((f, f["covered"], old, new))
+
+    report = evaluate_video(a.input, a.output, face_hook=hook)
+    print(f"faces {n}, occluded (>= {OCCLUDED_SHARE}) {occluded}, reclassified {len(changed)} "
           f"(garish without the rule {sum(o.garish for _, _, o, _ in changed)}); "
           f"the clip's garish faces {report['garish_faces']} {report['garish_frames']}")
     for f, share, old, new in changed:

@@ -198,7 +198,7 @@ class Pipeline:
         image, then give the others the fallback (last, so that nothing is pasted over it).
         Returns, per item, the list of touched rectangles."""
         from ..faces.align import arcface_crop, paste, put_region
-        from ..faces.methods import apply_classic
+        from ..faces.methods import apply_classic, ellipse_mask
         from .routing import face_height
 
         o = self.options
@@ -252,7 +252,8 @@ class Pipeline:
                     # crowd_lfw: held blur over half of a generated face next to it). What is kept of
                     # them is the ellipse through their box's corners, not the box: a box's straight
                     # edges across a blur read as a painted patch (crowd_1080: 2 garish faces)
-                    seen = [_ellipse_through(g.box, img.shape) for g in items[i][1] if f.held and not g.held]
+                    seen = [em for g in items[i][1] if f.held and not g.held
+                            and (em := ellipse_mask(img.shape, g.box, None, CORNER_MARGIN)) is not None]
                     saved = [img[y0:y1, x0:x1].copy() for (x0, y0, x1, y1), _ in seen]
                     rects[i].extend(apply_classic(img, [f], o.fallback, o.margin, _other_boxes(items[i][1], f)))
                     for ((x0, y0, x1, y1), m), px in zip(seen, saved):
@@ -767,18 +768,9 @@ def _with_last(items: Iterator, peek: bool) -> Iterator[tuple[Any, bool]]:
 _END = object()
 
 
-#: The margin of the upright ellipse through a box's corners (sqrt(2) - 1, and a little more).
+#: The margin of the upright ellipse about a box that holds all of it (through its corners: sqrt(2) -
+#: 1, and a little more): what a held face's cover keeps of the faces seen in its frame.
 CORNER_MARGIN = 0.45
-
-
-def _ellipse_through(box: np.ndarray, shape: Sequence[int]) -> tuple[tuple[int, int, int, int], np.ndarray]:
-    """The upright ellipse about a face box (4,) that holds all of it (:data:`CORNER_MARGIN`), as
-    methods.ellipse_mask's (rect, (h, w) uint8 mask), clipped to the image; an empty rect and mask
-    where it falls outside."""
-    from ..faces.methods import ellipse_mask
-
-    em = ellipse_mask(shape, box, None, CORNER_MARGIN)
-    return em if em is not None else ((0, 0, 0, 0), np.zeros((0, 0), np.uint8))
 
 
 def _other_boxes(faces: Sequence, face) -> list:

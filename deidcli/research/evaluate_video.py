@@ -55,8 +55,8 @@ garish faces and fallbacks (goal: no garish face; deidcli/research/garish.py)
     (colour), it has black or white blotches (blotch), or the detector (down to audit_thresh)
     no longer finds a face the input had at det_thresh and it was replaced (lost, faces >= 40
     px); a face the frame's other faces cover in part (garish.OCCLUDED_SHARE) is blurred
-    whatever its colour and never lost, the cover of the face in front lying over it. Reported per clip (also by face-height bin: <48, 48-96, 96-192, >=192 px) and per
-    track: garish_faces, garish_frac, the count of each reason, faces_generated, faces_blurred,
+    whatever its colour and never lost, the cover of the face in front lying over it. Reported
+    per clip (also by face-height bin: <48, 48-96, 96-192, >=192 px) and per track: garish_faces, garish_frac, the count of each reason, faces_generated, faces_blurred,
     faces_pixelated. Validation (thresholds in garish.py): on the stress mosaics and shared
     clips, plain re-encodes and deid's blur/pixelate outputs give no garish face and the shared
     clips' deid outputs none either; two blind by-eye gradings of 90 faces each agreed on 86
@@ -317,7 +317,8 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
     index, track, in112, out112, height, verdict (garish.Verdict), cos, score, interpolated, lost,
     box, judge (the distance), judge_context (where the judge called the output the same person:
     whether it calls the input with its face filled flat the same too), exposed (as counted: the
-    control and hidden faces taken into account), hidden); for validation tools.
+    control and hidden faces taken into account), hidden, covered (garish.occluded_share: the
+    share of its box the frame's other faces cover)); for validation tools.
     """
     from ..errors import InputError
     from ..faces.align import arcface_crop
@@ -432,6 +433,7 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
             face_hook({"index": i, "track": tr.track_id, "in112": f["in112"], "out112": f["out112"],
                        "height": f["height"], "verdict": v, "cos": cos, "score": f["score"],
                        "interpolated": f["interpolated"], "lost": f["lost"], "box": f["box"],
+                       "covered": f["covered"],
                        "judge": None if f["judge"] is None else f["judge"][0],
                        "judge_context": None if f["judge"] is None else f["judge"][1],
                        "exposed": bool(verified or unchanged), "hidden": hidden})
@@ -493,9 +495,9 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
                     if dets_in.scores[j] >= det_thresh:  # a confident input face: is there any output one?
                         lost = _best_iou(dets_in.boxes[j], dets_out.boxes) is None
                 height = float(face.box[3] - face.box[1])
-                hidden_by = occluded_share(face.box, [g.box for g in faces if g is not face])
+                covered = occluded_share(face.box, [g.box for g in faces if g is not face])
                 verdict = assess(in112, out112, box_region(img_in, face.box), box_region(img_out, face.box),
-                                 mad, UNCHANGED_MAD, lost=lost, height=height, occluded=hidden_by >= OCCLUDED_SHARE)
+                                 mad, UNCHANGED_MAD, lost=lost, height=height, occluded=covered >= OCCLUDED_SHARE)
                 (lips_in, eyes_in), (lips_out, eyes_out) = (
                     (lips.openings(img_in, face.kps), lips.openings(img_out, face.kps)) if lips
                     else ((None, None), (None, None)))
@@ -503,7 +505,7 @@ def evaluate_video(input_path: os.PathLike, output_path: os.PathLike, models_dir
                     "index": i, "track": face.track_id, "interpolated": bool(face.interpolated),
                     "score": float(face.score),
                     "in112": in112, "out112": out112, "mad": mad, "lm": lm,
-                    "verdict": verdict, "height": height, "lost": lost, "box": face.box,
+                    "verdict": verdict, "height": height, "lost": lost, "box": face.box, "covered": covered,
                     "mouth_in": mouth(face, img_in, 0), "mouth_out": mouth(face, img_out, 1),
                     "lips_in": lips_in, "lips_out": lips_out, "eyes_in": eyes_in, "eyes_out": eyes_out,
                     "judge": judged(img_in, img_out, face) if (judge_net and not face.interpolated
