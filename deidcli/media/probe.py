@@ -187,9 +187,12 @@ def _check_truncated(container, path: Path) -> None:
 
 
 def _display_matrix(frame) -> Optional[tuple[int, ...]]:
-    """The frame's DISPLAYMATRIX side data as FFmpeg's 9 int32, or None."""
+    """The frame's DISPLAYMATRIX side data as FFmpeg's 9 int32, or None. Iterating PyAV's side-data
+    container gives the SideData themselves up to 18.1.0, and their types (the keys) from 18.1.1."""
     try:
-        for sd in frame.side_data:
+        sds = frame.side_data
+        for item in sds:
+            sd = item if hasattr(item, "type") else sds[item]
             if str(getattr(sd, "type", "")).endswith("DISPLAYMATRIX"):
                 raw = bytes(sd)
                 if len(raw) >= 36:
