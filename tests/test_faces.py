@@ -879,3 +879,37 @@ def test_a_weak_face_confirmed_while_an_earlier_one_waits_starts_its_track():
     out += tracker.flush()
     tracks = by_track(out)
     assert len(tracks) == 2 and all(len(v) == 4 for v in tracks.values())  # each from its first frame
+
+
+def test_a_face_held_past_a_box_that_grows_or_shrinks_keeps_a_face_sized_box():
+    """A held face's box moves with its track but never shrinks below the box it is held from: a
+    face coming in through the left border, whose detected box grows as more of it shows (stress
+    set crowd_1080: 46 -> 73 px in a frame), was held the frames before its first detection at 18
+    px and then at a box turned inside out; one going out through the right border, its box
+    shrinking, was held past its last at the same kind of box."""
+    def face_box(x0, x1, y0, y1):
+        return Detections(np.array([[x0, y0, x1, y1]], np.float32), np.array([0.9], np.float32),
+                          np.tile(np.array([[(x0 + x1) / 2, (y0 + y1) / 2]], np.float32), (5, 1))[None])
+
+    # coming in through the left border: the box grows by 27 px a frame (crowd_1080, frames 73-76)
+    coming = [Detections.empty()] * 4 + [face_box(-10, 14, 485, 531), face_box(-19, 27, 470, 543),
+                                         face_box(-23, 39, 469, 552), face_box(-24, 44, 484, 576)]
+    coming += [Detections.empty()] * 6
+    tracker = Tracker(TrackOptions(max_gap=2, pad=2, smooth=0.0))
+    tracker.frame_size = (1920, 1080)
+    out = run(tracker, coming)
+    held = [(i, f.box) for i, faces in out for f in faces if f.held and i < 4]
+    assert held  # the frames before its first detection are held ...
+    for _, box in held:  # ... at a box at least the first one's size
+        assert box[2] - box[0] >= 24 - 1e-6 and box[3] - box[1] >= 46 - 1e-6, box
+    # going out through the right border: the box shrinks by 30 px a frame
+    going = [Detections.empty()] * 2 + [face_box(1860 + 10 * i, 1920 + 30 - 30 * i + 10 * i, 400, 480 - 20 * i)
+                                        for i in range(3)] + [Detections.empty()] * 6
+    tracker = Tracker(TrackOptions(max_gap=2, pad=2, smooth=0.0))
+    tracker.frame_size = (1920, 1080)
+    out = run(tracker, going)
+    last = going[4].boxes[0]
+    after = [f.box for i, faces in out for f in faces if f.held and i > 4]
+    assert after
+    for box in after:
+        assert box[2] - box[0] >= last[2] - last[0] - 1e-6 and box[3] - box[1] >= last[3] - last[1] - 1e-6, box

@@ -510,6 +510,31 @@ def test_the_face_check_finds_a_face_the_detector_no_longer_sees():
     assert lost_faces(detector, [(out, [filled])], [(0, None, filled)]) == []
 
 
+def test_a_look_around_some_faces_sees_them_as_the_frames_look_does():
+    """Detector.look_around (face_check.lost_faces' look) on the stress set's crowd (first frame,
+    as built): around three faces the frame's look scores 0.4 or more, it finds each where that
+    look does, at its score
+    within 0.05, and not the faces far from them; around every face it costs as much as the frame,
+    and is the frame's look."""
+    from deidcli.faces.detect import Detector, box_iou
+    from deidcli.research.stress import Crowd, _seed_of
+
+    img = next(Crowd(np.random.default_rng(_seed_of("crowd_lfw", 0)), 90))
+    detector = Detector(VIDEOS.parent / "models" / "det_scrfd_2.5g_kps.onnx", det_thresh=0.3, precision="int8")
+    full = detector.look(img)
+    assert len(full) >= 10  # the premise: a crowd
+    sure = np.flatnonzero(full.scores >= 0.4)  # the faces lost_faces looks at
+    three = sure[[0, len(sure) // 2, len(sure) - 1]]
+    pick = full.boxes[three]
+    near = detector.look_around(img, pick)
+    iou = box_iou(pick, near.boxes)
+    assert (iou.max(1) > 0.8).all()
+    assert np.abs(near.scores[iou.argmax(1)] - full.scores[three]).max() < 0.05
+    assert len(near) < len(full)  # only around them
+    everyone = detector.look_around(img, full.boxes)
+    assert np.array_equal(everyone.boxes, full.boxes) and np.array_equal(everyone.scores, full.scores)
+
+
 def test_generated_faces_the_detector_loses_get_the_fallback(shared, tmp_path):
     """The stress set's crowd_lfw, first 50 frames: without the face check the detector no longer
     found 4 generated faces of 40-47 px (deid evaluate-video: garish, "lost"; dark sockets and

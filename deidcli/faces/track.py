@@ -162,6 +162,20 @@ class _Track:
         return self.box + self.velocity * (index - self.last)
 
 
+def _held_box(box: np.ndarray, velocity: np.ndarray, steps: float) -> np.ndarray:
+    """Where a held face is ``steps`` frames from ``box`` (negative: before it), at ``velocity`` (the
+    box's change per frame): its centre moves at the box centre's speed, and its size follows the
+    box's only where that grows. A box's size change at a track's end is mostly the border cutting
+    the face, or the detector's estimate settling: carried on, it shrinks the box to nothing and
+    then turns it inside out (stress set crowd_1080: a face coming in through the left border
+    grew from 46 to 73 px in a frame as more of it showed, and the frames before were held at 18
+    px, then at x0 9, x1 -12)."""
+    centre = (box[:2] + box[2:]) / 2 + (velocity[:2] + velocity[2:]) / 2 * steps
+    size = box[2:] - box[:2]
+    size = np.maximum(size + (velocity[2:] - velocity[:2]) * steps, size)
+    return np.concatenate([centre - size / 2, centre + size / 2])
+
+
 def _moved_kps(track: _Track, box: np.ndarray) -> np.ndarray:
     """``track``'s last landmarks moved with its last box's centre to ``box``'s (a held face)."""
     return track.kps + (box[:2] + box[2:] - track.box[:2] - track.box[2:]) / 2
@@ -220,11 +234,12 @@ class Tracker:
     Padding (``options.pad``): a face that is small (under PAD_BELOW px high) or cut by the frame's
     border (``frame_size``, within PAD_EDGE of its size) at its track's first or last detection is
     held over ``pad`` frames more before and after (its first box moved back, and its last box
-    moved on, at the track's speed; before its second detection, where the speed is not known, at
-    its first box), and so is a face whose first box moved back one step is cut by the border (it
-    came in through it): the detector loses such faces a frame or two before they are gone. Held faces
-    are marked ``held`` (the pipeline gives them the fallback) and counted in n_predicted. The
-    output then lags the input by ``pad`` frames more.
+    moved on, at the track's speed, never smaller than that box: :func:`_held_box`; before its
+    second detection, where the speed is not known, at its first box), and so is a face whose
+    first box moved back one step is cut by the border (it came in through it): the detector loses
+    such faces a frame or two before they are gone. Held faces are marked ``held`` (the pipeline
+    gives them the fallback) and counted in n_predicted. The output then lags the input by ``pad``
+    frames more.
 
     Memory: the buffer holds at most max(max_gap, reach_back) + pad + 1 frames of detections.
     """
@@ -436,7 +451,7 @@ class Tracker:
             for _ in range(self.options.pad):
                 if f not in self._frames:
                     break
-                box = track.predict(f)
+                box = _held_box(track.box, track.velocity, f - track.last)
                 kps = _moved_kps(track, box)
                 self._frames[f].append(_Obs(track.track_id, box, kps, 0.0, True, True))
                 self.n_predicted += 1
@@ -517,14 +532,14 @@ class Tracker:
         first = track.last
         for f, o in track.lead:
             if f >= self._next_final:
-                o.box = track.box - velocity * (first - f)
+                o.box = _held_box(track.box, velocity, f - first)
                 o.kps = _moved_kps(track, o.box)
-        if track.lead or self.options.pad <= 0 or not self._cut_by_border(track.box - velocity):
+        if track.lead or self.options.pad <= 0 or not self._cut_by_border(_held_box(track.box, velocity, -1)):
             return
         for f in range(first - 1, first - 1 - self.options.pad, -1):
             if f < max(self._next_final, self._cut) or f not in self._frames:
                 break
-            self._lead(track, f, track.box - velocity * (first - f))
+            self._lead(track, f, _held_box(track.box, velocity, f - first))
 
     def _continue(self, track: _Track, index: int, box, kps, score: float):
         box = np.asarray(box, dtype=np.float64)

@@ -54,12 +54,13 @@ def blotched_faces(crops: np.ndarray, raw: np.ndarray, masks: Sequence[np.ndarra
 
 def lost_faces(detector, items: Sequence[tuple[np.ndarray, Sequence]], jobs: Sequence) -> list:
     """The indices into ``jobs`` ((item index into ``items``, M, face) each, generated and pasted)
-    of the faces ``detector`` (faces.detect.Detector) no longer finds in their frame. One
-    frame-sized look (Detector.look) at each frame with such a face: a look around each face alone
-    (Detector.detect_near) scored these faces, near the detector's threshold, 0.1-0.2 apart from the
-    frame's look, with other surroundings in its square (stress set crowd_lfw). Only faces the
-    detector found in this frame at LOST_INPUT_SCORE or more are looked at (a face filled in by the
-    tracker has score 0)."""
+    of the faces ``detector`` (faces.detect.Detector) no longer finds in their frame. One look at
+    each frame with such a face, as the frame-sized look (Detector.look) sees them, but only
+    around them (Detector.look_around: the search's own input cut around the faces; the frame
+    whole where that costs as much). A look around each face alone, zoomed (Detector.detect_near),
+    scored these faces, near the detector's threshold, 0.1-0.2 apart from the frame's look, with
+    other surroundings in its square (stress set crowd_lfw). Only faces the detector found in this
+    frame at LOST_INPUT_SCORE or more are looked at (a face filled in by the tracker has score 0)."""
     from ..faces.detect import box_iou
     from .routing import face_height
 
@@ -70,7 +71,7 @@ def lost_faces(detector, items: Sequence[tuple[np.ndarray, Sequence]], jobs: Seq
     lost = []
     for i, ks in by_item.items():
         boxes = np.stack([np.asarray(jobs[k][2].box[:4], np.float32) for k in ks])
-        look = detector.look(items[i][0])
+        look = detector.look_around(items[i][0], boxes)
         found = look.boxes[look.scores >= LOST_FOUND]
         iou = box_iou(boxes, found) if len(found) else np.zeros((len(ks), 1))
         lost.extend(k for k, v in zip(ks, iou.max(1)) if v < LOST_IOU)
