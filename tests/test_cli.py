@@ -316,6 +316,16 @@ def test_detector_precision_option_and_report(clips, tmp_path):
     assert p.returncode == 2 and "int4" in p.stderr and not (tmp_path / "bad.mp4").exists()
 
 
+def test_the_small_fixed_size_detector_anonymizes(clips, tmp_path):
+    """--detector det_scrfd_500m_kps_640.onnx (a model with a fixed 640x640 input, listed by `deid
+    models`): the file is anonymized, both people found. Until 2026-12-07 the near looks between
+    searches raised on it and every file failed."""
+    p = run("anonymize", clips["two_person"], tmp_path / "small.mp4", "--method", "blur", "--detector",
+            "det_scrfd_500m_kps_640.onnx", "--json", check=0)
+    f = json.loads(p.stdout)["files"][0]
+    assert f["status"] == "ok" and f["tracks"] >= 2 and f["faces_anonymized"] >= 2 * f["frames"], f
+
+
 def test_det_size_takes_auto_or_a_multiple_of_32():
     import click
 

@@ -520,6 +520,22 @@ def test_fixed_size_model_uses_its_own_size(video_frames, caplog):
     check_plausible(dets)
 
 
+@needs_shared
+@pytest.mark.skipif(not MODEL_500M.is_file(), reason=f"{MODEL_500M} not found")
+def test_fixed_size_model_looks_near_faces_too(video_frames):
+    """The looks that cut a frame into squares (near looks between searches, the look around
+    generated faces, the zoomed second look) run a fixed 640x640 model too, the squares put into
+    its input at their own scale, and find the faces the frame's search finds. They raised on any
+    other size, and `deid anonymize --detector det_scrfd_500m_kps_640.onnx` failed on every file."""
+    det = Detector(MODEL_500M, det_thresh=0.3)
+    img = video_frames[0]
+    full = det.detect(img)
+    assert len(full) == 2
+    for near in (det.detect_near(img, full.boxes), det.look_around(img, full.boxes)):
+        assert (box_iou(full.boxes, near.boxes).max(1) > 0.8).all()
+    assert min(det.zoom_score(img, b) for b in full.boxes) > 0.5
+
+
 def test_detector_missing_model(tmp_path):
     with pytest.raises(ModelError, match="not found"):
         Detector(tmp_path / "nope.onnx")

@@ -499,13 +499,24 @@ class Detector:
         decoding and the NMS are InsightFace's (``forward``, ``nms``); this repeats the steps
         between them (``SCRFD._detect_candidates``): letterbox at the top left, scale back, order.
         Returns det (N, 5) float32 [x0, y0, x1, y1, score], kps (N, 5, 2) float32, in pixels of
-        ``image``, highest score first."""
+        ``image``, highest score first.
+
+        A model with a fixed input size runs only at that size: the picture, at the scale
+        ``input_size`` asks for, is put at the top left of the model's input (where it fits; else
+        it is shrunk into it), so the looks that cut the frame into squares (:meth:`detect_near`,
+        :meth:`look_around`, :meth:`zoom_score`) work with it too. Until 2026-12-07 they raised
+        with det_scrfd_500m_kps_640.onnx, and `deid anonymize --detector` with it failed on every
+        file."""
         import cv2
 
         m = self.model
         h = image.shape[0]
         in_w, in_h = input_size
         new_w, new_h = _letterbox_size(image.shape, input_size)
+        if self.fixed_size:
+            in_w, in_h = self.input_size
+            if new_w > in_w or new_h > in_h:
+                new_w, new_h = _letterbox_size(image.shape, self.input_size)
         scale = float(new_h) / h
         det_img = np.zeros((in_h, in_w, 3), np.uint8)
         det_img[:new_h, :new_w] = cv2.resize(image, (new_w, new_h))[:, :, ::-1]
