@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import decode_rgb
 from deidcli.errors import ModelError
 from deidcli.faces.detect import Detections, Detector, box_iou
 from deidcli.faces.track import Face, Tracker
@@ -534,6 +535,29 @@ def test_fixed_size_model_looks_near_faces_too(video_frames):
     for near in (det.detect_near(img, full.boxes), det.look_around(img, full.boxes)):
         assert (box_iou(full.boxes, near.boxes).max(1) > 0.8).all()
     assert min(det.zoom_score(img, b) for b in full.boxes) > 0.5
+
+
+@needs_shared
+@pytest.mark.parametrize("clip,factor", [("lp_d13.mp4", 2.0), ("lp_d13.mp4", 3.0), ("ghost_obama_short.mp4", 3.0)])
+def test_a_face_too_large_for_the_search_is_found_by_the_coarse_look(clip, factor):
+    """A talking head scaled up into a large frame (a 1440x2560 or 2160x3840 phone selfie, a 4K
+    talking head): the search, at half the frame's size, sees the face at 450-780 px and scores it
+    under the start threshold or not at all; the coarse look finds it, whole, at 0.5 or more. A
+    1280x720 frame gets no coarse look."""
+    import cv2
+
+    from deidcli.faces.detect import COARSE_OVER
+
+    det = Detector(MODEL, det_thresh=0.2, det_size=0)  # auto, as deid anonymize searches
+    img = cv2.resize(decode_rgb(SHARED / "videos" / clip, 1)[0], None, fx=factor, fy=factor,
+                     interpolation=cv2.INTER_CUBIC)
+    searched, _ = det._detect(img, det.input_size_for(img.shape))
+    assert not (searched[:, 4] >= COARSE_OVER).any()  # the premise: the search alone misses it
+    dets = det.detect(img)
+    assert len(dets) and dets.scores[0] >= 0.5
+    assert dets.boxes[0, 3] - dets.boxes[0, 1] > 0.35 * img.shape[0]  # the whole face
+    check_plausible(dets.select(dets.scores >= 0.5))
+    assert det.coarse_size((720, 1280, 3)) is None
 
 
 def test_detector_missing_model(tmp_path):

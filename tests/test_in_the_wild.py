@@ -743,3 +743,25 @@ def test_the_automatic_detector_size_follows_the_frame():
 
     assert [auto_side(n) for n in (320, 480, 1280, 1300, 1920, 2560, 3840, 7680)] == \
         [640, 640, 640, 672, 960, 1280, 1920, 3840]
+
+
+# --- one large face in a large frame -----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["selfie_4k", "closeup_4k"])
+def test_a_face_filling_a_4k_frame_is_anonymized_in_every_frame(shared, tmp_path, name):
+    """The stress set's close-ups: a 2160x3840 phone selfie (the face about 1,550 px high) and a 4K
+    talking head (1,290 px). The search, at half the frame's size, does not find faces that large;
+    until 2026-12-07 every frame went out as it was (0 faces anonymized, all 30 of a second exposed
+    by the audit). The coarse look finds the face in every frame, and deid evaluate-video, whose
+    search looks the same way, finds none exposed."""
+    from deidcli.options import AnonymizeOptions
+    from deidcli.pipeline.anonymize import anonymize
+    from deidcli.research import stress
+    from deidcli.research.evaluate_video import evaluate_video
+
+    src, out = tmp_path / f"{name}.mp4", tmp_path / "out.mp4"
+    stress.make_clip(name, src, seed=0, seconds=0.2)
+    res = anonymize(src, out, AnonymizeOptions(method="blur"))["files"][0]
+    assert res["status"] == "ok" and res["faces_anonymized"] == res["frames"] == 6, res
+    ev = evaluate_video(src, out, models_dir=VIDEOS.parent / "models")
+    assert ev["faces"] == 6 and ev["exposed_faces"] == 0, {k: ev[k] for k in ("faces", "exposed_faces")}

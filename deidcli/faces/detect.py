@@ -131,6 +131,16 @@ TRACKED_IOU = 0.5
 #: that 1920 px found (its faces 20-80 px, 3-13 px once shrunk six times); tiled 2x2 into 2560x1440,
 #: 23 against 58. Up to 1280 px frames AUTO is 640, as before.
 AUTO_MIN, AUTO_DOWNSCALE = 640, 2.0
+#: Detector.detect, large faces: SCRFD finds a face up to about 450 px high in its input, and
+#: none much larger (a 720x1280 selfie of ../shared/videos' lp_d13, 514 px high, scaled 2x: 0.22 at
+#: 447 px in the search's input; scaled 3x, a 2160x3840 phone video, 770 px: nothing, so the face
+#: went out as it was). Where a face as tall as the frame would be over COARSE_FRAME px at the
+#: search's scale, the search also looks at the frame shrunk to COARSE_SIDE px on its longer side;
+#: its detections at least COARSE_FROM px high at the search's scale count, each in place of the
+#: search's detections of the same face unless one of those scored COARSE_OVER or more (the
+#: search's box and landmarks are the finer ones). A 1080p frame costs about a sixth more a search,
+#: a 4K one a twentieth; 1280x720 frames none.
+COARSE_SIDE, COARSE_FRAME, COARSE_FROM, COARSE_OVER = 320, 360, 256, 0.5
 #: The least score of a detection that may start a face (a tentative track, faces/track.py; a zoomed
 #: second look, Detector.detect; a weak face covered live, pipeline/live.py). Weaker ones, down to
 #: the detector's threshold (--keep-thresh, 0.2), only continue a face already followed: on the
@@ -278,7 +288,7 @@ class Detector:
         """
         assert image.ndim == 3 and image.shape[2] == 3, f"need (H, W, 3), got {image.shape}"
         assert image.dtype == np.uint8, f"need uint8, got {image.dtype}"
-        det, kps = self._detect(image, self.input_size_for(image.shape))
+        det, kps = self._with_coarse(image, *self._detect(image, self.input_size_for(image.shape)))
         if self.rescore_below > 0:
             weak = (det[:, 4] < self.rescore_below) & (det[:, 4] >= WEAK_MIN)
             if tracked is not None and len(tracked) and weak.any():
@@ -300,6 +310,47 @@ class Detector:
             dets = dets.select(keep)
         self.n_faces += len(dets)
         return dets
+
+    def coarse_size(self, shape: Sequence[int]) -> Optional[tuple[int, int]]:
+        """The detector input (width, height) of :meth:`detect`'s coarse look at an image of
+        ``shape`` (COARSE_SIDE), or None where it makes none: a face as tall as the image would be
+        at most COARSE_FRAME px at the search's scale, or the model's input size is fixed."""
+        if self.fixed_size or shape[0] * self.search_scale(shape) <= COARSE_FRAME:
+            return None
+        h, w = int(shape[0]), int(shape[1])
+        short = int(math.ceil(COARSE_SIDE * min(h, w) / max(h, w) / 32.0)) * 32
+        return (COARSE_SIDE, short) if w >= h else (short, COARSE_SIDE)
+
+    def _with_coarse(self, image: np.ndarray, det: np.ndarray, kps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The search's ``det`` (N, 5), ``kps`` (N, 5, 2) with the large faces of the coarse look
+        (:meth:`coarse_size`, COARSE_FROM, COARSE_OVER), highest score first."""
+        size = self.coarse_size(image.shape)
+        if size is None:
+            return det, kps
+        cdet, ckps = self._detect(image, size)
+        big = (cdet[:, 3] - cdet[:, 1]) * self.search_scale(image.shape) >= COARSE_FROM
+        if not big.any():
+            return det, kps
+        cdet, ckps = cdet[big], ckps[big]
+        add, drop = [], set()
+        for c in range(len(cdet)):
+            # the search's detections of this face: mostly inside its box (a 4K talking head's
+            # search found a part of the face, 850 px of 1,290, at 0.42-0.46)
+            x0, y0 = np.maximum(det[:, 0], cdet[c, 0]), np.maximum(det[:, 1], cdet[c, 1])
+            x1, y1 = np.minimum(det[:, 2], cdet[c, 2]), np.minimum(det[:, 3], cdet[c, 3])
+            inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+            area = np.maximum((det[:, 2] - det[:, 0]) * (det[:, 3] - det[:, 1]), 1e-6)
+            same = np.flatnonzero(inter / area > 0.5)
+            if len(same) and det[same, 4].max() >= COARSE_OVER:
+                continue
+            add.append(c)
+            drop.update(int(j) for j in same)
+        if not add:
+            return det, kps
+        keep = [j for j in range(len(det)) if j not in drop]
+        det, kps = np.concatenate([det[keep], cdet[add]]), np.concatenate([kps[keep], ckps[add]])
+        order = np.argsort(-det[:, 4], kind="stable")
+        return det[order], kps[order]
 
     def look(self, image: np.ndarray) -> Detections:
         """Faces in one image (H, W, 3) uint8 RGB as :meth:`detect` first sees them: the frame-sized
@@ -482,14 +533,16 @@ class Detector:
 
     def near_cost(self, boxes: np.ndarray, shape: Sequence[int]) -> tuple[int, int]:
         """(pixels for :meth:`detect_near` of ``boxes`` (T, 4), pixels for :meth:`detect` of an
-        image of ``shape``), each with every call's fixed cost (CALL_PIXELS) added."""
+        image of ``shape``, its coarse look included), each with every call's fixed cost
+        (CALL_PIXELS) added."""
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         w, h = self.input_size_for(shape)
         n_small = int(np.count_nonzero(self._small(boxes, shape)))
         cost = 0
         for n, side in ((len(boxes) - n_small, NEAR_SIDE), (n_small, SMALL_SIDE)):
             cost += n * side * side + (n + NEAR_PER_CALL - 1) // NEAR_PER_CALL * CALL_PIXELS
-        return cost, w * h + CALL_PIXELS
+        coarse = self.coarse_size(shape)
+        return cost, w * h + CALL_PIXELS + (0 if coarse is None else coarse[0] * coarse[1] + CALL_PIXELS)
 
     def _detect(self, image: np.ndarray, input_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """InsightFace's ``SCRFD.detect(bgr, input_size, max_num=0)`` for an RGB image, with the same

@@ -3,7 +3,7 @@ light, blur, compression, haze, scene cuts and moving LFW crowds.
 
     python -m deidcli.research.stress OUT_DIR [--seed 0] [--seconds 3] [--only NAME ...] [--list]
 
-Every clip but the large crowds is 1280x720 at 30 frames/s, H.264 (libx264 crf 18, crf 35 for ``*_crf35``), no audio,
+Every clip but the large crowds and the close-ups is 1280x720 at 30 frames/s, H.264 (libx264 crf 18, crf 35 for ``*_crf35``), no audio,
 and is made deterministically from ``--seed`` (which shared clip goes in which cell, where each
 starts, the noise, the LFW people and their paths). The videos are never committed: this script
 is. ``OUT_DIR/manifest.json`` lists what each clip is made of. Existing clips are kept unless
@@ -36,6 +36,11 @@ crowd_1080, crowd_4k
 cuts
     hard scene cuts every 20 frames between a full-frame shared clip and 2x2, 3x3 and 4x4
     mosaics (a face in the very first frame; tracks that must end at a cut).
+closeup_4k, selfie_4k
+    one large face in a 4K frame: ``ghost_obama_short`` (1280x720) scaled 3x into 3840x2160, a
+    talking head of about 1,290 px, and ``lp_d13`` (720x1280, a phone selfie) scaled 3x into
+    2160x3840, about 1,550 px. The detector's search, at half the frame's size, sees faces this
+    large at 640-780 px, beyond what it finds (faces/detect.py, COARSE_SIDE).
 """
 
 from __future__ import annotations
@@ -71,6 +76,9 @@ FADE_FRAMES, FADE_FROM, FADE_BLUR = 20, 0.4, 40.0
 CROWDS = {"crowd_lfw": {},
           "crowd_1080": {"size": (1920, 1080), "at_once": 30, "face_px": (20, 80)},
           "crowd_4k": {"size": (3840, 2160), "at_once": 30, "face_px": (30, 120)}}
+#: The close-ups: (shared clip, frame size (W, H)), the clip scaled up to fill the frame.
+CLOSEUPS = {"closeup_4k": ("ghost_obama_short.mp4", (3840, 2160)),
+            "selfie_4k": ("lp_d13.mp4", (2160, 3840))}
 
 
 def shared_clips() -> list[Path]:
@@ -319,6 +327,28 @@ class Cuts:
         return next(scene)
 
 
+class Closeup:
+    """A shared clip scaled up to a large frame of its own aspect (bicubic: ``fit``'s area resize
+    enlarges in blocks), looping: one large face."""
+
+    def __init__(self, clip: str, size: tuple[int, int]):
+        self._it = self._frames(VIDEOS / clip, size)
+        self.plan = {"clip": clip, "size": list(size)}
+
+    @staticmethod
+    def _frames(path: Path, size: tuple[int, int]) -> Iterator[np.ndarray]:
+        import cv2
+
+        from .measures import upright_frames
+
+        while True:
+            for img, _ in upright_frames(path):
+                yield cv2.resize(img, size, interpolation=cv2.INTER_CUBIC)
+
+    def __next__(self) -> np.ndarray:
+        return next(self._it)
+
+
 class FadeIn:
     """A full-frame shared clip whose brightness rises from FADE_FROM to 1 and whose blur falls
     from FADE_BLUR px to none over FADE_FRAMES."""
@@ -347,7 +377,7 @@ def clip_names(all_grids: bool = False) -> list[str]:
     grids = (2, 3, 4)
     names = [f"mosaic{n}" for n in grids]
     names += [f"mosaic{n}_{c}" for n in (grids if all_grids else (3,)) for c in CONDITIONS]
-    return names + ["crowd_lfw", "cuts", "fadein"] + [c for c in CROWDS if c != "crowd_lfw"]
+    return names + ["crowd_lfw", "cuts", "fadein"] + [c for c in CROWDS if c != "crowd_lfw"] + list(CLOSEUPS)
 
 
 def _seed_of(name: str, seed: int) -> int:
@@ -362,7 +392,7 @@ def make_clip(name: str, path: Path, seed: int = 0, seconds: float = 3.0) -> dic
     rng = np.random.default_rng(_seed_of(name, seed))
     frames = int(round(seconds * FPS))
     condition = None
-    size = CROWDS.get(name, {}).get("size", (W, H))
+    size = CLOSEUPS[name][1] if name in CLOSEUPS else CROWDS.get(name, {}).get("size", (W, H))
     entry: dict = {"name": name, "file": path.name, "frames": frames, "fps": FPS, "size": list(size), "seed": seed}
     if name.startswith("mosaic"):
         n = int(name[len("mosaic")])
@@ -374,6 +404,9 @@ def make_clip(name: str, path: Path, seed: int = 0, seconds: float = 3.0) -> dic
     elif name in CROWDS:
         src = Crowd(rng, frames, **CROWDS[name])
         entry.update(kind="crowd", faces=src.plan)
+    elif name in CLOSEUPS:
+        src = Closeup(*CLOSEUPS[name])
+        entry.update(kind="closeup", source=src.plan)
     elif name == "fadein":
         src = FadeIn(rng)
         entry.update(kind="fadein", source=src.plan)
