@@ -131,16 +131,18 @@ TRACKED_IOU = 0.5
 #: that 1920 px found (its faces 20-80 px, 3-13 px once shrunk six times); tiled 2x2 into 2560x1440,
 #: 23 against 58. Up to 1280 px frames AUTO is 640, as before.
 AUTO_MIN, AUTO_DOWNSCALE = 640, 2.0
-#: Detector.detect, large faces: SCRFD finds a face up to about 450 px high in its input, and
-#: none much larger (a 720x1280 selfie of ../shared/videos' lp_d13, 514 px high, scaled 2x: 0.22 at
-#: 447 px in the search's input; scaled 3x, a 2160x3840 phone video, 770 px: nothing, so the face
-#: went out as it was). Where a face as tall as the frame would be over COARSE_FRAME px at the
-#: search's scale, the search also looks at the frame shrunk to COARSE_SIDE px on its longer side;
-#: its detections at least COARSE_FROM px high at the search's scale count, each in place of the
-#: search's detections of the same face unless one of those scored COARSE_OVER or more (the
-#: search's box and landmarks are the finer ones). A 1080p frame costs about a sixth more a search,
-#: a 4K one a twentieth; 1280x720 frames none.
-COARSE_SIDE, COARSE_FRAME, COARSE_FROM, COARSE_OVER = 320, 360, 256, 0.5
+#: Detector.detect, large faces: SCRFD finds a face up to about 460 px high in its input, less
+#: surely up to 490, and none much larger (the shared clips' largest, the SadTalker clip at 443-460
+#: px: 0.64-0.70; lp_d6 at 443-486 px: 0.43-0.70, the weak ones raised by the zoomed second look;
+#: the 720x1280 selfie lp_d13 scaled 2x, 517 px: 0.22 for a part of it, nothing for the zoomed look
+#: to raise; scaled 3x, a 2160x3840 phone video, 774 px: nothing, so the face went out as it was). Where a face as tall as the frame would
+#: be over COARSE_FROM px at the search's scale, the search also looks at the frame shrunk to
+#: COARSE_SIDE px on its longer side; its detections at least COARSE_FROM px high at the search's
+#: scale count, each in place of the search's detections of the same face unless one of those
+#: scored COARSE_OVER or more (the search's box and landmarks are the finer ones). Faces the search
+#: sees, up to 500 px, are left to it and to its zoomed second look. A 1080p frame costs about a
+#: sixth more a search, a 4K one a twentieth; 1280x720 frames none.
+COARSE_SIDE, COARSE_FROM, COARSE_OVER = 320, 500, 0.5
 #: The least score of a detection that may start a face (a tentative track, faces/track.py; a zoomed
 #: second look, Detector.detect; a weak face covered live, pipeline/live.py). Weaker ones, down to
 #: the detector's threshold (--keep-thresh, 0.2), only continue a face already followed: on the
@@ -314,8 +316,8 @@ class Detector:
     def coarse_size(self, shape: Sequence[int]) -> Optional[tuple[int, int]]:
         """The detector input (width, height) of :meth:`detect`'s coarse look at an image of
         ``shape`` (COARSE_SIDE), or None where it makes none: a face as tall as the image would be
-        at most COARSE_FRAME px at the search's scale, or the model's input size is fixed."""
-        if self.fixed_size or shape[0] * self.search_scale(shape) <= COARSE_FRAME:
+        at most COARSE_FROM px at the search's scale, or the model's input size is fixed."""
+        if self.fixed_size or shape[0] * self.search_scale(shape) <= COARSE_FROM:
             return None
         h, w = int(shape[0]), int(shape[1])
         short = int(math.ceil(COARSE_SIDE * min(h, w) / max(h, w) / 32.0)) * 32
