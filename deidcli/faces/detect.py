@@ -140,8 +140,8 @@ AUTO_MIN, AUTO_DOWNSCALE = 640, 2.0
 #: COARSE_SIDE px on its longer side; its detections at least COARSE_FROM px high at the search's
 #: scale count, each in place of the search's detections of the same face unless one of those
 #: scored COARSE_OVER or more (the search's box and landmarks are the finer ones). Faces the search
-#: sees, up to 500 px, are left to it and to its zoomed second look. A 1080p frame costs about a
-#: sixth more a search, a 4K one a twentieth; 1280x720 frames none.
+#: sees, up to 500 px, are left to it and to its zoomed second look. By the detector's pixels
+#: (CALL_PIXELS included), a 1080p search costs about 16% more, a 4K one 4%; 1280x720 frames none.
 COARSE_SIDE, COARSE_FROM, COARSE_OVER = 320, 500, 0.5
 #: The least score of a detection that may start a face (a tentative track, faces/track.py; a zoomed
 #: second look, Detector.detect; a weak face covered live, pipeline/live.py). Weaker ones, down to
