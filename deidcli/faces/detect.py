@@ -399,16 +399,7 @@ class Detector:
             det[:, :4] = (det[:, :4] + np.array([x0, y0, x0, y0], np.float32)) / scale
             kpss.append((kps + np.array([x0, y0], np.float32)) / scale)
             dets.append(det)
-        if not dets:
-            return Detections.empty()
-        det, kps = np.concatenate(dets), np.concatenate(kpss)
-        order = np.argsort(-det[:, 4], kind="stable")
-        det, kps = det[order], kps[order]
-        keep = []
-        for j in range(len(det)):
-            if not keep or box_iou(det[j:j + 1, :4], det[keep, :4]).max() <= 0.5:
-                keep.append(j)
-        return Detections(det[keep, :4], det[keep, 4], kps[keep])
+        return _once(dets, kpss)
 
     def zoom_score(self, image: np.ndarray, box: np.ndarray) -> float:
         """The detector's score for the face in ``box`` (4,) of ``image`` looked at again, zoomed:
@@ -502,16 +493,7 @@ class Detector:
                 kps[:, :, 1] = kps[:, :, 1] * sc + Y0
                 dets.append(det)
                 kpss.append(kps)
-        if not dets:
-            return Detections.empty()
-        det, kps = np.concatenate(dets), np.concatenate(kpss)
-        order = np.argsort(-det[:, 4], kind="stable")
-        det, kps = det[order], kps[order]
-        keep = []
-        for j in range(len(det)):
-            if not keep or box_iou(det[j:j + 1, :4], det[keep, :4]).max() <= 0.5:
-                keep.append(j)
-        return Detections(det[keep, :4], det[keep, 4], kps[keep])
+        return _once(dets, kpss)
 
     def detect_around(self, image: np.ndarray, box: np.ndarray) -> Detections:
         """Faces in the square of NEAR_RATIO times ``box``'s longer side around it, at
@@ -583,6 +565,21 @@ class Detector:
         kps = (np.vstack(kpss) / scale)[order]
         keep = m.nms(pre)
         return pre[keep], kps[keep]
+
+
+def _once(dets: list, kpss: list) -> Detections:
+    """The detections of several looks (lists of det (N, 5) and kps (N, 5, 2) arrays, image pixels)
+    as one Detections, highest score first, a face two looks saw (IoU > 0.5) kept once."""
+    if not dets:
+        return Detections.empty()
+    det, kps = np.concatenate(dets), np.concatenate(kpss)
+    order = np.argsort(-det[:, 4], kind="stable")
+    det, kps = det[order], kps[order]
+    keep = []
+    for j in range(len(det)):
+        if not keep or box_iou(det[j:j + 1, :4], det[keep, :4]).max() <= 0.5:
+            keep.append(j)
+    return Detections(det[keep, :4], det[keep, 4], kps[keep])
 
 
 def _merged(rects: list) -> list:
