@@ -135,12 +135,12 @@ AUTO_MIN, AUTO_DOWNSCALE = 640, 2.0
 #: surely up to 490, and none much larger (the shared clips' largest, the SadTalker clip at 443-460
 #: px: 0.64-0.70; lp_d6 at 443-486 px: 0.43-0.70, the weak ones raised by the zoomed second look;
 #: the 720x1280 selfie lp_d13 scaled 2x, 517 px: 0.22 for a part of it, nothing for the zoomed look
-#: to raise; scaled 3x, a 2160x3840 phone video, 774 px: nothing, so the face went out as it was). Where a face as tall as the frame would
-#: be over COARSE_FROM px at the search's scale, the search also looks at the frame shrunk to
-#: COARSE_SIDE px on its longer side; its detections at least COARSE_FROM px high at the search's
-#: scale count, each in place of the search's detections of the same face unless one of those
-#: scored COARSE_OVER or more (the search's box and landmarks are the finer ones). Faces the search
-#: sees, up to 500 px, are left to it and to its zoomed second look. By the detector's pixels
+#: to raise; scaled 3x, a 2160x3840 phone video, 774 px: nothing, so the face went out as it was).
+#: Where a face as tall as the frame would be over COARSE_FROM px at the search's scale, the search
+#: also looks at the frame shrunk to COARSE_SIDE px on its longer side; its detections at least
+#: COARSE_FROM px high at the search's scale count, each in place of the search's detections of the
+#: same face unless one of those scored COARSE_OVER or more (the search's box and landmarks are the
+#: finer ones). Faces the search sees, up to 500 px, are left to it and to its zoomed second look. By the detector's pixels
 #: (CALL_PIXELS included), a 1080p search costs about 16% more, a 4K one 4%; 1280x720 frames none.
 COARSE_SIDE, COARSE_FROM, COARSE_OVER = 320, 500, 0.5
 #: The least score of a detection that may start a face (a tentative track, faces/track.py; a zoomed
@@ -375,24 +375,18 @@ class Detector:
         not at 0.35 and IoU 0.3 as face_check.lost_faces asks, this agreed with the frame's look on
         every face but one (crowd_4k: 0.51 in the frame, 0.27 here), the scores 0.04 apart at most
         for 95% of them; on crowd_4k it cost 119 ms a frame against 208 (mosaic3: 16 against 28)."""
-        import cv2
-
         boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         in_w, in_h = self.input_size_for(image.shape)
-        new_w, new_h = _letterbox_size(image.shape, (in_w, in_h))
-        scale = float(new_h) / image.shape[0]
+        scale = _letterbox_size(image.shape, (in_w, in_h))[1] / image.shape[0]  # as _search_input's
         rects = []
         for b in boxes:
             side = max(SMALL_SIDE, int(math.ceil(max(b[2] - b[0], b[3] - b[1]) * scale * 3 / 32.0)) * 32)
-            cx, cy = (b[0] + b[2]) / 2 * scale, (b[1] + b[3]) / 2 * scale
-            x0 = int(min(max(round((cx - side / 2) / 32) * 32, 0), max(in_w - side, 0)))
-            y0 = int(min(max(round((cy - side / 2) / 32) * 32, 0), max(in_h - side, 0)))
+            x0, y0 = _on_grid(b, scale, side, (in_h, in_w))
             rects.append((x0, y0, min(x0 + side, in_w), min(y0 + side, in_h)))
         rects = _merged(rects)
         if sum((x1 - x0) * (y1 - y0) + CALL_PIXELS for x0, y0, x1, y1 in rects) >= in_w * in_h + CALL_PIXELS:
             return self.look(image)
-        searched = np.zeros((in_h, in_w, 3), np.uint8)
-        searched[:new_h, :new_w] = cv2.resize(image, (new_w, new_h))
+        searched, scale = self._search_input(image)
         dets, kpss = [], []
         for x0, y0, x1, y1 in rects:
             det, kps = self._detect(searched[y0:y1, x0:x1], (x1 - x0, y1 - y0))
@@ -400,6 +394,17 @@ class Detector:
             kpss.append((kps + np.array([x0, y0], np.float32)) / scale)
             dets.append(det)
         return _once(dets, kpss)
+
+    def _search_input(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        """(the search's input for ``image``: (in_h, in_w, 3) uint8 RGB, the frame resized and
+        letterboxed at the top left as :meth:`_detect` does it; input pixels per image pixel)."""
+        import cv2
+
+        in_w, in_h = self.input_size_for(image.shape)
+        new_w, new_h = _letterbox_size(image.shape, (in_w, in_h))
+        searched = np.zeros((in_h, in_w, 3), np.uint8)
+        searched[:new_h, :new_w] = cv2.resize(image, (new_w, new_h))
+        return searched, float(new_h) / image.shape[0]
 
     def zoom_score(self, image: np.ndarray, box: np.ndarray) -> float:
         """The detector's score for the face in ``box`` (4,) of ``image`` looked at again, zoomed:
@@ -456,18 +461,10 @@ class Detector:
             places.append(place)
         groups.append((NEAR_SIDE, tiles, places))
         if small.any():
-            import cv2
-
-            in_w, in_h = self.input_size_for(image.shape)
-            new_w, new_h = _letterbox_size(image.shape, (in_w, in_h))
-            scale = float(new_h) / image.shape[0]  # as _detect: the search's input, and how it maps back
-            searched = np.zeros((in_h, in_w, 3), np.uint8)
-            searched[:new_h, :new_w] = cv2.resize(image, (new_w, new_h))
+            searched, scale = self._search_input(image)
             tiles, places = [], []
             for box in boxes[small]:
-                cx, cy = (box[0] + box[2]) / 2 * scale, (box[1] + box[3]) / 2 * scale
-                ox = int(min(max(round((cx - SMALL_SIDE / 2) / 32) * 32, 0), max(in_w - SMALL_SIDE, 0)))
-                oy = int(min(max(round((cy - SMALL_SIDE / 2) / 32) * 32, 0), max(in_h - SMALL_SIDE, 0)))
+                ox, oy = _on_grid(box, scale, SMALL_SIDE, searched.shape)
                 sq = np.zeros((SMALL_SIDE, SMALL_SIDE, 3), np.uint8)
                 part = searched[oy:oy + SMALL_SIDE, ox:ox + SMALL_SIDE]
                 sq[:part.shape[0], :part.shape[1]] = part
@@ -582,6 +579,16 @@ def _once(dets: list, kpss: list) -> Detections:
     return Detections(det[keep, :4], det[keep, 4], kps[keep])
 
 
+def _on_grid(box, scale: float, side: int, shape: Sequence[int]) -> tuple[int, int]:
+    """Top-left corner (x, y) in the search's input (of ``shape`` (in_h, in_w)) of the ``side`` px
+    square around ``box`` (image pixels, ``scale`` input pixels each), on the network's 32 px grid
+    and inside the input where it fits."""
+    cx, cy = (box[0] + box[2]) / 2 * scale, (box[1] + box[3]) / 2 * scale
+    in_h, in_w = shape[:2]
+    return (int(min(max(round((cx - side / 2) / 32) * 32, 0), max(in_w - side, 0))),
+            int(min(max(round((cy - side / 2) / 32) * 32, 0), max(in_h - side, 0))))
+
+
 def _merged(rects: list) -> list:
     """Rectangles (x0, y0, x1, y1), those that overlap replaced by their bounding rectangle until
     none overlaps."""
@@ -592,7 +599,7 @@ def _merged(rects: list) -> list:
         for i in range(len(rects)):
             for j in range(i + 1, len(rects)):
                 a, b = rects[i], rects[j]
-                if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]:
+                if rects_meet(a, b):
                     rects[i] = (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
                     del rects[j]
                     merged = True
