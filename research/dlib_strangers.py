@@ -99,6 +99,7 @@ def crowd(clip: Path, output: Path, name: str) -> None:
     """The crowd form (module docstring): persons are the audit's confirmed tracks."""
     import contextlib
 
+    from deidcli.faces.detect import rects_meet
     from deidcli.research.evaluate_video import evaluate_video
     from deidcli.research.measures import upright_frames
     from deidcli.research.judges import DLIB_SAME_DISTANCE, load_judge
@@ -124,14 +125,10 @@ def crowd(clip: Path, output: Path, name: str) -> None:
                 din, dout = judge.describe_boxes(img_in, boxes), judge.describe_boxes(img_out, boxes)
                 rows += [(*f, x, y) for f, x, y in zip(frames[i], din, dout)]
     same = DLIB_SAME_DISTANCE
-
-    def meet(p, q):
-        return p[0] < q[2] and q[0] < p[2] and p[1] < q[3] and q[1] < p[3]
-
     own = np.array([np.linalg.norm(r[4] - r[5]) for r in rows])
     pairs, heights, crossed, nearest = [], [], [], []
     for r in rows:
-        others = [q for q in rows if q[0] == r[0] and q[1] != r[1] and not meet(r[3], q[3])]
+        others = [q for q in rows if q[0] == r[0] and q[1] != r[1] and not rects_meet(r[3], q[3])]
         pairs += [np.linalg.norm(r[4] - q[4]) for q in others if r[1] < q[1]]
         heights += [min(r[2], q[2]) for q in others if r[1] < q[1]]
         crossed += [np.linalg.norm(r[5] - q[4]) for q in others]
