@@ -281,7 +281,7 @@ class Pipeline:
         shown = [j for j in pasted if not fallback[j]]
         if o.identity_check and shown:
             with stages("identity"):
-                lost = lost_faces(self.detector, items, [gen.jobs[j] for j in shown])
+                lost = lost_faces(self.detector, items, [gen.jobs[j] for j in shown], router.failed_on("lost"))
             stats["lost"] += len(lost)
             with stages("blend"):
                 for k in lost:

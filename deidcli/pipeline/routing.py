@@ -134,6 +134,7 @@ class Router:
         self._lock = threading.Lock()
         self._on: dict = {}  # track -> path it is on ("generated" or a fallback reason)
         self._held: dict = {}  # track -> faces it stays on the fallback after a failed check
+        self._failed: dict = {}  # path -> the tracks that have failed a check that way
         self.counts: dict = {}  # path -> size bin -> faces
 
     def passes_for(self, height: float) -> int:
@@ -179,6 +180,12 @@ class Router:
         with self._lock:
             self._held[track] = self.hold
             self._on[track] = path
+            self._failed.setdefault(path, set()).add(track)
+
+    def failed_on(self, path: str) -> frozenset:
+        """The tracks that have failed a check with ``path`` ("check", "lost", "blotch") so far."""
+        with self._lock:
+            return frozenset(self._failed.get(path, ()))
 
     def count(self, path: str, height: float) -> None:
         with self._lock:
