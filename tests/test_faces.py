@@ -657,6 +657,38 @@ def test_new_track_reaches_back_over_weak_detections_first_frame_included():
     assert [i for i, _ in tracks[0]] == list(range(12, 30))
 
 
+def test_a_face_the_look_back_saw_at_the_start_threshold_starts_a_track():
+    """--search-every: a face that pops in between two searches is looked for backwards from the
+    search that finds it (faces/looks.py, Tracker.push's ``history``). Where that look saw it at
+    the start threshold, it is a track from there, even if the search itself scored it under
+    WEAK_MIN (stress set crowd_4k, frame 15: seen back at 0.50 and 0.43, searched at 0.28 in frame
+    17, dropped with its history, and the frame went out as it was); where the look saw it at
+    WEAK_MIN or more, it is a tentative track that a later detection at the threshold confirms
+    from that frame on."""
+    from deidcli.faces.detect import WEAK_MIN
+
+    def feed(back_scores, search_score, later_score):
+        """The face appears at frame 2; frames 0, 4 and 8 are searched; 4 looks back over 3 and 2."""
+        t = Tracker(TrackOptions(smooth=0.0), start_thresh=0.5)
+        out = []
+        for i in range(12):
+            box, kps = face_at(300 + 4 * i, 300)
+            if i in (0, 4, 8) or i == 11:
+                d = dets_of([(box, kps)], np.array([search_score if i == 4 else later_score])) if i >= 2 else dets_of([])
+                hist = {0: [(f, *face_at(300 + 4 * f, 300), sc) for f, sc in zip((2, 3), back_scores)]} if i == 4 else None
+                out += t.push(i, d, searched=True, history=hist)
+            else:  # near looks: no followed face around, nothing found
+                out += t.push(i, dets_of([]), searched=False)
+        out += t.flush()
+        return sorted(i for i, faces in out if any(not f.held for f in faces))
+
+    low = WEAK_MIN - 0.05
+    assert feed((0.55, 0.45), low, 0.9) == list(range(2, 12))  # a track from frame 2
+    assert feed((0.35, 0.32), low, 0.9) == list(range(2, 12))  # tentative, confirmed at 8
+    assert feed((0.35, 0.32), low, 0.4) == []  # never at the threshold: nothing
+    assert feed((0.2, 0.2), low, 0.9)[0] == 8  # nothing seen back: from the search at 8
+
+
 # --------------------------------------------------------------------------------------
 # --detect-every: frames the detector does not look at (None) are covered by the tracks
 

@@ -359,9 +359,13 @@ class Tracker:
         for track, j in matches:
             self._continue(track, index, dets.boxes[j], dets.kps[j], float(dets.scores[j]))
             self.n_weak_kept += int(dets.scores[j] < self.start_thresh)
-        # under WEAK_MIN a detection only continues a track (above)
+        # under WEAK_MIN a detection only continues a track (above), unless the frames looked at
+        # back for it (``history``) saw it at WEAK_MIN or more: its score is the best of them
+        def best(j: int) -> float:
+            return max([float(dets.scores[j])] + [float(o[3]) for o in (history or {}).get(j) or []])
+
         n_unmatched = len(unmatched)
-        unmatched = [j for j in unmatched if dets.scores[j] >= min(WEAK_MIN, self.start_thresh)]
+        unmatched = [j for j in unmatched if best(j) >= min(WEAK_MIN, self.start_thresh)]
         self.n_weak_dropped += n_unmatched - len(unmatched)
         grown, unmatched = self._associate(index, dets, self._tentative, unmatched)
         for tent, j in grown:
@@ -381,7 +385,7 @@ class Tracker:
             for o in obs[1:]:
                 tent.add(*o)
             self.n_found_back += len(back)
-            if dets.scores[j] < self.start_thresh:
+            if best(j) < self.start_thresh:  # seen at start_thresh back in a frame not searched: a track
                 self._tentative.append(tent)
             else:
                 self._promote(tent)
