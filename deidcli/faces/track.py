@@ -314,7 +314,10 @@ class Tracker:
         nobody looked at, except where ``history`` says where its face was: {detection index:
         [(frame, box (4,), kps (5, 2), score), ...] oldest first}, consecutive frames ending just
         before ``index``, all of them frames not searched (the caller looked back for a new face in
-        the frames it kept, Detector.detect_near).
+        the frames it kept, Detector.detect_near). The new face counts at the best score of its
+        detection and its history: seen back at ``start_thresh`` it is a track, seen back at WEAK_MIN
+        a tentative one, whatever the search itself scored it (a face that pops in between two
+        searches can be clearer in its first frames than in the search's).
 
         ``cut``: the picture cut at this frame (faces/looks.py). Every track and tentative track
         ends before it, and no track is extended over it either way (held or padded): a face at
