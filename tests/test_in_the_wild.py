@@ -515,9 +515,10 @@ def test_a_track_lost_once_needs_a_clearer_face_to_stay_generated():
     the look scores it between LOST_FOUND and LOST_FOUND_AGAIN is still a face for a track never
     found lost, and lost for a track found lost before (its generated face, drawn again from the
     same input after its hold, came out garish on crowd_lfw at 0.41-0.42)."""
-    from deidcli.faces.detect import Detector, box_iou
+    from deidcli.faces.detect import Detector
     from deidcli.faces.track import Face
-    from deidcli.pipeline.face_check import LOST_BELOW, LOST_FOUND, LOST_FOUND_AGAIN, LOST_INPUT_SCORE, lost_faces
+    from deidcli.pipeline.face_check import (LOST_BELOW, LOST_FOUND, LOST_FOUND_AGAIN, LOST_INPUT_SCORE, found_scores,
+                                             lost_faces)
     from deidcli.research.stress import Crowd, _seed_of
 
     img = next(Crowd(np.random.default_rng(_seed_of("crowd_lfw", 0)), 90))
@@ -533,9 +534,7 @@ def test_a_track_lost_once_needs_a_clearer_face_to_stay_generated():
         for a in np.linspace(0, 1, 41):
             out = img.copy()
             out[y0:y1, x0:x1] = (out[y0:y1, x0:x1] * (1 - a) + flat * a).astype(np.uint8)
-            look = detector.look_around(out, face.box[None, :4])
-            iou = box_iou(face.box[None, :4], look.boxes)[0] if len(look.boxes) else np.zeros(0)
-            score = float(look.scores[iou >= 0.3].max()) if (iou >= 0.3).any() else 0.0
+            score = found_scores(detector.look_around(out, face.box[None, :4]), face.box[None, :4])[0]
             if abs(score - target) < 0.03:
                 break
         else:

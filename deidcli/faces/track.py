@@ -364,11 +364,10 @@ class Tracker:
             self.n_weak_kept += int(dets.scores[j] < self.start_thresh)
         # under WEAK_MIN a detection only continues a track (above), unless the frames looked at
         # back for it (``history``) saw it at WEAK_MIN or more: its score is the best of them
-        def best(j: int) -> float:
-            return max([float(dets.scores[j])] + [float(o[3]) for o in (history or {}).get(j) or []])
-
+        history = history or {}
+        best = {j: max([float(dets.scores[j])] + [float(o[3]) for o in history.get(j) or []]) for j in unmatched}
         n_unmatched = len(unmatched)
-        unmatched = [j for j in unmatched if best(j) >= min(WEAK_MIN, self.start_thresh)]
+        unmatched = [j for j in unmatched if best[j] >= min(WEAK_MIN, self.start_thresh)]
         self.n_weak_dropped += n_unmatched - len(unmatched)
         grown, unmatched = self._associate(index, dets, self._tentative, unmatched)
         for tent, j in grown:
@@ -379,7 +378,7 @@ class Tracker:
                 self._promote(tent)
         for j in unmatched:
             box, kps = dets.boxes[j].astype(np.float64), dets.kps[j].astype(np.float64)
-            back = (history or {}).get(j) or []
+            back = history.get(j) or []
             assert not back or (back[-1][0] == index - 1 and all(f in self._unsearched for f, *_ in back)), \
                 "history must run up to the frame before, over frames not searched"
             obs = [(f, np.asarray(b, np.float64), np.asarray(k, np.float64), float(sc)) for f, b, k, sc in back]
@@ -388,7 +387,7 @@ class Tracker:
             for o in obs[1:]:
                 tent.add(*o)
             self.n_found_back += len(back)
-            if best(j) < self.start_thresh:  # seen at start_thresh back in a frame not searched: a track
+            if best[j] < self.start_thresh:  # seen at start_thresh back in a frame not searched: a track
                 self._tentative.append(tent)
             else:
                 self._promote(tent)

@@ -71,7 +71,6 @@ def lost_faces(detector, items: Sequence[tuple[np.ndarray, Sequence]], jobs: Seq
     other surroundings in its square (stress set crowd_lfw). Only faces the detector found in this
     frame at LOST_INPUT_SCORE or more are looked at (a face filled in by the tracker has score 0).
     A face of a track in ``again`` (one found lost before) must be found at LOST_FOUND_AGAIN."""
-    from ..faces.detect import box_iou
     from .routing import face_height
 
     by_item: dict = {}
@@ -81,12 +80,19 @@ def lost_faces(detector, items: Sequence[tuple[np.ndarray, Sequence]], jobs: Seq
     lost = []
     for i, ks in by_item.items():
         boxes = np.stack([np.asarray(jobs[k][2].box[:4], np.float32) for k in ks])
-        look = detector.look_around(items[i][0], boxes)
-        iou = box_iou(boxes, look.boxes) if len(look.boxes) else np.zeros((len(ks), 0))
-        best = np.where(iou >= LOST_IOU, look.scores[None, :], 0.0).max(1, initial=0.0)  # the face's score
+        best = found_scores(detector.look_around(items[i][0], boxes), boxes)
         need = [LOST_FOUND_AGAIN if jobs[k][2].track_id in again else LOST_FOUND for k in ks]
         lost.extend(k for k, b, n in zip(ks, best, need) if b < n)
     return lost
+
+
+def found_scores(look, boxes: np.ndarray) -> np.ndarray:
+    """(T,) float: for each of ``boxes`` (T, 4), the best score of a face of ``look``
+    (faces.detect.Detections) whose box meets it at LOST_IOU or more; 0 where none does."""
+    from ..faces.detect import box_iou
+
+    iou = box_iou(boxes, look.boxes) if len(look.boxes) else np.zeros((len(boxes), 0))
+    return np.where(iou >= LOST_IOU, look.scores[None, :], 0.0).max(1, initial=0.0)
 
 
 def overlapping_faces(jobs: Sequence, pasted: Sequence[int], covered: Sequence = ()) -> list:
